@@ -1,0 +1,213 @@
+"""The fastgrok command line. Commands build a config and call the library; heavy imports stay inside them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from fastgrok import __version__
+
+app = typer.Typer(rich_markup_mode="rich", no_args_is_help=True, add_completion=False,
+                  help="Train thousands of one-hot MLPs on corrupted modular arithmetic at once, and analyse them.")
+
+GRID = "Grid (each: a comma list 0,0.35 or start:stop:count 0:0.9:19)"
+SHARED = "Shared settings"
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"fastgrok {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                              help="Print the version and exit.")] = False) -> None:
+    pass
+
+
+def fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(2)
+
+
+@app.command()
+def train(
+    xi: Annotated[Optional[str], typer.Option(help="Corrupted fraction of training labels \\[default: 0]", rich_help_panel=GRID)] = None,
+    alpha: Annotated[Optional[str], typer.Option(help="Training fraction of the p^2 pairs \\[default: 0.5]", rich_help_panel=GRID)] = None,
+    width: Annotated[Optional[str], typer.Option(help="Hidden width N \\[default: 500]", rich_help_panel=GRID)] = None,
+    wd: Annotated[Optional[str], typer.Option(help="Weight decay \\[default: 0]", rich_help_panel=GRID)] = None,
+    dropout: Annotated[Optional[str], typer.Option(help="Dropout rate on the pre-activation \\[default: 0]", rich_help_panel=GRID)] = None,
+    lr: Annotated[Optional[str], typer.Option(help="Learning rate \\[default: 0.01]", rich_help_panel=GRID)] = None,
+    seed: Annotated[Optional[str], typer.Option(help="Model seed: init, data split and noise \\[default: 0]", rich_help_panel=GRID)] = None,
+    op: Annotated[Optional[str], typer.Option(help="add, sub, mul, div, x2y2 (m²+n²), x2xyy2 (m²+mn+n²) \\[default: add]", rich_help_panel=SHARED)] = None,
+    p: Annotated[Optional[int], typer.Option("--p", help="Modulus \\[default: 97]", rich_help_panel=SHARED)] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Full-batch training steps \\[default: 2000]", rich_help_panel=SHARED)] = None,
+    act: Annotated[Optional[str], typer.Option(help="Activation: quad (x²) or relu \\[default: quad]", rich_help_panel=SHARED)] = None,
+    loss: Annotated[Optional[str], typer.Option(help="mse or ce \\[default: mse]", rich_help_panel=SHARED)] = None,
+    optimizer: Annotated[Optional[str], typer.Option(help="adamw, adam or sgd \\[default: adamw, betas 0.9,0.98]", rich_help_panel=SHARED)] = None,
+    betas: Annotated[Optional[str], typer.Option(help="Adam betas \\[default: 0.9,0.98]", rich_help_panel=SHARED)] = None,
+    noise: Annotated[Optional[str], typer.Option(help="uniform (any label, the paper's) or wrong (always a wrong label) \\[default: uniform]", rich_help_panel=SHARED)] = None,
+    data_seed: Annotated[Optional[int], typer.Option(help="One data split and noise draw for every model \\[default: each model's --seed]", rich_help_panel=SHARED)] = None,
+    log_every: Annotated[Optional[int], typer.Option(help="Log every metric of every model every K steps \\[default: 100]", rich_help_panel=SHARED)] = None,
+    preset: Annotated[Optional[str], typer.Option(help="A named run (see `fastgrok presets`); options given override it. With no grid option: cpu-demo on a CPU, paper-xi-wd on a GPU")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:K")] = "auto",
+    backend: Annotated[str, typer.Option(help="auto or torch")] = "auto",
+    out: Annotated[Optional[Path], typer.Option(help="Run directory (must be new or empty) \\[default: runs/<timestamp>]")] = None,
+) -> None:
+    """Train a grid of models (the product of the grid options) and write a run directory."""
+    from fastgrok.errors import ConfigError
+    from fastgrok.presets import PRESETS, default_preset
+    from fastgrok.train import resolve_device
+
+    axes = dict(xi=xi, alpha=alpha, width=width, wd=wd, dropout=dropout, lr=lr, seed=seed)
+    shared = dict(op=op, p=p, steps=steps, act=act, loss=loss, optimizer=optimizer, noise=noise,
+                  data_seed=data_seed, log_every=log_every)
+    try:
+        dev = resolve_device(device)
+        if preset is None and all(v is None for v in (*axes.values(), op, p, steps)):
+            preset = default_preset(dev.type)
+            typer.echo(f"No grid given: running preset {preset!r}, {PRESETS[preset].about}.")
+            if dev.type == "cpu":
+                typer.echo("(Smaller than the paper's p 97, N 500 because this is a CPU; `fastgrok presets` lists others.)")
+        chosen = PRESETS.get(preset) if preset is not None else None
+        if preset is not None and chosen is None:
+            raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+        _run(axes, shared, betas, chosen, dev, backend, out)
+    except ConfigError as e:
+        fail(str(e))
+
+
+def _run(axes, shared, betas, preset, dev, backend, out) -> None:
+    from fastgrok.config import Grid, Settings
+    from fastgrok.errors import ConfigError
+    from fastgrok.population import plan
+    from fastgrok.results import check_out_dir, default_out_dir
+    from fastgrok.train import Interrupted, train
+
+    if preset is not None:
+        axes = {k: v if v is not None else preset.axes.get(k) for k, v in axes.items()}
+        shared = {k: v if v is not None else preset.settings.get(k) for k, v in shared.items()}
+    settings_kwargs = {k: v for k, v in shared.items() if v is not None}
+    if betas is not None:
+        try:
+            settings_kwargs["betas"] = tuple(float(b) for b in betas.split(","))
+        except ValueError:
+            raise ConfigError(f"--betas: cannot read {betas!r}; give two numbers like 0.9,0.98") from None
+        if len(settings_kwargs["betas"]) != 2:
+            raise ConfigError(f"--betas takes two numbers, got {betas!r}")
+    settings = Settings(**settings_kwargs)
+    settings.check()
+    grid = Grid.parse(axes)
+    out = out if out is not None else default_out_dir()
+    check_out_dir(out)
+    populations = plan(grid.models(), settings, dev)
+
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.text import Text
+
+    class Rate(ProgressColumn):
+        def render(self, task):
+            return Text(f"{task.speed or 0:,.0f} model-steps/s", style="cyan")
+
+    console = Console(stderr=True)
+    console.print(f"Training {_models(len(grid))} ({grid.describe()}) on {dev}, p {settings.p}, op {settings.op}, "
+                  f"{settings.steps} steps, {len(populations)} population(s) -> {out}")
+    total = len(grid) * settings.steps
+    with Progress(TextColumn("[bold]train"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+                  TextColumn("{task.fields[models]:,} models"), Rate(), TimeElapsedColumn(), TextColumn("eta"),
+                  TimeRemainingColumn(), console=console) as bar:
+        task = bar.add_task("train", total=total, models=len(grid))
+        try:
+            run = train(grid, settings, out, device=str(dev), backend=backend, populations=populations,
+                        on_step=lambda k: bar.advance(task, k))
+        except Interrupted as e:
+            bar.stop()
+            typer.echo(f"Interrupted: {len(e.run.rows)} of {len(grid)} models written to {out} "
+                       f"(config.json says status 'interrupted').", err=True)
+            raise typer.Exit(130) from None
+    _print_summary(run, grid, Console(width=max(100, Console().width)))
+
+
+def _models(n: int) -> str:
+    return f"{n:,} model" + ("s" if n != 1 else "")
+
+
+def _print_summary(run, grid, console) -> None:
+    from collections import Counter
+
+    from rich.table import Table
+
+    from fastgrok.phases import PHASES
+
+    varying = [a for a, v in grid.axes.items() if len(v) > 1]
+    if len(run.rows) <= 40:
+        table = Table(title=_models(len(run.rows)))
+        for c in ("model", *varying, "train", "test", "clean", "memorised", "inverted", "phase"):
+            table.add_column(c, justify="right" if c != "phase" else "left", no_wrap=True)
+        for r in run.rows:
+            acc = [f"{r[k]:.3f}" if r[k] == r[k] else "-" for k in ("train_acc", "test_acc", "clean_acc", "corrupted_acc", "inverted_acc")]
+            table.add_row(str(r["model"]), *(f"{r[a]:g}" for a in varying), *acc, r["phase"])
+    else:
+        counts = Counter(r["phase"] for r in run.rows)
+        table = Table(title=f"{len(run.rows):,} models by phase")
+        table.add_column("phase")
+        table.add_column("models", justify="right")
+        for name in (*PHASES, "diverged"):
+            if counts.get(name):
+                table.add_row(name, f"{counts[name]:,}")
+    console.print(table)
+    console.print(f"{run.model_steps:,} model-steps in {run.seconds:.1f} s "
+                  f"({run.model_steps / max(run.seconds, 1e-9):,.0f} model-steps/s). Results: {run.out}")
+
+
+@app.command()
+def presets() -> None:
+    """List the named runs `fastgrok train --preset` knows."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from fastgrok.presets import PRESETS
+
+    table = Table(title="presets")
+    for c in ("name", "grid", "what"):
+        table.add_column(c)
+    for name, pr in PRESETS.items():
+        spec = " ".join(f"--{k} {v}" for k, v in {**pr.axes, **pr.settings}.items())
+        table.add_row(name, spec, pr.about)
+    Console().print(table)
+
+
+@app.command()
+def bench(
+    width: Annotated[str, typer.Option(help="Widths N, comma list")] = "128,500",
+    models: Annotated[str, typer.Option(help="Population sizes B, comma list")] = "1,16",
+    p: Annotated[int, typer.Option("--p", help="Modulus")] = 97,
+    alpha: Annotated[float, typer.Option(help="Training fraction")] = 0.5,
+    steps: Annotated[int, typer.Option(help="Timed steps per measurement")] = 20,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:K")] = "auto",
+    out: Annotated[Optional[Path], typer.Option(help="Write the results as JSON here")] = None,
+) -> None:
+    """Model-steps/s of the reference.py loop and the population backends, side by side, checked first."""
+    import json
+
+    from fastgrok import bench as benchmark
+    from fastgrok.config import parse_axis
+    from fastgrok.errors import ConfigError
+    from fastgrok.train import resolve_device
+
+    try:
+        dev = resolve_device(device)
+        widths, sizes = parse_axis("width", width), parse_axis("seed", models)
+        if min(widths) < 1 or min(sizes) < 1 or steps < 1:
+            raise ConfigError("widths, population sizes and steps must be at least 1")
+        report = benchmark.run(widths, sizes, p=p, alpha=alpha, steps=steps, device=str(dev))
+    except ConfigError as e:
+        fail(str(e))
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2) + "\n")
+        typer.echo(f"wrote {out}")

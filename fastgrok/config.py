@@ -1,0 +1,139 @@
+"""What a run is: the per-model hyper-parameters (grid axes), the settings all models share, and grid parsing."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+
+from fastgrok.data import NOISES, check_task
+from fastgrok.errors import ConfigError
+from fastgrok.reference import ACTIVATIONS, LOSSES, OPTIMIZERS, check_choice
+
+
+@dataclass(frozen=True)
+class Hyper:
+    """One model: a point of the grid. Defaults are the paper's."""
+
+    xi: float = 0.0       # fraction of training labels corrupted
+    alpha: float = 0.5    # fraction of all p^2 pairs used for training
+    width: int = 500      # hidden neurons N
+    wd: float = 0.0       # weight decay (decoupled for AdamW)
+    dropout: float = 0.0  # dropout rate on the pre-activation
+    lr: float = 1e-2      # learning rate
+    seed: int = 0         # model seed: init, and the data split and noise unless Settings.data_seed is set
+
+    def split_seed(self, settings: "Settings") -> int:
+        return self.seed if settings.data_seed is None else settings.data_seed
+
+
+AXES = tuple(f.name for f in fields(Hyper))
+INT_AXES = ("width", "seed")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Shared by every model of a run. Defaults are the paper's."""
+
+    op: str = "add"
+    p: int = 97
+    steps: int = 2000
+    act: str = "quad"
+    loss: str = "mse"
+    optimizer: str = "adamw"
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-8
+    noise: str = "uniform"
+    data_seed: int | None = None  # one data split and noise draw for all models; None: each model's own seed
+    log_every: int = 100
+
+    def check(self) -> None:
+        check_task(self.op, self.p)
+        check_choice("activation", self.act, ACTIVATIONS)
+        check_choice("loss", self.loss, LOSSES)
+        check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        check_choice("noise", self.noise, NOISES)
+        if self.steps < 1:
+            raise ConfigError(f"steps must be at least 1, got {self.steps}")
+        if self.log_every < 1:
+            raise ConfigError(f"log-every must be at least 1, got {self.log_every}")
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"betas must lie in [0, 1), got {self.betas}")
+
+
+def check_hyper(h: Hyper) -> None:
+    rules = {
+        "xi": (0.0 <= h.xi <= 1.0, "in [0, 1]"),
+        "alpha": (0.0 < h.alpha < 1.0, "in (0, 1)"),
+        "width": (h.width >= 1, "at least 1"),
+        "wd": (h.wd >= 0.0, "non-negative"),
+        "dropout": (0.0 <= h.dropout < 1.0, "in [0, 1)"),
+        "lr": (h.lr > 0.0, "positive"),
+        "seed": (h.seed >= 0, "non-negative"),
+    }
+    for axis, (ok, want) in rules.items():
+        value = getattr(h, axis)
+        if not ok or (isinstance(value, float) and not math.isfinite(value)):
+            raise ConfigError(f"--{axis} must be {want}, got {value}")
+
+
+def parse_axis(axis: str, spec: str) -> list:
+    """'0,0.35' -> [0.0, 0.35]; '0:0.9:19' -> 19 evenly spaced values from 0 to 0.9 inclusive."""
+    text = str(spec).strip()
+    bad = ConfigError(f"--{axis}: cannot read {spec!r}; give a comma list like 0,0.35 or start:stop:count like 0:0.9:19")
+    try:
+        if ":" in text:
+            start, stop, count = text.split(":")
+            count = int(count)
+            if count < 1:
+                raise ValueError
+            values = np.linspace(float(start), float(stop), count).tolist()
+        else:
+            values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise bad from None
+    if not values or any(not math.isfinite(v) for v in values):
+        raise bad
+    if axis in INT_AXES:
+        if any(abs(v - round(v)) > 1e-9 for v in values) and ":" not in text:
+            raise ConfigError(f"--{axis} takes whole numbers, got {spec!r}")
+        values = [int(round(v)) for v in values]
+    else:
+        values = [float(f"{v:.12g}") for v in values]  # 0.30000000000000004 -> 0.3
+    return list(dict.fromkeys(values))  # drop repeats, keep order
+
+
+@dataclass(frozen=True)
+class Grid:
+    """The product of the axes, in AXES order; axes not given keep their Hyper default."""
+
+    axes: dict
+
+    @classmethod
+    def parse(cls, specs: dict[str, str | None]) -> "Grid":
+        unknown = set(specs) - set(AXES)
+        if unknown:
+            raise ConfigError(f"unknown grid axis {sorted(unknown)[0]!r}; axes are {', '.join(AXES)}")
+        defaults = asdict(Hyper())
+        axes = {a: (parse_axis(a, specs[a]) if specs.get(a) is not None else [defaults[a]]) for a in AXES}
+        grid = cls(axes)
+        for h in grid.models():
+            check_hyper(h)
+        return grid
+
+    def models(self) -> list[Hyper]:
+        return [Hyper(**dict(zip(AXES, values))) for values in itertools.product(*(self.axes[a] for a in AXES))]
+
+    def __len__(self) -> int:
+        return math.prod(len(v) for v in self.axes.values())
+
+    def describe(self) -> str:
+        return " x ".join(f"{a} {_short(v)}" for a, v in self.axes.items() if len(v) > 1) or "one model"
+
+
+def _short(values: list) -> str:
+    if len(values) <= 4:
+        return ",".join(f"{v:g}" for v in values)
+    return f"{values[0]:g}..{values[-1]:g} ({len(values)})"

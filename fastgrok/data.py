@@ -1,0 +1,115 @@
+"""Modular-arithmetic tasks, train/test splits and label corruption, as index tensors.
+
+A task is every valid pair (m, n) of residues mod p with its label z = (m op n) mod p. A model's data is
+that table shuffled with its split seed: the first int(alpha * P) pairs train, the rest test (P = number of
+pairs). Its first int(xi * D) training examples have their labels replaced (paper: drawn uniformly from all
+p labels, so a drawn label equals the true one with probability 1/p). Labels are drawn for all D training
+examples from the noise seed before the first int(xi * D) are used, so for one split and noise seed the
+corrupted sets are nested across xi. Test labels are never corrupted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from fastgrok.errors import ConfigError
+
+OPS = {
+    "add": "m + n",
+    "sub": "m - n",
+    "mul": "m * n",
+    "div": "m / n (n != 0, p prime)",
+    "x2y2": "m^2 + n^2",
+    "x2xyy2": "m^2 + m n + n^2",
+}
+NOISES = {
+    "uniform": "labels drawn uniformly from all p (the paper's)",
+    "wrong": "labels drawn uniformly from the p - 1 wrong ones",
+}
+
+
+def is_prime(p: int) -> bool:
+    return p >= 2 and all(p % d for d in range(2, int(p**0.5) + 1))
+
+
+def check_task(op: str, p: int) -> None:
+    if op not in OPS:
+        raise ConfigError(f"unknown op {op!r}; choose one of {', '.join(OPS)}")
+    if p < 2:
+        raise ConfigError(f"p must be at least 2, got {p}")
+    if op == "div" and not is_prime(p):
+        raise ConfigError(f"div needs a prime p (every nonzero n invertible); {p} is not prime")
+
+
+def task_table(op: str, p: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """All valid pairs in canonical order (m major): m, n, z as int64 tensors of length P."""
+    check_task(op, p)
+    m, n = (t.reshape(-1) for t in torch.meshgrid(torch.arange(p), torch.arange(p), indexing="ij"))
+    if op == "div":
+        keep = n != 0
+        m, n = m[keep], n[keep]
+        inverse = torch.tensor([0] + [pow(k, p - 2, p) for k in range(1, p)])
+        z = m * inverse[n]
+    else:
+        z = {"add": m + n, "sub": m - n, "mul": m * n, "x2y2": m * m + n * n, "x2xyy2": m * m + m * n + n * n}[op]
+    return m, n, z % p
+
+
+def stream_seed(seed: int, stream: str) -> int:
+    """A 63-bit seed for one named random stream of a model (split, noise, init, dropout): independent streams."""
+    tag = int.from_bytes(stream.encode()[:8].ljust(8, b"\0"), "little")
+    state = np.random.SeedSequence([int(seed) & 0xFFFFFFFFFFFFFFFF, tag]).generate_state(2, np.uint32)
+    return (int(state[0]) << 31) ^ int(state[1])
+
+
+def generator(seed: int, stream: str) -> torch.Generator:
+    return torch.Generator().manual_seed(stream_seed(seed, stream))
+
+
+def train_size(num_pairs: int, alpha: float) -> int:
+    return int(alpha * num_pairs)
+
+
+def corrupted_count(train_size: int, xi: float) -> int:
+    return int(xi * train_size)
+
+
+@dataclass(frozen=True)
+class Split:
+    """One model's data. perm: (P,) pair indices, training pairs first; labels: (D,) training labels as
+    trained on (the first n_corrupt of them replaced)."""
+
+    perm: torch.Tensor
+    labels: torch.Tensor
+    n_corrupt: int
+
+    @property
+    def size(self) -> int:
+        return self.labels.numel()
+
+
+def make_split(z: torch.Tensor, p: int, alpha: float, xi: float, split_seed: int, noise_seed: int,
+               noise: str = "uniform") -> Split:
+    if not 0.0 < alpha < 1.0:
+        raise ConfigError(f"alpha (train fraction) must be in (0, 1), got {alpha}")
+    if not 0.0 <= xi <= 1.0:
+        raise ConfigError(f"xi (corrupted fraction) must be in [0, 1], got {xi}")
+    if noise not in NOISES:
+        raise ConfigError(f"unknown noise {noise!r}; choose one of {', '.join(NOISES)}")
+    num_pairs = z.numel()
+    d = train_size(num_pairs, alpha)
+    if d < 1 or d >= num_pairs:
+        raise ConfigError(f"alpha {alpha} leaves {d} of {num_pairs} pairs for training: need at least one train and one test pair")
+    perm = torch.randperm(num_pairs, generator=generator(split_seed, "split"))
+    labels = z[perm[:d]].clone()
+    c = corrupted_count(d, xi)
+    g = generator(noise_seed, "noise")
+    if noise == "uniform":
+        drawn = torch.randint(0, p, (d,), generator=g)
+    else:
+        drawn = (labels + torch.randint(1, p, (d,), generator=g)) % p
+    labels[:c] = drawn[:c]
+    return Split(perm=perm, labels=labels, n_corrupt=c)

@@ -1,0 +1,197 @@
+"""A population: B models of one width as stacked tensors, with their data, optimizer state and metrics.
+
+Layout (the kernels' too): U, V: (B, p, N) so that U e_m is the row U[b, m]; W: (B, N, p). Model b equals the
+reference MLP with U = U[b].T, V = V[b].T, W = W[b].T. Each model has its own training set (alpha, split seed),
+corruption (xi, noise seed), init seed, lr, weight decay and dropout; training sets are padded to the largest D
+and padded slots carry zero weight.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastgrok import reference
+from fastgrok.config import Hyper, Settings
+from fastgrok.data import generator, make_split, task_table, train_size
+from fastgrok.errors import ConfigError
+
+METRICS = ("train_loss", "test_loss", "train_acc", "test_acc", "clean_acc", "corrupted_acc", "inverted_acc")
+
+
+def forward(U, V, W, m, n, act: str, mask=None) -> torch.Tensor:
+    """Batched reference forward: m, n (B, D) -> (B, D, p)."""
+    rows = torch.arange(U.shape[0], device=U.device)[:, None]
+    pre = U[rows, m] + V[rows, n]  # (B, D, N): the one-hot first layer is a gather
+    if mask is not None:
+        pre = pre * mask
+    return torch.bmm(reference.ACTIVATIONS[act](pre), W)
+
+
+class Population:
+    def __init__(self, hypers: list[Hyper], settings: Settings, device: str | torch.device = "cpu",
+                 model_ids: list[int] | None = None):
+        widths = {h.width for h in hypers}
+        if len(widths) != 1:
+            raise ValueError(f"a population has one width, got {sorted(widths)}")
+        settings.check()
+        self.hypers, self.settings, self.device = list(hypers), settings, torch.device(device)
+        self.model_ids = list(model_ids) if model_ids is not None else list(range(len(hypers)))
+        self.width, p = widths.pop(), settings.p
+        B = len(hypers)
+
+        m_all, n_all, z_all = task_table(settings.op, p)
+        splits = [make_split(z_all, p, h.alpha, h.xi, h.split_seed(settings), h.split_seed(settings), settings.noise)
+                  for h in hypers]
+        self.D = torch.tensor([s.size for s in splits])
+        self.n_corrupt = torch.tensor([s.n_corrupt for s in splits])
+        d_max = int(self.D.max())
+        perm = torch.stack([s.perm for s in splits])  # (B, P): training pairs first
+        labels = torch.zeros(B, d_max, dtype=torch.long)
+        for b, s in enumerate(splits):
+            labels[b, : s.size] = s.labels
+        slot = torch.arange(d_max)
+        dev = self.device
+        self.valid = (slot < self.D[:, None]).to(dev)  # (B, Dmax): real training example
+        self.corrupted = (slot < self.n_corrupt[:, None]).to(dev)  # (B, Dmax): label was redrawn
+        self.pairs = (m_all.to(dev), n_all.to(dev), z_all.to(dev))
+        self.perm = perm.to(dev)
+        train_idx = perm[:, :d_max]
+        self.train_m, self.train_n = m_all[train_idx].to(dev), n_all[train_idx].to(dev)
+        self.train_y = labels.to(dev)  # labels as trained on (corrupted ones included)
+        self.train_true = z_all[train_idx].to(dev)
+
+        weights = [reference.init_weights(p, self.width, generator(h.seed, "init")) for h in hypers]
+        self.U = torch.stack([u.T for u, _, _ in weights]).contiguous().to(dev)
+        self.V = torch.stack([v.T for _, v, _ in weights]).contiguous().to(dev)
+        self.W = torch.stack([w.T for _, _, w in weights]).contiguous().to(dev)
+        self.exp_avg = [torch.zeros_like(t) for t in self.params]
+        self.exp_avg_sq = [torch.zeros_like(t) for t in self.params]
+
+        vec = lambda name: torch.tensor([float(getattr(h, name)) for h in hypers], device=dev)  # noqa: E731
+        self.lr, self.wd, self.dropout = vec("lr"), vec("wd"), vec("dropout")
+        self.beta1 = torch.full((B,), settings.betas[0], device=dev)
+        self.beta2 = torch.full((B,), settings.betas[1], device=dev)
+        self.eps = torch.full((B,), settings.eps, device=dev)
+        self.diverged = torch.zeros(B, dtype=torch.bool, device=dev)
+        self.step = 0
+        # One dropout stream per model, so a model draws the same masks alone or in any population.
+        self._dropout_gens = [
+            torch.Generator(device=dev).manual_seed(generator(h.seed, "dropout").initial_seed()) if h.dropout > 0 else None
+            for h in hypers
+        ]
+
+    def __len__(self) -> int:
+        return len(self.hypers)
+
+    @property
+    def params(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.U, self.V, self.W
+
+    def dropout_masks(self) -> torch.Tensor | None:
+        """Draw this step's masks (B, Dmax, N): model b's is reference.dropout_mask((D_b, N)) from its stream."""
+        if not any(g is not None for g in self._dropout_gens):
+            return None
+        masks = torch.ones(len(self), self.train_m.shape[1], self.width, device=self.device)
+        for b, g in enumerate(self._dropout_gens):
+            if g is not None:
+                d = int(self.D[b])
+                masks[b, :d] = reference.dropout_mask((d, self.width), self.hypers[b].dropout, g, self.device)
+        return masks
+
+    def model(self, b: int) -> reference.MLP:
+        """Model b as a reference nn.Module (a copy of its current weights)."""
+        mlp = reference.MLP(self.settings.p, self.width, self.settings.act, self.hypers[b].dropout)
+        with torch.no_grad():
+            mlp.U.copy_(self.U[b].T)
+            mlp.V.copy_(self.V[b].T)
+            mlp.W.copy_(self.W[b].T)
+        return mlp
+
+    @torch.no_grad()
+    def evaluate(self, max_bytes: int = 1 << 28) -> dict[str, torch.Tensor]:
+        """Every metric of every model on all pairs (no dropout): a dict of (B,) float64 CPU tensors.
+
+        train_*: training set against the labels trained on; test_*: held-out pairs (true labels);
+        clean_acc: uncorrupted training examples; corrupted_acc: corrupted examples against their corrupted
+        labels (memorised); inverted_acc: corrupted examples against their true labels. NaN where the subset
+        is empty (corrupted_acc of a model with xi = 0).
+        """
+        m_all, n_all, z_all = self.pairs
+        P, B = z_all.numel(), len(self)
+        per_model = P * (2 * self.width + 3 * self.settings.p) * 4
+        chunk = max(1, min(B, max_bytes // per_model))
+        out = {k: [] for k in METRICS}
+        for lo in range(0, B, chunk):
+            sl = slice(lo, min(B, lo + chunk))
+            bc = sl.stop - sl.start
+            logits = forward(self.U[sl], self.V[sl], self.W[sl], m_all.expand(bc, P), n_all.expand(bc, P), self.settings.act)
+            pred = logits.argmax(-1)  # (bc, P)
+            is_train = torch.zeros(bc, P, dtype=torch.bool, device=self.device)
+            train_idx = self.perm[sl, : self.train_y.shape[1]]
+            is_train.scatter_(1, train_idx, self.valid[sl])
+            test_loss = reference.per_example_loss(logits, z_all.expand(bc, P), self.settings.loss)
+            train_logits = logits.gather(1, train_idx[..., None].expand(-1, -1, logits.shape[-1]))
+            train_loss = reference.per_example_loss(train_logits, self.train_y[sl], self.settings.loss)
+            pred_train = pred.gather(1, train_idx)
+            hit = pred_train == self.train_y[sl]
+            valid, corrupted = self.valid[sl], self.corrupted[sl]
+            clean = valid & ~corrupted
+            test = ~is_train
+
+            def mean(values, where):
+                values = torch.where(where, values.double(), 0.0)
+                return values.sum(1) / where.sum(1)  # NaN (0/0) for an empty subset
+
+            out["train_loss"].append(mean(train_loss, valid))
+            out["test_loss"].append(mean(test_loss, test))
+            out["train_acc"].append(mean(hit, valid))
+            out["test_acc"].append(mean(pred == z_all, test))
+            out["clean_acc"].append(mean(hit, clean))
+            out["corrupted_acc"].append(mean(hit, corrupted))
+            out["inverted_acc"].append(mean(pred_train == self.train_true[sl], corrupted))
+        return {k: torch.cat(v).cpu() for k, v in out.items()}
+
+
+def bytes_per_model(p: int, width: int, d_max: int, num_pairs: int) -> int:
+    """Device memory one model needs in a torch-backend population (fp32): parameters, gradients and two
+    Adam moments; autograd's saved activations (gather, pre-activation, activation, mask: 4 x D x N) and
+    outputs with their gradients (3 x D x p); the data (int64 indices)."""
+    params = 3 * p * width
+    activations = 4 * d_max * width + 3 * d_max * p
+    data = 8 * (num_pairs + 4 * d_max)
+    return 4 * (4 * params + activations) + data
+
+
+def memory_budget(device: torch.device) -> int:
+    """Bytes a population may use: 80% of free GPU memory, or half of the available host memory."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(0.8 * free)
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info["MemAvailable"].split()[0]) * 1024 // 2
+    except (OSError, KeyError, ValueError):
+        return 8 << 30
+
+
+def plan(hypers: list[Hyper], settings: Settings, device: torch.device, budget: int | None = None) -> list[list[int]]:
+    """Split a grid into populations: one width each, as many models as fit the memory budget."""
+    budget = memory_budget(device) if budget is None else budget
+    num_pairs = task_table(settings.op, settings.p)[2].numel()
+    by_width: dict[int, list[int]] = {}
+    for i, h in enumerate(hypers):
+        by_width.setdefault(h.width, []).append(i)
+    populations = []
+    for width, ids in by_width.items():
+        d_max = max(train_size(num_pairs, hypers[i].alpha) for i in ids)
+        need = bytes_per_model(settings.p, width, d_max, num_pairs)
+        if need > budget:
+            raise ConfigError(
+                f"one model of width {width} needs about {need / 2**30:.1f} GiB, more than the "
+                f"{budget / 2**30:.1f} GiB this {device.type} device can give a population"
+            )
+        per_pop = max(1, budget // need)
+        populations += [ids[i : i + per_pop] for i in range(0, len(ids), per_pop)]
+    return populations
+

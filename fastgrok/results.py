@@ -1,0 +1,190 @@
+"""A run directory: what a finished (or interrupted) run leaves behind.
+
+    config.json                  the resolved grid and settings, status, versions, device, git revision
+    models.csv                   one row per model: model, grid axes, final metrics, phase
+    history/pop000.parquet ...   every metric of every model at every logged step (pd.read_parquet(run / "history"))
+    weights/pop000.safetensors   U (B, p, N), V (B, p, N), W (B, N, p) and the model ids of each population
+
+Each population's files are written as soon as it finishes, so an interrupted run keeps all finished work.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import json
+import math
+import platform
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from safetensors.torch import load_file, save_file
+
+from fastgrok import __version__
+from fastgrok.config import AXES, Grid, Hyper, Settings
+from fastgrok.errors import ConfigError
+from fastgrok.population import METRICS
+
+MODEL_COLUMNS = ("model", *AXES, "train_acc", "test_acc", "clean_acc", "corrupted_acc", "inverted_acc",
+                 "train_loss", "phase", "test_loss", "diverged", "steps")
+
+
+def default_out_dir(root: Path = Path("runs")) -> Path:
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    out, k = root / stamp, 1
+    while out.exists():
+        out, k = root / f"{stamp}-{k}", k + 1
+    return out
+
+
+def check_out_dir(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"--out {out} already exists and is not empty; choose a new directory")
+
+
+def git_revision() -> str | None:
+    try:
+        root = Path(__file__).resolve().parent.parent
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
+        if rev.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True, timeout=5)
+        return rev.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import os
+
+    return f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+
+
+def versions() -> dict:
+    out = {"fastgrok": __version__, "python": platform.python_version(), "torch": torch.__version__,
+           "numpy": np.__version__}
+    try:
+        import triton
+
+        out["triton"] = triton.__version__
+    except ImportError:
+        pass
+    return out
+
+
+def _cell(v):
+    if isinstance(v, float):
+        return "" if math.isnan(v) else f"{v:.6g}"
+    return v
+
+
+class RunWriter:
+    def __init__(self, out: Path, grid: Grid, settings: Settings, device: torch.device, backend: str,
+                 extra: dict | None = None):
+        check_out_dir(out)
+        self.out = out
+        (out / "history").mkdir(parents=True, exist_ok=True)
+        (out / "weights").mkdir(exist_ok=True)
+        self.config = {
+            "status": "running",
+            "created": datetime.datetime.now().isoformat(timespec="seconds"),
+            "grid": grid.axes,
+            "models": len(grid),
+            "settings": asdict(settings),
+            "device": device_name(device),
+            "backend": backend,
+            "versions": versions(),
+            "git": git_revision(),
+            "command": sys.argv,
+            **(extra or {}),
+        }
+        self.populations = 0
+        self.write_config()
+        with open(out / "models.csv", "w", newline="") as f:
+            csv.writer(f).writerow(MODEL_COLUMNS)
+
+    def write_config(self) -> None:
+        tmp = self.out / "config.json.tmp"
+        tmp.write_text(json.dumps(self.config, indent=2) + "\n")
+        tmp.replace(self.out / "config.json")
+
+    def add_population(self, rows: list[dict], history: dict[str, np.ndarray], weights: dict[str, torch.Tensor]) -> None:
+        name = f"pop{self.populations:03d}"
+        self.populations += 1
+        with open(self.out / "models.csv", "a", newline="") as f:
+            writer = csv.writer(f)
+            for row in rows:
+                writer.writerow([_cell(row[c]) for c in MODEL_COLUMNS])
+        pq.write_table(pa.table(history), self.out / "history" / f"{name}.parquet")
+        save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()},
+                  str(self.out / "weights" / f"{name}.safetensors"))
+
+    def finish(self, status: str, **extra) -> None:
+        """Mark the run finished (or interrupted); models.csv is rewritten in model order."""
+        path = self.out / "models.csv"
+        with open(path, newline="") as f:
+            header, *rows = list(csv.reader(f))
+        rows.sort(key=lambda r: int(r[0]))
+        with open(path, "w", newline="") as f:
+            csv.writer(f).writerows([header, *rows])
+        self.config.update(status=status, finished=datetime.datetime.now().isoformat(timespec="seconds"), **extra)
+        self.write_config()
+
+
+# ---- reading a run back ---------------------------------------------------------------------------------
+
+
+def read_config(run: Path) -> dict:
+    path = Path(run) / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"{run} is not a fastgrok run directory (no config.json)")
+    return json.loads(path.read_text())
+
+
+def read_models(run: Path) -> list[dict]:
+    """models.csv as a list of dicts with numbers parsed (empty cells are NaN)."""
+    rows = []
+    with open(Path(run) / "models.csv", newline="") as f:
+        for row in csv.DictReader(f):
+            out = {}
+            for k, v in row.items():
+                if k in ("phase",):
+                    out[k] = v
+                elif k == "diverged":
+                    out[k] = v == "True"
+                elif k in ("model", "width", "seed", "steps"):
+                    out[k] = int(v)
+                else:
+                    out[k] = float(v) if v != "" else math.nan
+            rows.append(out)
+    return rows
+
+
+def read_history(run: Path) -> pa.Table:
+    return pq.read_table(Path(run) / "history")
+
+
+def read_weights(run: Path) -> list[dict[str, torch.Tensor]]:
+    """One dict per population: U, V, W, model."""
+    return [load_file(str(f)) for f in sorted((Path(run) / "weights").glob("pop*.safetensors"))]
+
+
+def settings_of(config: dict) -> Settings:
+    s = dict(config["settings"])
+    s["betas"] = tuple(s["betas"])
+    return Settings(**s)
+
+
+def hyper_of(row: dict) -> Hyper:
+    return Hyper(**{a: row[a] for a in AXES})
+
+
+HISTORY_COLUMNS = ("model", "step", *METRICS)

@@ -1,0 +1,132 @@
+"""Train a grid: split it into populations, step each one, log metrics, write the run directory."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fastgrok.backends import make_backend
+from fastgrok.config import AXES, Grid, Settings
+from fastgrok.errors import ConfigError
+from fastgrok.phases import phase
+from fastgrok.population import METRICS, Population, plan
+from fastgrok.results import HISTORY_COLUMNS, RunWriter
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"unknown device {device!r}; use auto, cpu or cuda[:index]") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda asked for, but torch sees no CUDA device here")
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"unsupported device {device!r}; use auto, cpu or cuda[:index]")
+    return dev
+
+
+class Interrupted(Exception):
+    """Raised after Ctrl-C once everything trained so far is written."""
+
+    def __init__(self, run: "Run"):
+        super().__init__(f"interrupted; partial results in {run.out}")
+        self.run = run
+
+
+@dataclass
+class Run:
+    out: Path
+    rows: list[dict]
+    status: str
+    seconds: float
+    model_steps: int
+
+
+class _History:
+    def __init__(self):
+        self.columns = {c: [] for c in HISTORY_COLUMNS}
+        self.last = None
+
+    def log(self, pop: Population) -> dict[str, torch.Tensor]:
+        metrics = pop.evaluate()
+        self.columns["model"].append(np.asarray(pop.model_ids, dtype=np.int32))
+        self.columns["step"].append(np.full(len(pop), pop.step, dtype=np.int32))
+        for k in METRICS:
+            self.columns[k].append(metrics[k].numpy())
+        self.last = (pop.step, metrics)
+        return metrics
+
+    def table(self) -> dict[str, np.ndarray]:
+        return {k: np.concatenate(v) for k, v in self.columns.items()}
+
+
+def _rows(pop: Population, metrics: dict[str, torch.Tensor]) -> list[dict]:
+    rows = []
+    for b, h in enumerate(pop.hypers):
+        row = {"model": pop.model_ids[b], **{a: getattr(h, a) for a in AXES}}
+        row.update({k: float(metrics[k][b]) for k in METRICS})
+        row["diverged"] = bool(pop.diverged[b])
+        row["steps"] = pop.step
+        row["phase"] = phase(row["train_acc"], row["test_acc"], h.xi, row["diverged"])
+        rows.append(row)
+    return rows
+
+
+def train(grid: Grid, settings: Settings, out: Path, *, device: str = "auto", backend: str = "auto",
+          on_step: Callable[[int], None] | None = None, budget: int | None = None,
+          populations: list[list[int]] | None = None) -> Run:
+    """Train every model of `grid`; write `out`. Ctrl-C writes what is done, then raises Interrupted.
+
+    `populations` (model indices per population) defaults to `population.plan` under the memory `budget`."""
+    settings.check()
+    dev = resolve_device(device)
+    hypers = grid.models()
+    if populations is None:
+        populations = plan(hypers, settings, dev, budget)
+    engine = make_backend(backend, dev)
+    writer = RunWriter(out, grid, settings, dev, engine.name,
+                       extra={"populations": [len(ids) for ids in populations]})
+    rows: list[dict] = []
+    start, model_steps = time.perf_counter(), 0
+
+    def summary(status: str) -> Run:
+        seconds = time.perf_counter() - start
+        writer.finish(status, seconds=round(seconds, 3), model_steps=model_steps,
+                      model_steps_per_s=round(model_steps / max(seconds, 1e-9), 1), models_written=len(rows))
+        return Run(out, rows, status, seconds, model_steps)
+
+    try:
+        for ids in populations:
+            pop = Population([hypers[i] for i in ids], settings, dev, model_ids=ids)
+            history = _History()
+            history.log(pop)
+            interrupted = False
+            try:
+                while pop.step < settings.steps:
+                    engine.step(pop)
+                    model_steps += len(pop)
+                    if pop.step % settings.log_every == 0 or pop.step == settings.steps:
+                        history.log(pop)
+                    if on_step is not None:
+                        on_step(len(pop))
+            except KeyboardInterrupt:
+                interrupted = True
+            step, metrics = history.last
+            if step != pop.step:
+                metrics = history.log(pop)
+            new_rows = _rows(pop, metrics)
+            writer.add_population(new_rows, history.table(), {"U": pop.U, "V": pop.V, "W": pop.W,
+                                                              "model": torch.tensor(pop.model_ids)})
+            rows += new_rows
+            if interrupted:
+                raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        raise Interrupted(summary("interrupted")) from None
+    return summary("complete")

@@ -1,0 +1,1 @@
+"""Triton kernels, shipped as fastgrok.kernels: one fused op per file."""

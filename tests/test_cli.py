@@ -1,0 +1,132 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from fastgrok.backends import TorchBackend
+from fastgrok.cli import app
+from fastgrok.population import METRICS, Population
+from fastgrok.results import MODEL_COLUMNS, hyper_of, read_config, read_models, read_weights, settings_of
+
+runner = CliRunner()
+SMALL = ["--p", "11", "--width", "8", "--steps", "30", "--log-every", "10"]
+
+
+def run(*args):
+    return runner.invoke(app, ["train", *map(str, args)])
+
+
+def test_train_writes_a_complete_run_directory(tmp_path):
+    out = tmp_path / "run"
+    result = run(*SMALL, "--xi", "0,0.3", "--wd", "0,1", "--out", out)
+    assert result.exit_code == 0, result.output
+    assert "coexistence" in result.output or "memorization" in result.output or "forgetting" in result.output
+    config = read_config(out)
+    assert config["status"] == "complete" and config["models"] == 4
+    assert config["settings"]["p"] == 11 and config["grid"]["xi"] == [0.0, 0.3]
+    assert {"torch", "python", "fastgrok"} <= set(config["versions"]) and config["device"].startswith("cpu")
+    header = (out / "models.csv").read_text().splitlines()[0].split(",")
+    assert tuple(header) == MODEL_COLUMNS
+    rows = read_models(out)
+    assert [r["model"] for r in rows] == [0, 1, 2, 3]
+    assert [(r["xi"], r["wd"]) for r in rows] == [(0.0, 0.0), (0.0, 1.0), (0.3, 0.0), (0.3, 1.0)]
+    history = pq.read_table(out / "history").to_pydict()
+    assert sorted(set(history["step"])) == [0, 10, 20, 30]
+    assert len(history["model"]) == 4 * 4 and set(METRICS) <= set(history)
+    # the last logged metrics are the ones in models.csv
+    for r in rows:
+        i = [k for k, (m, s) in enumerate(zip(history["model"], history["step"])) if m == r["model"] and s == 30][0]
+        assert history["test_acc"][i] == pytest.approx(r["test_acc"], abs=1e-6)
+
+
+def test_saved_weights_rebuild_every_model(tmp_path):
+    out = tmp_path / "run"
+    assert run(*SMALL, "--xi", "0,0.5", "--width", "8,12", "--alpha", "0.4,0.6", "--out", out).exit_code == 0
+    config, rows = read_config(out), {r["model"]: r for r in read_models(out)}
+    assert config["populations"] == [4, 4]  # one population per width
+    settings = settings_of(config)
+    seen = 0
+    for weights in read_weights(out):
+        ids = weights["model"].tolist()
+        pop = Population([hyper_of(rows[i]) for i in ids], settings, model_ids=ids)
+        pop.U.copy_(weights["U"]), pop.V.copy_(weights["V"]), pop.W.copy_(weights["W"])
+        metrics = pop.evaluate()
+        for b, i in enumerate(ids):
+            for k in ("train_acc", "test_acc", "clean_acc"):
+                assert metrics[k][b].item() == pytest.approx(rows[i][k], abs=1e-6)
+        seen += len(ids)
+    assert seen == 8
+
+
+def test_ctrl_c_keeps_what_was_done(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    real_step, calls = TorchBackend.step, {"n": 0}
+
+    def step(self, pop):
+        calls["n"] += 1
+        if calls["n"] == 13:
+            raise KeyboardInterrupt
+        return real_step(self, pop)
+
+    monkeypatch.setattr(TorchBackend, "step", step)
+    result = run(*SMALL, "--xi", "0,0.3", "--out", out)
+    assert result.exit_code == 130
+    assert "Interrupted" in result.output
+    config = json.loads((out / "config.json").read_text())
+    assert config["status"] == "interrupted"
+    rows = read_models(out)
+    assert len(rows) == 2 and all(r["steps"] == 12 for r in rows)
+    assert sorted(set(pq.read_table(out / "history").to_pydict()["step"])) == [0, 10, 12]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--p", "1"], "p must be at least 2"),
+        (["--op", "div", "--p", "12"], "prime"),
+        (["--xi", "1.5"], "--xi must be in [0, 1]"),
+        (["--alpha", "1"], "--alpha must be in (0, 1)"),
+        (["--alpha", "0"], "--alpha must be in (0, 1)"),
+        (["--width", "0"], "--width must be at least 1"),
+        (["--steps", "0"], "steps must be at least 1"),
+        (["--op", "pow"], "unknown op"),
+        (["--act", "tanh"], "unknown activation"),
+        (["--loss", "l1"], "unknown loss"),
+        (["--optimizer", "lion"], "unknown optimizer"),
+        (["--noise", "pink"], "unknown noise"),
+        (["--xi", "0:0.5"], "cannot read"),
+        (["--wd", "a,b"], "cannot read"),
+        (["--width", "8.5"], "whole numbers"),
+        (["--betas", "0.9"], "two numbers"),
+        (["--device", "tpu"], "device"),
+        (["--preset", "nope"], "unknown preset"),
+        (["--width", "100000000"], "GiB"),
+    ],
+)
+def test_bad_input_is_one_line_and_nonzero(tmp_path, args, message):
+    result = run(*SMALL, *args, "--out", tmp_path / "run")
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], result.output
+    assert "Traceback" not in result.output
+
+
+def test_existing_nonempty_out_is_refused(tmp_path):
+    (tmp_path / "keep.txt").write_text("mine")
+    result = run(*SMALL, "--out", tmp_path)
+    assert result.exit_code == 2 and "not empty" in result.output
+    assert (tmp_path / "keep.txt").read_text() == "mine"
+
+
+def test_version_presets_and_shim():
+    assert "fastgrok" in runner.invoke(app, ["--version"]).output
+    result = runner.invoke(app, ["presets"])
+    assert result.exit_code == 0 and "cpu-demo" in result.output
+    root = Path(__file__).resolve().parent.parent
+    shim = subprocess.run([sys.executable, "cli.py", "train", "--help"], cwd=root, capture_output=True, text=True)
+    assert shim.returncode == 0 and "--xi" in shim.stdout

@@ -1,0 +1,153 @@
+"""The torch backend against reference.py: one step (every gradient and updated tensor), trajectories,
+B models together == each alone, NaN isolation, and the evaluation metrics."""
+
+import pytest
+import torch
+
+from compare import assert_close
+from fastgrok import reference
+from fastgrok.backends import TorchBackend, _grads
+from fastgrok.config import Hyper, Settings
+from fastgrok.data import generator
+from fastgrok.population import Population
+
+P = 13
+
+
+def reference_models(pop):
+    """Each model of `pop` as a reference MLP + torch optimizer + its training data."""
+    s, out = pop.settings, []
+    for b, h in enumerate(pop.hypers):
+        mlp = pop.model(b)
+        opt = reference.make_optimizer(mlp, s.optimizer, h.lr, h.wd, s.betas, s.eps)
+        d = int(pop.D[b])
+        gen = generator(h.seed, "dropout") if h.dropout > 0 else None
+        out.append((mlp, opt, pop.train_m[b, :d], pop.train_n[b, :d], pop.train_y[b, :d], gen))
+    return out
+
+
+def reference_step(mlp, opt, m, n, y, gen, loss):
+    mask = reference.dropout_mask((m.numel(), mlp.U.shape[0]), mlp.dropout, gen) if gen is not None else None
+    return reference.train_step(mlp, opt, m, n, y, loss, mask)
+
+
+def mixed_hypers(width=16):
+    return [
+        Hyper(xi=0.3, alpha=0.5, width=width, wd=1.0, lr=1e-2, seed=1),
+        Hyper(xi=0.0, alpha=0.7, width=width, wd=0.0, lr=3e-3, seed=2),
+        Hyper(xi=0.6, alpha=0.35, width=width, wd=5.0, lr=2e-2, seed=3, dropout=0.2),
+    ]
+
+
+@pytest.mark.parametrize("act", ["quad", "relu"])
+@pytest.mark.parametrize("loss", ["mse", "ce"])
+@pytest.mark.parametrize("optimizer", ["adamw", "adam", "sgd"])
+def test_one_step_matches_reference(act, loss, optimizer):
+    settings = Settings(p=P, act=act, loss=loss, optimizer=optimizer)
+    pop = Population(mixed_hypers(), settings)
+    refs = reference_models(pop)
+    D = pop.D.float()
+    # gradients: the hand-written backward against autograd through the reference module
+    masks = torch.ones(len(pop), pop.train_m.shape[1], pop.width)  # what the first step draws
+    for b, (mlp, opt, m, n, y, gen) in enumerate(refs):
+        if gen is not None:
+            masks[b, : m.numel()] = reference.dropout_mask((m.numel(), pop.width), mlp.dropout, generator(pop.hypers[b].seed, "dropout"))
+    losses, dU, dV, dW = _grads(*pop.params, pop.train_m, pop.train_n, pop.train_y, pop.valid, D, masks, act, loss)
+    for b, (mlp, opt, m, n, y, gen) in enumerate(refs):
+        mask = masks[b, : m.numel()]
+        mlp.train()
+        value = reference.per_example_loss(mlp(m, n, mask), y, loss).mean()
+        value.backward()
+        assert_close(f"loss[{b}]", losses[b], value)
+        assert_close(f"dU[{b}]", dU[b], mlp.U.grad.T)
+        assert_close(f"dV[{b}]", dV[b], mlp.V.grad.T)
+        assert_close(f"dW[{b}]", dW[b], mlp.W.grad.T)
+        mlp.zero_grad()
+    # a full step: every updated parameter
+    TorchBackend().step(pop)
+    for b, (mlp, opt, m, n, y, gen) in enumerate(refs):
+        reference_step(mlp, opt, m, n, y, gen, loss)
+        for name, ours, theirs in (("U", pop.U[b], mlp.U.T), ("V", pop.V[b], mlp.V.T), ("W", pop.W[b], mlp.W.T)):
+            assert_close(f"{name}[{b}] after step", ours, theirs)
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "adam"])
+def test_fifty_step_trajectory(optimizer):
+    settings = Settings(p=P, optimizer=optimizer)
+    pop = Population(mixed_hypers(), settings)
+    refs = reference_models(pop)
+    engine = TorchBackend()
+    for t in range(50):
+        losses = engine.step(pop)
+        for b, (mlp, opt, m, n, y, gen) in enumerate(refs):
+            value = reference_step(mlp, opt, m, n, y, gen, "mse")
+            assert_close(f"loss[{b}] at step {t}", losses[b], torch.tensor(value))
+    for b, (mlp, *_ ) in enumerate(refs):
+        assert_close(f"U[{b}] after 50 steps", pop.U[b], mlp.U.T)
+        assert_close(f"W[{b}] after 50 steps", pop.W[b], mlp.W.T)
+
+
+def train(pop, steps):
+    engine = TorchBackend()
+    for _ in range(steps):
+        engine.step(pop)
+    return pop
+
+
+def test_together_equals_alone():
+    settings = Settings(p=P)
+    hypers = mixed_hypers()
+    together = train(Population(hypers, settings), 20)
+    for b, h in enumerate(hypers):
+        alone = train(Population([h], settings), 20)
+        for name in ("U", "V", "W"):
+            assert_close(f"{name}[{b}] together vs alone", getattr(together, name)[b], getattr(alone, name)[0], atol=1e-6, rtol=1e-6)
+
+
+def test_a_diverging_model_is_frozen_and_leaves_its_neighbours_alone():
+    settings = Settings(p=P)
+    hypers = mixed_hypers()
+    pop = Population(hypers, settings)
+    pop.U[1, 3, 0] = float("nan")
+    frozen = pop.U[1].clone()
+    train(pop, 10)
+    assert pop.diverged.tolist() == [False, True, False]
+    assert torch.equal(pop.U[1].isnan(), frozen.isnan())  # untouched, not updated with NaN everywhere
+    for b in (0, 2):
+        alone = train(Population([hypers[b]], settings), 10)
+        assert_close(f"U[{b}] beside a NaN model", pop.U[b], alone.U[0], atol=1e-6, rtol=1e-6)
+    metrics = pop.evaluate()
+    assert metrics["train_acc"][0] == metrics["train_acc"][0]  # neighbours still evaluate
+
+
+def test_evaluate_matches_reference_accuracies():
+    settings = Settings(p=P)
+    pop = train(Population(mixed_hypers(), settings), 30)
+    metrics = pop.evaluate(max_bytes=1)  # one model per chunk: the chunking path too
+    m_all, n_all, z_all = pop.pairs
+    for b in range(len(pop)):
+        mlp = pop.model(b)
+        d, c = int(pop.D[b]), int(pop.n_corrupt[b])
+        train_idx, test_idx = pop.perm[b, :d], pop.perm[b, d:]
+        y = pop.train_y[b, :d]
+        m, n = m_all[train_idx], n_all[train_idx]
+        assert metrics["train_acc"][b].item() == pytest.approx(reference.accuracy(mlp, m, n, y))
+        assert metrics["test_acc"][b].item() == pytest.approx(reference.accuracy(mlp, m_all[test_idx], n_all[test_idx], z_all[test_idx]))
+        assert metrics["clean_acc"][b].item() == pytest.approx(reference.accuracy(mlp, m[c:], n[c:], y[c:]))
+        if c:
+            assert metrics["corrupted_acc"][b].item() == pytest.approx(reference.accuracy(mlp, m[:c], n[:c], y[:c]))
+            assert metrics["inverted_acc"][b].item() == pytest.approx(reference.accuracy(mlp, m[:c], n[:c], z_all[train_idx][:c]))
+        else:
+            assert metrics["corrupted_acc"][b].isnan() and metrics["inverted_acc"][b].isnan()
+        with torch.no_grad():
+            ref_loss = reference.per_example_loss(mlp(m, n), y, "mse").mean().item()
+        assert metrics["train_loss"][b].item() == pytest.approx(ref_loss, rel=1e-5)
+
+
+def test_init_matches_the_paper():
+    width = 500
+    pop = Population([Hyper(width=width, seed=4)], Settings(p=97))
+    std = 0.5 / (2 * width) ** (1 / 3)
+    for t in pop.params:
+        assert t.std().item() == pytest.approx(std, rel=0.02)
+        assert abs(t.mean().item()) < 0.01 * std * 10

@@ -1,0 +1,54 @@
+"""The paper's phenomena on a CPU, at small size (p 47, N 64 and 128, 1000 steps: a few seconds)."""
+
+import pytest
+
+from fastgrok.backends import TorchBackend
+from fastgrok.config import Hyper, Settings
+from fastgrok.phases import phase
+from fastgrok.population import Population
+
+P, XI = 47, 0.35
+
+
+@pytest.fixture(scope="module")
+def trained():
+    populations = [
+        [
+            Hyper(xi=0.0, alpha=0.7, width=64, wd=5.0, seed=0),  # clean data: generalises
+            Hyper(xi=XI, alpha=0.7, width=64, wd=5.0, seed=0),  # corrupted + weight decay: full inversion
+        ],
+        [Hyper(xi=XI, alpha=0.5, width=128, wd=0.0, seed=0)],  # corrupted, no regularisation, wider: memorisation
+    ]
+    out = []
+    for hypers in populations:
+        pop = Population(hypers, Settings(p=P, steps=1000))
+        engine = TorchBackend()
+        for _ in range(1000):
+            engine.step(pop)
+        metrics = pop.evaluate()
+        out += [{k: v[b].item() for k, v in metrics.items()}
+                | {"phase": phase(metrics["train_acc"][b].item(), metrics["test_acc"][b].item(), h.xi)}
+                for b, h in enumerate(hypers)]
+    return out
+
+
+def test_clean_model_generalises(trained):
+    m = trained[0]
+    assert m["test_acc"] >= 0.99 and m["train_acc"] >= 0.99
+    assert m["phase"] == "coexistence"
+
+
+def test_weight_decay_inverts_the_corrupted_labels(trained):
+    m = trained[1]
+    # train accuracy settles at 1 - xi (plus the ~xi/p redrawn labels that happen to be right)
+    assert m["train_acc"] == pytest.approx(1 - XI + XI / P, abs=0.02)
+    assert m["inverted_acc"] >= 0.95 and m["corrupted_acc"] <= 0.05
+    assert m["clean_acc"] >= 0.99 and m["test_acc"] >= 0.95
+    assert m["phase"] == "full_inversion"
+
+
+def test_without_regularisation_the_network_memorises(trained):
+    m = trained[2]
+    assert m["corrupted_acc"] >= 0.95 and m["train_acc"] >= 0.95
+    assert m["test_acc"] < 0.5
+    assert m["phase"] == "memorization"

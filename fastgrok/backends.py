@@ -16,12 +16,14 @@ A model whose loss or gradients are not finite is flagged `diverged` and frozen;
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
 from fastgrok import optim
 from fastgrok.errors import ConfigError
-from fastgrok.population import Population
+from fastgrok.population import Population, torch_outputs
 
 
 def _grads(U, V, W, m, n, y, valid, D, mask, act: str, loss: str):
@@ -65,6 +67,7 @@ class TorchBackend:
     """Batched PyTorch. compile=True wraps the forward/backward in torch.compile (GPU benchmarks)."""
 
     name = "torch"
+    outputs = staticmethod(torch_outputs)
 
     def __init__(self, compile: bool = False):
         self.grads = torch.compile(_grads, dynamic=False) if compile else _grads
@@ -94,13 +97,94 @@ class TorchBackend:
         return losses
 
 
-BACKENDS = ("auto", "torch")
+class TritonBackend:
+    """Fused Triton kernels (fastgrok.kernels): forward + loss gradient, backward, optimizer, evaluation.
+
+    precision: fp32 (IEEE products, exact parity with the reference), tf32, tf32x3 or bf16 dot inputs; parameters,
+    gradients and Adam moments stay fp32 in every mode. Runs on a CPU under TRITON_INTERPRET=1 (slow)."""
+
+    name = "triton"
+
+    def __init__(self, precision: str = "fp32", fused: bool = False):
+        from fastgrok.kernels.hidden import PRECISIONS
+
+        if precision not in PRECISIONS:
+            raise ConfigError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+        self.precision, self.fused = precision, fused
+        self.name = f"triton-{precision}"
+
+    def _data(self, pop: Population):
+        """int32 copies of the training data and the per-model dropout constants, made once per population."""
+        cached = getattr(pop, "_triton_data", None)
+        if cached is None:
+            dev = pop.device
+            rates = pop.dropout.double()
+            dropout = None
+            if bool((rates > 0).any()):
+                threshold = torch.clamp(torch.round(rates * 2.0**32), max=2.0**32 - 1).long()
+                dropout = (pop.dropout_seed.to(dev), threshold.to(dev), (1.0 / (1.0 - rates)).float().to(dev))
+            cached = pop._triton_data = {
+                "m": pop.train_m.int(), "n": pop.train_n.int(), "y": pop.train_y.int(),
+                "count": pop.D.int().to(dev), "D": pop.D.float().to(dev), "dropout": dropout,
+            }
+        return cached
+
+    def step(self, pop: Population) -> torch.Tensor:
+        from fastgrok.kernels.backward import backward
+        from fastgrok.kernels.forward import forward
+        from fastgrok.kernels.hidden import ACT_CODES, LOSS_CODES
+        from fastgrok.kernels.optimizer import optimizer_step_
+
+        s, data = pop.settings, self._data(pop)
+        act = ACT_CODES[s.act]
+        example_loss, G, _ = forward(*pop.params, data["m"], data["n"], data["y"], data["count"], act=act,
+                                     loss=LOSS_CODES[s.loss], precision=self.precision, train=True,
+                                     dropout=data["dropout"], step=pop.step)
+        losses = torch.where(pop.valid, example_loss, 0.0).sum(1) / data["D"]
+        grads = backward(*pop.params, data["m"], data["n"], data["count"], G, act=act, precision=self.precision,
+                         dropout=data["dropout"], step=pop.step, fused=self.fused)
+        ok = torch.isfinite(losses)
+        for g in grads:
+            ok &= torch.isfinite(g).flatten(1).all(1)
+        pop.diverged |= ~ok
+        pop.step += 1
+        optimizer_step_(s.optimizer, pop.params, grads, pop.exp_avg, pop.exp_avg_sq, pop.step, pop.lr, pop.wd,
+                        pop.beta1, pop.beta2, pop.eps, active=~pop.diverged)
+        return losses
+
+    def outputs(self, U, V, W, m, n, y, act: str, loss: str):
+        """The evaluation kernel: predictions and per-example losses for a chunk of models (all examples valid)."""
+        from fastgrok.kernels.forward import forward
+        from fastgrok.kernels.hidden import ACT_CODES, LOSS_CODES
+
+        count = torch.full((U.shape[0],), m.shape[1], dtype=torch.int32, device=U.device)
+        losses, _, pred = forward(U.contiguous(), V.contiguous(), W.contiguous(), m.int().contiguous(),
+                                  n.int().contiguous(), y.int().contiguous(), count, act=ACT_CODES[act],
+                                  loss=LOSS_CODES[loss], precision=self.precision, train=False)
+        return pred.long(), losses
 
 
-def make_backend(name: str, device: torch.device):
-    """'auto' picks the fastest backend available on `device`."""
+BACKENDS = ("auto", "torch", "triton")
+
+
+def make_backend(name: str, device: torch.device, precision: str = "fp32"):
+    """'auto': the Triton kernels on a CUDA device, batched PyTorch elsewhere."""
     if name == "auto":
-        name = "torch"
+        name = "triton" if device.type == "cuda" and _has_triton() else "torch"
     if name == "torch":
         return TorchBackend()
+    if name == "triton":
+        if not _has_triton():
+            raise ConfigError("--backend triton needs the triton package (pip install triton)")
+        if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ConfigError("--backend triton on a CPU runs only under TRITON_INTERPRET=1 (slow; for tests and debugging)")
+        return TritonBackend(precision)
     raise ConfigError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+
+
+def _has_triton() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True

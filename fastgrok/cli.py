@@ -54,7 +54,8 @@ def train(
     log_every: Annotated[Optional[int], typer.Option(help="Log every metric of every model every K steps \\[default: 100]", rich_help_panel=SHARED)] = None,
     preset: Annotated[Optional[str], typer.Option(help="A named run (see `fastgrok presets`); options given override it. With no grid option: cpu-demo on a CPU, paper-xi-wd on a GPU")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:K")] = "auto",
-    backend: Annotated[str, typer.Option(help="auto or torch")] = "auto",
+    backend: Annotated[str, typer.Option(help="auto (triton on a GPU, torch on a CPU), torch, or triton (on a CPU only under TRITON_INTERPRET=1)")] = "auto",
+    precision: Annotated[str, typer.Option(help="Triton dot precision: fp32, tf32, tf32x3 or bf16 (parameters and moments stay fp32)")] = "fp32",
     out: Annotated[Optional[Path], typer.Option(help="Run directory (must be new or empty) \\[default: runs/<timestamp>]")] = None,
 ) -> None:
     """Train a grid of models (the product of the grid options) and write a run directory."""
@@ -75,12 +76,13 @@ def train(
         chosen = PRESETS.get(preset) if preset is not None else None
         if preset is not None and chosen is None:
             raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-        _run(axes, shared, betas, chosen, dev, backend, out)
+        _run(axes, shared, betas, chosen, dev, backend, precision, out)
     except ConfigError as e:
         fail(str(e))
 
 
-def _run(axes, shared, betas, preset, dev, backend, out) -> None:
+def _run(axes, shared, betas, preset, dev, backend, precision, out) -> None:
+    from fastgrok.backends import make_backend
     from fastgrok.config import Grid, Settings
     from fastgrok.errors import ConfigError
     from fastgrok.population import plan
@@ -103,7 +105,8 @@ def _run(axes, shared, betas, preset, dev, backend, out) -> None:
     grid = Grid.parse(axes)
     out = out if out is not None else default_out_dir()
     check_out_dir(out)
-    populations = plan(grid.models(), settings, dev)
+    engine = make_backend(backend, dev, precision)
+    populations = plan(grid.models(), settings, dev, backend=engine.name)
 
     from rich.console import Console
     from rich.progress import BarColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -114,7 +117,7 @@ def _run(axes, shared, betas, preset, dev, backend, out) -> None:
             return Text(f"{task.speed or 0:,.0f} model-steps/s", style="cyan")
 
     console = Console(stderr=True)
-    console.print(f"Training {_models(len(grid))} ({grid.describe()}) on {dev}, p {settings.p}, op {settings.op}, "
+    console.print(f"Training {_models(len(grid))} ({grid.describe()}) on {dev} ({engine.name}), p {settings.p}, op {settings.op}, "
                   f"{settings.steps} steps, {len(populations)} population(s) -> {out}")
     total = len(grid) * settings.steps
     with Progress(TextColumn("[bold]train"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
@@ -122,7 +125,7 @@ def _run(axes, shared, betas, preset, dev, backend, out) -> None:
                   TimeRemainingColumn(), console=console) as bar:
         task = bar.add_task("train", total=total, models=len(grid))
         try:
-            run = train(grid, settings, out, device=str(dev), backend=backend, populations=populations,
+            run = train(grid, settings, out, device=str(dev), backend=engine, populations=populations,
                         on_step=lambda k: bar.advance(task, k))
         except Interrupted as e:
             bar.stop()

@@ -1,42 +1,64 @@
 """AdamW, Adam and SGD over stacked parameters (B, ...) with per-model lr, weight decay, betas and eps.
 
 Written op for op as torch.optim's single-tensor implementations (torch/optim/adamw.py, adam.py, sgd.py) so
-that a population matches the reference within fp32 rounding. Models whose `active` flag is off keep their
-parameters and moments unchanged.
+that a population matches the reference within fp32 rounding:
+
+    g = grad + l2 * param                     (Adam and SGD: weight decay as an L2 term)
+    SGD:    param -= step_size * g
+    Adam*:  param *= decay                    (AdamW: decay = 1 - lr wd, decoupled)
+            m = lerp(m, g, 1 - beta1);  v = beta2 v + (1 - beta2) g^2
+            param -= step_size * m / (sqrt(v) / bias2_sqrt + eps)
+
+`coefficients` computes the per-model scalars on the host in float64, as torch does in Python; the torch
+path below and the Triton kernel (kernels/optimizer.py) both consume them. Models whose `active` flag is off
+keep their parameters and moments unchanged.
 """
 
 from __future__ import annotations
 
 import torch
 
+OPTIMIZER_CODES = {"adamw": 0, "adam": 1, "sgd": 2}
+
+
+def coefficients(name: str, step: int, lr, wd, beta1, beta2) -> dict[str, torch.Tensor]:
+    """Per-model (B,) float64 scalars of one step (step counts from 1)."""
+    lr, wd, b1, b2 = (t.double() for t in (lr, wd, beta1, beta2))
+    if name == "sgd":
+        return {"decay": torch.ones_like(lr), "l2": wd, "step_size": lr, "bias2_sqrt": torch.ones_like(lr),
+                "beta1": b1, "beta2": b2}
+    return {
+        "decay": 1 - lr * wd if name == "adamw" else torch.ones_like(lr),
+        "l2": torch.zeros_like(wd) if name == "adamw" else wd,
+        "step_size": lr / (1 - b1**step),
+        "bias2_sqrt": (1 - b2**step).sqrt(),
+        "beta1": b1,
+        "beta2": b2,
+    }
+
 
 def _col(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return x.view(-1, *([1] * (like.dim() - 1)))
+    return x.view(-1, *([1] * (like.dim() - 1))).to(like.dtype)
 
 
 @torch.no_grad()
 def step_(name: str, params, grads, exp_avgs, exp_avg_sqs, step: int, lr, wd, beta1, beta2, eps,
           active: torch.Tensor) -> None:
-    """One optimizer step in place. lr, wd, beta1, beta2, eps, active: (B,) tensors; step counts from 1."""
-    lr64, wd64, b1, b2 = (t.double() for t in (lr, wd, beta1, beta2))
-    bias1 = 1 - b1**step
-    bias2_sqrt = (1 - b2**step).sqrt()
+    """One optimizer step in place. lr, wd, beta1, beta2, eps, active: (B,) tensors."""
+    c = coefficients(name, step, lr, wd, beta1, beta2)
     for i, (param, grad) in enumerate(zip(params, grads)):
-        keep = _col(active, param)
-        col = lambda t: _col(t, param).to(param.dtype)  # noqa: E731
+        keep = active.view(-1, *([1] * (param.dim() - 1)))
+        col = lambda key: _col(c[key], param)  # noqa: E731
+        if name != "adamw":
+            grad = grad + col("l2") * param
         if name == "sgd":
-            new = param - col(lr64) * (grad + col(wd64) * param)
-            param.copy_(torch.where(keep, new, param))
+            param.copy_(torch.where(keep, param - col("step_size") * grad, param))
             continue
         m, v = exp_avgs[i], exp_avg_sqs[i]
-        if name == "adamw":
-            p0 = param * col(1 - lr64 * wd64)
-        else:  # adam: L2 penalty added to the gradient
-            p0, grad = param, grad + col(wd64) * param
-        m_new = m.lerp(grad, col(1 - b1))
-        v_new = v * col(b2) + col(1 - b2) * grad * grad
-        denom = v_new.sqrt() / col(bias2_sqrt) + col(eps)
-        new = p0 - col(lr64 / bias1) * m_new / denom
+        m_new = m.lerp(grad, _col(1 - c["beta1"], param))
+        v_new = v * col("beta2") + _col(1 - c["beta2"], param) * grad * grad
+        denom = v_new.sqrt() / col("bias2_sqrt") + _col(eps, param)
+        new = param * col("decay") - col("step_size") * m_new / denom
         param.copy_(torch.where(keep, new, param))
         m.copy_(torch.where(keep, m_new, m))
         v.copy_(torch.where(keep, v_new, v))

@@ -75,6 +75,7 @@ class Population:
         self.diverged = torch.zeros(B, dtype=torch.bool, device=dev)
         self.step = 0
         # One dropout stream per model, so a model draws the same masks alone or in any population.
+        self.dropout_seed = torch.tensor([generator(h.seed, "dropout").initial_seed() & 0xFFFFFFFF for h in hypers])
         self._dropout_gens = [
             torch.Generator(device=dev).manual_seed(generator(h.seed, "dropout").initial_seed()) if h.dropout > 0 else None
             for h in hypers
@@ -108,58 +109,68 @@ class Population:
         return mlp
 
     @torch.no_grad()
-    def evaluate(self, max_bytes: int = 1 << 28) -> dict[str, torch.Tensor]:
+    def evaluate(self, outputs=None, max_bytes: int = 1 << 28) -> dict[str, torch.Tensor]:
         """Every metric of every model on all pairs (no dropout): a dict of (B,) float64 CPU tensors.
 
         train_*: training set against the labels trained on; test_*: held-out pairs (true labels);
         clean_acc: uncorrupted training examples; corrupted_acc: corrupted examples against their corrupted
         labels (memorised); inverted_acc: corrupted examples against their true labels. NaN where the subset
         is empty (corrupted_acc of a model with xi = 0).
+
+        `outputs(U, V, W, m, n, y, act, loss) -> (pred, per-example loss)` runs the forward pass for a chunk
+        of models (default: `torch_outputs`; the Triton backend passes its kernel).
         """
+        outputs = outputs or torch_outputs
         m_all, n_all, z_all = self.pairs
-        P, B = z_all.numel(), len(self)
-        per_model = P * (2 * self.width + 3 * self.settings.p) * 4
-        chunk = max(1, min(B, max_bytes // per_model))
+        P, B, d_max = z_all.numel(), len(self), self.train_y.shape[1]
+        chunk = max(1, min(B, max_bytes // (P * (2 * self.width + 3 * self.settings.p) * 4)))
+        slot = torch.arange(P, device=self.device)
         out = {k: [] for k in METRICS}
         for lo in range(0, B, chunk):
             sl = slice(lo, min(B, lo + chunk))
-            bc = sl.stop - sl.start
-            logits = forward(self.U[sl], self.V[sl], self.W[sl], m_all.expand(bc, P), n_all.expand(bc, P), self.settings.act)
-            pred = logits.argmax(-1)  # (bc, P)
-            is_train = torch.zeros(bc, P, dtype=torch.bool, device=self.device)
-            train_idx = self.perm[sl, : self.train_y.shape[1]]
-            is_train.scatter_(1, train_idx, self.valid[sl])
-            test_loss = reference.per_example_loss(logits, z_all.expand(bc, P), self.settings.loss)
-            train_logits = logits.gather(1, train_idx[..., None].expand(-1, -1, logits.shape[-1]))
-            train_loss = reference.per_example_loss(train_logits, self.train_y[sl], self.settings.loss)
-            pred_train = pred.gather(1, train_idx)
-            hit = pred_train == self.train_y[sl]
-            valid, corrupted = self.valid[sl], self.corrupted[sl]
-            clean = valid & ~corrupted
-            test = ~is_train
+            perm = self.perm[sl]
+            true = z_all[perm]  # (bc, P) in the model's order: training slots first
+            labels = true.clone()  # as trained on: corrupted labels on the training slots
+            labels[:, :d_max] = torch.where(self.valid[sl], self.train_y[sl], true[:, :d_max])
+            pred, loss = outputs(self.U[sl], self.V[sl], self.W[sl], m_all[perm], n_all[perm], labels,
+                                 self.settings.act, self.settings.loss)
+            D, c = self.D[sl].to(self.device)[:, None], self.n_corrupt[sl].to(self.device)[:, None]
+            train, corrupted = slot < D, slot < c
+            hit, hit_true = pred == labels, pred == true
 
             def mean(values, where):
-                values = torch.where(where, values.double(), 0.0)
-                return values.sum(1) / where.sum(1)  # NaN (0/0) for an empty subset
+                return torch.where(where, values.double(), 0.0).sum(1) / where.sum(1)  # NaN (0/0) if empty
 
-            out["train_loss"].append(mean(train_loss, valid))
-            out["test_loss"].append(mean(test_loss, test))
-            out["train_acc"].append(mean(hit, valid))
-            out["test_acc"].append(mean(pred == z_all, test))
-            out["clean_acc"].append(mean(hit, clean))
+            out["train_loss"].append(mean(loss, train))
+            out["test_loss"].append(mean(loss, ~train))
+            out["train_acc"].append(mean(hit, train))
+            out["test_acc"].append(mean(hit, ~train))
+            out["clean_acc"].append(mean(hit, train & ~corrupted))
             out["corrupted_acc"].append(mean(hit, corrupted))
-            out["inverted_acc"].append(mean(pred_train == self.train_true[sl], corrupted))
+            out["inverted_acc"].append(mean(hit_true, corrupted))
         return {k: torch.cat(v).cpu() for k, v in out.items()}
 
 
-def bytes_per_model(p: int, width: int, d_max: int, num_pairs: int) -> int:
-    """Device memory one model needs in a torch-backend population (fp32): parameters, gradients and two
-    Adam moments; autograd's saved activations (gather, pre-activation, activation, mask: 4 x D x N) and
-    outputs with their gradients (3 x D x p); the data (int64 indices)."""
-    params = 3 * p * width
-    activations = 4 * d_max * width + 3 * d_max * p
-    data = 8 * (num_pairs + 4 * d_max)
-    return 4 * (4 * params + activations) + data
+def torch_outputs(U, V, W, m, n, y, act: str, loss: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Predictions and per-example losses of a chunk of models on examples (m, n) with labels y: (bc, E)."""
+    logits = forward(U, V, W, m, n, act)
+    return logits.argmax(-1), reference.per_example_loss(logits, y, loss)
+
+
+def bytes_per_model(p: int, width: int, d_max: int, num_pairs: int, backend: str = "torch") -> int:
+    """Device memory of one model in a population (fp32 parameters).
+
+    Always: parameters, gradients and two Adam moments (4 x 3 p N); the data (int64 pair order, training
+    indices and labels, masks). torch: autograd-free backward keeps gather, pre-activation, activation and
+    mask (4 D N) and outputs, one-hot targets and G (3 D p). triton: G (D p), per-example losses and int32
+    copies of the indices (4 D); nothing of size D N is ever stored."""
+    params = 4 * 3 * p * width
+    data = 8 * num_pairs + 8 * 4 * d_max + 2 * d_max
+    if backend.startswith("triton"):
+        work = d_max * p + 4 * d_max
+    else:
+        work = 4 * d_max * width + 3 * d_max * p
+    return 4 * (params + work) + data
 
 
 def memory_budget(device: torch.device) -> int:
@@ -175,7 +186,8 @@ def memory_budget(device: torch.device) -> int:
         return 8 << 30
 
 
-def plan(hypers: list[Hyper], settings: Settings, device: torch.device, budget: int | None = None) -> list[list[int]]:
+def plan(hypers: list[Hyper], settings: Settings, device: torch.device, budget: int | None = None,
+         backend: str = "torch") -> list[list[int]]:
     """Split a grid into populations: one width each, as many models as fit the memory budget."""
     budget = memory_budget(device) if budget is None else budget
     num_pairs = task_table(settings.op, settings.p)[2].numel()
@@ -185,7 +197,7 @@ def plan(hypers: list[Hyper], settings: Settings, device: torch.device, budget: 
     populations = []
     for width, ids in by_width.items():
         d_max = max(train_size(num_pairs, hypers[i].alpha) for i in ids)
-        need = bytes_per_model(settings.p, width, d_max, num_pairs)
+        need = bytes_per_model(settings.p, width, d_max, num_pairs, backend)
         if need > budget:
             raise ConfigError(
                 f"one model of width {width} needs about {need / 2**30:.1f} GiB, more than the "

@@ -50,12 +50,13 @@ class Run:
 
 
 class _History:
-    def __init__(self):
+    def __init__(self, outputs):
+        self.outputs = outputs
         self.columns = {c: [] for c in HISTORY_COLUMNS}
         self.last = None
 
     def log(self, pop: Population) -> dict[str, torch.Tensor]:
-        metrics = pop.evaluate()
+        metrics = pop.evaluate(self.outputs)
         self.columns["model"].append(np.asarray(pop.model_ids, dtype=np.int32))
         self.columns["step"].append(np.full(len(pop), pop.step, dtype=np.int32))
         for k in METRICS:
@@ -79,18 +80,20 @@ def _rows(pop: Population, metrics: dict[str, torch.Tensor]) -> list[dict]:
     return rows
 
 
-def train(grid: Grid, settings: Settings, out: Path, *, device: str = "auto", backend: str = "auto",
+def train(grid: Grid, settings: Settings, out: Path, *, device: str = "auto", backend="auto",
+          precision: str = "fp32",
           on_step: Callable[[int], None] | None = None, budget: int | None = None,
           populations: list[list[int]] | None = None) -> Run:
     """Train every model of `grid`; write `out`. Ctrl-C writes what is done, then raises Interrupted.
 
-    `populations` (model indices per population) defaults to `population.plan` under the memory `budget`."""
+    backend: a name ("auto", "torch", "triton") or a backend object. `populations` (model indices per
+    population) defaults to `population.plan` under the memory `budget`."""
     settings.check()
     dev = resolve_device(device)
     hypers = grid.models()
+    engine = make_backend(backend, dev, precision) if isinstance(backend, str) else backend
     if populations is None:
-        populations = plan(hypers, settings, dev, budget)
-    engine = make_backend(backend, dev)
+        populations = plan(hypers, settings, dev, budget, backend=engine.name)
     writer = RunWriter(out, grid, settings, dev, engine.name,
                        extra={"populations": [len(ids) for ids in populations]})
     rows: list[dict] = []
@@ -105,7 +108,7 @@ def train(grid: Grid, settings: Settings, out: Path, *, device: str = "auto", ba
     try:
         for ids in populations:
             pop = Population([hypers[i] for i in ids], settings, dev, model_ids=ids)
-            history = _History()
+            history = _History(engine.outputs)
             history.log(pop)
             interrupted = False
             try:

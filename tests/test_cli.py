@@ -105,6 +105,8 @@ def test_ctrl_c_keeps_what_was_done(tmp_path, monkeypatch):
         (["--betas", "0.9"], "two numbers"),
         (["--device", "tpu"], "device"),
         (["--preset", "nope"], "unknown preset"),
+        (["--backend", "jax"], "unknown backend"),
+        (["--backend", "triton", "--precision", "fp8"], "unknown precision"),
         (["--width", "100000000"], "GiB"),
     ],
 )
@@ -130,3 +132,24 @@ def test_version_presets_and_shim():
     root = Path(__file__).resolve().parent.parent
     shim = subprocess.run([sys.executable, "cli.py", "train", "--help"], cwd=root, capture_output=True, text=True)
     assert shim.returncode == 0 and "--xi" in shim.stdout
+
+
+def test_triton_backend_through_the_cli_matches_torch(tmp_path):
+    pytest.importorskip("triton")
+    args = ["--p", "7", "--width", "8", "--steps", "6", "--log-every", "3", "--xi", "0,0.4"]
+    assert run(*args, "--backend", "torch", "--out", tmp_path / "torch").exit_code == 0
+    result = run(*args, "--backend", "triton", "--out", tmp_path / "triton")
+    assert result.exit_code == 0, result.output
+    assert read_config(tmp_path / "triton")["backend"] == "triton-fp32"
+    for a, b in zip(read_models(tmp_path / "torch"), read_models(tmp_path / "triton")):
+        for k in ("train_acc", "test_acc", "clean_acc", "phase"):
+            assert a[k] == b[k]
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
+
+
+def test_triton_on_a_cpu_without_the_interpreter_is_refused(tmp_path, monkeypatch):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    result = run(*SMALL, "--backend", "triton", "--out", tmp_path / "run")
+    assert result.exit_code == 2 and "TRITON_INTERPRET=1" in result.output

@@ -1,0 +1,59 @@
+"""The hidden layer of one tile, recomputed wherever a kernel needs it, and the precision-selecting dot.
+
+    pre[d, k] = U[b, m_d, k] + V[b, n_d, k]                  one-hot first layer = two row gathers
+    pre       = pre * keep[d, k] / (1 - rate)                 dropout, keep = philox(seed_b, step)[d N + k] >= rate 2^32
+    h         = pre^2 (quad) or max(pre, 0) (relu)
+
+The dropout mask is a pure function of (model seed, step, example slot d, neuron k), so the forward and both
+backward kernels draw the same mask without storing it, and a model draws the same masks in any population.
+"""
+
+import triton
+import triton.language as tl
+
+ACT_CODES = {"quad": 0, "relu": 1}
+LOSS_CODES = {"mse": 0, "ce": 1}
+PRECISIONS = ("fp32", "tf32", "tf32x3", "bf16")
+
+
+@triton.jit
+def dot(a, b, PRECISION: tl.constexpr):
+    """fp32-accumulated a @ b. fp32 = exact IEEE products (slow; parity), tf32/tf32x3 on tensor cores, bf16 inputs."""
+    if PRECISION == "bf16":
+        return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
+    elif PRECISION == "fp32":
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
+def dropout_scale(offs_d, offs_k, width, seed, step, threshold, inv_keep):
+    """(BLOCK_D, BLOCK_N) inverted-dropout factors: 0 or 1 / (1 - rate)."""
+    key = (step.to(tl.int64) << 32) | (seed & 0xFFFFFFFF)
+    r = tl.randint(key, offs_d[:, None] * width + offs_k[None, :])
+    return tl.where(r.to(tl.uint32) >= threshold.to(tl.uint32), inv_keep, 0.0)
+
+
+@triton.jit
+def preactivation(U, V, m, n, offs_k, mask_dk, stride_up, stride_vp):
+    """U[m, k] + V[n, k] for the tile; U, V point at model b; m, n: (BLOCK_D,) row indices."""
+    u = tl.load(U + m[:, None] * stride_up + offs_k[None, :], mask=mask_dk, other=0.0)
+    v = tl.load(V + n[:, None] * stride_vp + offs_k[None, :], mask=mask_dk, other=0.0)
+    return u + v
+
+
+@triton.jit
+def activation(pre, ACT: tl.constexpr):
+    if ACT == 0:
+        return pre * pre
+    else:
+        return tl.maximum(pre, 0.0)
+
+
+@triton.jit
+def activation_grad(pre, ACT: tl.constexpr):
+    if ACT == 0:
+        return 2.0 * pre
+    else:
+        return tl.where(pre > 0.0, 1.0, 0.0)

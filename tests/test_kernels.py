@@ -1,0 +1,145 @@
+"""The Triton backend against reference.py. Without a GPU the kernels run in Triton's interpreter (conftest.py),
+so shapes stay small: p <= 13, N <= 32, B <= 4, with odd sizes (p 13, N 23, B 1 and 3)."""
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from compare import assert_close  # noqa: E402
+from philox import dropout_mask  # noqa: E402
+
+from fastgrok import reference  # noqa: E402
+from fastgrok.backends import TorchBackend, TritonBackend  # noqa: E402
+from fastgrok.config import Hyper, Settings  # noqa: E402
+from fastgrok.population import Population  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+P, WIDTH = 13, 23
+
+
+def hypers(width=WIDTH, dropout=0.25):
+    return [
+        Hyper(xi=0.3, alpha=0.5, width=width, wd=1.0, lr=1e-2, seed=1),
+        Hyper(xi=0.0, alpha=0.7, width=width, wd=0.0, lr=3e-3, seed=2),
+        Hyper(xi=0.6, alpha=0.35, width=width, wd=5.0, lr=2e-2, seed=3, dropout=dropout),
+    ]
+
+
+class Reference:
+    """Each model of a population as reference.py modules; dropout masks rebuilt from the kernels' Philox."""
+
+    def __init__(self, pop):
+        s = pop.settings
+        self.pop, self.models = pop, []
+        for b, h in enumerate(pop.hypers):
+            mlp = pop.model(b)
+            d = int(pop.D[b])
+            data = [t[b, :d].cpu() for t in (pop.train_m, pop.train_n, pop.train_y)]
+            self.models.append((mlp, reference.make_optimizer(mlp, s.optimizer, h.lr, h.wd, s.betas, s.eps), *data))
+
+    def mask(self, b, step):
+        h, d = self.pop.hypers[b], int(self.pop.D[b])
+        return dropout_mask(int(self.pop.dropout_seed[b]), step, h.dropout, d, h.width) if h.dropout else None
+
+    def step(self, step):
+        return [reference.train_step(mlp, opt, m, n, y, self.pop.settings.loss, self.mask(b, step))
+                for b, (mlp, opt, m, n, y) in enumerate(self.models)]
+
+
+@pytest.mark.parametrize("act", ["quad", "relu"])
+@pytest.mark.parametrize("loss", ["mse", "ce"])
+@pytest.mark.parametrize("optimizer", ["adamw", "adam", "sgd"])
+def test_one_step_matches_reference(act, loss, optimizer):
+    from fastgrok.kernels.backward import backward
+    from fastgrok.kernels.forward import forward
+    from fastgrok.kernels.hidden import ACT_CODES, LOSS_CODES
+
+    pop = Population(hypers(), Settings(p=P, act=act, loss=loss, optimizer=optimizer), DEVICE)
+    ref = Reference(pop)
+    engine = TritonBackend("fp32")
+    data = engine._data(pop)
+    example_loss, G, _ = forward(*pop.params, data["m"], data["n"], data["y"], data["count"], act=ACT_CODES[act],
+                                 loss=LOSS_CODES[loss], precision="fp32", train=True, dropout=data["dropout"], step=0)
+    dU, dV, dW = backward(*pop.params, data["m"], data["n"], data["count"], G, act=ACT_CODES[act], precision="fp32",
+                          dropout=data["dropout"], step=0)
+    for b, (mlp, opt, m, n, y) in enumerate(ref.models):
+        mlp.train()
+        out = mlp(m, n, ref.mask(b, 0))
+        out.retain_grad()
+        per_example = reference.per_example_loss(out, y, loss)
+        per_example.mean().backward()
+        d = m.numel()
+        assert_close(f"loss[{b}]", example_loss[b, :d], per_example)
+        assert_close(f"G[{b}]", G[b, :d], out.grad)
+        assert_close(f"dU[{b}]", dU[b], mlp.U.grad.T)
+        assert_close(f"dV[{b}]", dV[b], mlp.V.grad.T)
+        assert_close(f"dW[{b}]", dW[b], mlp.W.grad.T)
+        mlp.zero_grad()
+    engine.step(pop)
+    ref.step(0)
+    for b, (mlp, *_) in enumerate(ref.models):
+        for name, ours, theirs in (("U", pop.U[b], mlp.U.T), ("V", pop.V[b], mlp.V.T), ("W", pop.W[b], mlp.W.T)):
+            assert_close(f"{name}[{b}] after one step", ours, theirs)
+
+
+def test_thirty_step_trajectory_with_dropout_and_per_model_hyperparameters():
+    pop = Population(hypers(), Settings(p=P), DEVICE)
+    ref = Reference(pop)
+    engine = TritonBackend("fp32")
+    for t in range(30):
+        losses = engine.step(pop)
+        expected = ref.step(t)
+        for b, value in enumerate(expected):
+            assert_close(f"loss[{b}] at step {t}", losses[b], torch.tensor(value))
+    for b, (mlp, *_) in enumerate(ref.models):
+        assert_close(f"U[{b}] after 30 steps", pop.U[b], mlp.U.T)
+        assert_close(f"W[{b}] after 30 steps", pop.W[b], mlp.W.T)
+
+
+def run(hs, steps, settings=None, fused=False):
+    pop = Population(hs, settings or Settings(p=P), DEVICE)
+    engine = TritonBackend("fp32", fused=fused)
+    for _ in range(steps):
+        engine.step(pop)
+    return pop
+
+
+def test_together_equals_alone_bit_for_bit():
+    together = run(hypers(), 5)
+    for b, h in enumerate(hypers()):
+        alone = run([h], 5)
+        for name in ("U", "V", "W"):
+            assert torch.equal(getattr(together, name)[b], getattr(alone, name)[0]), f"{name}[{b}]"
+
+
+def test_deterministic_and_fused_backward_agrees():
+    a, b, fused = run(hypers(), 4), run(hypers(), 4), run(hypers(), 4, fused=True)
+    for name in ("U", "V", "W"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+        assert torch.equal(getattr(a, name), getattr(fused, name)), name
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered")
+def test_nan_model_is_frozen_and_isolated():
+    hs = hypers()
+    pop = Population(hs, Settings(p=P), DEVICE)
+    pop.W[0, 2, 1] = float("inf")
+    before = pop.U[0].clone()
+    engine = TritonBackend("fp32")
+    for _ in range(3):
+        engine.step(pop)
+    assert pop.diverged.tolist() == [True, False, False]
+    assert torch.equal(pop.U[0], before)
+    for b in (1, 2):
+        alone = run([hs[b]], 3)
+        assert torch.equal(pop.U[b], alone.U[0])
+
+
+@pytest.mark.parametrize("width, models", [(8, 1), (32, 3)])
+def test_evaluation_kernel_equals_torch_metrics(width, models):
+    pop = run(hypers(width)[:models], 10)
+    ours = pop.evaluate(TritonBackend("fp32").outputs)
+    theirs = pop.evaluate(TorchBackend.outputs)
+    for k in ours:
+        assert_close(k, ours[k], theirs[k], atol=1e-6, rtol=1e-5)

@@ -1,25 +1,40 @@
 """Training throughput, side by side in one process: the reference.py loop (one model at a time) and each
-population backend, in model-steps/s and TFLOP/s (6 D N p FLOPs per model-step: forward, dW and dH).
+population backend, in model-steps/s, TFLOP/s (6 D N p FLOPs per model-step: forward, dW and dH) and % of the
+device's peak for the precision used, the peaks measured in the same run (large matmuls through torch).
 
-Every backend's first step is checked against reference.py before anything is timed.
+Every variant's first steps are checked against reference.py before anything is timed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import math
 import time
 from dataclasses import asdict, dataclass
 
 import torch
 
 from fastgrok import reference
-from fastgrok.backends import TorchBackend
+from fastgrok.backends import TorchBackend, TritonBackend
 from fastgrok.config import Hyper, Settings
-from fastgrok.population import Population
+from fastgrok.data import task_table, train_size
+from fastgrok.errors import ConfigError
+from fastgrok.population import Population, bytes_per_model, memory_budget
 from fastgrok.results import device_name, versions
 
-# Dense peak rates (TFLOP/s) used for "% of peak"; measured figures from the project's notes where we have them.
-PEAKS = {"H100": {"fp32": 51.0, "tf32": 406.0, "bf16": 781.0}}
+# name -> (precision of its matmuls, whether torch may use TF32, how to build it)
+VARIANTS = {
+    "torch": ("fp32", False, lambda: TorchBackend()),
+    "torch-tf32": ("tf32", True, lambda: TorchBackend()),
+    "torch-compile": ("tf32", True, lambda: TorchBackend(compile=True)),
+    "triton-fp32": ("fp32", False, lambda: TritonBackend("fp32")),
+    "triton-tf32": ("tf32", False, lambda: TritonBackend("tf32")),
+    "triton-tf32x3": ("fp32", False, lambda: TritonBackend("tf32x3")),
+    "triton-bf16": ("bf16", False, lambda: TritonBackend("bf16")),
+}
+DEFAULT_VARIANTS = {"cpu": ("torch",), "cuda": tuple(VARIANTS)}
+PARITY = {"fp32": 1e-4, "tf32": 2e-2, "bf16": 5e-2}  # relative loss error allowed in the pre-timing check
 
 
 @dataclass
@@ -29,7 +44,9 @@ class Result:
     models: int
     model_steps_per_s: float
     tflops: float
+    percent_of_peak: float | None
     seconds_per_step: float
+    note: str = ""
 
 
 def flops_per_model_step(p: int, width: int, d: int) -> int:
@@ -41,87 +58,151 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_reference(settings: Settings, width: int, alpha: float, steps: int, device: torch.device) -> float:
+@contextlib.contextmanager
+def _tf32(enabled: bool):
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def _timed(fn, device: torch.device, min_seconds: float = 0.5, max_steps: int = 200) -> float:
+    """Median-free steady-state time per call: 3 warm-up calls, then enough calls to fill `min_seconds`."""
+    for _ in range(3):
+        fn()
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    estimate = max(time.perf_counter() - start, 1e-6)
+    steps = int(min(max_steps, max(3, math.ceil(min_seconds / estimate))))
+    start = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    _sync(device)
+    return (time.perf_counter() - start) / steps
+
+
+def measure_peaks(device: torch.device, size: int = 8192) -> dict[str, float]:
+    """TFLOP/s of a large square matmul in fp32 (no TF32), TF32 and bf16: the ceilings for '% of peak'."""
+    if device.type != "cuda":
+        return {}
+    peaks = {}
+    for name, dtype, tf32 in (("fp32", torch.float32, False), ("tf32", torch.float32, True), ("bf16", torch.bfloat16, False)):
+        a = torch.randn(size, size, device=device, dtype=dtype)
+        b = torch.randn(size, size, device=device, dtype=dtype)
+        with _tf32(tf32):
+            sec = _timed(lambda: a @ b, device, min_seconds=1.0, max_steps=50)
+        peaks[name] = 2 * size**3 / sec / 1e12
+        del a, b
+    return peaks
+
+
+def reference_seconds(settings: Settings, width: int, alpha: float, device: torch.device) -> float:
     """Seconds per step of reference.py training one model (the per-model loop every public codebase runs)."""
     pop = Population([Hyper(width=width, alpha=alpha)], settings)
     mlp = pop.model(0).to(device)
     opt = reference.make_optimizer(mlp, settings.optimizer, 1e-2, 0.0, settings.betas, settings.eps)
     d = int(pop.D[0])
     m, n, y = (t[0, :d].to(device) for t in (pop.train_m, pop.train_n, pop.train_y))
-    for _ in range(3):
-        reference.train_step(mlp, opt, m, n, y, settings.loss)
-    _sync(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        reference.train_step(mlp, opt, m, n, y, settings.loss)
-    _sync(device)
-    return (time.perf_counter() - start) / steps
+    return _timed(lambda: reference.train_step(mlp, opt, m, n, y, settings.loss), device)
 
 
-def check_backend(engine, settings: Settings, width: int, alpha: float, device: torch.device) -> float:
-    """Max |loss - reference loss| over two steps of three models; raises if above 1e-4 (relative)."""
+def check_variant(name: str, settings: Settings, width: int, alpha: float, device: torch.device) -> float:
+    """Largest relative loss error against reference.py over two steps of three models."""
+    precision, tf32, make = VARIANTS[name]
+    engine = make()
     hypers = [Hyper(width=width, alpha=alpha, xi=xi, seed=s) for s, xi in enumerate((0.0, 0.3, 0.6))]
     pop = Population(hypers, settings, device)
     refs = [pop.model(b) for b in range(len(hypers))]
     opts = [reference.make_optimizer(r, settings.optimizer, 1e-2, 0.0, settings.betas, settings.eps) for r in refs]
     worst = 0.0
     for _ in range(2):
-        losses = engine.step(pop).cpu()
+        with _tf32(tf32):
+            losses = engine.step(pop).cpu()
         for b, (mlp, opt) in enumerate(zip(refs, opts)):
             d = int(pop.D[b])
-            ref = reference.train_step(mlp, opt, pop.train_m[b, :d].cpu(), pop.train_n[b, :d].cpu(),
-                                       pop.train_y[b, :d].cpu(), settings.loss)
+            ref = reference.train_step(mlp, opt, *(t[b, :d].cpu() for t in (pop.train_m, pop.train_n, pop.train_y)),
+                                       settings.loss)
             worst = max(worst, abs(losses[b].item() - ref) / abs(ref))
-    if worst > 1e-4:
-        raise AssertionError(f"{getattr(engine, 'name', engine)} disagrees with reference.py: relative loss error {worst:.2e}")
+    if not worst <= PARITY[precision]:
+        raise AssertionError(f"{name} disagrees with reference.py: relative loss error {worst:.2e}")
     return worst
 
 
-def time_backend(engine, settings: Settings, width: int, models: int, alpha: float, steps: int,
-                 device: torch.device) -> float:
-    pop = Population([Hyper(width=width, alpha=alpha, seed=b) for b in range(models)], settings, device)
-    for _ in range(3):
-        engine.step(pop)
-    _sync(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        engine.step(pop)
-    _sync(device)
-    return (time.perf_counter() - start) / steps
+def max_models(settings: Settings, width: int, alpha: float, device: torch.device, backend: str) -> int:
+    num_pairs = task_table(settings.op, settings.p)[2].numel()
+    need = bytes_per_model(settings.p, width, train_size(num_pairs, alpha), num_pairs, backend)
+    return max(1, memory_budget(device) // need)
 
 
-def run(widths=(128, 500), models=(1, 16), p: int = 97, alpha: float = 0.5, steps: int = 20,
-        device: str = "cpu", backends: dict | None = None, log=print) -> dict:
+def run(widths=(128, 500), models=("1", "16"), p: int = 97, alpha: float = 0.5, device: str = "cpu",
+        variants: tuple[str, ...] | None = None, log=print) -> dict:
+    """models: population sizes; "max" is the largest that the memory planner fits for each variant."""
     dev = torch.device(device)
+    variants = variants or DEFAULT_VARIANTS[dev.type]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise ConfigError(f"unknown benchmark variant {unknown[0]!r}; choose from {', '.join(VARIANTS)}")
+    if dev.type == "cpu" and any(v.startswith("triton") or v == "torch-compile" for v in variants):
+        raise ConfigError("the triton and torch-compile variants are GPU benchmarks; on a CPU use torch")
     settings = Settings(p=p)
-    backends = backends or {"torch": TorchBackend()}
-    d = int(alpha * p * p)
-    for name, engine in backends.items():
-        err = check_backend(engine, settings, min(widths), alpha, dev)
+    d = train_size(p * p, alpha)
+    for name in variants:
+        err = check_variant(name, settings, min(widths), alpha, dev)
         log(f"{name}: matches reference.py (relative loss error {err:.1e})")
     log("All results match. Starting benchmarks.")
+    peaks = measure_peaks(dev)
+    if peaks:
+        log("measured peaks (TFLOP/s): " + ", ".join(f"{k} {v:.0f}" for k, v in peaks.items()))
     results = []
+
+    def add(result: Result) -> None:
+        results.append(result)
+        log(_line(result))
+
     for width in widths:
         flops = flops_per_model_step(p, width, d)
-        sec = time_reference(settings, width, alpha, steps, dev)
-        results.append(Result("reference", width, 1, 1 / sec, flops / sec / 1e12, sec))
-        log(_line(results[-1]))
-        for name, engine in backends.items():
-            for b in models:
-                sec = time_backend(engine, settings, width, b, alpha, steps, dev)
-                results.append(Result(name, width, b, b / sec, b * flops / sec / 1e12, sec))
-                log(_line(results[-1]))
+        sec = reference_seconds(settings, width, alpha, dev)
+        add(Result("reference", width, 1, 1 / sec, flops / sec / 1e12, _percent(flops / sec, peaks, "fp32"), sec))
+        for name in variants:
+            precision, tf32, make = VARIANTS[name]
+            engine = make()
+            limit = max_models(settings, width, alpha, dev, "triton" if name.startswith("triton") else "torch")
+            sizes = sorted({limit if str(b) == "max" else min(int(b), limit) for b in models})
+            for b in sizes:
+                pop = None
+                try:
+                    pop = Population([Hyper(width=width, alpha=alpha, seed=i) for i in range(b)], settings, dev)
+                    with _tf32(tf32):
+                        sec = _timed(lambda: engine.step(pop), dev)
+                    add(Result(name, width, b, b / sec, b * flops / sec / 1e12, _percent(b * flops / sec, peaks, precision),
+                               sec, "max" if b == limit else ""))
+                except torch.cuda.OutOfMemoryError:
+                    log(f"{name} N {width} B {b}: out of memory")
+                    results.append(Result(name, width, b, 0.0, 0.0, None, math.inf, "out of memory"))
+                del pop
+                if dev.type == "cuda":
+                    torch.cuda.empty_cache()
     return {
         "date": datetime.date.today().isoformat(),
         "device": device_name(dev),
         "versions": versions(),
         "threads": torch.get_num_threads(),
+        "peaks_tflops": peaks,
         "setting": {"p": p, "alpha": alpha, "train_examples": d, "loss": settings.loss, "optimizer": settings.optimizer,
-                    "steps_timed": steps},
+                    "flops_per_model_step": "6 D N p"},
         "results": [asdict(r) for r in results],
     }
 
 
+def _percent(flops_per_s: float, peaks: dict, precision: str) -> float | None:
+    return 100 * flops_per_s / 1e12 / peaks[precision] if precision in peaks else None
+
+
 def _line(r: Result) -> str:
-    return (f"{r.backend:>10} N {r.width:>5} B {r.models:>5}: {r.model_steps_per_s:>10,.1f} model-steps/s "
-            f"{r.tflops:8.4f} TFLOP/s")
+    peak = f" {r.percent_of_peak:5.1f}% of peak" if r.percent_of_peak is not None else ""
+    return (f"{r.backend:>14} N {r.width:>5} B {r.models:>5}: {r.model_steps_per_s:>11,.1f} model-steps/s "
+            f"{r.tflops:9.4f} TFLOP/s{peak}")

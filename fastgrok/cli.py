@@ -187,10 +187,10 @@ def presets() -> None:
 @app.command()
 def bench(
     width: Annotated[str, typer.Option(help="Widths N, comma list")] = "128,500",
-    models: Annotated[str, typer.Option(help="Population sizes B, comma list")] = "1,16",
+    models: Annotated[str, typer.Option(help="Population sizes B, comma list; 'max' = what fits in memory")] = "1,16",
+    variants: Annotated[Optional[str], typer.Option(help="Comma list from torch, torch-tf32, torch-compile, triton-fp32, triton-tf32, triton-tf32x3, triton-bf16 \\[default: torch on a CPU, all on a GPU]")] = None,
     p: Annotated[int, typer.Option("--p", help="Modulus")] = 97,
     alpha: Annotated[float, typer.Option(help="Training fraction")] = 0.5,
-    steps: Annotated[int, typer.Option(help="Timed steps per measurement")] = 20,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:K")] = "auto",
     out: Annotated[Optional[Path], typer.Option(help="Write the results as JSON here")] = None,
 ) -> None:
@@ -199,15 +199,21 @@ def bench(
 
     from fastgrok import bench as benchmark
     from fastgrok.config import parse_axis
+    from fastgrok.data import check_task
     from fastgrok.errors import ConfigError
     from fastgrok.train import resolve_device
 
     try:
         dev = resolve_device(device)
-        widths, sizes = parse_axis("width", width), parse_axis("seed", models)
-        if min(widths) < 1 or min(sizes) < 1 or steps < 1:
-            raise ConfigError("widths, population sizes and steps must be at least 1")
-        report = benchmark.run(widths, sizes, p=p, alpha=alpha, steps=steps, device=str(dev))
+        check_task("add", p)
+        widths = parse_axis("width", width)
+        sizes = [b.strip() for b in models.split(",")]
+        if min(widths) < 1 or any(b != "max" and not (b.isdigit() and int(b) >= 1) for b in sizes):
+            raise ConfigError(f"--width and --models take positive whole numbers (or 'max'), got {width!r}, {models!r}")
+        if not 0 < alpha < 1:
+            raise ConfigError(f"--alpha must be in (0, 1), got {alpha}")
+        chosen = tuple(v.strip() for v in variants.split(",")) if variants else None
+        report = benchmark.run(widths, sizes, p=p, alpha=alpha, device=str(dev), variants=chosen)
     except ConfigError as e:
         fail(str(e))
     if out is not None:

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The GPU measurements issue 3 owes, in stages that each fit one device call (10 minutes):
+#   bash bench/gpu_session.sh tests      GPU parity tests + kernel tests on CUDA
+#   bash bench/gpu_session.sh bench      fastgrok bench: every variant, N 128/512/2048, B 1..max
+#   bash bench/gpu_session.sh precision  validation grid in every precision (default-precision choice)
+#   bash bench/gpu_session.sh e2e        the 1,156-model wd diagram end to end, and 8192 models of N 512
+# Logs and JSON land in $OUT (the device tool brings them back); commit them under bench/results/.
+set -uo pipefail
+OUT=${OUT:-bench/results}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || python3 -m pip install -q --no-deps -e .
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+case "${1:-}" in
+  tests) python3 -m pytest -q tests/test_gpu.py tests/test_kernels.py 2>&1 | tee "$OUT/gpu_tests.log" ;;
+  bench) fastgrok bench --width 128,512,2048 --models 1,64,1024,max --out "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" ;;
+  precision) python3 bench/validate_precision.py --out "$OUT/precision.json" 2>&1 | tee "$OUT/precision.log" ;;
+  e2e)
+    ( time fastgrok train --preset wd-diagram --log-every 100 --precision "${PRECISION:-tf32}" --out /tmp/wd ) 2>&1 | tail -30 | tee "$OUT/e2e.log"
+    python3 - <<'PY' 2>&1 | tee -a "$OUT/e2e.log"
+import torch
+from fastgrok.backends import TritonBackend
+from fastgrok.config import Hyper, Settings
+from fastgrok.population import Population
+pop = Population([Hyper(width=512, seed=i) for i in range(8192)], Settings(), "cuda")
+TritonBackend("tf32").step(pop)
+torch.cuda.synchronize()
+print(f"8192 models of N 512: peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+PY
+    ;;
+  *) echo "usage: $0 tests|bench|precision|e2e"; exit 2 ;;
+esac

@@ -220,3 +220,130 @@ def bench(
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=2) + "\n")
         typer.echo(f"wrote {out}")
+
+
+RunArg = Annotated[Path, typer.Argument(help="A run directory written by `fastgrok train` or `fastgrok analytic`")]
+ModelsOpt = Annotated[Optional[str], typer.Option(help="Model ids (0,4,9), a phase name, or all")]
+DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:K")]
+
+
+def _analysis(fn, *args, **kwargs):
+    """Run an analysis function; bad input becomes a one-line error."""
+    from fastgrok.errors import ConfigError
+    from fastgrok.train import resolve_device
+
+    try:
+        if "device" in kwargs:
+            kwargs["device"] = str(resolve_device(kwargs["device"]))
+        return fn(*args, **kwargs)
+    except ConfigError as e:
+        fail(str(e))
+
+
+def _table(title: str, columns: list[str], rows: list[list]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for c in columns:
+        table.add_column(c, justify="left" if c in ("phase", "model") else "right", no_wrap=True)
+    for row in rows:
+        table.add_row(*(f"{v:.3f}" if isinstance(v, float) else str(v) for v in row))
+    Console(width=max(100, Console().width)).print(table)
+
+
+@app.command()
+def ipr(
+    run: RunArg,
+    models: ModelsOpt = None,
+    fft: Annotated[str, typer.Option(help="rfft (the paper's |rfft|, keeps DC) or full")] = "rfft",
+    threshold: Annotated[float, typer.Option(help="IPR above which a neuron counts as high-IPR (periodic)")] = 0.5,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Per-neuron IPR of U, V, W and their mean: ipr.parquet, ipr-hist.png, IPR columns in models.csv."""
+    from fastgrok import analysis
+
+    summary = _analysis(analysis.ipr, run, fft=fft, threshold=threshold, models=models, device=device)
+    _table(f"neuron IPR by phase (|{fft}|, high = IPR > {threshold:g})", ["phase", "models", "mean IPR", "high-IPR fraction"],
+           [[p, s["models"], s["mean_ipr"], s["high_ipr_fraction"]] for p, s in summary.items()])
+    typer.echo(f"wrote {run / 'ipr.parquet'}, {run / 'ipr-hist.png'}; models.csv has mean_ipr, high_ipr_fraction, dead_neurons")
+
+
+@app.command()
+def prune(
+    run: RunArg,
+    models: ModelsOpt = None,
+    order: Annotated[str, typer.Option(help="low (lowest IPR first), high, or random")] = "low",
+    every: Annotated[Optional[int], typer.Option(help="Measure after every k-th pruned neuron \\[default: N/50]")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the random order")] = 0,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Cumulative pruning by IPR without retraining; every metric after each step: prune-ORDER.parquet and .png."""
+    from fastgrok import analysis
+
+    if every is not None and every < 1:
+        fail("--every must be at least 1")
+    curves = _analysis(analysis.prune, run, order=order, models=models, every=every, seed=seed, device=device)
+    rows = []
+    for m, c in list(curves.items())[:40]:
+        half = int(len(c["fraction"]) // 2)
+        rows.append([m, c["test_acc"][0], c["corrupted_acc"][0], c["test_acc"][half], c["corrupted_acc"][half],
+                     float(c["fraction"][half])])
+    _table(f"pruning {order}-IPR first ({len(curves)} models)", ["model", "test before", "memorised before",
+           "test at half", "memorised at half", "fraction"], rows)
+    typer.echo(f"wrote {run / f'prune-{order}.parquet'}, {run / f'prune-{order}.png'}")
+
+
+@app.command()
+def phase(
+    run: RunArg,
+    x: Annotated[str, typer.Option("--x", help="Grid axis on the horizontal")] = "xi",
+    y: Annotated[str, typer.Option("--y", help="Grid axis on the vertical")] = "alpha",
+) -> None:
+    """Phase-diagram heatmaps over two grid axes (a panel per value of the others; seeds by majority)."""
+    from collections import Counter
+
+    from fastgrok import analysis
+
+    table = _analysis(analysis.phase_diagram, run, x=x, y=y)
+    counts = Counter(r["phase"] for r in table)
+    split = sum(r["agreement"] < 1 for r in table)
+    _table(f"{len(table)} cells of {y} x {x}" + (f" ({split} with seeds disagreeing)" if split else ""),
+           ["phase", "cells"], [[p, n] for p, n in counts.most_common()])
+    typer.echo(f"wrote {run / f'phase-{y}-vs-{x}.png'} and .csv")
+
+
+@app.command()
+def plot(run: RunArg, models: ModelsOpt = None) -> None:
+    """Training curves: accuracies (train, test, clean, memorised, inverted), losses and mean IPR against step."""
+    from fastgrok import analysis
+
+    paths = _analysis(analysis.curves, run, models=models)
+    for path in paths:
+        typer.echo(f"wrote {path}")
+
+
+@app.command()
+def analytic(
+    p: Annotated[int, typer.Option("--p", help="Modulus")] = 97,
+    width: Annotated[str, typer.Option(help="Width, or a grid of widths like 10:400:40")] = "500",
+    op: Annotated[str, typer.Option(help="Only add has a known analytic solution")] = "add",
+    seed: Annotated[int, typer.Option(help="Seed of the random frequencies and phases")] = 0,
+    out: Annotated[Optional[Path], typer.Option(help="Run directory to save it in \\[default: runs/<timestamp>]")] = None,
+    device: DeviceOpt = "auto",
+) -> None:
+    """The analytic solution (Gromov 2023) at each width: its accuracy, saved as a run for ipr and prune."""
+    from fastgrok.analytic import analytic_run
+    from fastgrok.results import default_out_dir
+    from fastgrok.plots import accuracy_vs_width
+
+    if op != "add":
+        fail(f"the analytic solution is known for add only, got --op {op}")
+    out = out if out is not None else default_out_dir()
+    rows = _analysis(analytic_run, out, p=p, widths=width, seed=seed, device=device)
+    _table(f"analytic solution, p {p}", ["width", "accuracy (all pairs)", "phase"],
+           [[r["width"], r["all_acc"], r["phase"]] for r in rows])
+    if len(rows) > 1:
+        accuracy_vs_width([r["width"] for r in rows], [r["all_acc"] for r in rows], out / "accuracy-vs-width.png",
+                          f"analytic solution, p {p}")
+    typer.echo(f"wrote {out}")

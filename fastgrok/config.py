@@ -49,15 +49,15 @@ class Settings:
     data_seed: int | None = None  # one data split and noise draw for all models; None: each model's own seed
     log_every: int = 100
 
-    def check(self) -> None:
+    def check(self, training: bool = True) -> None:
         check_task(self.op, self.p)
         check_choice("activation", self.act, ACTIVATIONS)
         check_choice("loss", self.loss, LOSSES)
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
         check_choice("noise", self.noise, NOISES)
-        if self.steps < 1:
+        if training and self.steps < 1:
             raise ConfigError(f"steps must be at least 1, got {self.steps}")
-        if self.log_every < 1:
+        if training and self.log_every < 1:
             raise ConfigError(f"log-every must be at least 1, got {self.log_every}")
         if not all(0.0 <= b < 1.0 for b in self.betas):
             raise ConfigError(f"betas must lie in [0, 1), got {self.betas}")

@@ -33,7 +33,7 @@ class Population:
         widths = {h.width for h in hypers}
         if len(widths) != 1:
             raise ValueError(f"a population has one width, got {sorted(widths)}")
-        settings.check()
+        settings.check(training=False)
         self.hypers, self.settings, self.device = list(hypers), settings, torch.device(device)
         self.model_ids = list(model_ids) if model_ids is not None else list(range(len(hypers)))
         self.width, p = widths.pop(), settings.p

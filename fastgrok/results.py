@@ -151,8 +151,11 @@ def read_config(run: Path) -> dict:
 
 def read_models(run: Path) -> list[dict]:
     """models.csv as a list of dicts with numbers parsed (empty cells are NaN)."""
+    path = Path(run) / "models.csv"
+    if not path.is_file():
+        raise ConfigError(f"{run} is not a fastgrok run directory (no models.csv)")
     rows = []
-    with open(Path(run) / "models.csv", newline="") as f:
+    with open(path, newline="") as f:
         for row in csv.DictReader(f):
             out = {}
             for k, v in row.items():
@@ -160,7 +163,7 @@ def read_models(run: Path) -> list[dict]:
                     out[k] = v
                 elif k == "diverged":
                     out[k] = v == "True"
-                elif k in ("model", "width", "seed", "steps"):
+                elif k in ("model", "width", "seed", "steps", "dead_neurons"):
                     out[k] = int(v)
                 else:
                     out[k] = float(v) if v != "" else math.nan
@@ -187,4 +190,23 @@ def hyper_of(row: dict) -> Hyper:
     return Hyper(**{a: row[a] for a in AXES})
 
 
-HISTORY_COLUMNS = ("model", "step", *METRICS)
+HISTORY_COLUMNS = ("model", "step", *METRICS, "ipr")  # ipr: mean neuron IPR of the model
+
+
+def load_populations(run: Path, device: str | torch.device = "cpu", models: set[int] | None = None):
+    """The run's trained models as Populations (one per saved population, restricted to `models`), weights
+    loaded, data splits rebuilt from the seeds. Yields them one at a time to bound memory."""
+    from fastgrok.population import Population
+
+    settings = settings_of(read_config(run))
+    rows = {r["model"]: r for r in read_models(run)}
+    for weights in read_weights(run):
+        ids = weights["model"].tolist()
+        keep = [i for i, m in enumerate(ids) if (models is None or m in models) and m in rows]
+        if not keep:
+            continue
+        pop = Population([hyper_of(rows[ids[i]]) for i in keep], settings, device, model_ids=[ids[i] for i in keep])
+        index = torch.tensor(keep)
+        for name in ("U", "V", "W"):
+            getattr(pop, name).copy_(weights[name][index])
+        yield pop

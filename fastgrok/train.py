@@ -13,6 +13,7 @@ import torch
 from fastgrok.backends import make_backend
 from fastgrok.config import AXES, Grid, Settings
 from fastgrok.errors import ConfigError
+from fastgrok.ipr import neuron_ipr
 from fastgrok.phases import phase
 from fastgrok.population import METRICS, Population, plan
 from fastgrok.results import HISTORY_COLUMNS, RunWriter
@@ -61,6 +62,7 @@ class _History:
         self.columns["step"].append(np.full(len(pop), pop.step, dtype=np.int32))
         for k in METRICS:
             self.columns[k].append(metrics[k].numpy())
+        self.columns["ipr"].append(neuron_ipr(pop.U, pop.V, pop.W).model_mean().cpu().numpy())
         self.last = (pop.step, metrics)
         return metrics
 
@@ -68,7 +70,8 @@ class _History:
         return {k: np.concatenate(v) for k, v in self.columns.items()}
 
 
-def _rows(pop: Population, metrics: dict[str, torch.Tensor]) -> list[dict]:
+def model_rows(pop: Population, metrics: dict[str, torch.Tensor]) -> list[dict]:
+    """models.csv rows of a population: grid axes, final metrics, phase."""
     rows = []
     for b, h in enumerate(pop.hypers):
         row = {"model": pop.model_ids[b], **{a: getattr(h, a) for a in AXES}}
@@ -124,7 +127,7 @@ def train(grid: Grid, settings: Settings, out: Path, *, device: str = "auto", ba
             step, metrics = history.last
             if step != pop.step:
                 metrics = history.log(pop)
-            new_rows = _rows(pop, metrics)
+            new_rows = model_rows(pop, metrics)
             writer.add_population(new_rows, history.table(), {"U": pop.U, "V": pop.V, "W": pop.W,
                                                               "model": torch.tensor(pop.model_ids)})
             rows += new_rows

@@ -1,0 +1,236 @@
+"""Run-level analysis: neuron IPR, pruning by IPR, phase diagrams and training curves.
+
+Every function reads a run directory, works batched over models and neurons on the chosen device, and writes
+its table (parquet or csv) and figure (PNG) into the run directory.
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from fastgrok import plots
+from fastgrok.config import AXES
+from fastgrok.data import generator
+from fastgrok.errors import ConfigError
+from fastgrok.ipr import FFTS, HIGH_IPR, neuron_ipr
+from fastgrok.phases import PHASES
+from fastgrok.population import METRICS
+from fastgrok.results import load_populations, read_config, read_history, read_models
+
+ORDERS = ("low", "high", "random")
+
+
+def select_models(rows: list[dict], spec: str | None) -> list[int] | None:
+    """'0,4,9' -> those ids; a phase name -> every model in it; None or 'all' -> None (every model)."""
+    if spec is None or spec == "all":
+        return None
+    if spec in (*PHASES, "diverged"):
+        chosen = [r["model"] for r in rows if r["phase"] == spec]
+        if not chosen:
+            raise ConfigError(f"no model of this run is in phase {spec!r}")
+        return chosen
+    try:
+        chosen = [int(v) for v in spec.split(",")]
+    except ValueError:
+        raise ConfigError(f"--models: give model ids like 0,4,9, a phase name, or all; got {spec!r}") from None
+    known = {r["model"] for r in rows}
+    missing = [m for m in chosen if m not in known]
+    if missing:
+        raise ConfigError(f"model {missing[0]} is not in this run (it has models 0..{max(known)})")
+    return chosen
+
+
+def _update_models_csv(run: Path, columns: dict[str, dict[int, object]]) -> None:
+    """Add (or replace) per-model columns of models.csv."""
+    path = Path(run) / "models.csv"
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        fields, rows = list(reader.fieldnames), list(reader)
+    for name, values in columns.items():
+        if name not in fields:
+            fields.append(name)
+        for row in rows:
+            value = values.get(int(row["model"]), row.get(name, ""))
+            row[name] = f"{value:.6g}" if isinstance(value, float) else value
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fields)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def ipr(run: Path, fft: str = "rfft", threshold: float = HIGH_IPR, models: str | None = None,
+        device: str = "cpu") -> dict:
+    """Per-neuron IPR of every (selected) model -> ipr.parquet, IPR columns in models.csv, ipr-hist.png."""
+    if fft not in FFTS:
+        raise ConfigError(f"unknown --fft {fft!r}; choose one of {', '.join(FFTS)}")
+    run = Path(run)
+    rows = read_models(run)
+    chosen = select_models(rows, models)
+    phase_of = {r["model"]: r["phase"] for r in rows}
+    table = {k: [] for k in ("model", "neuron", "ipr_u", "ipr_v", "ipr_w", "ipr", "dead")}
+    per_model = {"mean_ipr": {}, "high_ipr_fraction": {}, "dead_neurons": {}}
+    values: dict[int, np.ndarray] = {}
+    for pop in load_populations(run, device, set(chosen) if chosen is not None else None):
+        result = neuron_ipr(pop.U, pop.V, pop.W, fft)
+        high, mean, dead = result.high_fraction(threshold), result.model_mean(), result.dead.sum(1)
+        B, N = result.mean.shape
+        table["model"].append(np.repeat(pop.model_ids, N))
+        table["neuron"].append(np.tile(np.arange(N), B))
+        for key in ("u", "v", "w", "mean"):
+            table["ipr" if key == "mean" else f"ipr_{key}"].append(getattr(result, key).cpu().numpy().ravel())
+        table["dead"].append(result.dead.cpu().numpy().ravel())
+        for b, m in enumerate(pop.model_ids):
+            per_model["mean_ipr"][m] = float(mean[b])
+            per_model["high_ipr_fraction"][m] = float(high[b])
+            per_model["dead_neurons"][m] = int(dead[b])
+            live = ~result.dead[b]
+            values[m] = result.mean[b][live].cpu().numpy()
+    columns = {k: np.concatenate(v) for k, v in table.items()}
+    arrays = {k: pa.array(v, mask=np.isnan(v)) if v.dtype.kind == "f" else pa.array(v) for k, v in columns.items()}
+    pq.write_table(pa.table(arrays), run / "ipr.parquet")  # missing IPR (zero vectors) are nulls, not NaN
+    _update_models_csv(run, per_model)
+    if chosen is not None and len(chosen) <= 9:
+        groups = {f"model {m} ({phase_of[m]})": values[m] for m in chosen}
+    else:
+        groups = {}
+        for phase in (*PHASES, "diverged"):
+            ids = [m for m in values if phase_of[m] == phase]
+            if ids:
+                groups[phase] = np.concatenate([values[m] for m in ids])
+    plots.ipr_histograms(groups, run / "ipr-hist.png", f"neuron IPR (|{fft}|), {len(values):,} models")
+    summary = {}
+    for phase in (*PHASES, "diverged"):
+        ids = [m for m in values if phase_of[m] == phase]
+        if ids:
+            summary[phase] = {"models": len(ids),
+                              "mean_ipr": float(np.mean([per_model["mean_ipr"][m] for m in ids])),
+                              "high_ipr_fraction": float(np.mean([per_model["high_ipr_fraction"][m] for m in ids]))}
+    return summary
+
+
+def _prune_order(score: torch.Tensor, order: str, model_ids: list[int], seed: int) -> torch.Tensor:
+    """(B, N) neuron indices in pruning order. Dead neurons (NaN) go first for 'low', last for 'high'."""
+    if order == "random":
+        return torch.stack([torch.randperm(score.shape[1], generator=generator(seed * 1_000_003 + m, "prune"))
+                            for m in model_ids]).to(score.device)
+    filled = torch.nan_to_num(score, nan=-1.0)
+    return torch.argsort(filled, dim=1, descending=order == "high", stable=True)
+
+
+@torch.no_grad()
+def prune(run: Path, order: str = "low", models: str | None = None, every: int | None = None, seed: int = 0,
+          device: str = "cpu") -> dict[int, dict[str, np.ndarray]]:
+    """Cumulative pruning by neuron IPR, no retraining: zero neuron k's U row, V row and W column (the same
+    as dropping it: phi(0) = 0), and measure every metric after every `every`-th pruned neuron. All selected
+    models of a population are evaluated together at each level. -> prune-ORDER.parquet, prune-ORDER.png."""
+    if order not in ORDERS:
+        raise ConfigError(f"unknown --order {order!r}; choose one of {', '.join(ORDERS)}")
+    run = Path(run)
+    rows = read_models(run)
+    chosen = select_models(rows, models)
+    curves: dict[int, dict[str, np.ndarray]] = {}
+    for pop in load_populations(run, device, set(chosen) if chosen is not None else None):
+        N = pop.width
+        step = every or max(1, N // 50)
+        levels = sorted(set(range(0, N + 1, step)) | {N})
+        ranking = _prune_order(neuron_ipr(pop.U, pop.V, pop.W).mean, order, pop.model_ids, seed)
+        position = torch.empty_like(ranking)
+        position.scatter_(1, ranking, torch.arange(N, device=ranking.device).expand_as(ranking))
+        full_W = pop.W
+        results = []
+        for level in levels:
+            keep = (position >= level).to(full_W.dtype)
+            pop.W = full_W * keep[:, :, None]  # a dropped neuron contributes nothing to any output
+            results.append(pop.evaluate())
+        pop.W = full_W
+        for b, m in enumerate(pop.model_ids):
+            curve = {"pruned": np.array(levels), "fraction": np.array(levels) / N}
+            curve.update({k: np.array([r[k][b].item() for r in results]) for k in METRICS})
+            curves[m] = curve
+    table = {"model": [], "pruned": [], "fraction": [], **{k: [] for k in METRICS}}
+    for m, curve in curves.items():
+        table["model"].append(np.full(len(curve["pruned"]), m))
+        for k in ("pruned", "fraction", *METRICS):
+            table[k].append(curve[k])
+    pq.write_table(pa.table({k: np.concatenate(v) for k, v in table.items()}), run / f"prune-{order}.parquet")
+    shown = dict(itertools.islice(curves.items(), 9))
+    plots.prune_curves(shown, run / f"prune-{order}.png", f"pruning {order}-IPR neurons first, no retraining")
+    return curves
+
+
+def phase_diagram(run: Path, x: str = "xi", y: str = "alpha") -> list[dict]:
+    """Phase of every (x, y) cell, one panel per combination of the other varying axes; seeds aggregated by
+    majority, with the fraction agreeing. -> phase-Y-vs-X.csv and .png."""
+    run = Path(run)
+    grid = read_config(run)["grid"]
+    for name in (x, y):
+        if name not in AXES:
+            raise ConfigError(f"unknown axis {name!r}; axes are {', '.join(AXES)}")
+    if x == y:
+        raise ConfigError("--x and --y must be different axes")
+    rows = read_models(run)
+    others = [a for a in AXES if a not in (x, y, "seed") and len(grid[a]) > 1]
+    xs, ys = grid[x], grid[y]
+    cells: dict[tuple, list[str]] = {}
+    for r in rows:
+        cells.setdefault((*(r[a] for a in others), r[x], r[y]), []).append(r["phase"])
+    table, panels = [], []
+    for combo in itertools.product(*(grid[a] for a in others)):
+        index = np.full((len(ys), len(xs)), -1)
+        agreement = np.ones((len(ys), len(xs)))
+        for (j, xv), (i, yv) in itertools.product(enumerate(xs), enumerate(ys)):
+            phases = cells.get((*combo, xv, yv))
+            if not phases:
+                continue
+            counts = Counter(phases)
+            majority = max(counts, key=lambda p: (counts[p], -_rank(p)))
+            index[i, j] = _rank(majority)
+            agreement[i, j] = counts[majority] / len(phases)
+            table.append({**dict(zip(others, combo)), x: xv, y: yv, "phase": majority,
+                          "agreement": agreement[i, j], "seeds": len(phases)})
+        title = ", ".join(f"{a} {v:g}" for a, v in zip(others, combo)) or f"{len(rows):,} models"
+        panels.append((title, index, agreement))
+    stem = run / f"phase-{y}-vs-{x}"
+    with open(stem.with_suffix(".csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, [*others, x, y, "phase", "agreement", "seeds"])
+        writer.writeheader()
+        writer.writerows(table)
+    plots.phase_heatmaps(panels, x, xs, y, ys, stem.with_suffix(".png"))
+    return table
+
+
+def _rank(phase: str) -> int:
+    names = [*PHASES, "diverged"]
+    return names.index(phase)
+
+
+def curves(run: Path, models: str | None = None) -> list[Path]:
+    """Training curves of the selected models (default: the first model of each phase)."""
+    run = Path(run)
+    rows = read_models(run)
+    chosen = select_models(rows, models)
+    if chosen is None:
+        seen: dict[str, int] = {}
+        for r in rows:
+            seen.setdefault(r["phase"], r["model"])
+        chosen = list(seen.values())
+    history = read_history(run).to_pydict()
+    model_col = np.asarray(history["model"])
+    paths = []
+    for m in chosen:
+        sel = model_col == m
+        h = {k: np.asarray(v)[sel] for k, v in history.items()}
+        order = np.argsort(h["step"])
+        h = {k: v[order] for k, v in h.items()}
+        row = next(r for r in rows if r["model"] == m)
+        axes = ", ".join(f"{a} {row[a]:g}" for a in AXES)
+        paths.append(plots.training_curves(h, run / f"curves-model{m}.png", f"model {m}: {axes} -> {row['phase']}"))
+    return paths

@@ -1,0 +1,137 @@
+"""Figures written into run directories (matplotlib, Agg: no display needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.colors import ListedColormap  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
+
+from fastgrok.phases import PHASES  # noqa: E402
+
+PHASE_COLORS = {
+    "coexistence": "#2ca02c",
+    "partial_inversion": "#9ecae1",
+    "full_inversion": "#1f77b4",
+    "memorization": "#ff7f0e",
+    "forgetting": "#9e9e9e",
+    "diverged": "#000000",
+}
+ACCURACIES = {"train_acc": "train", "test_acc": "test", "clean_acc": "clean", "corrupted_acc": "corrupted (memorised)",
+              "inverted_acc": "corrupted vs true (inverted)"}
+
+
+def _save(fig, path: Path) -> Path:
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def ipr_histograms(groups: dict[str, np.ndarray], path: Path, title: str) -> Path:
+    """One panel per group (a model or a phase) of the neuron IPR distribution."""
+    n = len(groups)
+    cols = min(n, 3)
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
+    bins = np.linspace(0, 1, 41)
+    for ax, (label, values) in zip(axes.flat, groups.items()):
+        ax.hist(values, bins=bins, color=PHASE_COLORS.get(label, "#555555"))
+        ax.set_title(f"{label} ({len(values):,} neurons)", fontsize=9)
+        ax.set_xlabel("neuron IPR")
+        ax.set_ylabel("neurons")
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    fig.suptitle(title, y=1.03)
+    return _save(fig, path)
+
+
+def prune_curves(curves: dict[int, dict[str, np.ndarray]], path: Path, title: str) -> Path:
+    """One panel per model: accuracies against the fraction of neurons pruned."""
+    n = len(curves)
+    cols = min(n, 3)
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.2 * rows), squeeze=False)
+    for ax, (model, curve) in zip(axes.flat, curves.items()):
+        for key, label in ACCURACIES.items():
+            if np.isfinite(curve[key]).any():
+                ax.plot(curve["fraction"], curve[key], label=label)
+        ax.set_title(f"model {model}", fontsize=9)
+        ax.set_xlabel("fraction of neurons pruned")
+        ax.set_ylabel("accuracy")
+        ax.set_ylim(-0.02, 1.02)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    fig.suptitle(title, y=1.03)
+    return _save(fig, path)
+
+
+def phase_heatmaps(panels: list[tuple[str, np.ndarray, np.ndarray]], x_name: str, x_values, y_name: str, y_values,
+                   path: Path) -> Path:
+    """panels: (title, phase index grid (len(y), len(x)) with -1 for missing, agreement grid in [0, 1])."""
+    names = [*PHASES, "diverged"]
+    cmap = ListedColormap([PHASE_COLORS[p] for p in names])
+    n = len(panels)
+    cols = min(n, 4)
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.3 * rows), squeeze=False)
+    for ax, (title, grid, agreement) in zip(axes.flat, panels):
+        shown = np.ma.masked_less(grid, 0)
+        ax.imshow(shown, origin="lower", aspect="auto", cmap=cmap, vmin=-0.5, vmax=len(names) - 0.5, interpolation="nearest")
+        for (i, j), a in np.ndenumerate(agreement):
+            if grid[i, j] >= 0 and a < 1:
+                ax.text(j, i, "x", ha="center", va="center", fontsize=7, color="white")  # seeds disagree
+        ax.set_title(title, fontsize=9)
+        _ticks(ax.set_xticks, ax.set_xticklabels, x_values)
+        _ticks(ax.set_yticks, ax.set_yticklabels, y_values)
+        ax.set_xlabel(x_name)
+        ax.set_ylabel(y_name)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    handles = [Patch(color=PHASE_COLORS[p], label=p.replace("_", " ")) for p in names[:-1]]
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, bbox_to_anchor=(0.5, -0.04))
+    return _save(fig, path)
+
+
+def _ticks(set_ticks, set_labels, values) -> None:
+    step = max(1, len(values) // 6)
+    idx = list(range(0, len(values), step))
+    set_ticks(idx)
+    set_labels([f"{values[i]:g}" for i in idx], fontsize=7)
+
+
+def training_curves(history: dict[str, np.ndarray], path: Path, title: str) -> Path:
+    """Accuracies, losses and mean IPR of one model against the training step."""
+    fig, (acc, loss, ipr) = plt.subplots(1, 3, figsize=(14, 3.4))
+    step = history["step"]
+    for key, label in ACCURACIES.items():
+        if np.isfinite(history[key]).any():
+            acc.plot(step, history[key], label=label)
+    acc.set_ylim(-0.02, 1.02)
+    acc.set_ylabel("accuracy")
+    acc.legend(fontsize=7)
+    loss.semilogy(step, history["train_loss"], label="train")
+    loss.semilogy(step, history["test_loss"], label="test")
+    loss.set_ylabel("loss")
+    loss.legend(fontsize=7)
+    ipr.plot(step, history["ipr"], color="purple")
+    ipr.set_ylabel("mean neuron IPR")
+    for ax in (acc, loss, ipr):
+        ax.set_xlabel("step")
+    fig.suptitle(title, y=1.03)
+    return _save(fig, path)
+
+
+def accuracy_vs_width(widths, accuracies, path: Path, title: str) -> Path:
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    ax.plot(widths, accuracies, marker="o")
+    ax.set_xlabel("width N")
+    ax.set_ylabel("accuracy on all pairs")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title(title)
+    return _save(fig, path)

@@ -1,0 +1,193 @@
+"""IPR, the analytic solution, pruning by IPR, phase diagrams and curves (CPU, small sizes)."""
+
+import math
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from fastgrok import analysis
+from fastgrok.analytic import analytic_weights
+from fastgrok.cli import app
+from fastgrok.data import task_table
+from fastgrok.ipr import neuron_ipr, vector_ipr
+from fastgrok.population import forward
+from fastgrok.results import read_models
+
+runner = CliRunner()
+P = 97
+
+
+def numpy_ipr(x, fft="rfft"):
+    x = np.asarray(x, dtype=np.float64)
+    spectrum = np.abs(np.fft.rfft(x) if fft == "rfft" else np.fft.fft(x))
+    return (spectrum**4).sum() / (spectrum**2).sum() ** 2
+
+
+@pytest.mark.parametrize("s, phase", [(1, 0.0), (7, 1.3), (48, -2.0)])
+def test_a_pure_cosine_has_ipr_one_under_rfft(s, phase):
+    x = torch.cos(2 * math.pi * s * torch.arange(P) / P + phase)
+    assert vector_ipr(x).item() == pytest.approx(1.0, abs=1e-9)
+    assert vector_ipr(x, fft="full").item() == pytest.approx(0.5, abs=1e-9)  # two mirror peaks
+
+
+def test_random_rows_have_the_small_ipr_expected():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4000, P, generator=g)
+    ipr = vector_ipr(x).mean().item()
+    # |rfft| of white noise: 49 bins with Rayleigh magnitudes, E|z|^4 / (E|z|^2)^2 = 2, so IPR ~ 2 / 49
+    assert ipr == pytest.approx(2 / 49, rel=0.15)
+
+
+def test_batched_ipr_equals_per_neuron_numpy():
+    g = torch.Generator().manual_seed(1)
+    U, V, W = torch.randn(3, 11, 5, generator=g), torch.randn(3, 11, 5, generator=g), torch.randn(3, 5, 11, generator=g)
+    for fft in ("rfft", "full"):
+        result = neuron_ipr(U, V, W, fft)
+        for b in range(3):
+            for k in range(5):
+                parts = [numpy_ipr(U[b, :, k].numpy(), fft), numpy_ipr(V[b, :, k].numpy(), fft), numpy_ipr(W[b, k].numpy(), fft)]
+                assert result.u[b, k].item() == pytest.approx(parts[0], rel=1e-9)
+                assert result.w[b, k].item() == pytest.approx(parts[2], rel=1e-9)
+                assert result.mean[b, k].item() == pytest.approx(np.mean(parts), rel=1e-9)
+
+
+def test_dead_neurons_are_flagged_not_nan():
+    U, V, W = torch.randn(1, 7, 4), torch.randn(1, 7, 4), torch.randn(1, 4, 7)
+    U[0, :, 2] = V[0, :, 2] = W[0, 2] = 0
+    U[0, :, 3] = 0  # only its U row is zero: the neuron lives, its IPR averages V and W
+    result = neuron_ipr(U, V, W)
+    assert result.dead.tolist() == [[False, False, True, False]]
+    assert not result.model_mean().isnan().any()
+    assert result.mean[0, 3].item() == pytest.approx((result.v[0, 3] + result.w[0, 3]).item() / 2)
+    assert result.high_fraction(0.0)[0].item() == pytest.approx(1.0)  # 3 live neurons, all above 0
+
+
+def analytic_accuracy(width, seed):
+    m, n, z = task_table("add", P)
+    U, V, W = analytic_weights(P, width, seed)
+    return (forward(U[None], V[None], W[None], m[None], n[None], "quad").argmax(-1)[0] == z).float().mean().item()
+
+
+def test_analytic_solution_is_exact_from_width_200_and_poor_at_20():
+    for width in (200, 300, 500):
+        for seed in (0, 1, 2):
+            assert analytic_accuracy(width, seed) == 1.0
+    assert max(analytic_accuracy(20, seed) for seed in range(3)) < 0.5
+    U, V, W = analytic_weights(P, 200, 0)
+    result = neuron_ipr(U[None], V[None], W[None])
+    assert result.mean.min().item() > 0.999  # every neuron a single frequency
+
+
+def test_analytic_run_is_accepted_by_ipr_and_prune(tmp_path):
+    out = tmp_path / "analytic"
+    result = runner.invoke(app, ["analytic", "--p", "31", "--width", "10,120", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = read_models(out)
+    assert [r["width"] for r in rows] == [10, 120] and rows[1]["test_acc"] == 1.0
+    assert runner.invoke(app, ["ipr", str(out)]).exit_code == 0
+    assert read_models(out)[1]["mean_ipr"] > 0.999
+    assert runner.invoke(app, ["prune", str(out), "--models", "1", "--every", "10"]).exit_code == 0
+    assert (out / "prune-low.png").stat().st_size > 5000
+
+
+@pytest.fixture(scope="module")
+def coexistence_run(tmp_path_factory):
+    """A model that memorises most corrupted labels and still generalises (p 47, N 128, 1000 steps: ~3 s)."""
+    out = tmp_path_factory.mktemp("runs") / "coexist"
+    args = ["train", "--p", "47", "--width", "128", "--alpha", "0.6", "--xi", "0.35", "--wd", "1", "--steps", "1000",
+            "--log-every", "250", "--out", str(out)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    row = read_models(out)[0]
+    assert row["phase"] == "coexistence" and row["corrupted_acc"] > 0.7
+    return out
+
+
+def test_pruning_low_ipr_neurons_removes_memorisation_and_keeps_generalisation(coexistence_run):
+    curve = analysis.prune(coexistence_run, order="low", every=4)[0]
+    half = np.searchsorted(curve["fraction"], 0.5)
+    assert curve["corrupted_acc"][0] > 0.7
+    assert curve["corrupted_acc"][half] < 0.15
+    assert curve["test_acc"][half] >= 0.95
+    assert curve["inverted_acc"][half] > 0.8  # the corrupted examples now get their true labels
+
+
+def test_pruning_high_ipr_neurons_first_destroys_generalisation(coexistence_run):
+    curve = analysis.prune(coexistence_run, order="high", every=4)[0]
+    half = np.searchsorted(curve["fraction"], 0.5)
+    assert curve["test_acc"][half] < 0.2
+    table = pq.read_table(coexistence_run / "prune-high.parquet").to_pydict()
+    assert table["test_acc"] == pytest.approx(list(curve["test_acc"]), nan_ok=True)
+
+
+def test_ipr_command_writes_table_histogram_and_columns(coexistence_run):
+    result = runner.invoke(app, ["ipr", str(coexistence_run)])
+    assert result.exit_code == 0, result.output
+    table = pq.read_table(coexistence_run / "ipr.parquet")
+    assert table.num_rows == 128 and table.column("ipr").null_count == 0
+    row = read_models(coexistence_run)[0]
+    assert 0 < row["high_ipr_fraction"] < 1 and row["dead_neurons"] == 0
+    assert (coexistence_run / "ipr-hist.png").stat().st_size > 5000
+
+
+def test_training_logs_mean_ipr_and_plot_draws_it(coexistence_run):
+    history = pq.read_table(coexistence_run / "history").to_pydict()
+    assert history["step"] == [0, 250, 500, 750, 1000]
+    assert history["ipr"][-1] > history["ipr"][0] * 2  # periodic features grow during training
+    result = runner.invoke(app, ["plot", str(coexistence_run)])
+    assert result.exit_code == 0 and (coexistence_run / "curves-model0.png").stat().st_size > 5000
+
+
+def test_phase_diagram_table_equals_models_csv(tmp_path):
+    out = tmp_path / "grid"
+    args = ["train", "--p", "11", "--width", "8", "--steps", "20", "--log-every", "10", "--xi", "0,0.3,0.6",
+            "--alpha", "0.4,0.7", "--wd", "0,1", "--out", str(out)]
+    assert runner.invoke(app, args).exit_code == 0
+    result = runner.invoke(app, ["phase", str(out), "--x", "xi", "--y", "alpha"])
+    assert result.exit_code == 0, result.output
+    table = analysis.phase_diagram(out, "xi", "alpha")
+    by_cell = {(r["wd"], r["xi"], r["alpha"]): r["phase"] for r in table}
+    rows = read_models(out)
+    assert len(table) == len(rows) == 12
+    assert all(by_cell[(r["wd"], r["xi"], r["alpha"])] == r["phase"] for r in rows)
+    assert (out / "phase-alpha-vs-xi.png").stat().st_size > 5000
+
+
+def test_seeds_are_aggregated_by_majority(tmp_path):
+    out = tmp_path / "seeds"
+    args = ["train", "--p", "11", "--width", "8", "--steps", "10", "--log-every", "10", "--xi", "0,0.5",
+            "--seed", "0,1,2", "--out", str(out)]
+    assert runner.invoke(app, args).exit_code == 0
+    table = analysis.phase_diagram(out, "xi", "alpha")
+    rows = read_models(out)
+    for cell in table:
+        phases = [r["phase"] for r in rows if r["xi"] == cell["xi"]]
+        assert cell["seeds"] == 3
+        assert phases.count(cell["phase"]) == max(phases.count(p) for p in phases)
+        assert cell["agreement"] == pytest.approx(phases.count(cell["phase"]) / 3)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["phase", "{run}", "--x", "beta"], "unknown axis"),
+        (["phase", "{run}", "--x", "xi", "--y", "xi"], "different axes"),
+        (["prune", "{run}", "--order", "middle"], "unknown --order"),
+        (["prune", "{run}", "--models", "99"], "not in this run"),
+        (["ipr", "{run}", "--fft", "dct"], "unknown --fft"),
+        (["plot", "{run}", "--models", "x,y"], "--models"),
+        (["ipr", "{missing}"], "not a fastgrok run"),
+        (["analytic", "--op", "mul"], "add only"),
+    ],
+)
+def test_analysis_bad_input_is_one_line(tmp_path, args, message):
+    out = tmp_path / "tiny"
+    assert runner.invoke(app, ["train", "--p", "7", "--width", "4", "--steps", "2", "--out", str(out)]).exit_code == 0
+    args = [a.format(run=out, missing=tmp_path / "nothing") for a in args]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in result.output

@@ -121,12 +121,13 @@ def _run(axes, shared, betas, preset, dev, backend, precision, out) -> None:
                   f"{settings.steps} steps, {len(populations)} population(s) -> {out}")
     total = len(grid) * settings.steps
     with Progress(TextColumn("[bold]train"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+                  TextColumn("step {task.fields[step]}"),
                   TextColumn("{task.fields[models]:,} models"), Rate(), TimeElapsedColumn(), TextColumn("eta"),
                   TimeRemainingColumn(), console=console) as bar:
-        task = bar.add_task("train", total=total, models=len(grid))
+        task = bar.add_task("train", total=total, models=len(grid), step=f"0/{settings.steps}")
         try:
             run = train(grid, settings, out, device=str(dev), backend=engine, populations=populations,
-                        on_step=lambda k: bar.advance(task, k))
+                        on_step=lambda k, step: bar.update(task, advance=k, step=f"{step}/{settings.steps}"))
         except Interrupted as e:
             bar.stop()
             typer.echo(f"Interrupted: {len(e.run.rows)} of {len(grid)} models written to {out} "

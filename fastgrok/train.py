@@ -85,9 +85,11 @@ def model_rows(pop: Population, metrics: dict[str, torch.Tensor]) -> list[dict]:
 
 def train(grid: Grid, settings: Settings, out: Path, *, device: str = "auto", backend="auto",
           precision: str = "fp32",
-          on_step: Callable[[int], None] | None = None, budget: int | None = None,
+          on_step: Callable[[int, int], None] | None = None, budget: int | None = None,
           populations: list[list[int]] | None = None) -> Run:
     """Train every model of `grid`; write `out`. Ctrl-C writes what is done, then raises Interrupted.
+
+    on_step(models, step) is called after every step of a population of `models` models.
 
     backend: a name ("auto", "torch", "triton") or a backend object. `populations` (model indices per
     population) defaults to `population.plan` under the memory `budget`."""
@@ -121,7 +123,7 @@ def train(grid: Grid, settings: Settings, out: Path, *, device: str = "auto", ba
                     if pop.step % settings.log_every == 0 or pop.step == settings.steps:
                         history.log(pop)
                     if on_step is not None:
-                        on_step(len(pop))
+                        on_step(len(pop), pop.step)
             except KeyboardInterrupt:
                 interrupted = True
             step, metrics = history.last

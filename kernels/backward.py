@@ -24,7 +24,7 @@ def _backward_kernel(
     # pointers
     U, V, W, M, N_, COUNT, SEED, THRESHOLD, INV_KEEP, G, DU, DV, DW,
     # sizes
-    p, width, step,
+    p, width, step_key,
     # strides (dU, dV, dW share U, V, W's layout)
     stride_ub, stride_up, stride_vb, stride_vp, stride_wb, stride_wn, stride_ib, stride_gb, stride_gd,
     # meta-parameters
@@ -57,7 +57,7 @@ def _backward_kernel(
         pre = preactivation(U + b * stride_ub, V + b * stride_vb, m, n, offs_k,
                             mask_d[:, None] & mask_k[None, :], stride_up, stride_vp)
         if DROPOUT:
-            scale = dropout_scale(offs_d, offs_k, width, seed, step, threshold, inv_keep)
+            scale = dropout_scale(offs_d, offs_k, width, seed, step_key, threshold, inv_keep)
             pre = pre * scale
         if WITH_W:
             d_w += dot(tl.trans(activation(pre, ACT)), g, PRECISION)
@@ -89,7 +89,7 @@ def backward(U, V, W, m, n, count, G, *, act: int, precision: str, dropout: tupl
     for with_w, with_uv in ([(True, True)] if fused else [(True, False), (False, True)]):
         _backward_kernel[grid](
             U, V, W, m, n, count, seed, threshold, inv_keep, G, dU, dV, dW,
-            p, width, step,
+            p, width, step << 32,
             U.stride(0), U.stride(1), V.stride(0), V.stride(1), W.stride(0), W.stride(1), m.stride(0),
             G.stride(0), G.stride(1),
             ACT=act, DROPOUT=dropout is not None, WITH_W=with_w, WITH_UV=with_uv, PRECISION=precision,

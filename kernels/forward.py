@@ -23,7 +23,7 @@ def _forward_kernel(
     # pointers
     U, V, W, M, N_, Y, COUNT, SEED, THRESHOLD, INV_KEEP, G, LOSS, PRED,
     # sizes
-    p, width, step,
+    p, width, step_key,
     # strides
     stride_ub, stride_up, stride_vb, stride_vp, stride_wb, stride_wn, stride_ib, stride_gb, stride_gd,
     # meta-parameters
@@ -51,7 +51,7 @@ def _forward_kernel(
             pre = preactivation(U + b * stride_ub, V + b * stride_vb, m, n, offs_k,
                                 mask_d[:, None] & mask_k[None, :], stride_up, stride_vp)
             if DROPOUT:
-                pre = pre * dropout_scale(offs_d, offs_k, width, seed, step, threshold, inv_keep)
+                pre = pre * dropout_scale(offs_d, offs_k, width, seed, step_key, threshold, inv_keep)
             h = activation(pre, ACT)
             w = tl.load(W + b * stride_wb + offs_k[:, None] * stride_wn + offs_p[None, :],
                         mask=mask_k[:, None] & mask_p[None, :], other=0.0)
@@ -101,7 +101,7 @@ def forward(U, V, W, m, n, y, count, *, act: int, loss: int, precision: str, tra
     _forward_kernel[grid](
         U, V, W, m, n, y, count, seed, threshold, inv_keep,
         G if train else losses, losses, pred if pred is not None else losses,
-        p, width, step,
+        p, width, step << 32,
         U.stride(0), U.stride(1), V.stride(0), V.stride(1), W.stride(0), W.stride(1), m.stride(0),
         G.stride(0) if train else 0, G.stride(1) if train else 0,
         ACT=act, LOSS_KIND=loss, TRAIN=train, DROPOUT=use_dropout, PRECISION=precision,

@@ -28,9 +28,10 @@ def dot(a, b, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def dropout_scale(offs_d, offs_k, width, seed, step, threshold, inv_keep):
-    """(BLOCK_D, BLOCK_N) inverted-dropout factors: 0 or 1 / (1 - rate)."""
-    key = (step.to(tl.int64) << 32) | (seed & 0xFFFFFFFF)
+def dropout_scale(offs_d, offs_k, width, seed, step_key, threshold, inv_keep):
+    """(BLOCK_D, BLOCK_N) inverted-dropout factors: 0 or 1 / (1 - rate). step_key = step << 32, shifted on the
+    host (a scalar argument may arrive as int32, or as a constant when it equals 1)."""
+    key = step_key | (seed & 0xFFFFFFFF)
     r = tl.randint(key, offs_d[:, None] * width + offs_k[None, :])
     return tl.where(r.to(tl.uint32) >= threshold.to(tl.uint32), inv_keep, 0.0)
 

@@ -4,6 +4,7 @@
 #   bash bench/gpu_session.sh bench      fastgrok bench: every variant, N 128/512/2048, B 1..max
 #   bash bench/gpu_session.sh precision  validation grid in every precision (default-precision choice)
 #   bash bench/gpu_session.sh e2e        the 1,156-model wd diagram end to end, and 8192 models of N 512
+#   bash bench/gpu_session.sh sweep      tile sizes of the Triton step (N 512, B 1024, tf32)
 # Logs and JSON land in $OUT (the device tool brings them back); commit them under bench/results/.
 set -uo pipefail
 OUT=${OUT:-bench/results}
@@ -28,5 +29,6 @@ torch.cuda.synchronize()
 print(f"8192 models of N 512: peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
 PY
     ;;
-  *) echo "usage: $0 tests|bench|precision|e2e"; exit 2 ;;
+  sweep) python3 bench/sweep_blocks.py --out "$OUT/sweep.json" 2>&1 | tee "$OUT/sweep.log" ;;
+  *) echo "usage: $0 tests|bench|precision|e2e|sweep"; exit 2 ;;
 esac

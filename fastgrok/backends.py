@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from fastgrok import optim
 from fastgrok.errors import ConfigError
-from fastgrok.population import Population, torch_outputs
+from fastgrok.population import Population, torch_eval_bytes, torch_outputs
 
 
 def _grads(U, V, W, m, n, y, valid, D, mask, act: str, loss: str):
@@ -68,6 +68,7 @@ class TorchBackend:
 
     name = "torch"
     outputs = staticmethod(torch_outputs)
+    eval_bytes = staticmethod(torch_eval_bytes)
 
     def __init__(self, compile: bool = False):
         self.grads = torch.compile(_grads, dynamic=False) if compile else _grads
@@ -105,12 +106,13 @@ class TritonBackend:
 
     name = "triton"
 
-    def __init__(self, precision: str = "fp32", fused: bool = False):
+    def __init__(self, precision: str = "fp32", fused: bool = False, block_d: int = 32, block_n: int = 32):
         from fastgrok.kernels.hidden import PRECISIONS
 
         if precision not in PRECISIONS:
             raise ConfigError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
         self.precision, self.fused = precision, fused
+        self.blocks = {"block_d": block_d, "block_n": block_n}  # tiles of examples and of hidden neurons
         self.name = f"triton-{precision}"
 
     def _data(self, pop: Population):
@@ -139,10 +141,10 @@ class TritonBackend:
         act = ACT_CODES[s.act]
         example_loss, G, _ = forward(*pop.params, data["m"], data["n"], data["y"], data["count"], act=act,
                                      loss=LOSS_CODES[s.loss], precision=self.precision, train=True,
-                                     dropout=data["dropout"], step=pop.step)
+                                     dropout=data["dropout"], step=pop.step, **self.blocks)
         losses = torch.where(pop.valid, example_loss, 0.0).sum(1) / data["D"]
         grads = backward(*pop.params, data["m"], data["n"], data["count"], G, act=act, precision=self.precision,
-                         dropout=data["dropout"], step=pop.step, fused=self.fused)
+                         dropout=data["dropout"], step=pop.step, fused=self.fused, **self.blocks)
         ok = torch.isfinite(losses)
         for g in grads:
             ok &= torch.isfinite(g).flatten(1).all(1)
@@ -152,6 +154,11 @@ class TritonBackend:
                         pop.beta1, pop.beta2, pop.eps, active=~pop.diverged)
         return losses
 
+    @staticmethod
+    def eval_bytes(width: int, p: int) -> int:
+        """Per example: int64 indices and labels built by Population.evaluate, their int32 copies, pred and loss."""
+        return 6 * 8 + 3 * 4 + 8 + 4
+
     def outputs(self, U, V, W, m, n, y, act: str, loss: str):
         """The evaluation kernel: predictions and per-example losses for a chunk of models (all examples valid)."""
         from fastgrok.kernels.forward import forward
@@ -160,7 +167,7 @@ class TritonBackend:
         count = torch.full((U.shape[0],), m.shape[1], dtype=torch.int32, device=U.device)
         losses, _, pred = forward(U.contiguous(), V.contiguous(), W.contiguous(), m.int().contiguous(),
                                   n.int().contiguous(), y.int().contiguous(), count, act=ACT_CODES[act],
-                                  loss=LOSS_CODES[loss], precision=self.precision, train=False)
+                                  loss=LOSS_CODES[loss], precision=self.precision, train=False, **self.blocks)
         return pred.long(), losses
 
 

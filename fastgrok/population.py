@@ -109,7 +109,7 @@ class Population:
         return mlp
 
     @torch.no_grad()
-    def evaluate(self, outputs=None, max_bytes: int = 1 << 28) -> dict[str, torch.Tensor]:
+    def evaluate(self, engine=None, max_bytes: int = 1 << 28) -> dict[str, torch.Tensor]:
         """Every metric of every model on all pairs (no dropout): a dict of (B,) float64 CPU tensors.
 
         train_*: training set against the labels trained on; test_*: held-out pairs (true labels);
@@ -117,13 +117,14 @@ class Population:
         labels (memorised); inverted_acc: corrupted examples against their true labels. NaN where the subset
         is empty (corrupted_acc of a model with xi = 0).
 
-        `outputs(U, V, W, m, n, y, act, loss) -> (pred, per-example loss)` runs the forward pass for a chunk
-        of models (default: `torch_outputs`; the Triton backend passes its kernel).
+        `engine` (a backend; default torch) runs the forward pass for chunks of models whose working memory,
+        engine.eval_bytes(width, p) per example, fits `max_bytes`.
         """
-        outputs = outputs or torch_outputs
+        outputs = engine.outputs if engine is not None else torch_outputs
+        per_example = (engine.eval_bytes if engine is not None else torch_eval_bytes)(self.width, self.settings.p)
         m_all, n_all, z_all = self.pairs
         P, B, d_max = z_all.numel(), len(self), self.train_y.shape[1]
-        chunk = max(1, min(B, max_bytes // (P * (2 * self.width + 3 * self.settings.p) * 4)))
+        chunk = max(1, min(B, max_bytes // (P * per_example)))
         slot = torch.arange(P, device=self.device)
         out = {k: [] for k in METRICS}
         for lo in range(0, B, chunk):
@@ -149,6 +150,12 @@ class Population:
             out["corrupted_acc"].append(mean(hit, corrupted))
             out["inverted_acc"].append(mean(hit_true, corrupted))
         return {k: torch.cat(v).cpu() for k, v in out.items()}
+
+
+def torch_eval_bytes(width: int, p: int) -> int:
+    """Working memory per example of torch_outputs: pre-activation, activation, logits and their loss terms,
+    plus the int64 indices and labels the evaluation builds."""
+    return 4 * (2 * width + 3 * p) + 6 * 8
 
 
 def torch_outputs(U, V, W, m, n, y, act: str, loss: str) -> tuple[torch.Tensor, torch.Tensor]:

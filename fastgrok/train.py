@@ -51,13 +51,13 @@ class Run:
 
 
 class _History:
-    def __init__(self, outputs):
-        self.outputs = outputs
+    def __init__(self, engine):
+        self.engine = engine
         self.columns = {c: [] for c in HISTORY_COLUMNS}
         self.last = None
 
     def log(self, pop: Population) -> dict[str, torch.Tensor]:
-        metrics = pop.evaluate(self.outputs)
+        metrics = pop.evaluate(self.engine, max_bytes=1 << 31 if pop.device.type == "cuda" else 1 << 28)
         self.columns["model"].append(np.asarray(pop.model_ids, dtype=np.int32))
         self.columns["step"].append(np.full(len(pop), pop.step, dtype=np.int32))
         for k in METRICS:
@@ -113,7 +113,7 @@ def train(grid: Grid, settings: Settings, out: Path, *, device: str = "auto", ba
     try:
         for ids in populations:
             pop = Population([hypers[i] for i in ids], settings, dev, model_ids=ids)
-            history = _History(engine.outputs)
+            history = _History(engine)
             history.log(pop)
             interrupted = False
             try:

@@ -139,7 +139,26 @@ def test_nan_model_is_frozen_and_isolated():
 @pytest.mark.parametrize("width, models", [(8, 1), (32, 3)])
 def test_evaluation_kernel_equals_torch_metrics(width, models):
     pop = run(hypers(width)[:models], 10)
-    ours = pop.evaluate(TritonBackend("fp32").outputs)
-    theirs = pop.evaluate(TorchBackend.outputs)
+    ours = pop.evaluate(TritonBackend("fp32"))
+    theirs = pop.evaluate(TorchBackend())
     for k in ours:
         assert_close(k, ours[k], theirs[k], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("block_d, block_n", [(16, 16), (64, 16), (16, 64)])
+def test_tile_sizes_do_not_change_the_gradients(block_d, block_n):
+    from fastgrok.kernels.backward import backward
+    from fastgrok.kernels.forward import forward
+
+    pop = Population(hypers(), Settings(p=P), DEVICE)
+    data = TritonBackend("fp32")._data(pop)
+
+    def grads(**tiles):
+        loss, G, _ = forward(*pop.params, data["m"], data["n"], data["y"], data["count"], act=0, loss=0,
+                             precision="fp32", train=True, dropout=data["dropout"], step=3, **tiles)
+        return (loss, *backward(*pop.params, data["m"], data["n"], data["count"], G, act=0, precision="fp32",
+                                dropout=data["dropout"], step=3, **tiles))
+
+    for name, ours, default in zip(("loss", "dU", "dV", "dW"), grads(block_d=block_d, block_n=block_n), grads()):
+        valid = pop.valid if name == "loss" else slice(None)
+        assert_close(f"{name} with tiles {block_d}x{block_n}", ours[valid], default[valid], atol=1e-7, rtol=1e-6)

@@ -1,0 +1,51 @@
+"""Tile sizes of the Triton step on a GPU: model-steps/s for each (block_d, block_n, fused) at one width.
+
+    python bench/sweep_blocks.py --width 512 --models 1024 --precision tf32
+
+What it is for: the backward re-reads G (D x p per model) once per chunk of block_n neurons, and the forward
+re-reads W per tile of block_d examples, so the tiles trade re-reads against registers. Measure, then set the
+defaults in fastgrok/backends.py from the numbers."""
+
+import argparse
+import itertools
+import json
+
+import torch
+
+from fastgrok.backends import TritonBackend
+from fastgrok.bench import _timed, flops_per_model_step
+from fastgrok.config import Hyper, Settings
+from fastgrok.population import Population
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--width", type=int, default=512)
+    parser.add_argument("--models", type=int, default=1024)
+    parser.add_argument("--precision", default="tf32")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    dev = torch.device("cuda")
+    settings = Settings()
+    pop = Population([Hyper(width=args.width, seed=i) for i in range(args.models)], settings, dev)
+    flops = flops_per_model_step(settings.p, args.width, int(pop.D.max()))
+    results = []
+    for block_d, block_n, fused in itertools.product((32, 64, 128), (32, 64, 128), (False, True)):
+        engine = TritonBackend(args.precision, fused=fused, block_d=block_d, block_n=block_n)
+        try:
+            sec = _timed(lambda: engine.step(pop), dev)
+        except Exception as e:  # out of resources for this tile: record and go on
+            print(f"block_d {block_d} block_n {block_n} fused {fused}: {type(e).__name__}")
+            continue
+        rate = args.models / sec
+        results.append({"block_d": block_d, "block_n": block_n, "fused": fused, "model_steps_per_s": rate,
+                        "tflops": rate * flops / 1e12})
+        print(f"block_d {block_d:>3} block_n {block_n:>3} fused {fused!s:>5}: {rate:>10,.0f} model-steps/s "
+              f"{rate * flops / 1e12:6.1f} TFLOP/s")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"width": args.width, "models": args.models, "precision": args.precision, "results": results}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -37,7 +37,7 @@ def ipr_histograms(groups: dict[str, np.ndarray], path: Path, title: str) -> Pat
     n = len(groups)
     cols = min(n, 3)
     rows = (n + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False, layout="constrained")
     bins = np.linspace(0, 1, 41)
     for ax, (label, values) in zip(axes.flat, groups.items()):
         ax.hist(values, bins=bins, color=PHASE_COLORS.get(label, "#555555"))
@@ -46,7 +46,7 @@ def ipr_histograms(groups: dict[str, np.ndarray], path: Path, title: str) -> Pat
         ax.set_ylabel("neurons")
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
-    fig.suptitle(title, y=1.03)
+    fig.suptitle(title)
     return _save(fig, path)
 
 
@@ -55,7 +55,7 @@ def prune_curves(curves: dict[int, dict[str, np.ndarray]], path: Path, title: st
     n = len(curves)
     cols = min(n, 3)
     rows = (n + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.2 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.2 * rows), squeeze=False, layout="constrained")
     for ax, (model, curve) in zip(axes.flat, curves.items()):
         for key, label in ACCURACIES.items():
             if np.isfinite(curve[key]).any():
@@ -67,7 +67,7 @@ def prune_curves(curves: dict[int, dict[str, np.ndarray]], path: Path, title: st
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=7)
-    fig.suptitle(title, y=1.03)
+    fig.suptitle(title)
     return _save(fig, path)
 
 
@@ -79,7 +79,7 @@ def phase_heatmaps(panels: list[tuple[str, np.ndarray, np.ndarray]], x_name: str
     n = len(panels)
     cols = min(n, 4)
     rows = (n + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.3 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.3 * rows), squeeze=False, layout="constrained")
     for ax, (title, grid, agreement) in zip(axes.flat, panels):
         shown = np.ma.masked_less(grid, 0)
         ax.imshow(shown, origin="lower", aspect="auto", cmap=cmap, vmin=-0.5, vmax=len(names) - 0.5, interpolation="nearest")
@@ -94,7 +94,7 @@ def phase_heatmaps(panels: list[tuple[str, np.ndarray, np.ndarray]], x_name: str
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
     handles = [Patch(color=PHASE_COLORS[p], label=p.replace("_", " ")) for p in names[:-1]]
-    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, bbox_to_anchor=(0.5, -0.04))
+    fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=8)
     return _save(fig, path)
 
 
@@ -107,7 +107,7 @@ def _ticks(set_ticks, set_labels, values) -> None:
 
 def training_curves(history: dict[str, np.ndarray], path: Path, title: str) -> Path:
     """Accuracies, losses and mean IPR of one model against the training step."""
-    fig, (acc, loss, ipr) = plt.subplots(1, 3, figsize=(14, 3.4))
+    fig, (acc, loss, ipr) = plt.subplots(1, 3, figsize=(14, 3.4), layout="constrained")
     step = history["step"]
     for key, label in ACCURACIES.items():
         if np.isfinite(history[key]).any():
@@ -123,7 +123,7 @@ def training_curves(history: dict[str, np.ndarray], path: Path, title: str) -> P
     ipr.set_ylabel("mean neuron IPR")
     for ax in (acc, loss, ipr):
         ax.set_xlabel("step")
-    fig.suptitle(title, y=1.03)
+    fig.suptitle(title)
     return _save(fig, path)
 
 

@@ -52,13 +52,11 @@ class Population:
         slot = torch.arange(d_max)
         dev = self.device
         self.valid = (slot < self.D[:, None]).to(dev)  # (B, Dmax): real training example
-        self.corrupted = (slot < self.n_corrupt[:, None]).to(dev)  # (B, Dmax): label was redrawn
         self.pairs = (m_all.to(dev), n_all.to(dev), z_all.to(dev))
         self.perm = perm.to(dev)
         train_idx = perm[:, :d_max]
         self.train_m, self.train_n = m_all[train_idx].to(dev), n_all[train_idx].to(dev)
         self.train_y = labels.to(dev)  # labels as trained on (corrupted ones included)
-        self.train_true = z_all[train_idx].to(dev)
 
         weights = [reference.init_weights(p, self.width, generator(h.seed, "init")) for h in hypers]
         self.U = torch.stack([u.T for u, _, _ in weights]).contiguous().to(dev)
@@ -168,11 +166,11 @@ def bytes_per_model(p: int, width: int, d_max: int, num_pairs: int, backend: str
     """Device memory of one model in a population (fp32 parameters).
 
     Always: parameters, gradients and two Adam moments (4 x 3 p N); the data (int64 pair order, training
-    indices and labels, masks). torch: autograd-free backward keeps gather, pre-activation, activation and
+    indices and labels, the valid mask). torch: autograd-free backward keeps gather, pre-activation, activation and
     mask (4 D N) and outputs, one-hot targets and G (3 D p). triton: G (D p), per-example losses and int32
     copies of the indices (4 D); nothing of size D N is ever stored."""
     params = 4 * 3 * p * width
-    data = 8 * num_pairs + 8 * 4 * d_max + 2 * d_max
+    data = 8 * num_pairs + 8 * 3 * d_max + d_max
     if backend.startswith("triton"):
         work = d_max * p + 4 * d_max
     else:

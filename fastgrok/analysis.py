@@ -129,7 +129,7 @@ def _prune_order(score: torch.Tensor, order: str, model_ids: list[int], seed: in
 def prune(run: Path, order: str = "low", models: str | None = None, every: int | None = None, seed: int = 0,
           device: str = "cpu") -> dict[int, dict[str, np.ndarray]]:
     """Cumulative pruning by neuron IPR, no retraining: zero neuron k's U row, V row and W column (the same
-    as dropping it: phi(0) = 0), and measure every metric after every `every`-th pruned neuron. All selected
+    as dropping it: phi(0) = 0), and measure every metric after every `every`-th pruned neuron (default 1). All selected
     models of a population are evaluated together at each level. -> prune-ORDER.parquet, prune-ORDER.png."""
     if order not in ORDERS:
         raise ConfigError(f"unknown --order {order!r}; choose one of {', '.join(ORDERS)}")
@@ -139,7 +139,7 @@ def prune(run: Path, order: str = "low", models: str | None = None, every: int |
     curves: dict[int, dict[str, np.ndarray]] = {}
     for pop in load_populations(run, device, set(chosen) if chosen is not None else None):
         N = pop.width
-        step = every or max(1, N // 50)
+        step = every or 1
         levels = sorted(set(range(0, N + 1, step)) | {N})
         ranking = _prune_order(neuron_ipr(pop.U, pop.V, pop.W).mean, order, pop.model_ids, seed)
         position = torch.empty_like(ranking)

@@ -275,7 +275,7 @@ def prune(
     run: RunArg,
     models: ModelsOpt = None,
     order: Annotated[str, typer.Option(help="low (lowest IPR first), high, or random")] = "low",
-    every: Annotated[Optional[int], typer.Option(help="Measure after every k-th pruned neuron \\[default: N/50]")] = None,
+    every: Annotated[Optional[int], typer.Option(help="Measure after every k-th pruned neuron \\[default: 1]")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the random order")] = 0,
     device: DeviceOpt = "auto",
 ) -> None:

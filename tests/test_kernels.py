@@ -162,3 +162,23 @@ def test_tile_sizes_do_not_change_the_gradients(block_d, block_n):
     for name, ours, default in zip(("loss", "dU", "dV", "dW"), grads(block_d=block_d, block_n=block_n), grads()):
         valid = pop.valid if name == "loss" else slice(None)
         assert_close(f"{name} with tiles {block_d}x{block_n}", ours[valid], default[valid], atol=1e-7, rtol=1e-6)
+
+
+def test_memory_estimate_covers_what_a_triton_step_holds():
+    from fastgrok.data import task_table
+    from fastgrok.kernels.forward import forward
+    from fastgrok.population import bytes_per_model
+
+    pop = Population(hypers(), Settings(p=P), DEVICE)
+    engine = TritonBackend("fp32")
+    engine.step(pop)
+    held = [t for t in vars(pop).values() if isinstance(t, torch.Tensor)]
+    held += [t for lst in (pop.exp_avg, pop.exp_avg_sq) for t in lst]  # (the pair table is shared, not per model)
+    held += [t for t in pop._triton_data.values() if isinstance(t, torch.Tensor)]
+    data = pop._triton_data
+    loss, G, _ = forward(*pop.params, data["m"], data["n"], data["y"], data["count"], act=0, loss=0, precision="fp32", train=True)
+    transient = [loss, G, *(torch.empty_like(t) for t in pop.params)]  # the step's G, losses and gradients
+    used = sum(t.numel() * t.element_size() for t in held + transient) / len(pop)
+    num_pairs = task_table("add", P)[2].numel()
+    estimate = bytes_per_model(P, WIDTH, pop.train_m.shape[1], num_pairs, "triton")
+    assert used <= estimate <= 1.5 * used, (used, estimate)

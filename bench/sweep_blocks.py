@@ -30,17 +30,17 @@ def main() -> None:
     pop = Population([Hyper(width=args.width, seed=i) for i in range(args.models)], settings, dev)
     flops = flops_per_model_step(settings.p, args.width, int(pop.D.max()))
     results = []
-    for block_d, block_n, fused in itertools.product((32, 64, 128), (32, 64, 128), (False, True)):
-        engine = TritonBackend(args.precision, fused=fused, block_d=block_d, block_n=block_n)
+    for block_d, block_n, warps, fused in itertools.product((32, 64), (32, 64), (4, 8), (False, True)):
+        engine = TritonBackend(args.precision, fused=fused, block_d=block_d, block_n=block_n, num_warps=warps)
         try:
             sec = _timed(lambda: engine.step(pop), dev)
         except Exception as e:  # out of resources for this tile: record and go on
-            print(f"block_d {block_d} block_n {block_n} fused {fused}: {type(e).__name__}")
+            print(f"block_d {block_d} block_n {block_n} warps {warps} fused {fused}: {type(e).__name__}")
             continue
         rate = args.models / sec
-        results.append({"block_d": block_d, "block_n": block_n, "fused": fused, "model_steps_per_s": rate,
+        results.append({"block_d": block_d, "block_n": block_n, "num_warps": warps, "fused": fused, "model_steps_per_s": rate,
                         "tflops": rate * flops / 1e12})
-        print(f"block_d {block_d:>3} block_n {block_n:>3} fused {fused!s:>5}: {rate:>10,.0f} model-steps/s "
+        print(f"block_d {block_d:>3} block_n {block_n:>3} warps {warps} fused {fused!s:>5}: {rate:>10,.0f} model-steps/s "
               f"{rate * flops / 1e12:6.1f} TFLOP/s")
     if args.out:
         with open(args.out, "w") as f:

@@ -106,13 +106,16 @@ class TritonBackend:
 
     name = "triton"
 
-    def __init__(self, precision: str = "fp32", fused: bool = False, block_d: int = 32, block_n: int = 32):
+    def __init__(self, precision: str = "fp32", fused: bool = False, block_d: int = 32, block_n: int = 32,
+                 num_warps: int = 4):
         from fastgrok.kernels.hidden import PRECISIONS
 
         if precision not in PRECISIONS:
             raise ConfigError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
         self.precision, self.fused = precision, fused
-        self.blocks = {"block_d": block_d, "block_n": block_n}  # tiles of examples and of hidden neurons
+        # Tiles of examples and of hidden neurons. 32 x 32 with 4 warps is the largest tile that compiles without
+        # register spills in tf32 and bf16 on sm_90 (bench/kernel_resources.py); speed is for the GPU sweep to say.
+        self.blocks = {"block_d": block_d, "block_n": block_n, "num_warps": num_warps}
         self.name = f"triton-{precision}"
 
     def _data(self, pop: Population):

@@ -79,7 +79,7 @@ def _backward_kernel(
 
 
 def backward(U, V, W, m, n, count, G, *, act: int, precision: str, dropout: tuple | None = None, step: int = 0,
-             fused: bool = False, block_d: int = 32, block_n: int = 32):
+             fused: bool = False, block_d: int = 32, block_n: int = 32, num_warps: int = 4):
     """Gradients dU, dV (B, p, N) and dW (B, N, p) of the loss whose output gradient is G (B, Dmax, p)."""
     B, p, width = U.shape
     assert G.shape == (B, m.shape[1], p) and G.is_contiguous()
@@ -93,6 +93,6 @@ def backward(U, V, W, m, n, count, G, *, act: int, precision: str, dropout: tupl
             U.stride(0), U.stride(1), V.stride(0), V.stride(1), W.stride(0), W.stride(1), m.stride(0),
             G.stride(0), G.stride(1),
             ACT=act, DROPOUT=dropout is not None, WITH_W=with_w, WITH_UV=with_uv, PRECISION=precision,
-            BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_P=block_p(p),
+            BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_P=block_p(p), num_warps=num_warps,
         )
     return dU, dV, dW

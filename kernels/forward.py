@@ -83,7 +83,7 @@ def block_p(p: int) -> int:
 
 
 def forward(U, V, W, m, n, y, count, *, act: int, loss: int, precision: str, train: bool,
-            dropout: tuple | None = None, step: int = 0, block_d: int = 32, block_n: int = 32):
+            dropout: tuple | None = None, step: int = 0, block_d: int = 32, block_n: int = 32, num_warps: int = 4):
     """Launch over (B, cdiv(Dmax, block_d)). Returns (loss (B, Dmax), G (B, Dmax, p) or None, pred or None).
 
     dropout: None, or (seed (B,) int64, threshold (B,) int64, inv_keep (B,) fp32) for training."""
@@ -105,6 +105,6 @@ def forward(U, V, W, m, n, y, count, *, act: int, loss: int, precision: str, tra
         U.stride(0), U.stride(1), V.stride(0), V.stride(1), W.stride(0), W.stride(1), m.stride(0),
         G.stride(0) if train else 0, G.stride(1) if train else 0,
         ACT=act, LOSS_KIND=loss, TRAIN=train, DROPOUT=use_dropout, PRECISION=precision,
-        BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_P=block_p(p),
+        BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_P=block_p(p), num_warps=num_warps,
     )
     return losses, G, pred

@@ -1,0 +1,89 @@
+"""The compiler's resource report for every Triton kernel, without a GPU: registers, spills (stack) and shared
+memory of each kernel, precision and tile, compiled ahead of time for sm_90 (H100/H200) with the ptxas that
+ships in the triton wheel.
+
+    python bench/kernel_resources.py              # the table
+    python bench/kernel_resources.py --check      # exit 1 if a kernel fails to compile or the default tiles spill
+
+Runs with TRITON_INTERPRET unset (the interpreter replaces kernels with Python functions)."""
+
+import argparse
+import itertools
+import os
+import subprocess
+import sys
+import tempfile
+
+os.environ.pop("TRITON_INTERPRET", None)
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from fastgrok.kernels.backward import _backward_kernel  # noqa: E402
+from fastgrok.kernels.forward import _forward_kernel  # noqa: E402
+from fastgrok.kernels.optimizer import _optimizer_kernel  # noqa: E402
+
+TARGET = GPUTarget("cuda", 90, 32)
+CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+TYPES = {
+    **{n: "*fp32" for n in ("U", "V", "W", "G", "LOSS", "INV_KEEP", "DU", "DV", "DW", "PARAM", "GRAD", "EXP_AVG",
+                            "EXP_AVG_SQ", "DECAY", "L2", "STEP_SIZE", "BIAS2_SQRT", "BETA1", "BETA2", "EPS")},
+    **{n: "*i32" for n in ("M", "N_", "Y", "COUNT", "PRED")},
+    "SEED": "*i64", "THRESHOLD": "*i64", "ACTIVE": "*i8", "step_key": "i64",
+}
+DEFAULT_TILES = (32, 32, 4)  # block_d, block_n, num_warps: what fastgrok.backends.TritonBackend launches
+
+
+def resources(fn, constexprs: dict, num_warps: int) -> dict:
+    signature = {n: "constexpr" if n in constexprs else TYPES.get(n, "i32") for n in fn.arg_names}
+    kernel = triton.compile(ASTSource(fn, signature, constexprs=constexprs), target=TARGET,
+                            options={"num_warps": num_warps})
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        report = subprocess.run([CUOBJDUMP, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    fields = dict(item.split(":") for line in report.splitlines() if "REG:" in line for item in line.split() if ":" in item)
+    return {"regs": int(fields["REG"]), "stack": int(fields["STACK"]), "shared": kernel.metadata.shared}
+
+
+def table(precisions, tiles):
+    rows = []
+    for precision, (block_d, block_n, warps) in itertools.product(precisions, tiles):
+        common = dict(ACT=0, DROPOUT=True, PRECISION=precision, BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_P=128)
+        kernels = {
+            "forward": (_forward_kernel, dict(common, LOSS_KIND=0, TRAIN=True)),
+            "evaluate": (_forward_kernel, dict(common, LOSS_KIND=0, TRAIN=False, DROPOUT=False)),
+            "backward dW": (_backward_kernel, dict(common, WITH_W=True, WITH_UV=False)),
+            "backward dU dV": (_backward_kernel, dict(common, WITH_W=False, WITH_UV=True)),
+        }
+        for name, (fn, constexprs) in kernels.items():
+            rows.append({"kernel": name, "precision": precision, "tile": (block_d, block_n, warps),
+                         **resources(fn, constexprs, warps)})
+    rows.append({"kernel": "optimizer", "precision": "fp32", "tile": (1024, 0, 4),
+                 **resources(_optimizer_kernel, dict(MODE=0, BLOCK=1024), 4)})
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--check", action="store_true", help="default tiles only; fail on spills in fast modes")
+    args = parser.parse_args()
+    if args.check:
+        rows = table(("fp32", "tf32", "tf32x3", "bf16"), [DEFAULT_TILES])
+    else:
+        rows = table(("tf32", "tf32x3", "bf16"), [(32, 32, 4), (64, 32, 4), (64, 64, 4), (64, 64, 8), (128, 64, 8)])
+    for r in rows:
+        print(f"{r['kernel']:>15} {r['precision']:>7} tile {r['tile']}: {r['regs']:>3} regs, "
+              f"{r['stack']:>6} B stack (spills), {r['shared']:>6} B shared")
+    # fp32 (IEEE products) is the parity mode and tf32x3 splits both operands of every dot (3 dots): they may
+    # spill. tf32 and bf16 are the speed modes: their default tiles must not.
+    spilling = [r for r in rows if r["stack"] > 0 and r["precision"] in ("tf32", "bf16") and r["tile"] == DEFAULT_TILES]
+    if args.check and spilling:
+        print(f"spills at the default tiles: {[(r['kernel'], r['precision']) for r in spilling]}")
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,22 @@
+"""The kernels compile for the GPU (sm_90, ahead of time, no GPU needed), which the interpreter tests cannot
+show, and the speed modes' default tiles do not spill registers."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+triton = pytest.importorskip("triton")
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.skipif(not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump").exists(),
+                    reason="this triton build ships no NVIDIA toolchain")
+def test_kernels_compile_for_sm90_without_spills():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "bench/kernel_resources.py", "--check"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.stdout.count("regs") == 17  # 4 precisions x 4 kernels + the optimizer

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastgrok.kernels.forward import block_p
+from fastgrok.kernels import forward as forward_module
 from fastgrok.kernels.hidden import activation, activation_grad, dot, dropout_scale, preactivation
 
 
@@ -31,9 +31,10 @@ def _backward_kernel(
     ACT: tl.constexpr, DROPOUT: tl.constexpr, WITH_W: tl.constexpr, WITH_UV: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    b = tl.program_id(0).to(tl.int64)
+    # Axis 0 walks one model's neuron chunks, so consecutive programs re-read the same G[b] from L2.
+    b = tl.program_id(1).to(tl.int64)
     count = tl.load(COUNT + b)
-    offs_k = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_k = offs_k < width
     offs_p = tl.arange(0, BLOCK_P)
     mask_p = offs_p < p
@@ -85,14 +86,17 @@ def backward(U, V, W, m, n, count, G, *, act: int, precision: str, dropout: tupl
     assert G.shape == (B, m.shape[1], p) and G.is_contiguous()
     dU, dV, dW = torch.empty_like(U), torch.empty_like(V), torch.empty_like(W)
     seed, threshold, inv_keep = dropout if dropout is not None else (count, count, count)  # unused placeholders
-    grid = (B, triton.cdiv(width, block_n))
-    for with_w, with_uv in ([(True, True)] if fused else [(True, False), (False, True)]):
-        _backward_kernel[grid](
-            U, V, W, m, n, count, seed, threshold, inv_keep, G, dU, dV, dW,
-            p, width, step << 32,
-            U.stride(0), U.stride(1), V.stride(0), V.stride(1), W.stride(0), W.stride(1), m.stride(0),
-            G.stride(0), G.stride(1),
-            ACT=act, DROPOUT=dropout is not None, WITH_W=with_w, WITH_UV=with_uv, PRECISION=precision,
-            BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_P=block_p(p), num_warps=num_warps,
-        )
+    passes = [(True, True)] if fused else [(True, False), (False, True)]
+    for with_w, with_uv in passes:
+        for lo in range(0, B, forward_module.MAX_GRID_Y):  # CUDA caps the grid's second axis at 65535
+            sl = slice(lo, min(B, lo + forward_module.MAX_GRID_Y))
+            _backward_kernel[(triton.cdiv(width, block_n), sl.stop - lo)](
+                U[sl], V[sl], W[sl], m[sl], n[sl], count[sl], seed[sl], threshold[sl], inv_keep[sl], G[sl],
+                dU[sl], dV[sl], dW[sl],
+                p, width, step << 32,
+                U.stride(0), U.stride(1), V.stride(0), V.stride(1), W.stride(0), W.stride(1), m.stride(0),
+                G.stride(0), G.stride(1),
+                ACT=act, DROPOUT=dropout is not None, WITH_W=with_w, WITH_UV=with_uv, PRECISION=precision,
+                BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_P=forward_module.block_p(p), num_warps=num_warps,
+            )
     return dU, dV, dW

@@ -30,10 +30,11 @@ def _forward_kernel(
     ACT: tl.constexpr, LOSS_KIND: tl.constexpr, TRAIN: tl.constexpr, DROPOUT: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    b = tl.program_id(0).to(tl.int64)
+    # Axis 0 walks one model's example tiles, so consecutive programs share W[b] in L2.
+    b = tl.program_id(1).to(tl.int64)
     count = tl.load(COUNT + b)
-    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    if tl.program_id(1) * BLOCK_D < count:
+    offs_d = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+    if tl.program_id(0) * BLOCK_D < count:
         mask_d = offs_d < count
         m = tl.load(M + b * stride_ib + offs_d, mask=mask_d, other=0)
         n = tl.load(N_ + b * stride_ib + offs_d, mask=mask_d, other=0)
@@ -78,13 +79,16 @@ def _forward_kernel(
             tl.store(PRED + b * stride_ib + offs_d, pred.to(tl.int32), mask=mask_d)
 
 
+MAX_GRID_Y = 65535
+
+
 def block_p(p: int) -> int:
     return max(16, triton.next_power_of_2(p))
 
 
 def forward(U, V, W, m, n, y, count, *, act: int, loss: int, precision: str, train: bool,
             dropout: tuple | None = None, step: int = 0, block_d: int = 32, block_n: int = 32, num_warps: int = 4):
-    """Launch over (B, cdiv(Dmax, block_d)). Returns (loss (B, Dmax), G (B, Dmax, p) or None, pred or None).
+    """Launch over (cdiv(Dmax, block_d), B). Returns (loss (B, Dmax), G (B, Dmax, p) or None, pred or None).
 
     dropout: None, or (seed (B,) int64, threshold (B,) int64, inv_keep (B,) fp32) for training."""
     B, p, width = U.shape
@@ -97,14 +101,15 @@ def forward(U, V, W, m, n, y, count, *, act: int, loss: int, precision: str, tra
     pred = None if train else torch.empty(B, d_max, device=U.device, dtype=torch.int32)
     use_dropout = train and dropout is not None
     seed, threshold, inv_keep = dropout if use_dropout else (count, count, count)  # unused placeholders
-    grid = (B, triton.cdiv(d_max, block_d))
-    _forward_kernel[grid](
-        U, V, W, m, n, y, count, seed, threshold, inv_keep,
-        G if train else losses, losses, pred if pred is not None else losses,
-        p, width, step << 32,
-        U.stride(0), U.stride(1), V.stride(0), V.stride(1), W.stride(0), W.stride(1), m.stride(0),
-        G.stride(0) if train else 0, G.stride(1) if train else 0,
-        ACT=act, LOSS_KIND=loss, TRAIN=train, DROPOUT=use_dropout, PRECISION=precision,
-        BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_P=block_p(p), num_warps=num_warps,
-    )
+    for lo in range(0, B, MAX_GRID_Y):  # CUDA caps the grid's second axis at 65535
+        sl = slice(lo, min(B, lo + MAX_GRID_Y))
+        _forward_kernel[(triton.cdiv(d_max, block_d), sl.stop - lo)](
+            U[sl], V[sl], W[sl], m[sl], n[sl], y[sl], count[sl], seed[sl], threshold[sl], inv_keep[sl],
+            G[sl] if train else losses, losses[sl], pred[sl] if pred is not None else losses,
+            p, width, step << 32,
+            U.stride(0), U.stride(1), V.stride(0), V.stride(1), W.stride(0), W.stride(1), m.stride(0),
+            G.stride(0) if train else 0, G.stride(1) if train else 0,
+            ACT=act, LOSS_KIND=loss, TRAIN=train, DROPOUT=use_dropout, PRECISION=precision,
+            BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_P=block_p(p), num_warps=num_warps,
+        )
     return losses, G, pred

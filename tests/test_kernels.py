@@ -182,3 +182,14 @@ def test_memory_estimate_covers_what_a_triton_step_holds():
     num_pairs = task_table("add", P)[2].numel()
     estimate = bytes_per_model(P, WIDTH, pop.train_m.shape[1], num_pairs, "triton")
     assert used <= estimate <= 1.5 * used, (used, estimate)
+
+
+def test_populations_larger_than_one_grid_axis_are_launched_in_slices(monkeypatch):
+    import fastgrok.kernels.forward as forward_module
+
+    expected = run(hypers(), 2)
+    monkeypatch.setattr(forward_module, "MAX_GRID_Y", 2)  # CUDA allows 65535 models per launch; here 2
+    sliced = run(hypers(), 2)
+    for name in ("U", "V", "W"):
+        assert torch.equal(getattr(sliced, name), getattr(expected, name)), name
+    assert torch.equal(sliced.evaluate(TritonBackend("fp32"))["test_acc"], expected.evaluate(TritonBackend("fp32"))["test_acc"])

@@ -1,0 +1,32 @@
+import json
+
+from typer.testing import CliRunner
+
+from fastgrok import bench
+from fastgrok.cli import app
+
+
+def test_bench_checks_then_times_and_writes_json(tmp_path):
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(app, ["bench", "--p", "13", "--width", "8", "--models", "1,3", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "All results match" in result.output
+    report = json.loads(out.read_text())
+    rows = {(r["backend"], r["models"]): r for r in report["results"]}
+    assert set(rows) == {("reference", 1), ("torch", 1), ("torch", 3)}
+    assert all(r["model_steps_per_s"] > 0 and r["tflops"] > 0 for r in rows.values())
+    assert report["setting"]["train_examples"] == int(0.5 * 13 * 13) and report["versions"]["torch"]
+
+
+def test_a_failing_variant_is_reported_and_the_rest_still_measured(monkeypatch):
+    real = bench.check_variant
+
+    def check(name, *args):
+        if name == "torch-tf32":
+            raise AssertionError("planted disagreement")
+        return real(name, *args)
+
+    monkeypatch.setattr(bench, "check_variant", check)
+    report = bench.run(widths=[8], models=["2"], p=7, variants=("torch", "torch-tf32"), log=lambda *_: None)
+    assert "planted" in report["failed"]["torch-tf32"]
+    assert {r["backend"] for r in report["results"]} == {"reference", "torch"}

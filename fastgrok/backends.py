@@ -19,7 +19,6 @@ from __future__ import annotations
 import os
 
 import torch
-import torch.nn.functional as F
 
 from fastgrok import optim
 from fastgrok.errors import ConfigError
@@ -27,30 +26,36 @@ from fastgrok.population import Population, torch_eval_bytes, torch_outputs
 
 
 def _grads(U, V, W, m, n, y, valid, D, mask, act: str, loss: str):
+    # In-place where a tensor is not needed again: on a CPU, fresh (B, D, N) buffers cost page faults.
     B, Dm = m.shape
     p = W.shape[-1]
     rows = torch.arange(B, device=U.device)[:, None]
     pre = U[rows, m] + V[rows, n]
     if mask is not None:
-        pre = pre * mask
+        pre.mul_(mask)
     h = pre * pre if act == "quad" else torch.relu(pre)
     out = torch.bmm(h, W)
-    onehot = F.one_hot(y, p).to(out.dtype)
-    scale = valid.to(out.dtype) / D.to(out.dtype)[:, None]  # (B, Dmax): 1/D on real examples, 0 on padding
+    label = y[..., None]
+    scale = (valid.to(out.dtype) / D.to(out.dtype)[:, None])[..., None]  # 1/D on real examples, 0 on padding
     if loss == "mse":
-        diff = out - onehot
-        per_example = (diff * diff).mean(-1)
-        G = diff * (2.0 / p) * scale[..., None]
+        diff = out.scatter_add_(-1, label, torch.full(label.shape, -1.0, dtype=out.dtype, device=out.device))
+        per_example = diff.square().mean(-1)
+        G = diff.mul_(scale * (2.0 / p))
     else:
         logp = torch.log_softmax(out, -1)
-        per_example = -(logp * onehot).sum(-1)
-        G = (logp.exp() - onehot) * scale[..., None]
+        per_example = -logp.gather(-1, label).squeeze(-1)
+        G = logp.exp_().scatter_add_(-1, label, torch.full(label.shape, -1.0, dtype=out.dtype, device=out.device))
+        G.mul_(scale)
     losses = torch.where(valid, per_example, 0.0).sum(1) / D
     dW = torch.bmm(h.transpose(1, 2), G)
+    del h
     dS = torch.bmm(G, W.transpose(1, 2))
-    dS = dS * (2.0 * pre) if act == "quad" else dS * (pre > 0)
+    if act == "quad":
+        dS.mul_(pre).mul_(2.0)
+    else:
+        dS.mul_(pre > 0)
     if mask is not None:
-        dS = dS * mask
+        dS.mul_(mask)
     flat = lambda idx: (rows * U.shape[1] + idx).reshape(-1)  # noqa: E731
     dU = torch.zeros_like(U).view(-1, U.shape[-1]).index_add_(0, flat(m), dS.reshape(B * Dm, -1)).view_as(U)
     dV = torch.zeros_like(V).view(-1, V.shape[-1]).index_add_(0, flat(n), dS.reshape(B * Dm, -1)).view_as(V)

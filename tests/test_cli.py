@@ -153,3 +153,20 @@ def test_triton_on_a_cpu_without_the_interpreter_is_refused(tmp_path, monkeypatc
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     result = run(*SMALL, "--backend", "triton", "--out", tmp_path / "run")
     assert result.exit_code == 2 and "TRITON_INTERPRET=1" in result.output
+
+
+def test_no_option_runs_the_cpu_preset_and_says_so(tmp_path, monkeypatch):
+    from fastgrok import presets
+
+    tiny = presets.Preset("a tiny stand-in for the test", axes={"xi": "0,0.5", "width": "8"}, settings={"p": 7, "steps": 3})
+    monkeypatch.setitem(presets.PRESETS, "cpu-demo", tiny)
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["train", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "No grid given: running preset 'cpu-demo'" in result.output and "Smaller than the paper" in result.output
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    config = read_config(run_dir)
+    assert config["settings"]["p"] == 7 and config["grid"]["xi"] == [0.0, 0.5]
+    # an explicit option overrides the preset it was given with
+    result = runner.invoke(app, ["train", "--preset", "cpu-demo", "--xi", "0.25", "--out", str(tmp_path / "b")])
+    assert result.exit_code == 0 and read_config(tmp_path / "b")["grid"]["xi"] == [0.25]

@@ -57,6 +57,7 @@ def train(
     backend: Annotated[str, typer.Option(help="auto (triton on a GPU, torch on a CPU), torch, or triton (on a CPU only under TRITON_INTERPRET=1)")] = "auto",
     precision: Annotated[str, typer.Option(help="Triton dot precision: fp32, tf32, tf32x3 or bf16 (parameters and moments stay fp32)")] = "fp32",
     out: Annotated[Optional[Path], typer.Option(help="Run directory (must be new or empty) \\[default: runs/<timestamp>]")] = None,
+    resume: Annotated[Optional[Path], typer.Option(help="Continue an interrupted run directory: finished populations stay, the rest trains again from its seeds (same results)")] = None,
 ) -> None:
     """Train a grid of models (the product of the grid options) and write a run directory."""
     from fastgrok.errors import ConfigError
@@ -68,6 +69,11 @@ def train(
                   data_seed=data_seed, log_every=log_every)
     try:
         dev = resolve_device(device)
+        if resume is not None:
+            given = [k for k, v in {**axes, **shared, "betas": betas, "preset": preset, "out": out}.items() if v is not None]
+            if given:
+                raise ConfigError(f"--resume takes the grid and settings from the run; drop --{given[0].replace('_', '-')}")
+            return _resume(resume, dev, backend, precision)
         if preset is None and all(v is None for v in (*axes.values(), op, p, steps)):
             preset = default_preset(dev.type)
             typer.echo(f"No grid given: running preset {preset!r}, {PRESETS[preset].about}.")
@@ -87,7 +93,6 @@ def _run(axes, shared, betas, preset, dev, backend, precision, out) -> None:
     from fastgrok.errors import ConfigError
     from fastgrok.population import plan
     from fastgrok.results import check_out_dir, default_out_dir
-    from fastgrok.train import Interrupted, train
 
     if preset is not None:
         axes = {k: v if v is not None else preset.axes.get(k) for k, v in axes.items()}
@@ -107,31 +112,51 @@ def _run(axes, shared, betas, preset, dev, backend, precision, out) -> None:
     check_out_dir(out)
     engine = make_backend(backend, dev, precision)
     populations = plan(grid.models(), settings, dev, backend=engine.name)
+    _train_with_progress(grid, settings, out, dev, engine, len(grid), populations=populations)
 
+
+def _resume(run_dir: Path, dev, backend, precision) -> None:
+    from fastgrok.backends import make_backend
+    from fastgrok.config import Grid
+    from fastgrok.results import read_config, read_models, settings_of
+
+    config = read_config(run_dir)
+    grid, settings = Grid(config["grid"]), settings_of(config)
+    left = len(grid) - sum(r["steps"] == settings.steps for r in read_models(run_dir))
+    if config["status"] == "complete" or left == 0:
+        typer.echo(f"{run_dir} is complete: nothing left to train.")
+        return
+    engine = make_backend(backend, dev, precision)
+    _train_with_progress(grid, settings, run_dir, dev, engine, left, resume=True)
+
+
+def _train_with_progress(grid, settings, out, dev, engine, models: int, populations=None, resume: bool = False) -> None:
     from rich.console import Console
     from rich.progress import BarColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
     from rich.text import Text
+
+    from fastgrok.train import Interrupted, train
 
     class Rate(ProgressColumn):
         def render(self, task):
             return Text(f"{task.speed or 0:,.0f} model-steps/s", style="cyan")
 
     console = Console(stderr=True)
-    console.print(f"Training {_models(len(grid))} ({grid.describe()}) on {dev} ({engine.name}), p {settings.p}, op {settings.op}, "
-                  f"{settings.steps} steps, {len(populations)} population(s) -> {out}")
-    total = len(grid) * settings.steps
+    verb = f"Resuming: {_models(models)} of {len(grid):,} left" if resume else f"Training {_models(models)}"
+    console.print(f"{verb} ({grid.describe()}) on {dev} ({engine.name}), p {settings.p}, op {settings.op}, "
+                  f"{settings.steps} steps" + (f", {len(populations)} population(s)" if populations else "") + f" -> {out}")
     with Progress(TextColumn("[bold]train"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
                   TextColumn("step {task.fields[step]}"),
                   TextColumn("{task.fields[models]:,} models"), Rate(), TimeElapsedColumn(), TextColumn("eta"),
                   TimeRemainingColumn(), console=console) as bar:
-        task = bar.add_task("train", total=total, models=len(grid), step=f"0/{settings.steps}")
+        task = bar.add_task("train", total=models * settings.steps, models=models, step=f"0/{settings.steps}")
         try:
-            run = train(grid, settings, out, device=str(dev), backend=engine, populations=populations,
+            run = train(grid, settings, out, device=str(dev), backend=engine, populations=populations, resume=resume,
                         on_step=lambda k, step: bar.update(task, advance=k, step=f"{step}/{settings.steps}"))
         except Interrupted as e:
             bar.stop()
-            typer.echo(f"Interrupted: {len(e.run.rows)} of {len(grid)} models written to {out} "
-                       f"(config.json says status 'interrupted').", err=True)
+            typer.echo(f"Interrupted: {len(e.run.rows)} of {len(grid)} models written to {out} (config.json says "
+                       f"status 'interrupted'; `fastgrok train --resume {out}` continues).", err=True)
             raise typer.Exit(130) from None
     _print_summary(run, grid, Console(width=max(100, Console().width)))
 

@@ -5,7 +5,8 @@
     history/pop000.parquet ...   every metric of every model at every logged step (pd.read_parquet(run / "history"))
     weights/pop000.safetensors   U (B, p, N), V (B, p, N), W (B, N, p) and the model ids of each population
 
-Each population's files are written as soon as it finishes, so an interrupted run keeps all finished work.
+Each population's files are written as soon as it finishes, so an interrupted run keeps all finished work;
+config.json lists the files written ("written") and `RunWriter.reopen` continues from them (--resume).
 """
 
 from __future__ import annotations
@@ -106,10 +107,34 @@ class RunWriter:
             "command": sys.argv,
             **(extra or {}),
         }
+        self.config["written"] = []  # one entry per population file, in the order they were written
         self.populations = 0
         self.write_config()
         with open(out / "models.csv", "w", newline="") as f:
             csv.writer(f).writerow(MODEL_COLUMNS)
+
+    @classmethod
+    def reopen(cls, out: Path, steps: int) -> tuple["RunWriter", set[int]]:
+        """Continue an interrupted run: keep the populations that finished all `steps`, delete the files and
+        rows of any that did not, and return the ids of the models already done."""
+        self = cls.__new__(cls)
+        self.out, self.config = Path(out), read_config(out)
+        kept = [w for w in self.config.get("written", []) if w["steps"] == steps]
+        for w in self.config.get("written", []):
+            if w not in kept:
+                (self.out / "history" / f"{w['name']}.parquet").unlink(missing_ok=True)
+                (self.out / "weights" / f"{w['name']}.safetensors").unlink(missing_ok=True)
+        done = {m for w in kept for m in w["models"]}
+        path = self.out / "models.csv"
+        with open(path, newline="") as f:
+            header, *rows = list(csv.reader(f))
+        with open(path, "w", newline="") as f:
+            csv.writer(f).writerows([header, *(r for r in rows if int(r[0]) in done)])
+        self.config.update(status="running", written=kept)
+        self.config.setdefault("resumed", []).append(datetime.datetime.now().isoformat(timespec="seconds"))
+        self.populations = 1 + max((int(w["name"][3:]) for w in kept), default=-1)
+        self.write_config()
+        return self, done
 
     def write_config(self) -> None:
         tmp = self.out / "config.json.tmp"
@@ -117,15 +142,20 @@ class RunWriter:
         tmp.replace(self.out / "config.json")
 
     def add_population(self, rows: list[dict], history: dict[str, np.ndarray], weights: dict[str, torch.Tensor]) -> None:
+        """Write a population's history and weights, then its models.csv rows, then its entry in config.json:
+        a run killed in between is repaired by `reopen`, which trusts config.json's entries alone."""
         name = f"pop{self.populations:03d}"
         self.populations += 1
+        pq.write_table(pa.table(history), self.out / "history" / f"{name}.parquet")
+        save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()},
+                  str(self.out / "weights" / f"{name}.safetensors"))
         with open(self.out / "models.csv", "a", newline="") as f:
             writer = csv.writer(f)
             for row in rows:
                 writer.writerow([_cell(row[c]) for c in MODEL_COLUMNS])
-        pq.write_table(pa.table(history), self.out / "history" / f"{name}.parquet")
-        save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()},
-                  str(self.out / "weights" / f"{name}.safetensors"))
+        self.config["written"].append({"name": name, "models": [int(r["model"]) for r in rows],
+                                       "steps": int(rows[0]["steps"]) if rows else 0})
+        self.write_config()
 
     def finish(self, status: str, **extra) -> None:
         """Mark the run finished (or interrupted); models.csv is rewritten in model order."""

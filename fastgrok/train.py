@@ -16,7 +16,7 @@ from fastgrok.errors import ConfigError
 from fastgrok.ipr import neuron_ipr
 from fastgrok.phases import phase
 from fastgrok.population import METRICS, Population, plan
-from fastgrok.results import HISTORY_COLUMNS, RunWriter
+from fastgrok.results import HISTORY_COLUMNS, RunWriter, read_models
 
 
 def resolve_device(device: str) -> torch.device:
@@ -86,25 +86,34 @@ def model_rows(pop: Population, metrics: dict[str, torch.Tensor]) -> list[dict]:
 def train(grid: Grid, settings: Settings, out: Path, *, device: str = "auto", backend="auto",
           precision: str = "fp32",
           on_step: Callable[[int, int], None] | None = None, budget: int | None = None,
-          populations: list[list[int]] | None = None) -> Run:
+          populations: list[list[int]] | None = None, resume: bool = False) -> Run:
     """Train every model of `grid`; write `out`. Ctrl-C writes what is done, then raises Interrupted.
 
     on_step(models, step) is called after every step of a population of `models` models.
 
     backend: a name ("auto", "torch", "triton") or a backend object. `populations` (model indices per
-    population) defaults to `population.plan` under the memory `budget`."""
+    population) defaults to `population.plan` under the memory `budget`. resume=True continues an interrupted
+    run in `out`: finished populations stay, the rest is trained again from its seeds (same results)."""
     settings.check()
     dev = resolve_device(device)
     hypers = grid.models()
     engine = make_backend(backend, dev, precision) if isinstance(backend, str) else backend
+    if resume:
+        writer, done = RunWriter.reopen(out, settings.steps)
+        rows = read_models(out)
+    else:
+        done, rows = set(), []
+    todo = [i for i in range(len(hypers)) if i not in done]
     if populations is None:
-        populations = plan(hypers, settings, dev, budget, backend=engine.name)
-    writer = RunWriter(out, grid, settings, dev, engine.name,
-                       extra={"populations": [len(ids) for ids in populations]})
-    rows: list[dict] = []
+        populations = [[todo[j] for j in ids] for ids in plan([hypers[i] for i in todo], settings, dev, budget,
+                                                                backend=engine.name)] if todo else []
+    if not resume:
+        writer = RunWriter(out, grid, settings, dev, engine.name,
+                           extra={"populations": [len(ids) for ids in populations]})
     start, model_steps = time.perf_counter(), 0
 
     def summary(status: str) -> Run:
+        rows.sort(key=lambda r: r["model"])
         seconds = time.perf_counter() - start
         writer.finish(status, seconds=round(seconds, 3), model_steps=model_steps,
                       model_steps_per_s=round(model_steps / max(seconds, 1e-9), 1), models_written=len(rows))

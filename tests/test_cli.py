@@ -170,3 +170,34 @@ def test_no_option_runs_the_cpu_preset_and_says_so(tmp_path, monkeypatch):
     # an explicit option overrides the preset it was given with
     result = runner.invoke(app, ["train", "--preset", "cpu-demo", "--xi", "0.25", "--out", str(tmp_path / "b")])
     assert result.exit_code == 0 and read_config(tmp_path / "b")["grid"]["xi"] == [0.25]
+
+
+def test_resume_finishes_an_interrupted_run_with_the_results_of_an_uninterrupted_one(tmp_path, monkeypatch):
+    args = [*SMALL, "--xi", "0,0.3", "--width", "8,12"]  # two populations (one per width) of 30 steps
+    assert run(*args, "--out", tmp_path / "straight").exit_code == 0
+    real_step, calls = TorchBackend.step, {"n": 0}
+
+    def step(self, pop):
+        calls["n"] += 1
+        if calls["n"] == 43:  # the first population is done, the second at step 12
+            raise KeyboardInterrupt
+        return real_step(self, pop)
+
+    monkeypatch.setattr(TorchBackend, "step", step)
+    out = tmp_path / "resumed"
+    result = run(*args, "--out", out)
+    assert result.exit_code == 130 and "--resume" in result.output
+    assert [r["steps"] for r in read_models(out)] == [30, 12, 30, 12]
+    monkeypatch.setattr(TorchBackend, "step", real_step)
+    assert run("--resume", out, "--xi", "0.5").exit_code == 2  # the grid comes from the run
+    result = run("--resume", out)
+    assert result.exit_code == 0, result.output
+    assert "Resuming: 2 models of 4 left" in result.output
+    config = read_config(out)
+    assert config["status"] == "complete" and len(config["resumed"]) == 1
+    assert [w["models"] for w in config["written"]] == [[0, 2], [1, 3]]
+    assert (out / "models.csv").read_text() == (tmp_path / "straight" / "models.csv").read_text()
+    resumed, straight = (pq.read_table(d / "history").to_pydict() for d in (out, tmp_path / "straight"))
+    key = lambda h: sorted(zip(h["model"], h["step"], h["test_acc"]))  # noqa: E731
+    assert key(resumed) == key(straight)  # no leftover rows from the interrupted population
+    assert run("--resume", out).output.strip().endswith("nothing left to train.")

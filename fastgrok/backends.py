@@ -63,9 +63,22 @@ def _grads(U, V, W, m, n, y, valid, D, mask, act: str, loss: str):
 
 
 # On a CPU, glibc returns allocations above 32 MB to the OS at every free, and touching fresh pages costs more
-# than the arithmetic (2 cores: 16 models of N 500 ran at 23 model-steps/s in one batch, 57 one at a time).
-# So the CPU path works through models in chunks whose (D, N) activations stay under this size.
+# than the arithmetic (2 cores, 16 models of N 500: 30 model-steps/s in one batch, 49 in chunks of this size).
+# So the CPU path works through models in chunks whose (D, N) activations stay under it.
 CPU_CHUNK_BYTES = 24 << 20
+
+
+def _finish_step(pop: Population, losses: torch.Tensor, grads, update) -> torch.Tensor:
+    """Freeze every model whose loss or gradients are not finite (for good), then let `update` (an optimizer
+    step with fastgrok.optim.step_'s signature) move the others."""
+    ok = torch.isfinite(losses)
+    for g in grads:
+        ok &= torch.isfinite(g).flatten(1).all(1)
+    pop.diverged |= ~ok
+    pop.step += 1
+    update(pop.settings.optimizer, pop.params, grads, pop.exp_avg, pop.exp_avg_sq, pop.step, pop.lr, pop.wd,
+           pop.beta1, pop.beta2, pop.eps, active=~pop.diverged)
+    return losses
 
 
 class TorchBackend:
@@ -92,15 +105,8 @@ class TorchBackend:
             sl = slice(lo, lo + chunk)
             parts.append(self.grads(pop.U[sl], pop.V[sl], pop.W[sl], pop.train_m[sl], pop.train_n[sl], pop.train_y[sl],
                                     pop.valid[sl], D[sl], None if masks is None else masks[sl], s.act, s.loss))
-        losses, dU, dV, dW = (torch.cat(t) for t in zip(*parts)) if len(parts) > 1 else parts[0]
-        ok = torch.isfinite(losses)
-        for g in (dU, dV, dW):
-            ok &= torch.isfinite(g).flatten(1).all(1)
-        pop.diverged |= ~ok
-        pop.step += 1
-        optim.step_(s.optimizer, pop.params, (dU, dV, dW), pop.exp_avg, pop.exp_avg_sq, pop.step,
-                    pop.lr, pop.wd, pop.beta1, pop.beta2, pop.eps, active=~pop.diverged)
-        return losses
+        losses, *grads = (torch.cat(t) for t in zip(*parts)) if len(parts) > 1 else parts[0]
+        return _finish_step(pop, losses, grads, optim.step_)
 
 
 class TritonBackend:
@@ -153,14 +159,7 @@ class TritonBackend:
         losses = torch.where(pop.valid, example_loss, 0.0).sum(1) / data["D"]
         grads = backward(*pop.params, data["m"], data["n"], data["count"], G, act=act, precision=self.precision,
                          dropout=data["dropout"], step=pop.step, fused=self.fused, **self.blocks)
-        ok = torch.isfinite(losses)
-        for g in grads:
-            ok &= torch.isfinite(g).flatten(1).all(1)
-        pop.diverged |= ~ok
-        pop.step += 1
-        optimizer_step_(s.optimizer, pop.params, grads, pop.exp_avg, pop.exp_avg_sq, pop.step, pop.lr, pop.wd,
-                        pop.beta1, pop.beta2, pop.eps, active=~pop.diverged)
-        return losses
+        return _finish_step(pop, losses, grads, optimizer_step_)
 
     @staticmethod
     def eval_bytes(width: int, p: int) -> int:

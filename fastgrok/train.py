@@ -98,16 +98,14 @@ def train(grid: Grid, settings: Settings, out: Path, *, device: str = "auto", ba
     dev = resolve_device(device)
     hypers = grid.models()
     engine = make_backend(backend, dev, precision) if isinstance(backend, str) else backend
-    if resume:
-        writer, done = RunWriter.reopen(out, settings.steps)
-        rows = read_models(out)
-    else:
-        done, rows = set(), []
+    writer, done = RunWriter.reopen(out, settings.steps) if resume else (None, set())
+    rows = read_models(out) if resume else []
     todo = [i for i in range(len(hypers)) if i not in done]
-    if populations is None:
-        populations = [[todo[j] for j in ids] for ids in plan([hypers[i] for i in todo], settings, dev, budget,
-                                                                backend=engine.name)] if todo else []
-    if not resume:
+    if populations is None and todo:
+        planned = plan([hypers[i] for i in todo], settings, dev, budget, backend=engine.name)
+        populations = [[todo[j] for j in ids] for ids in planned]
+    populations = populations or []
+    if writer is None:
         writer = RunWriter(out, grid, settings, dev, engine.name,
                            extra={"populations": [len(ids) for ids in populations]})
     start, model_steps = time.perf_counter(), 0

@@ -91,6 +91,9 @@ class TorchBackend:
     def __init__(self, compile: bool = False):
         self.grads = torch.compile(_grads, dynamic=False) if compile else _grads
 
+    def check(self, settings) -> None:
+        """Refuse settings this backend cannot run (any p runs here)."""
+
     def step(self, pop: Population) -> torch.Tensor:
         """One step for every model; returns the (B,) training losses before the update."""
         s = pop.settings
@@ -128,6 +131,14 @@ class TritonBackend:
         # register spills in tf32 and bf16 on sm_90 (bench/kernel_resources.py); speed is for the GPU sweep to say.
         self.blocks = {"block_d": block_d, "block_n": block_n, "num_warps": num_warps}
         self.name = f"triton-{precision}"
+
+    # p is padded to a power of two inside the kernels; at 1024 the tiles no longer fit an SM's shared memory
+    # (p 512: 209 KB of the H100's 227 KB in the dU/dV kernel, bench/kernel_resources.py).
+    MAX_P = 512
+
+    def check(self, settings) -> None:
+        if settings.p > self.MAX_P:
+            raise ConfigError(f"the triton backend handles p up to {self.MAX_P}; use --backend torch for p {settings.p}")
 
     def _data(self, pop: Population):
         """int32 copies of the training data and the per-model dropout constants, made once per population."""

@@ -111,6 +111,7 @@ def _run(axes, shared, betas, preset, dev, backend, precision, out) -> None:
     out = out if out is not None else default_out_dir()
     check_out_dir(out)
     engine = make_backend(backend, dev, precision)
+    engine.check(settings)
     populations = plan(grid.models(), settings, dev, backend=engine.name)
     _train_with_progress(grid, settings, out, dev, engine, len(grid), populations=populations)
 

@@ -98,6 +98,7 @@ def train(grid: Grid, settings: Settings, out: Path, *, device: str = "auto", ba
     dev = resolve_device(device)
     hypers = grid.models()
     engine = make_backend(backend, dev, precision) if isinstance(backend, str) else backend
+    engine.check(settings)
     writer, done = RunWriter.reopen(out, settings.steps) if resume else (None, set())
     rows = read_models(out) if resume else []
     todo = [i for i in range(len(hypers)) if i not in done]

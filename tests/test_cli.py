@@ -107,6 +107,7 @@ def test_ctrl_c_keeps_what_was_done(tmp_path, monkeypatch):
         (["--preset", "nope"], "unknown preset"),
         (["--backend", "jax"], "unknown backend"),
         (["--backend", "triton", "--precision", "fp8"], "unknown precision"),
+        (["--backend", "triton", "--p", "521"], "p up to 512"),
         (["--width", "100000000"], "GiB"),
     ],
 )

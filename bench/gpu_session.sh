@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # The GPU measurements issue 3 owes, in stages that each fit one device call (10 minutes):
 #   bash bench/gpu_session.sh tests      GPU parity tests + kernel tests on CUDA
-#   bash bench/gpu_session.sh bench      fastgrok bench: every variant, N 128/512/2048, B 1..max
+#   bash bench/gpu_session.sh bench      fastgrok bench: every variant but torch.compile, N 128/512/2048, B 1..max
+#   bash bench/gpu_session.sh compiled   the torch.compile baseline alone (its compiles take minutes)
 #   bash bench/gpu_session.sh precision  validation grid in every precision (default-precision choice)
 #   bash bench/gpu_session.sh e2e        the 1,156-model wd diagram end to end, and 8192 models of N 512
 #   bash bench/gpu_session.sh sweep      tile sizes of the Triton step (N 512, B 1024, tf32)
 # Logs and JSON land in $OUT (the device tool brings them back); commit them under bench/results/.
+# With 30 minutes of device time a session, take them in this order: tests + sweep, bench, precision + e2e,
+# compiled; put two stages in one call where both fit in 10 minutes (a fresh machine costs minutes to start).
 set -uo pipefail
 OUT=${OUT:-bench/results}
 mkdir -p "$OUT"
@@ -14,7 +17,9 @@ python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 ||
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 case "${1:-}" in
   tests) python3 -m pytest -q tests/test_gpu.py tests/test_kernels.py 2>&1 | tee "$OUT/gpu_tests.log" ;;
-  bench) fastgrok bench --width 128,512,2048 --models 1,64,1024,max --out "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" ;;
+  bench) fastgrok bench --width 128,512,2048 --models 1,64,1024,max --variants torch,torch-tf32,triton-fp32,triton-tf32,triton-tf32x3,triton-bf16 \
+           --out "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" ;;
+  compiled) fastgrok bench --width 128,512,2048 --models 1024 --variants torch-compile --out "$OUT/bench-compiled.json" 2>&1 | tee "$OUT/bench-compiled.log" ;;
   precision) python3 bench/validate_precision.py --out "$OUT/precision.json" 2>&1 | tee "$OUT/precision.log" ;;
   e2e)
     ( time fastgrok train --preset wd-diagram --log-every 100 --precision "${PRECISION:-tf32}" --out /tmp/wd ) 2>&1 | tail -30 | tee "$OUT/e2e.log"
@@ -30,5 +35,5 @@ print(f"8192 models of N 512: peak GPU memory {torch.cuda.max_memory_allocated()
 PY
     ;;
   sweep) python3 bench/sweep_blocks.py --out "$OUT/sweep.json" 2>&1 | tee "$OUT/sweep.log" ;;
-  *) echo "usage: $0 tests|bench|precision|e2e|sweep"; exit 2 ;;
+  *) echo "usage: $0 tests|sweep|bench|compiled|precision|e2e"; exit 2 ;;
 esac

@@ -89,6 +89,10 @@ class TorchBackend:
     eval_bytes = staticmethod(torch_eval_bytes)
 
     def __init__(self, compile: bool = False):
+        if compile:
+            # One static graph per population shape; a benchmark visits a dozen shapes, and past dynamo's default
+            # of 8 recompiles it would silently fall back to eager for the rest.
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         self.grads = torch.compile(_grads, dynamic=False) if compile else _grads
 
     def check(self, settings) -> None:

@@ -151,10 +151,10 @@ def prune(run: Path, order: str = "low", models: str | None = None, every: int |
             pop.W = full_W * keep[:, :, None]  # a dropped neuron contributes nothing to any output
             results.append(pop.evaluate())
         pop.W = full_W
+        stacked = {k: torch.stack([r[k] for r in results], 1).numpy() for k in METRICS}  # (B, levels)
         for b, m in enumerate(pop.model_ids):
-            curve = {"pruned": np.array(levels), "fraction": np.array(levels) / N}
-            curve.update({k: np.array([r[k][b].item() for r in results]) for k in METRICS})
-            curves[m] = curve
+            curves[m] = {"pruned": np.array(levels), "fraction": np.array(levels) / N,
+                         **{k: stacked[k][b] for k in METRICS}}
     table = {"model": [], "pruned": [], "fraction": [], **{k: [] for k in METRICS}}
     for m, curve in curves.items():
         table["model"].append(np.full(len(curve["pruned"]), m))

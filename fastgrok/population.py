@@ -107,7 +107,7 @@ class Population:
         return mlp
 
     @torch.no_grad()
-    def evaluate(self, engine=None, max_bytes: int = 1 << 28) -> dict[str, torch.Tensor]:
+    def evaluate(self, engine=None, max_bytes: int | None = None) -> dict[str, torch.Tensor]:
         """Every metric of every model on all pairs (no dropout): a dict of (B,) float64 CPU tensors.
 
         train_*: training set against the labels trained on; test_*: held-out pairs (true labels);
@@ -116,8 +116,10 @@ class Population:
         is empty (corrupted_acc of a model with xi = 0).
 
         `engine` (a backend; default torch) runs the forward pass for chunks of models whose working memory,
-        engine.eval_bytes(width, p) per example, fits `max_bytes`.
+        engine.eval_bytes(width, p) per example, fits `max_bytes` (default: 2 GiB on a GPU, 256 MiB on a CPU).
         """
+        if max_bytes is None:
+            max_bytes = 1 << 31 if self.device.type == "cuda" else 1 << 28
         outputs = engine.outputs if engine is not None else torch_outputs
         per_example = (engine.eval_bytes if engine is not None else torch_eval_bytes)(self.width, self.settings.p)
         m_all, n_all, z_all = self.pairs

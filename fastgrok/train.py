@@ -57,7 +57,7 @@ class _History:
         self.last = None
 
     def log(self, pop: Population) -> dict[str, torch.Tensor]:
-        metrics = pop.evaluate(self.engine, max_bytes=1 << 31 if pop.device.type == "cuda" else 1 << 28)
+        metrics = pop.evaluate(self.engine)
         self.columns["model"].append(np.asarray(pop.model_ids, dtype=np.int32))
         self.columns["step"].append(np.full(len(pop), pop.step, dtype=np.int32))
         for k in METRICS:

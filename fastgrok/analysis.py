@@ -80,19 +80,19 @@ def ipr(run: Path, fft: str = "rfft", threshold: float = HIGH_IPR, models: str |
     values: dict[int, np.ndarray] = {}
     for pop in load_populations(run, device, set(chosen) if chosen is not None else None):
         result = neuron_ipr(pop.U, pop.V, pop.W, fft)
-        high, mean, dead = result.high_fraction(threshold), result.model_mean(), result.dead.sum(1)
-        B, N = result.mean.shape
+        high, mean = result.high_fraction(threshold).tolist(), result.model_mean().tolist()
+        dead_count = result.dead.sum(1).tolist()
+        neuron_mean, dead = result.mean.cpu().numpy(), result.dead.cpu().numpy()
+        B, N = neuron_mean.shape
         table["model"].append(np.repeat(pop.model_ids, N))
         table["neuron"].append(np.tile(np.arange(N), B))
         for key in ("u", "v", "w", "mean"):
             table["ipr" if key == "mean" else f"ipr_{key}"].append(getattr(result, key).cpu().numpy().ravel())
-        table["dead"].append(result.dead.cpu().numpy().ravel())
-        for b, m in enumerate(pop.model_ids):
-            per_model["mean_ipr"][m] = float(mean[b])
-            per_model["high_ipr_fraction"][m] = float(high[b])
-            per_model["dead_neurons"][m] = int(dead[b])
-            live = ~result.dead[b]
-            values[m] = result.mean[b][live].cpu().numpy()
+        table["dead"].append(dead.ravel())
+        for b, m in enumerate(pop.model_ids):  # bookkeeping only: the IPRs were computed above, batched
+            per_model["mean_ipr"][m], per_model["high_ipr_fraction"][m] = mean[b], high[b]
+            per_model["dead_neurons"][m] = dead_count[b]
+            values[m] = neuron_mean[b][~dead[b]]
     columns = {k: np.concatenate(v) for k, v in table.items()}
     arrays = {k: pa.array(v, mask=np.isnan(v)) if v.dtype.kind == "f" else pa.array(v) for k, v in columns.items()}
     pq.write_table(pa.table(arrays), run / "ipr.parquet")  # missing IPR (zero vectors) are nulls, not NaN

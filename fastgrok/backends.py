@@ -56,6 +56,7 @@ def _grads(U, V, W, m, n, y, valid, D, mask, act: str, loss: str):
         dS.mul_(pre > 0)
     if mask is not None:
         dS.mul_(mask)
+    dS = dS.to(U.dtype)  # under autocast (the bf16 comparison in tests/test_gpu.py) bmm returns bf16
     flat = lambda idx: (rows * U.shape[1] + idx).reshape(-1)  # noqa: E731
     dU = torch.zeros_like(U).view(-1, U.shape[-1]).index_add_(0, flat(m), dS.reshape(B * Dm, -1)).view_as(U)
     dV = torch.zeros_like(V).view(-1, V.shape[-1]).index_add_(0, flat(n), dS.reshape(B * Dm, -1)).view_as(V)

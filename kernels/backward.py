@@ -7,7 +7,8 @@
 Each program owns its chunk of dW, dU and dV and loops over all of its model's examples, so the scatter of the
 one-hot first layer is a dense one-hot dot instead of atomics: no race, bit-identical results run to run. The
 pre-activation is recomputed from U and V (cheap gathers) instead of being stored. The one-hot dots cost
-2 x 2 D N P FLOPs beyond the 6 D N p of the textbook count; on tensor cores they are cheaper than atomics.
+2 x 2 D N P FLOPs beyond the 6 D N p of the textbook count; they are here for determinism (the project's earlier
+H100 measurement found one-hot dots and atomics about as fast; bench/NOTES.md has the FLOP budget).
 `WITH_W` / `WITH_UV` split the work into two launches (smaller register footprint) or fuse it into one.
 """
 

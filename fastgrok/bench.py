@@ -69,7 +69,7 @@ def _tf32(enabled: bool):
 
 
 def _timed(fn, device: torch.device, min_seconds: float = 0.5, max_steps: int = 200) -> float:
-    """Median-free steady-state time per call: 3 warm-up calls, then enough calls to fill `min_seconds`."""
+    """Mean time per call in steady state: 3 warm-up calls, then enough calls to fill `min_seconds`."""
     for _ in range(3):
         fn()
     _sync(device)

@@ -55,8 +55,9 @@ def table(precisions, tiles):
         kernels = {
             "forward": (_forward_kernel, dict(common, LOSS_KIND=0, TRAIN=True)),
             "evaluate": (_forward_kernel, dict(common, LOSS_KIND=0, TRAIN=False, DROPOUT=False)),
-            "backward dW": (_backward_kernel, dict(common, WITH_W=True, WITH_UV=False)),
-            "backward dU dV": (_backward_kernel, dict(common, WITH_W=False, WITH_UV=True)),
+            "backward dW": (_backward_kernel, dict(common, WITH_W=True, WITH_UV=False, WINDOW=0)),
+            "backward dU dV": (_backward_kernel, dict(common, WITH_W=False, WITH_UV=True, WINDOW=0)),
+            "dU dV windowed": (_backward_kernel, dict(common, WITH_W=False, WITH_UV=True, WINDOW=16)),
         }
         for name, (fn, constexprs) in kernels.items():
             rows.append({"kernel": name, "precision": precision, "tile": (block_d, block_n, warps),

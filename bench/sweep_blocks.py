@@ -2,7 +2,8 @@
 
     python bench/sweep_blocks.py --width 512 --models 1024 --precision tf32
 
-What it is for: the backward re-reads G (D x p per model) once per chunk of block_n neurons, and the forward
+What it is for: the two scatters of the backward (kernels/backward.py) against each other, and the tiles:
+the backward re-reads G (D x p per model) once per chunk of block_n neurons, and the forward
 re-reads W per tile of block_d examples, so the tiles trade re-reads against registers. Measure, then set the
 defaults in fastgrok/backends.py from the numbers."""
 
@@ -30,18 +31,20 @@ def main() -> None:
     pop = Population([Hyper(width=args.width, seed=i) for i in range(args.models)], settings, dev)
     flops = flops_per_model_step(settings.p, args.width, int(pop.D.max()))
     results = []
-    for block_d, block_n, warps, fused in itertools.product((32, 64), (32, 64), (4, 8), (False, True)):
-        engine = TritonBackend(args.precision, fused=fused, block_d=block_d, block_n=block_n, num_warps=warps)
+    for scatter, block_d, block_n, warps, fused in itertools.product(("window", "onehot"), (32, 64), (32, 64), (4, 8),
+                                                                     (False, True)):
+        engine = TritonBackend(args.precision, fused=fused, scatter=scatter, block_d=block_d, block_n=block_n,
+                               num_warps=warps)
+        config = f"{scatter:>6} block_d {block_d:>3} block_n {block_n:>3} warps {warps} fused {fused!s:>5}"
         try:
             sec = _timed(lambda: engine.step(pop), dev)
         except Exception as e:  # out of resources for this tile: record and go on
-            print(f"block_d {block_d} block_n {block_n} warps {warps} fused {fused}: {type(e).__name__}")
+            print(f"{config}: {type(e).__name__}")
             continue
         rate = args.models / sec
-        results.append({"block_d": block_d, "block_n": block_n, "num_warps": warps, "fused": fused, "model_steps_per_s": rate,
-                        "tflops": rate * flops / 1e12})
-        print(f"block_d {block_d:>3} block_n {block_n:>3} warps {warps} fused {fused!s:>5}: {rate:>10,.0f} model-steps/s "
-              f"{rate * flops / 1e12:6.1f} TFLOP/s")
+        results.append({"scatter": scatter, "block_d": block_d, "block_n": block_n, "num_warps": warps, "fused": fused,
+                        "model_steps_per_s": rate, "tflops": rate * flops / 1e12})
+        print(f"{config}: {rate:>10,.0f} model-steps/s {rate * flops / 1e12:6.1f} TFLOP/s")
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"width": args.width, "models": args.models, "precision": args.precision, "results": results}, f, indent=2)

@@ -126,13 +126,18 @@ class TritonBackend:
 
     name = "triton"
 
-    def __init__(self, precision: str = "fp32", fused: bool = False, block_d: int = 32, block_n: int = 32,
-                 num_warps: int = 4):
+    def __init__(self, precision: str = "fp32", fused: bool = False, scatter: str = "window", block_d: int = 32,
+                 block_n: int = 32, num_warps: int = 4):
+        from fastgrok.kernels.backward import SCATTERS
         from fastgrok.kernels.hidden import PRECISIONS
 
         if precision not in PRECISIONS:
             raise ConfigError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
-        self.precision, self.fused = precision, fused
+        if scatter not in SCATTERS:
+            raise ConfigError(f"unknown scatter {scatter!r}; choose one of {', '.join(SCATTERS)}")
+        self.precision, self.fused, self.scatter = precision, fused, scatter
+        # scatter "window" (default) executes about 6.6 D N P FLOPs a step against "onehot"'s 10 D N P and needs
+        # half the registers (kernels/backward.py, bench/NOTES.md); predicted faster, to be measured on a GPU.
         # Tiles of examples and of hidden neurons. 32 x 32 with 4 warps is the largest tile that compiles without
         # register spills in tf32 and bf16 on sm_90 (bench/kernel_resources.py); speed is for the GPU sweep to say.
         self.blocks = {"block_d": block_d, "block_n": block_n, "num_warps": num_warps}
@@ -147,17 +152,25 @@ class TritonBackend:
             raise ConfigError(f"the triton backend handles p up to {self.MAX_P}; use --backend torch for p {settings.p}")
 
     def _data(self, pop: Population):
-        """int32 copies of the training data and the per-model dropout constants, made once per population."""
+        """int32 copies of the training data and the per-model dropout constants, made once per population.
+
+        The kernels see each model's examples in tile order (kernels.backward.tile_order; `order` maps a kernel
+        slot to the population's slot): a full-batch step does not depend on the order beyond rounding, and the
+        windowed scatter needs it to be cheap."""
+        from fastgrok.kernels.backward import tile_order
+
         cached = getattr(pop, "_triton_data", None)
         if cached is None:
             dev = pop.device
+            order = tile_order(pop.train_m, pop.train_n, pop.valid, pop.settings.p)
+            m, n, y = (torch.gather(t, 1, order).int() for t in (pop.train_m, pop.train_n, pop.train_y))
             rates = pop.dropout.double()
             dropout = None
             if bool((rates > 0).any()):
                 threshold = torch.clamp(torch.round(rates * 2.0**32), max=2.0**32 - 1).long()
                 dropout = (pop.dropout_seed.to(dev), threshold.to(dev), (1.0 / (1.0 - rates)).float().to(dev))
             cached = pop._triton_data = {
-                "m": pop.train_m.int(), "n": pop.train_n.int(), "y": pop.train_y.int(),
+                "m": m, "n": n, "y": y, "order": order,
                 "count": pop.D.int().to(dev), "D": pop.D.float().to(dev), "dropout": dropout,
             }
         return cached
@@ -175,7 +188,8 @@ class TritonBackend:
                                      dropout=data["dropout"], step=pop.step, **self.blocks)
         losses = torch.where(pop.valid, example_loss, 0.0).sum(1) / data["D"]
         grads = backward(*pop.params, data["m"], data["n"], data["count"], G, act=act, precision=self.precision,
-                         dropout=data["dropout"], step=pop.step, fused=self.fused, **self.blocks)
+                         dropout=data["dropout"], step=pop.step, fused=self.fused, scatter=self.scatter,
+                         **self.blocks)
         return _finish_step(pop, losses, grads, optimizer_step_)
 
     @staticmethod

@@ -32,6 +32,8 @@ VARIANTS = {
     "triton-tf32": ("tf32", False, lambda: TritonBackend("tf32")),
     "triton-tf32x3": ("fp32", False, lambda: TritonBackend("tf32x3")),
     "triton-bf16": ("bf16", False, lambda: TritonBackend("bf16")),
+    # the dense one-hot scatter the windowed default replaced, until a GPU run has compared them
+    "triton-tf32-onehot": ("tf32", False, lambda: TritonBackend("tf32", scatter="onehot")),
 }
 DEFAULT_VARIANTS = {"cpu": ("torch",), "cuda": tuple(VARIANTS)}
 PARITY = {"fp32": 1e-4, "tf32": 2e-2, "bf16": 5e-2}  # relative loss error allowed in the pre-timing check

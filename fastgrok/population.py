@@ -169,12 +169,12 @@ def bytes_per_model(p: int, width: int, d_max: int, num_pairs: int, backend: str
 
     Always: parameters, gradients and two Adam moments (4 x 3 p N); the data (int64 pair order, training
     indices and labels, the valid mask). torch: the written-out backward's pre-activation, activation, mask
-    and dS with its temporary (5 D N), outputs, one-hot targets, difference, G and loss terms (5 D p). triton: G (D p), per-example losses and int32
-    copies of the indices (4 D); nothing of size D N is ever stored."""
+    and dS with its temporary (5 D N), outputs, one-hot targets, difference, G and loss terms (5 D p). triton: G (D p), per-example losses, int32
+    copies of the indices in tile order and that int64 order (6 D); nothing of size D N is ever stored."""
     params = 4 * 3 * p * width
     data = 8 * num_pairs + 8 * 3 * d_max + d_max + 256  # + per-model scalars (seeds, counts, hyper-parameters)
     if backend.startswith("triton"):
-        work = d_max * p + 4 * d_max
+        work = d_max * p + 6 * d_max
     else:
         work = 5 * d_max * width + 5 * d_max * p
     return 4 * (params + work) + data

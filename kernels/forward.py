@@ -52,7 +52,7 @@ def _forward_kernel(
             pre = preactivation(U + b * stride_ub, V + b * stride_vb, m, n, offs_k,
                                 mask_d[:, None] & mask_k[None, :], stride_up, stride_vp)
             if DROPOUT:
-                pre = pre * dropout_scale(offs_d, offs_k, width, seed, step_key, threshold, inv_keep)
+                pre = pre * dropout_scale(m * p + n, offs_k, width, seed, step_key, threshold, inv_keep)
             h = activation(pre, ACT)
             w = tl.load(W + b * stride_wb + offs_k[:, None] * stride_wn + offs_p[None, :],
                         mask=mask_k[:, None] & mask_p[None, :], other=0.0)

@@ -1,11 +1,12 @@
 """The hidden layer of one tile, recomputed wherever a kernel needs it, and the precision-selecting dot.
 
     pre[d, k] = U[b, m_d, k] + V[b, n_d, k]                  one-hot first layer = two row gathers
-    pre       = pre * keep[d, k] / (1 - rate)                 dropout, keep = philox(seed_b, step)[d N + k] >= rate 2^32
+    pre       = pre * keep[d, k] / (1 - rate)                 dropout, keep = philox(seed_b, step)[pair_d N + k] >= rate 2^32
     h         = pre^2 (quad) or max(pre, 0) (relu)
 
-The dropout mask is a pure function of (model seed, step, example slot d, neuron k), so the forward and both
-backward kernels draw the same mask without storing it, and a model draws the same masks in any population.
+The dropout mask is a pure function of (model seed, step, pair m_d p + n_d, neuron k), so the forward and both
+backward kernels draw the same mask without storing it, a model draws the same masks in any population, and the
+order in which a kernel visits the examples does not matter.
 """
 
 import triton
@@ -28,11 +29,11 @@ def dot(a, b, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def dropout_scale(offs_d, offs_k, width, seed, step_key, threshold, inv_keep):
+def dropout_scale(pair, offs_k, width, seed, step_key, threshold, inv_keep):
     """(BLOCK_D, BLOCK_N) inverted-dropout factors: 0 or 1 / (1 - rate). step_key = step << 32, shifted on the
     host (a scalar argument may arrive as int32, or as a constant when it equals 1)."""
     key = step_key | (seed & 0xFFFFFFFF)
-    r = tl.randint(key, offs_d[:, None] * width + offs_k[None, :])
+    r = tl.randint(key, pair[:, None] * width + offs_k[None, :])
     return tl.where(r.to(tl.uint32) >= threshold.to(tl.uint32), inv_keep, 0.0)
 
 

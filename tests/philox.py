@@ -32,9 +32,10 @@ def randint(seed: int, offsets: torch.Tensor) -> torch.Tensor:
     return c0
 
 
-def dropout_mask(seed32: int, step: int, rate: float, d: int, width: int) -> torch.Tensor:
-    """The (d, width) inverted-dropout factors the kernels use for one model at one step."""
-    offsets = torch.arange(d)[:, None] * width + torch.arange(width)[None, :]
+def dropout_mask(seed32: int, step: int, rate: float, pairs: torch.Tensor, width: int) -> torch.Tensor:
+    """The (d, width) inverted-dropout factors the kernels use for one model at one step on examples whose pair
+    ids m p + n are `pairs` (d,)."""
+    offsets = pairs.long().cpu()[:, None] * width + torch.arange(width)[None, :]
     r = randint((step << 32) | seed32, offsets)
     threshold = min(round(rate * 2.0**32), 2**32 - 1)
     return (r >= threshold).float() * torch.tensor(1.0 / (1.0 - rate), dtype=torch.float64).float()

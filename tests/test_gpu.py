@@ -33,7 +33,8 @@ def test_one_step_at_real_size_matches_reference():
         mlp = pop.model(b)
         h, d = hypers[b], int(pop.D[b])
         opt = reference.make_optimizer(mlp, "adamw", h.lr, h.wd, (0.9, 0.98), 1e-8)
-        mask = dropout_mask(int(pop.dropout_seed[b]), 0, h.dropout, d, WIDTH) if h.dropout else None
+        pairs = pop.train_m[b, :d] * P + pop.train_n[b, :d]
+        mask = dropout_mask(int(pop.dropout_seed[b]), 0, h.dropout, pairs, WIDTH) if h.dropout else None
         value = reference.train_step(mlp, opt, *(t[b, :d].cpu() for t in (pop.train_m, pop.train_n, pop.train_y)), "mse", mask)
         refs[b] = (mlp, value)
     losses = TritonBackend("fp32").step(pop)

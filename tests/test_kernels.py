@@ -39,8 +39,9 @@ class Reference:
             self.models.append((mlp, reference.make_optimizer(mlp, s.optimizer, h.lr, h.wd, s.betas, s.eps), *data))
 
     def mask(self, b, step):
-        h, d = self.pop.hypers[b], int(self.pop.D[b])
-        return dropout_mask(int(self.pop.dropout_seed[b]), step, h.dropout, d, h.width) if h.dropout else None
+        h, (_, _, m, n, _) = self.pop.hypers[b], self.models[b]
+        pairs = m * self.pop.settings.p + n
+        return dropout_mask(int(self.pop.dropout_seed[b]), step, h.dropout, pairs, h.width) if h.dropout else None
 
     def step(self, step):
         return [reference.train_step(mlp, opt, m, n, y, self.pop.settings.loss, self.mask(b, step))
@@ -61,20 +62,22 @@ def test_one_step_matches_reference(act, loss, optimizer):
     data = engine._data(pop)
     example_loss, G, _ = forward(*pop.params, data["m"], data["n"], data["y"], data["count"], act=ACT_CODES[act],
                                  loss=LOSS_CODES[loss], precision="fp32", train=True, dropout=data["dropout"], step=0)
-    dU, dV, dW = backward(*pop.params, data["m"], data["n"], data["count"], G, act=ACT_CODES[act], precision="fp32",
-                          dropout=data["dropout"], step=0)
+    grads = {scatter: backward(*pop.params, data["m"], data["n"], data["count"], G, act=ACT_CODES[act],
+                               precision="fp32", dropout=data["dropout"], step=0, scatter=scatter)
+             for scatter in ("onehot", "window")}
     for b, (mlp, opt, m, n, y) in enumerate(ref.models):
         mlp.train()
         out = mlp(m, n, ref.mask(b, 0))
         out.retain_grad()
         per_example = reference.per_example_loss(out, y, loss)
         per_example.mean().backward()
-        d = m.numel()
-        assert_close(f"loss[{b}]", example_loss[b, :d], per_example)
-        assert_close(f"G[{b}]", G[b, :d], out.grad)
-        assert_close(f"dU[{b}]", dU[b], mlp.U.grad.T)
-        assert_close(f"dV[{b}]", dV[b], mlp.V.grad.T)
-        assert_close(f"dW[{b}]", dW[b], mlp.W.grad.T)
+        order = data["order"][b, : m.numel()].cpu()  # the kernels see the examples in tile order
+        assert_close(f"loss[{b}]", example_loss[b, : m.numel()], per_example[order])
+        assert_close(f"G[{b}]", G[b, : m.numel()], out.grad[order])
+        for scatter, (dU, dV, dW) in grads.items():
+            assert_close(f"dU[{b}] ({scatter})", dU[b], mlp.U.grad.T)
+            assert_close(f"dV[{b}] ({scatter})", dV[b], mlp.V.grad.T)
+            assert_close(f"dW[{b}] ({scatter})", dW[b], mlp.W.grad.T)
         mlp.zero_grad()
     engine.step(pop)
     ref.step(0)
@@ -97,27 +100,31 @@ def test_thirty_step_trajectory_with_dropout_and_per_model_hyperparameters():
         assert_close(f"W[{b}] after 30 steps", pop.W[b], mlp.W.T)
 
 
-def run(hs, steps, settings=None, fused=False):
+def run(hs, steps, settings=None, fused=False, scatter="window"):
     pop = Population(hs, settings or Settings(p=P), DEVICE)
-    engine = TritonBackend("fp32", fused=fused)
+    engine = TritonBackend("fp32", fused=fused, scatter=scatter)
     for _ in range(steps):
         engine.step(pop)
     return pop
 
 
-def test_together_equals_alone_bit_for_bit():
-    together = run(hypers(), 5)
+@pytest.mark.parametrize("scatter", ["onehot", "window"])
+def test_together_equals_alone_bit_for_bit(scatter):
+    together = run(hypers(), 5, scatter=scatter)
     for b, h in enumerate(hypers()):
-        alone = run([h], 5)
+        alone = run([h], 5, scatter=scatter)
         for name in ("U", "V", "W"):
             assert torch.equal(getattr(together, name)[b], getattr(alone, name)[0]), f"{name}[{b}]"
 
 
 def test_deterministic_and_fused_backward_agrees():
     a, b, fused = run(hypers(), 4), run(hypers(), 4), run(hypers(), 4, fused=True)
+    onehot, onehot_fused = run(hypers(), 4, scatter="onehot"), run(hypers(), 4, fused=True, scatter="onehot")
     for name in ("U", "V", "W"):
         assert torch.equal(getattr(a, name), getattr(b, name)), name
         assert torch.equal(getattr(a, name), getattr(fused, name)), name
+        assert torch.equal(getattr(onehot, name), getattr(onehot_fused, name)), name
+        assert_close(f"{name}, windowed vs one-hot scatter", getattr(a, name), getattr(onehot, name))
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered")
@@ -193,3 +200,44 @@ def test_populations_larger_than_one_grid_axis_are_launched_in_slices(monkeypatc
     for name in ("U", "V", "W"):
         assert torch.equal(getattr(sliced, name), getattr(expected, name)), name
     assert torch.equal(sliced.evaluate(TritonBackend("fp32"))["test_acc"], expected.evaluate(TritonBackend("fp32"))["test_acc"])
+
+
+def test_tile_order_keeps_the_windowed_scatter_to_a_few_windows_per_tile():
+    """The FLOP saving bench/NOTES.md predicts: at p 97, alpha 0.5, a tile of 32 examples in tile order spans
+    about 2.5 windows of 16 rows of dU and dV together, against 2 x 128 / 16 = 16 for the full one-hot dots."""
+    from fastgrok.kernels.backward import tile_order
+
+    pop = Population([Hyper(xi=0.2, alpha=a, width=8, seed=s) for s, a in enumerate((0.5, 0.5, 0.3))], Settings(p=97))
+    order = tile_order(pop.train_m, pop.train_n, pop.valid, 97)
+    windows, tiles = 0, 0
+    for b in range(2):  # the alpha 0.5 models
+        d = int(pop.D[b])
+        assert sorted(order[b, :d].tolist()) == list(range(d))  # a permutation of the training slots...
+        assert sorted(order[2, int(pop.D[2]):].tolist()) == list(range(int(pop.D[2]), pop.valid.shape[1]))  # ...padding last
+        for rows in (pop.train_m[b, order[b, :d]], pop.train_n[b, order[b, :d]]):
+            windows += sum((int(t.max()) - int(t.min())) // 16 + 1 for t in rows.split(32))
+        tiles += -(-d // 32)
+    assert windows / tiles <= 2.6, windows / tiles
+    shuffled = sum((int(t.max()) - int(t.min())) // 16 + 1 for t in pop.train_m[0, : int(pop.D[0])].split(32))
+    assert shuffled / -(-int(pop.D[0]) // 32) >= 5  # the population's own (random) order would need full dots
+
+
+@pytest.mark.parametrize("in_tile_order", [True, False])
+def test_windowed_scatter_matches_reference_over_many_windows(in_tile_order):
+    """p 37 > 16 rows, so dU and dV take several windows per tile (many more in the population's random order)."""
+    from fastgrok.kernels.backward import backward
+    from fastgrok.kernels.forward import forward
+
+    p = 37
+    pop = Population(hypers(width=8)[:2], Settings(p=p), DEVICE)
+    ref = Reference(pop)
+    data = TritonBackend("fp32")._data(pop)
+    m, n, y = (data[k] if in_tile_order else getattr(pop, f"train_{k}").int() for k in ("m", "n", "y"))
+    _, G, _ = forward(*pop.params, m, n, y, data["count"], act=0, loss=0, precision="fp32", train=True)
+    grads = {s: backward(*pop.params, m, n, data["count"], G, act=0, precision="fp32", scatter=s)
+             for s in ("onehot", "window")}
+    for b, (mlp, _, rm, rn, ry) in enumerate(ref.models):
+        reference.per_example_loss(mlp(rm, rn), ry, "mse").mean().backward()
+        for s, (dU, dV, _) in grads.items():
+            assert_close(f"dU[{b}] ({s})", dU[b], mlp.U.grad.T)
+            assert_close(f"dV[{b}] ({s})", dV[b], mlp.V.grad.T)

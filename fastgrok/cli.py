@@ -57,7 +57,7 @@ def train(
     backend: Annotated[str, typer.Option(help="auto (triton on a GPU, torch on a CPU), torch, or triton (on a CPU only under TRITON_INTERPRET=1)")] = "auto",
     precision: Annotated[str, typer.Option(help="Triton dot precision: fp32, tf32, tf32x3 or bf16 (parameters and moments stay fp32)")] = "fp32",
     out: Annotated[Optional[Path], typer.Option(help="Run directory (must be new or empty) \\[default: runs/<timestamp>]")] = None,
-    resume: Annotated[Optional[Path], typer.Option(help="Continue an interrupted run directory: finished populations stay, the rest trains again from its seeds (same results)")] = None,
+    resume: Annotated[Optional[Path], typer.Option(help="Continue an interrupted run directory from where it stopped (same results as an uninterrupted run)")] = None,
 ) -> None:
     """Train a grid of models (the product of the grid options) and write a run directory."""
     from fastgrok.errors import ConfigError
@@ -127,11 +127,15 @@ def _resume(run_dir: Path, dev, backend, precision) -> None:
     if config["status"] == "complete" or left == 0:
         typer.echo(f"{run_dir} is complete: nothing left to train.")
         return
+    # models of a population saved with its state continue from its step, the others start again
+    steps_done = sum(len(w["models"]) * w["steps"] for w in config.get("written", [])
+                     if w.get("state") and w["steps"] < settings.steps)
     engine = make_backend(backend, dev, precision)
-    _train_with_progress(grid, settings, run_dir, dev, engine, left, resume=True)
+    _train_with_progress(grid, settings, run_dir, dev, engine, left, resume=True, steps_done=steps_done)
 
 
-def _train_with_progress(grid, settings, out, dev, engine, models: int, populations=None, resume: bool = False) -> None:
+def _train_with_progress(grid, settings, out, dev, engine, models: int, populations=None, resume: bool = False,
+                         steps_done: int = 0) -> None:
     from rich.console import Console
     from rich.progress import BarColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
     from rich.text import Text
@@ -150,7 +154,8 @@ def _train_with_progress(grid, settings, out, dev, engine, models: int, populati
                   TextColumn("step {task.fields[step]}"),
                   TextColumn("{task.fields[models]:,} models"), Rate(), TimeElapsedColumn(), TextColumn("eta"),
                   TimeRemainingColumn(), console=console) as bar:
-        task = bar.add_task("train", total=models * settings.steps, models=models, step=f"0/{settings.steps}")
+        task = bar.add_task("train", total=models * settings.steps - steps_done, models=models,
+                            step=f"0/{settings.steps}")
         try:
             run = train(grid, settings, out, device=str(dev), backend=engine, populations=populations, resume=resume,
                         on_step=lambda k, step: bar.update(task, advance=k, step=f"{step}/{settings.steps}"))

@@ -97,6 +97,31 @@ class Population:
                 masks[b, :d] = reference.dropout_mask((d, self.width), self.hypers[b].dropout, g, self.device)
         return masks
 
+    def state(self) -> dict[str, torch.Tensor]:
+        """What continuing training needs beyond U, V, W: Adam moments, step, diverged flags, dropout streams."""
+        out = {f"{kind}.{name}": t for kind, ts in (("exp_avg", self.exp_avg), ("exp_avg_sq", self.exp_avg_sq))
+               for name, t in zip("UVW", ts)}
+        out["step"], out["diverged"] = torch.tensor([self.step]), self.diverged
+        streams = [g.get_state() for g in self._dropout_gens if g is not None]
+        if streams:
+            out["dropout_streams"] = torch.stack(streams)
+        return out
+
+    def load_state(self, weights: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> None:
+        """Continue from weights (U, V, W, model) and state() saved by a population of the same models."""
+        if weights["model"].tolist() != self.model_ids:
+            raise ValueError("saved weights belong to other models")
+        for i, name in enumerate("UVW"):
+            self.params[i].copy_(weights[name])
+            self.exp_avg[i].copy_(state[f"exp_avg.{name}"])
+            self.exp_avg_sq[i].copy_(state[f"exp_avg_sq.{name}"])
+        self.step = int(state["step"])
+        self.diverged.copy_(state["diverged"])
+        streams = iter(state.get("dropout_streams", []))
+        for g in self._dropout_gens:
+            if g is not None:
+                g.set_state(next(streams).clone())  # a row view crashes set_state (torch 2.13)
+
     def model(self, b: int) -> reference.MLP:
         """Model b as a reference nn.Module (a copy of its current weights)."""
         mlp = reference.MLP(self.settings.p, self.width, self.settings.act, self.hypers[b].dropout)

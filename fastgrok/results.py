@@ -5,8 +5,12 @@
     history/pop000.parquet ...   every metric of every model at every logged step (pd.read_parquet(run / "history"))
     weights/pop000.safetensors   U (B, p, N), V (B, p, N), W (B, N, p) and the model ids of each population
 
-Each population's files are written as soon as it finishes, so an interrupted run keeps all finished work;
-config.json lists the files written ("written") and `RunWriter.reopen` continues from them (--resume).
+    weights/pop000.state.safetensors   optimizer moments, step and dropout streams of a population that has not
+                                 finished (interrupted, or checkpointed during a long run); deleted when it finishes
+
+Each population's files are written when it finishes, when the run is interrupted (Ctrl-C, SIGTERM) and every
+few minutes while it trains, so an interrupted or killed run keeps its work; config.json lists the files written
+("written") and `RunWriter.reopen` continues from them (--resume), an unfinished population from its last state.
 """
 
 from __future__ import annotations
@@ -114,48 +118,78 @@ class RunWriter:
             csv.writer(f).writerow(MODEL_COLUMNS)
 
     @classmethod
-    def reopen(cls, out: Path, steps: int) -> tuple["RunWriter", set[int]]:
-        """Continue an interrupted run: keep the populations that finished all `steps`, delete the files and
-        rows of any that did not, and return the ids of the models already done."""
+    def reopen(cls, out: Path, steps: int) -> tuple["RunWriter", set[int], list[dict]]:
+        """Continue an interrupted run: keep the populations that finished all `steps` and those saved with
+        their state (to continue from it), delete the files and rows of any other. Returns the writer, the ids
+        of the models done, and the "written" entries of the populations to continue."""
         self = cls.__new__(cls)
         self.out, self.config = Path(out), read_config(out)
-        kept = [w for w in self.config.get("written", []) if w["steps"] == steps]
-        for w in self.config.get("written", []):
+        written = self.config.get("written", [])
+        partial = [w for w in written if w["steps"] < steps and w.get("state") and self._state_path(w["name"]).is_file()]
+        kept = [w for w in written if w["steps"] == steps] + partial
+        for w in written:
             if w not in kept:
-                (self.out / "history" / f"{w['name']}.parquet").unlink(missing_ok=True)
-                (self.out / "weights" / f"{w['name']}.safetensors").unlink(missing_ok=True)
-        done = {m for w in kept for m in w["models"]}
-        path = self.out / "models.csv"
-        with open(path, newline="") as f:
-            header, *rows = list(csv.reader(f))
-        with open(path, "w", newline="") as f:
-            csv.writer(f).writerows([header, *(r for r in rows if int(r[0]) in done)])
+                for path in (self.out / "history" / f"{w['name']}.parquet",
+                             self.out / "weights" / f"{w['name']}.safetensors", self._state_path(w["name"])):
+                    path.unlink(missing_ok=True)
+        done = {m for w in kept if w["steps"] == steps for m in w["models"]}
+        self._keep_rows(done | {m for w in partial for m in w["models"]})
         self.config.update(status="running", written=kept)
         self.config.setdefault("resumed", []).append(datetime.datetime.now().isoformat(timespec="seconds"))
         self.populations = 1 + max((int(w["name"][3:]) for w in kept), default=-1)
         self.write_config()
-        return self, done
+        return self, done, partial
 
     def write_config(self) -> None:
         tmp = self.out / "config.json.tmp"
         tmp.write_text(json.dumps(self.config, indent=2) + "\n")
         tmp.replace(self.out / "config.json")
 
-    def add_population(self, rows: list[dict], history: dict[str, np.ndarray], weights: dict[str, torch.Tensor]) -> None:
-        """Write a population's history and weights, then its models.csv rows, then its entry in config.json:
-        a run killed in between is repaired by `reopen`, which trusts config.json's entries alone."""
-        name = f"pop{self.populations:03d}"
+    def _state_path(self, name: str) -> Path:
+        return self.out / "weights" / f"{name}.state.safetensors"
+
+    def _keep_rows(self, models: set[int]) -> None:
+        """Keep the models.csv rows of `models`, and only the training columns: what `fastgrok ipr` added to
+        an interrupted run describes weights that training is about to change."""
+        path = self.out / "models.csv"
+        with open(path, newline="") as f:
+            rows = [r for r in csv.DictReader(f) if int(r["model"]) in models]
+        with open(path, "w", newline="") as f:
+            csv.writer(f).writerows([MODEL_COLUMNS, *([r[c] for c in MODEL_COLUMNS] for r in rows)])
+
+    def new_name(self) -> str:
         self.populations += 1
+        return f"pop{self.populations - 1:03d}"
+
+    def add_population(self, rows: list[dict], history: dict[str, np.ndarray], weights: dict[str, torch.Tensor],
+                       state: dict[str, torch.Tensor] | None = None, name: str | None = None) -> str:
+        """Write a population's history, weights and (unfinished) state, then its models.csv rows, then its entry
+        in config.json: a run killed in between is repaired by `reopen`, which trusts config.json's entries
+        alone. Writing under a `name` already written replaces that population's files, rows and entry."""
+        name = name or self.new_name()
+        ids = [int(r["model"]) for r in rows]
         pq.write_table(pa.table(history), self.out / "history" / f"{name}.parquet")
         save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()},
                   str(self.out / "weights" / f"{name}.safetensors"))
+        if state is not None:
+            save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(self._state_path(name)))
+        before = [w for w in self.config["written"] if w["name"] == name]
+        if before:
+            self._keep_rows(self._models() - set(ids))
         with open(self.out / "models.csv", "a", newline="") as f:
             writer = csv.writer(f)
             for row in rows:
                 writer.writerow([_cell(row[c]) for c in MODEL_COLUMNS])
-        self.config["written"].append({"name": name, "models": [int(r["model"]) for r in rows],
-                                       "steps": int(rows[0]["steps"]) if rows else 0})
+        entry = {"name": name, "models": ids, "steps": int(rows[0]["steps"]) if rows else 0, "state": state is not None}
+        self.config["written"] = [w for w in self.config["written"] if w["name"] != name] + [entry]
         self.write_config()
+        if state is None:
+            self._state_path(name).unlink(missing_ok=True)
+        return name
+
+    def _models(self) -> set[int]:
+        with open(self.out / "models.csv", newline="") as f:
+            return {int(r["model"]) for r in csv.DictReader(f)}
 
     def finish(self, status: str, **extra) -> None:
         """Mark the run finished (or interrupted); models.csv is rewritten in model order."""
@@ -207,7 +241,15 @@ def read_history(run: Path) -> pa.Table:
 
 def read_weights(run: Path) -> list[dict[str, torch.Tensor]]:
     """One dict per population: U, V, W, model."""
-    return [load_file(str(f)) for f in sorted((Path(run) / "weights").glob("pop*.safetensors"))]
+    return [load_file(str(f)) for f in sorted((Path(run) / "weights").glob("pop*.safetensors"))
+            if not f.name.endswith(".state.safetensors")]
+
+
+def read_population(run: Path, name: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], pa.Table]:
+    """An unfinished population's weights, state and history, to continue it."""
+    weights = Path(run) / "weights"
+    return (load_file(str(weights / f"{name}.safetensors")), load_file(str(weights / f"{name}.state.safetensors")),
+            pq.read_table(Path(run) / "history" / f"{name}.parquet"))
 
 
 def settings_of(config: dict) -> Settings:

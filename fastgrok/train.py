@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,7 +19,7 @@ from fastgrok.errors import ConfigError
 from fastgrok.ipr import neuron_ipr
 from fastgrok.phases import phase
 from fastgrok.population import METRICS, Population, plan
-from fastgrok.results import HISTORY_COLUMNS, RunWriter, read_models
+from fastgrok.results import HISTORY_COLUMNS, RunWriter, read_models, read_population
 
 
 def resolve_device(device: str) -> torch.device:
@@ -50,11 +53,22 @@ class Run:
     model_steps: int
 
 
+# A population still training is saved (weights, optimizer state, history) at the first logged step after
+# this many seconds since its last save, so a killed run loses at most that much work (--resume continues).
+CHECKPOINT_SECONDS = 600.0
+
+
 class _History:
-    def __init__(self, engine):
+    def __init__(self, engine, saved=None, keep=lambda step: True):
+        """saved: the history table of an unfinished population being continued; rows whose step `keep`
+        refuses (an off-schedule log at the moment it was interrupted) are dropped."""
         self.engine = engine
         self.columns = {c: [] for c in HISTORY_COLUMNS}
         self.last = None
+        if saved is not None:
+            rows = np.array([keep(int(step)) for step in saved["step"].to_numpy()], dtype=bool)
+            for c in HISTORY_COLUMNS:
+                self.columns[c].append(saved[c].to_numpy()[rows])
 
     def log(self, pop: Population) -> dict[str, torch.Tensor]:
         metrics = pop.evaluate(self.engine)
@@ -87,21 +101,24 @@ def train(grid: Grid, settings: Settings, out: Path, *, device: str = "auto", ba
           precision: str = "fp32",
           on_step: Callable[[int, int], None] | None = None, budget: int | None = None,
           populations: list[list[int]] | None = None, resume: bool = False) -> Run:
-    """Train every model of `grid`; write `out`. Ctrl-C writes what is done, then raises Interrupted.
+    """Train every model of `grid`; write `out`. Ctrl-C (or SIGTERM) writes what is done, then raises Interrupted.
 
     on_step(models, step) is called after every step of a population of `models` models.
 
     backend: a name ("auto", "torch", "triton") or a backend object. `populations` (model indices per
     population) defaults to `population.plan` under the memory `budget`. resume=True continues an interrupted
-    run in `out`: finished populations stay, the rest is trained again from its seeds (same results)."""
+    run in `out`: finished populations stay, a population saved with its state (at the interrupt, or by a
+    checkpoint every CHECKPOINT_SECONDS) continues from it, the rest trains again from its seeds; the results
+    are those of an uninterrupted run."""
     settings.check()
     dev = resolve_device(device)
     hypers = grid.models()
     engine = make_backend(backend, dev, precision) if isinstance(backend, str) else backend
     engine.check(settings)
-    writer, done = RunWriter.reopen(out, settings.steps) if resume else (None, set())
-    rows = read_models(out) if resume else []
-    todo = [i for i in range(len(hypers)) if i not in done]
+    writer, done, unfinished = RunWriter.reopen(out, settings.steps) if resume else (None, set(), [])
+    continuing = {m for w in unfinished for m in w["models"]}
+    rows = [r for r in read_models(out) if r["model"] in done] if resume else []
+    todo = [i for i in range(len(hypers)) if i not in done and i not in continuing]
     if populations is None and todo:
         planned = plan([hypers[i] for i in todo], settings, dev, budget, backend=engine.name)
         populations = [[todo[j] for j in ids] for ids in planned]
@@ -109,7 +126,9 @@ def train(grid: Grid, settings: Settings, out: Path, *, device: str = "auto", ba
     if writer is None:
         writer = RunWriter(out, grid, settings, dev, engine.name,
                            extra={"populations": [len(ids) for ids in populations]})
+    jobs = [(w["models"], w["name"]) for w in unfinished] + [(ids, None) for ids in populations]
     start, model_steps = time.perf_counter(), 0
+    on_schedule = lambda step: step % settings.log_every == 0 or step == settings.steps  # noqa: E731
 
     def summary(status: str) -> Run:
         rows.sort(key=lambda r: r["model"])
@@ -118,31 +137,61 @@ def train(grid: Grid, settings: Settings, out: Path, *, device: str = "auto", ba
                       model_steps_per_s=round(model_steps / max(seconds, 1e-9), 1), models_written=len(rows))
         return Run(out, rows, status, seconds, model_steps)
 
+    def save(pop, name, history, metrics) -> list[dict]:
+        new_rows = model_rows(pop, metrics)
+        writer.add_population(new_rows, history.table(), {"U": pop.U, "V": pop.V, "W": pop.W,
+                                                          "model": torch.tensor(pop.model_ids)},
+                              state=pop.state() if pop.step < settings.steps else None, name=name)
+        return new_rows
+
     try:
-        for ids in populations:
-            pop = Population([hypers[i] for i in ids], settings, dev, model_ids=ids)
-            history = _History(engine)
-            history.log(pop)
-            interrupted = False
-            try:
-                while pop.step < settings.steps:
-                    engine.step(pop)
-                    model_steps += len(pop)
-                    if pop.step % settings.log_every == 0 or pop.step == settings.steps:
-                        history.log(pop)
-                    if on_step is not None:
-                        on_step(len(pop), pop.step)
-            except KeyboardInterrupt:
-                interrupted = True
-            step, metrics = history.last
-            if step != pop.step:
-                metrics = history.log(pop)
-            new_rows = model_rows(pop, metrics)
-            writer.add_population(new_rows, history.table(), {"U": pop.U, "V": pop.V, "W": pop.W,
-                                                              "model": torch.tensor(pop.model_ids)})
-            rows += new_rows
-            if interrupted:
-                raise KeyboardInterrupt
+        with _sigterm_as_interrupt():
+            for ids, name in jobs:
+                pop = Population([hypers[i] for i in ids], settings, dev, model_ids=ids)
+                if name is None:
+                    name = writer.new_name()
+                    history = _History(engine)
+                    history.log(pop)
+                else:
+                    weights, state, saved = read_population(out, name)
+                    pop.load_state(weights, state)
+                    history = _History(engine, saved, keep=lambda step: on_schedule(step) and step <= pop.step)
+                saved_at, interrupted = time.perf_counter(), False
+                try:
+                    while pop.step < settings.steps:
+                        engine.step(pop)
+                        model_steps += len(pop)
+                        if on_schedule(pop.step):
+                            metrics = history.log(pop)
+                            if pop.step < settings.steps and time.perf_counter() - saved_at >= CHECKPOINT_SECONDS:
+                                save(pop, name, history, metrics)
+                                saved_at = time.perf_counter()
+                        if on_step is not None:
+                            on_step(len(pop), pop.step)
+                except KeyboardInterrupt:
+                    interrupted = True
+                if history.last is None or history.last[0] != pop.step:
+                    history.log(pop)
+                rows += save(pop, name, history, history.last[1])
+                if interrupted:
+                    raise KeyboardInterrupt
     except KeyboardInterrupt:
         raise Interrupted(summary("interrupted")) from None
     return summary("complete")
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """A scheduler's SIGTERM (a job's time limit) saves the work like Ctrl-C does."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

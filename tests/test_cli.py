@@ -173,32 +173,84 @@ def test_no_option_runs_the_cpu_preset_and_says_so(tmp_path, monkeypatch):
     assert result.exit_code == 0 and read_config(tmp_path / "b")["grid"]["xi"] == [0.25]
 
 
-def test_resume_finishes_an_interrupted_run_with_the_results_of_an_uninterrupted_one(tmp_path, monkeypatch):
-    args = [*SMALL, "--xi", "0,0.3", "--width", "8,12"]  # two populations (one per width) of 30 steps
-    assert run(*args, "--out", tmp_path / "straight").exit_code == 0
+def _stop_at(monkeypatch, call: int, stop):
+    """Make the torch backend call stop() at its call-th step (counting from 1); returns the call counter."""
     real_step, calls = TorchBackend.step, {"n": 0}
 
     def step(self, pop):
         calls["n"] += 1
-        if calls["n"] == 43:  # the first population is done, the second at step 12
-            raise KeyboardInterrupt
+        if calls["n"] == call:
+            stop()
         return real_step(self, pop)
 
     monkeypatch.setattr(TorchBackend, "step", step)
+    return calls
+
+
+def _same_results(out, straight):
+    assert (out / "models.csv").read_text() == (straight / "models.csv").read_text()
+    resumed, reference = (pq.read_table(d / "history").to_pydict() for d in (out, straight))
+    key = lambda h: sorted(zip(h["model"], h["step"], h["test_acc"], h["ipr"]))  # noqa: E731
+    assert key(resumed) == key(reference)  # no leftover or missing rows
+
+
+# two populations (one per width) of 30 steps; dropout, so the torch dropout streams must be saved too
+RESUMABLE = [*SMALL, "--xi", "0,0.3", "--width", "8,12", "--dropout", "0.2"]
+
+
+def test_resume_finishes_an_interrupted_run_with_the_results_of_an_uninterrupted_one(tmp_path, monkeypatch):
+    assert run(*RESUMABLE, "--out", tmp_path / "straight").exit_code == 0
+
+    def ctrl_c():
+        raise KeyboardInterrupt
+
+    _stop_at(monkeypatch, 43, ctrl_c)  # the first population is done, the second at step 12
     out = tmp_path / "resumed"
-    result = run(*args, "--out", out)
+    result = run(*RESUMABLE, "--out", out)
     assert result.exit_code == 130 and "--resume" in result.output
     assert [r["steps"] for r in read_models(out)] == [30, 12, 30, 12]
-    monkeypatch.setattr(TorchBackend, "step", real_step)
     assert run("--resume", out, "--xi", "0.5").exit_code == 2  # the grid comes from the run
+    calls = _stop_at(monkeypatch, 0, None)
     result = run("--resume", out)
     assert result.exit_code == 0, result.output
     assert "Resuming: 2 models of 4 left" in result.output
+    assert calls["n"] == 18  # the unfinished population continued from step 12
     config = read_config(out)
     assert config["status"] == "complete" and len(config["resumed"]) == 1
     assert [w["models"] for w in config["written"]] == [[0, 2], [1, 3]]
-    assert (out / "models.csv").read_text() == (tmp_path / "straight" / "models.csv").read_text()
-    resumed, straight = (pq.read_table(d / "history").to_pydict() for d in (out, tmp_path / "straight"))
-    key = lambda h: sorted(zip(h["model"], h["step"], h["test_acc"]))  # noqa: E731
-    assert key(resumed) == key(straight)  # no leftover rows from the interrupted population
+    assert not list((out / "weights").glob("*.state.*"))  # finished populations keep no optimizer state
+    _same_results(out, tmp_path / "straight")
     assert run("--resume", out).output.strip().endswith("nothing left to train.")
+
+
+def test_a_killed_run_resumes_from_its_last_checkpoint(tmp_path, monkeypatch):
+    import fastgrok.train
+
+    assert run(*RESUMABLE, "--out", tmp_path / "straight").exit_code == 0
+    monkeypatch.setattr(fastgrok.train, "CHECKPOINT_SECONDS", 0.0)  # save at every logged step
+
+    def crash():
+        raise SystemExit(137)  # nothing is written after this: as if the process were killed
+
+    _stop_at(monkeypatch, 56, crash)  # second population at its 26th step: last saved at step 20
+    out = tmp_path / "killed"
+    assert run(*RESUMABLE, "--out", out).exit_code == 137
+    assert read_config(out)["status"] == "running"
+    assert [w["steps"] for w in read_config(out)["written"]] == [30, 20]
+    assert runner.invoke(app, ["ipr", str(out)]).exit_code == 0  # the saved state is no population of its own
+    calls = _stop_at(monkeypatch, 0, None)
+    assert run("--resume", out).exit_code == 0
+    assert calls["n"] == 10  # steps 21..30 of the second population
+    _same_results(out, tmp_path / "straight")
+
+
+def test_sigterm_saves_like_ctrl_c(tmp_path, monkeypatch):
+    import os
+    import signal
+
+    _stop_at(monkeypatch, 5, lambda: os.kill(os.getpid(), signal.SIGTERM))
+    out = tmp_path / "run"
+    result = run(*SMALL, "--out", out)
+    assert result.exit_code == 130 and "Interrupted" in result.output
+    assert read_config(out)["status"] == "interrupted" and [r["steps"] for r in read_models(out)] == [4]
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the handler is gone with the run

@@ -5,10 +5,12 @@
 #   bash bench/gpu_session.sh compiled   the torch.compile baseline alone (its compiles take minutes)
 #   bash bench/gpu_session.sh precision  validation grid in every precision (default-precision choice)
 #   bash bench/gpu_session.sh e2e        the 1,156-model wd diagram end to end, and 8192 models of N 512
-#   bash bench/gpu_session.sh sweep      tile sizes of the Triton step (N 512, B 1024, tf32)
-# Logs and JSON land in $OUT (the device tool brings them back); commit them under bench/results/.
+#   bash bench/gpu_session.sh dropout    the 1,156-model dropout diagram
+#   bash bench/gpu_session.sh sweep      tile sizes and the two dU/dV scatters of the Triton step (N 512, B 1024, tf32)
+# e2e and dropout also make issue 4's paper-scale phase diagrams (phase, ipr); their PNGs, tables and logs
+# come back as $OUT/<stage>.tar.gz (no weights). The IPR and pruning figures need no GPU (README gallery).
 # With 30 minutes of device time a session, take them in this order: tests + sweep, bench, precision + e2e,
-# compiled; put two stages in one call where both fit in 10 minutes (a fresh machine costs minutes to start).
+# dropout, compiled; put two stages in one call where both fit in 10 minutes (a fresh machine costs minutes).
 set -uo pipefail
 OUT=${OUT:-bench/results}
 mkdir -p "$OUT"
@@ -21,9 +23,13 @@ case "${1:-}" in
            --out "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" ;;
   compiled) fastgrok bench --width 128,512,2048 --models 1024 --variants torch-compile --out "$OUT/bench-compiled.json" 2>&1 | tee "$OUT/bench-compiled.log" ;;
   precision) python3 bench/validate_precision.py --out "$OUT/precision.json" 2>&1 | tee "$OUT/precision.log" ;;
-  e2e)
-    ( time fastgrok train --preset wd-diagram --log-every 100 --precision "${PRECISION:-tf32}" --out /tmp/wd ) 2>&1 | tail -30 | tee "$OUT/e2e.log"
-    python3 - <<'PY' 2>&1 | tee -a "$OUT/e2e.log"
+  e2e|dropout)
+    preset=wd-diagram
+    [ "$1" = dropout ] && preset=dropout-diagram
+    { time fastgrok train --preset $preset --log-every 100 --precision "${PRECISION:-tf32}" --out /tmp/$1
+      fastgrok phase /tmp/$1 --x xi --y alpha && fastgrok ipr /tmp/$1; } 2>&1 | tee "$OUT/$1.log"
+    tar -czf "$OUT/$1.tar.gz" -C /tmp/$1 --exclude='*.safetensors' .
+    [ "$1" = e2e ] && python3 - <<'PY' 2>&1 | tee -a "$OUT/e2e.log"
 import torch
 from fastgrok.backends import TritonBackend
 from fastgrok.config import Hyper, Settings
@@ -35,5 +41,5 @@ print(f"8192 models of N 512: peak GPU memory {torch.cuda.max_memory_allocated()
 PY
     ;;
   sweep) python3 bench/sweep_blocks.py --out "$OUT/sweep.json" 2>&1 | tee "$OUT/sweep.log" ;;
-  *) echo "usage: $0 tests|sweep|bench|compiled|precision|e2e"; exit 2 ;;
+  *) echo "usage: $0 tests|sweep|bench|compiled|precision|e2e|dropout"; exit 2 ;;
 esac

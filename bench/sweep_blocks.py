@@ -1,11 +1,12 @@
-"""Tile sizes of the Triton step on a GPU: model-steps/s for each (block_d, block_n, fused) at one width.
+"""Tiles of the Triton step on a GPU: model-steps/s for each forward tile (backward at its default), then for
+each backward tile, scatter and fused-or-not (forward at its default), at one width.
 
     python bench/sweep_blocks.py --width 512 --models 1024 --precision tf32
 
-What it is for: the two scatters of the backward (kernels/backward.py) against each other, and the tiles:
-the backward re-reads G (D x p per model) once per chunk of block_n neurons, and the forward
-re-reads W per tile of block_d examples, so the tiles trade re-reads against registers. Measure, then set the
-defaults in fastgrok/backends.py from the numbers."""
+What it is for: the two scatters of the backward (kernels/backward.py) against each other, and the tiles: the
+backward re-reads G (D x p per model) once per chunk of block_n neurons and the forward re-reads W per tile of
+block_d examples, so tiles trade re-reads against registers, and only tiles of 64 rows reach Hopper's wgmma
+(bench/kernel_resources.py). Measure, then set the TILES defaults in kernels/forward.py and kernels/backward.py."""
 
 import argparse
 import itertools
@@ -17,6 +18,8 @@ from fastgrok.backends import TritonBackend
 from fastgrok.bench import _timed, flops_per_model_step
 from fastgrok.config import Hyper, Settings
 from fastgrok.population import Population
+
+TILES = [{"block_d": d, "block_n": n, "num_warps": w} for d, n, w in itertools.product((32, 64), (32, 64), (4, 8))]
 
 
 def main() -> None:
@@ -30,20 +33,19 @@ def main() -> None:
     settings = Settings()
     pop = Population([Hyper(width=args.width, seed=i) for i in range(args.models)], settings, dev)
     flops = flops_per_model_step(settings.p, args.width, int(pop.D.max()))
+    configs = [{"forward_tiles": t} for t in TILES]
+    configs += [{"backward_tiles": t, "scatter": s, "fused": f}
+                for t, s, f in itertools.product(TILES, ("window", "onehot"), (False, True))]
     results = []
-    for scatter, block_d, block_n, warps, fused in itertools.product(("window", "onehot"), (32, 64), (32, 64), (4, 8),
-                                                                     (False, True)):
-        engine = TritonBackend(args.precision, fused=fused, scatter=scatter, block_d=block_d, block_n=block_n,
-                               num_warps=warps)
-        config = f"{scatter:>6} block_d {block_d:>3} block_n {block_n:>3} warps {warps} fused {fused!s:>5}"
+    for config in configs:
+        engine = TritonBackend(args.precision, **config)
         try:
             sec = _timed(lambda: engine.step(pop), dev)
         except Exception as e:  # out of resources for this tile: record and go on
             print(f"{config}: {type(e).__name__}")
             continue
         rate = args.models / sec
-        results.append({"scatter": scatter, "block_d": block_d, "block_n": block_n, "num_warps": warps, "fused": fused,
-                        "model_steps_per_s": rate, "tflops": rate * flops / 1e12})
+        results.append({**config, "model_steps_per_s": rate, "tflops": rate * flops / 1e12})
         print(f"{config}: {rate:>10,.0f} model-steps/s {rate * flops / 1e12:6.1f} TFLOP/s")
     if args.out:
         with open(args.out, "w") as f:

@@ -126,8 +126,9 @@ class TritonBackend:
 
     name = "triton"
 
-    def __init__(self, precision: str = "fp32", fused: bool = False, scatter: str = "window", block_d: int = 32,
-                 block_n: int = 32, num_warps: int = 4):
+    def __init__(self, precision: str = "fp32", fused: bool = False, scatter: str = "window",
+                 forward_tiles: dict | None = None, backward_tiles: dict | None = None):
+        from fastgrok.kernels import backward, forward
         from fastgrok.kernels.backward import SCATTERS
         from fastgrok.kernels.hidden import PRECISIONS
 
@@ -138,9 +139,10 @@ class TritonBackend:
         self.precision, self.fused, self.scatter = precision, fused, scatter
         # scatter "window" (default) executes about 6.6 D N P FLOPs a step against "onehot"'s 10 D N P and needs
         # half the registers (kernels/backward.py, bench/NOTES.md); predicted faster, to be measured on a GPU.
-        # Tiles of examples and of hidden neurons. 32 x 32 with 4 warps is the largest tile that compiles without
-        # register spills in tf32 and bf16 on sm_90 (bench/kernel_resources.py); speed is for the GPU sweep to say.
-        self.blocks = {"block_d": block_d, "block_n": block_n, "num_warps": num_warps}
+        # Tiles ({block_d, block_n, num_warps}) of the forward/evaluation and backward kernels: the defaults are
+        # the compiler's choice for sm_90 (kernels/*.py TILES); speed is for the GPU sweep to confirm.
+        self.forward_tiles = {**forward.TILES, **(forward_tiles or {})}
+        self.backward_tiles = {**backward.TILES, **(backward_tiles or {})}
         self.name = f"triton-{precision}"
 
     # p is padded to a power of two inside the kernels; at 1024 the tiles no longer fit an SM's shared memory
@@ -185,11 +187,11 @@ class TritonBackend:
         act = ACT_CODES[s.act]
         example_loss, G, _ = forward(*pop.params, data["m"], data["n"], data["y"], data["count"], act=act,
                                      loss=LOSS_CODES[s.loss], precision=self.precision, train=True,
-                                     dropout=data["dropout"], step=pop.step, **self.blocks)
+                                     dropout=data["dropout"], step=pop.step, **self.forward_tiles)
         losses = torch.where(pop.valid, example_loss, 0.0).sum(1) / data["D"]
         grads = backward(*pop.params, data["m"], data["n"], data["count"], G, act=act, precision=self.precision,
                          dropout=data["dropout"], step=pop.step, fused=self.fused, scatter=self.scatter,
-                         **self.blocks)
+                         **self.backward_tiles)
         return _finish_step(pop, losses, grads, optimizer_step_)
 
     @staticmethod
@@ -205,7 +207,8 @@ class TritonBackend:
         count = torch.full((U.shape[0],), m.shape[1], dtype=torch.int32, device=U.device)
         losses, _, pred = forward(U.contiguous(), V.contiguous(), W.contiguous(), m.int().contiguous(),
                                   n.int().contiguous(), y.int().contiguous(), count, act=ACT_CODES[act],
-                                  loss=LOSS_CODES[loss], precision=self.precision, train=False, **self.blocks)
+                                  loss=LOSS_CODES[loss], precision=self.precision, train=False,
+                                  **self.forward_tiles)
         return pred.long(), losses
 
 

@@ -105,10 +105,15 @@ def _add_rows(OUT, rows, mask_d, d_s, offs_k, mask_k, p, stride, PRECISION: tl.c
 
 
 SCATTERS = {"onehot": 0, "window": 16}
+# Default tiles: 64 neurons (dW's rows) and 64 examples (dS's rows) put both dots on Hopper's wgmma, without
+# spills in tf32 or bf16 with the windowed scatter and 8 warps (bench/results/kernel-resources-sm90-triton3.9.txt);
+# a chunk of 64 neurons also halves the re-reads of G against 32.
+TILES = {"block_d": 64, "block_n": 64, "num_warps": 8}
 
 
 def backward(U, V, W, m, n, count, G, *, act: int, precision: str, dropout: tuple | None = None, step: int = 0,
-             fused: bool = False, scatter: str = "window", block_d: int = 32, block_n: int = 32, num_warps: int = 4):
+             fused: bool = False, scatter: str = "window", block_d: int = TILES["block_d"],
+             block_n: int = TILES["block_n"], num_warps: int = TILES["num_warps"]):
     """Gradients dU, dV (B, p, N) and dW (B, N, p) of the loss whose output gradient is G (B, Dmax, p).
 
     scatter: "onehot" (dense one-hot dots over all rows) or "window" (examples should come in

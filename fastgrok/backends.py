@@ -111,9 +111,12 @@ class TorchBackend:
             chunk = max(1, CPU_CHUNK_BYTES // (4 * d_max * max(pop.width, s.p)))
         parts = []
         for lo in range(0, B, chunk):
-            sl = slice(lo, lo + chunk)
-            parts.append(self.grads(pop.U[sl], pop.V[sl], pop.W[sl], pop.train_m[sl], pop.train_n[sl], pop.train_y[sl],
-                                    pop.valid[sl], D[sl], None if masks is None else masks[sl], s.act, s.loss))
+            # a chunk's examples stop at its largest training set: with alpha varying, the padding of small
+            # training sets up to the population's largest would be most of the work
+            sl, d = slice(lo, lo + chunk), int(pop.D[lo : lo + chunk].max())
+            ex = (sl, slice(0, d))
+            parts.append(self.grads(pop.U[sl], pop.V[sl], pop.W[sl], pop.train_m[ex], pop.train_n[ex], pop.train_y[ex],
+                                    pop.valid[ex], D[sl], None if masks is None else masks[ex], s.act, s.loss))
         losses, *grads = (torch.cat(t) for t in zip(*parts)) if len(parts) > 1 else parts[0]
         return _finish_step(pop, losses, grads, optim.step_)
 

@@ -228,6 +228,8 @@ def plan(hypers: list[Hyper], settings: Settings, device: torch.device, budget: 
         by_width.setdefault(h.width, []).append(i)
     populations = []
     for width, ids in by_width.items():
+        # by training-set size, so that a population (and a CPU chunk of one) holds models of similar D
+        ids.sort(key=lambda i: train_size(num_pairs, hypers[i].alpha))
         d_max = max(train_size(num_pairs, hypers[i].alpha) for i in ids)
         need = bytes_per_model(settings.p, width, d_max, num_pairs, backend)
         if need > budget:

@@ -104,6 +104,20 @@ def test_together_equals_alone():
             assert_close(f"{name}[{b}] together vs alone", getattr(together, name)[b], getattr(alone, name)[0], atol=1e-6, rtol=1e-6)
 
 
+def test_cpu_chunks_cut_to_their_own_training_sets_change_nothing(monkeypatch):
+    """On a CPU the torch backend steps chunks of models, each only up to its largest training set."""
+    import fastgrok.backends
+
+    settings = Settings(p=P)
+    hypers = mixed_hypers()
+    assert len({h.alpha for h in hypers}) > 1
+    whole = train(Population(hypers, settings), 10)
+    monkeypatch.setattr(fastgrok.backends, "CPU_CHUNK_BYTES", 1)  # one model per chunk
+    chunked = train(Population(hypers, settings), 10)
+    for name in ("U", "V", "W"):
+        assert_close(f"{name}, one model per chunk", getattr(chunked, name), getattr(whole, name), atol=1e-6, rtol=1e-6)
+
+
 def test_a_diverging_model_is_frozen_and_leaves_its_neighbours_alone():
     settings = Settings(p=P)
     hypers = mixed_hypers()

@@ -105,18 +105,18 @@ class TorchBackend:
         s = pop.settings
         D = pop.D.to(pop.device).to(torch.float32)
         B, d_max = pop.train_m.shape
-        masks = pop.dropout_masks()
         chunk = B
         if pop.device.type == "cpu":
             chunk = max(1, CPU_CHUNK_BYTES // (4 * d_max * max(pop.width, s.p)))
         parts = []
         for lo in range(0, B, chunk):
-            # a chunk's examples stop at its largest training set: with alpha varying, the padding of small
-            # training sets up to the population's largest would be most of the work
+            # a chunk's examples stop at its largest training set (with alpha varying, the padding of small
+            # training sets up to the population's largest would be most of the work); its dropout masks are
+            # drawn here, never (B, Dmax, N) at once
             sl, d = slice(lo, lo + chunk), int(pop.D[lo : lo + chunk].max())
             ex = (sl, slice(0, d))
             parts.append(self.grads(pop.U[sl], pop.V[sl], pop.W[sl], pop.train_m[ex], pop.train_n[ex], pop.train_y[ex],
-                                    pop.valid[ex], D[sl], None if masks is None else masks[ex], s.act, s.loss))
+                                    pop.valid[ex], D[sl], pop.dropout_masks(sl, d), s.act, s.loss))
         losses, *grads = (torch.cat(t) for t in zip(*parts)) if len(parts) > 1 else parts[0]
         return _finish_step(pop, losses, grads, optim.step_)
 

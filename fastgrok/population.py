@@ -86,15 +86,17 @@ class Population:
     def params(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.U, self.V, self.W
 
-    def dropout_masks(self) -> torch.Tensor | None:
-        """Draw this step's masks (B, Dmax, N): model b's is reference.dropout_mask((D_b, N)) from its stream."""
-        if not any(g is not None for g in self._dropout_gens):
+    def dropout_masks(self, models: slice = slice(None), d_max: int | None = None) -> torch.Tensor | None:
+        """Draw this step's masks (len(models), d_max, N) for a slice of the models (each has its own stream, so
+        slices drawn in any order give the same masks): model b's is reference.dropout_mask((D_b, N))."""
+        gens, D = self._dropout_gens[models], self.D[models]
+        if all(g is None for g in gens):
             return None
-        masks = torch.ones(len(self), self.train_m.shape[1], self.width, device=self.device)
-        for b, g in enumerate(self._dropout_gens):
+        masks = torch.ones(len(gens), d_max or self.train_m.shape[1], self.width, device=self.device)
+        for i, (g, b) in enumerate(zip(gens, range(len(self))[models])):
             if g is not None:
-                d = int(self.D[b])
-                masks[b, :d] = reference.dropout_mask((d, self.width), self.hypers[b].dropout, g, self.device)
+                d = int(D[i])
+                masks[i, :d] = reference.dropout_mask((d, self.width), self.hypers[b].dropout, g, self.device)
         return masks
 
     def state(self) -> dict[str, torch.Tensor]:

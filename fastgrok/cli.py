@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime
+import time
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -14,6 +16,7 @@ app = typer.Typer(rich_markup_mode="rich", no_args_is_help=True, add_completion=
 
 GRID = "Grid (each: a comma list 0,0.35 or start:stop:count 0:0.9:19)"
 SHARED = "Shared settings"
+PLAIN_PROGRESS_SECONDS = 60.0  # a progress line this often when stderr is not a terminal
 
 
 def _version(value: bool) -> None:
@@ -152,13 +155,28 @@ def _train_with_progress(grid, settings, out, dev, engine, models: int, populati
                   f"{settings.steps} steps" + (f", {len(populations)} population(s)" if populations else "") + f" -> {out}")
     with Progress(TextColumn("[bold]train"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
                   TextColumn("step {task.fields[step]}"),
-                  TextColumn("{task.fields[models]:,} models"), Rate(), TimeElapsedColumn(), TextColumn("eta"),
+                  TextColumn("{task.fields[models]}"), Rate(), TimeElapsedColumn(), TextColumn("eta"),
                   TimeRemainingColumn(), console=console) as bar:
-        task = bar.add_task("train", total=models * settings.steps - steps_done, models=models,
+        task = bar.add_task("train", total=models * settings.steps - steps_done, models=_models(models),
                             step=f"0/{settings.steps}")
+        printed_at = time.monotonic()
+
+        def on_step(k: int, step: int) -> None:
+            nonlocal printed_at
+            bar.update(task, advance=k, step=f"{step}/{settings.steps}")
+            # Redirected to a file (a batch job's log), the bar is drawn only at the end: print a line now and then.
+            if not console.is_terminal and time.monotonic() - printed_at >= PLAIN_PROGRESS_SECONDS:
+                printed_at = time.monotonic()
+                t = bar.tasks[0]
+                eta = f"{datetime.timedelta(seconds=round(t.time_remaining))}" if t.time_remaining is not None else "?"
+                console.print(f"train {t.percentage:.0f}% step {step}/{settings.steps}, "
+                              f"{t.speed or 0:,.0f} model-steps/s, "
+                              f"elapsed {datetime.timedelta(seconds=round(t.elapsed or 0))}, eta {eta}",
+                              soft_wrap=True)
+
         try:
             run = train(grid, settings, out, device=str(dev), backend=engine, populations=populations, resume=resume,
-                        on_step=lambda k, step: bar.update(task, advance=k, step=f"{step}/{settings.steps}"))
+                        on_step=on_step)
         except Interrupted as e:
             bar.stop()
             typer.echo(f"Interrupted: {len(e.run.rows)} of {len(grid)} models written to {out} (config.json says "

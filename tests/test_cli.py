@@ -21,6 +21,16 @@ def run(*args):
     return runner.invoke(app, ["train", *map(str, args)])
 
 
+def test_a_log_file_gets_progress_lines(tmp_path, monkeypatch):
+    """Redirected to a file (a batch job), the bar is drawn only at the end: plain progress lines come instead."""
+    monkeypatch.setattr("fastgrok.cli.PLAIN_PROGRESS_SECONDS", 0.0)
+    result = run(*SMALL, "--xi", "0,0.3", "--out", tmp_path / "run")
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("train ") and "elapsed" in line]
+    assert [line.split()[3] for line in lines[:3]] == ["1/30,", "2/30,", "3/30,"]
+    assert "step 30/30" in lines[-1] and "model-steps/s" in lines[-1]
+
+
 def test_train_writes_a_complete_run_directory(tmp_path):
     out = tmp_path / "run"
     result = run(*SMALL, "--xi", "0,0.3", "--wd", "0,1", "--out", out)

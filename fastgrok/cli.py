@@ -159,13 +159,13 @@ def _train_with_progress(grid, settings, out, dev, engine, models: int, populati
                   TimeRemainingColumn(), console=console) as bar:
         task = bar.add_task("train", total=models * settings.steps - steps_done, models=_models(models),
                             step=f"0/{settings.steps}")
-        printed_at = time.monotonic()
+        printed_at, plain = time.monotonic(), not console.is_terminal
 
         def on_step(k: int, step: int) -> None:
             nonlocal printed_at
             bar.update(task, advance=k, step=f"{step}/{settings.steps}")
             # Redirected to a file (a batch job's log), the bar is drawn only at the end: print a line now and then.
-            if not console.is_terminal and time.monotonic() - printed_at >= PLAIN_PROGRESS_SECONDS:
+            if plain and time.monotonic() - printed_at >= PLAIN_PROGRESS_SECONDS:
                 printed_at = time.monotonic()
                 t = bar.tasks[0]
                 eta = f"{datetime.timedelta(seconds=round(t.time_remaining))}" if t.time_remaining is not None else "?"

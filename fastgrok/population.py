@@ -89,13 +89,13 @@ class Population:
     def dropout_masks(self, models: slice = slice(None), d_max: int | None = None) -> torch.Tensor | None:
         """Draw this step's masks (len(models), d_max, N) for a slice of the models (each has its own stream, so
         slices drawn in any order give the same masks): model b's is reference.dropout_mask((D_b, N))."""
-        gens, D = self._dropout_gens[models], self.D[models]
-        if all(g is None for g in gens):
+        ids = range(len(self))[models]
+        if all(self._dropout_gens[b] is None for b in ids):
             return None
-        masks = torch.ones(len(gens), d_max or self.train_m.shape[1], self.width, device=self.device)
-        for i, (g, b) in enumerate(zip(gens, range(len(self))[models])):
-            if g is not None:
-                d = int(D[i])
+        masks = torch.ones(len(ids), d_max or self.train_m.shape[1], self.width, device=self.device)
+        for i, b in enumerate(ids):
+            if (g := self._dropout_gens[b]) is not None:
+                d = int(self.D[b])
                 masks[i, :d] = reference.dropout_mask((d, self.width), self.hypers[b].dropout, g, self.device)
         return masks
 
@@ -232,7 +232,7 @@ def plan(hypers: list[Hyper], settings: Settings, device: torch.device, budget: 
     for width, ids in by_width.items():
         # by training-set size, so that a population (and a CPU chunk of one) holds models of similar D
         ids.sort(key=lambda i: train_size(num_pairs, hypers[i].alpha))
-        d_max = max(train_size(num_pairs, hypers[i].alpha) for i in ids)
+        d_max = train_size(num_pairs, hypers[ids[-1]].alpha)
         need = bytes_per_model(settings.p, width, d_max, num_pairs, backend)
         if need > budget:
             raise ConfigError(

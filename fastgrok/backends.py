@@ -11,6 +11,9 @@ so that it runs anywhere and compiles whole under torch.compile:
     dS  = (G W^T) phi'(mask pre) mask    (B, D, N)   bmm
     dU  = scatter-add of dS by m, dV by n
 
+With BatchNorm (torch backend only) h is normalised over the step's examples, h <- gamma xhat + beta, and dS
+goes through BatchNorm's backward. A step sees each model's training set or a minibatch (Population.batch).
+
 A model whose loss or gradients are not finite is flagged `diverged` and frozen; its neighbours never see it.
 """
 
@@ -22,10 +25,12 @@ import torch
 
 from fastgrok import optim, reference
 from fastgrok.errors import ConfigError
-from fastgrok.population import Population, torch_eval_bytes, torch_outputs
+from fastgrok.population import BN_EPS, Population, torch_eval_bytes, torch_outputs
 
 
-def _grads(U, V, W, m, n, y, valid, D, mask, act: str, loss: str):
+def _grads(U, V, W, m, n, y, valid, D, mask, act: str, loss: str, bn=None):
+    """Losses (B,) and dU, dV, dW of one step; with bn = (gamma, beta) (B, N) also dgamma, dbeta and the batch
+    mean and unbiased variance of the activations (B, N), for BatchNorm's running statistics."""
     # The forward and the loss are reference.py's; the derivatives below are checked against its autograd.
     # In-place where a tensor is not needed again: on a CPU, fresh (B, D, N) buffers cost page faults.
     B, Dm = m.shape
@@ -35,6 +40,14 @@ def _grads(U, V, W, m, n, y, valid, D, mask, act: str, loss: str):
     if mask is not None:
         pre.mul_(mask)
     h = reference.ACTIVATIONS[act](pre)
+    if bn is not None:  # BatchNorm1d in training mode, statistics over each model's real examples
+        keep, count = valid[..., None].to(h.dtype), D.to(h.dtype)[:, None, None]
+        mean = (h * keep).sum(1, keepdim=True) / count
+        xhat = h.sub_(mean).mul_(keep)
+        var = xhat.square().sum(1, keepdim=True) / count
+        inv_std = torch.rsqrt(var + BN_EPS)
+        xhat.mul_(inv_std)
+        h = torch.addcmul(bn[1][:, None], xhat, bn[0][:, None])
     out = torch.bmm(h, W)
     label = y[..., None]
     minus_one = torch.full(label.shape, -1.0, dtype=out.dtype, device=out.device)
@@ -51,6 +64,12 @@ def _grads(U, V, W, m, n, y, valid, D, mask, act: str, loss: str):
     dW = torch.bmm(h.transpose(1, 2), G)
     del h
     dS = torch.bmm(G, W.transpose(1, 2))
+    if bn is not None:  # dS is dL/d(BN output) here; through BatchNorm to dL/dh (zero on padding)
+        dgamma, dbeta = (dS * xhat).sum(1), dS.sum(1)
+        dxhat = dS.mul_(bn[0][:, None])
+        centred = dxhat.sum(1, keepdim=True) + xhat * (dxhat * xhat).sum(1, keepdim=True)
+        dS = dxhat.mul_(count).sub_(centred).mul_(inv_std / count * keep)
+        del xhat, centred
     if act == "quad":
         dS.mul_(pre).mul_(2.0)
     else:
@@ -61,7 +80,10 @@ def _grads(U, V, W, m, n, y, valid, D, mask, act: str, loss: str):
     flat = lambda idx: (rows * U.shape[1] + idx).reshape(-1)  # noqa: E731
     dU = torch.zeros_like(U).view(-1, U.shape[-1]).index_add_(0, flat(m), dS.reshape(B * Dm, -1)).view_as(U)
     dV = torch.zeros_like(V).view(-1, V.shape[-1]).index_add_(0, flat(n), dS.reshape(B * Dm, -1)).view_as(V)
-    return losses, dU, dV, dW
+    if bn is None:
+        return losses, dU, dV, dW
+    unbiased = var * (count / (count - 1))
+    return losses, dU, dV, dW, dgamma, dbeta, mean.squeeze(1), unbiased.squeeze(1)
 
 
 # On a CPU, glibc returns allocations above 32 MB to the OS at every free, and touching fresh pages costs more
@@ -78,7 +100,7 @@ def _finish_step(pop: Population, losses: torch.Tensor, grads, update) -> torch.
         ok &= torch.isfinite(g).flatten(1).all(1)
     pop.diverged |= ~ok
     pop.step += 1
-    update(pop.settings.optimizer, pop.params, grads, pop.exp_avg, pop.exp_avg_sq, pop.step, pop.lr, pop.wd,
+    update(pop.settings.optimizer, pop.optimized, grads, pop.exp_avg, pop.exp_avg_sq, pop.step, pop.lr, pop.wd,
            pop.beta1, pop.beta2, pop.eps, active=~pop.diverged)
     return losses
 
@@ -103,8 +125,9 @@ class TorchBackend:
     def step(self, pop: Population) -> torch.Tensor:
         """One step for every model; returns the (B,) training losses before the update."""
         s = pop.settings
-        D = pop.D.to(pop.device).to(torch.float32)
-        B, d_max = pop.train_m.shape
+        m, n, y, valid, D = pop.batch()
+        B, d_max = m.shape
+        counts = pop.batch_counts
         chunk = B
         if pop.device.type == "cpu":
             chunk = max(1, CPU_CHUNK_BYTES // (4 * d_max * max(pop.width, s.p)))
@@ -113,12 +136,17 @@ class TorchBackend:
             # a chunk's examples stop at its largest training set (with alpha varying, the padding of small
             # training sets up to the population's largest would be most of the work); its dropout masks are
             # drawn here, never (B, Dmax, N) at once
-            sl, d = slice(lo, lo + chunk), int(pop.D[lo : lo + chunk].max())
+            sl, d = slice(lo, lo + chunk), int(counts[lo : lo + chunk].max())
             ex = (sl, slice(0, d))
-            parts.append(self.grads(pop.U[sl], pop.V[sl], pop.W[sl], pop.train_m[ex], pop.train_n[ex], pop.train_y[ex],
-                                    pop.valid[ex], D[sl], pop.dropout_masks(sl, d), s.act, s.loss))
-        losses, *grads = (torch.cat(t) for t in zip(*parts)) if len(parts) > 1 else parts[0]
-        return _finish_step(pop, losses, grads, optim.step_)
+            bn = (pop.bn_weight[sl], pop.bn_bias[sl]) if pop.batchnorm else None
+            parts.append(self.grads(pop.U[sl], pop.V[sl], pop.W[sl], m[ex], n[ex], y[ex], valid[ex], D[sl],
+                                    pop.dropout_masks(sl, d), s.act, s.loss, bn))
+        losses, *rest = (torch.cat(t) for t in zip(*parts)) if len(parts) > 1 else parts[0]
+        grads, stats = rest[: len(pop.optimized)], rest[len(pop.optimized) :]
+        losses = _finish_step(pop, losses, grads, optim.step_)
+        if stats:
+            pop.update_running_stats(*stats)
+        return losses
 
 
 class TritonBackend:
@@ -153,31 +181,38 @@ class TritonBackend:
     MAX_P = 512
 
     def check(self, settings) -> None:
+        if settings.batchnorm:
+            raise ConfigError("BatchNorm runs on --backend torch (the fused kernels have no BatchNorm)")
         if settings.p > self.MAX_P:
             raise ConfigError(f"the triton backend handles p up to {self.MAX_P}; use --backend torch for p {settings.p}")
 
     def _data(self, pop: Population):
-        """int32 copies of the training data and the per-model dropout constants, made once per population.
+        """The step's examples as int32 copies and the per-model dropout constants: made once per population
+        for full-batch training, the examples every step for minibatches.
 
         The kernels see each model's examples in tile order (kernels.backward.tile_order; `order` maps a kernel
-        slot to the population's slot): a full-batch step does not depend on the order beyond rounding, and the
-        windowed scatter needs it to be cheap."""
+        slot to the batch's slot): a step does not depend on the order beyond rounding, and the windowed
+        scatter needs it to be cheap."""
         from fastgrok.kernels.backward import tile_order
 
         cached = getattr(pop, "_triton_data", None)
         if cached is None:
             dev = pop.device
-            order = tile_order(pop.train_m, pop.train_n, pop.valid, pop.settings.p)
-            m, n, y = (torch.gather(t, 1, order).int() for t in (pop.train_m, pop.train_n, pop.train_y))
             rates = pop.dropout.double()
             dropout = None
             if bool((rates > 0).any()):
                 threshold = torch.clamp(torch.round(rates * 2.0**32), max=2.0**32 - 1).long()
                 dropout = (pop.dropout_seed.to(dev), threshold.to(dev), (1.0 / (1.0 - rates)).float().to(dev))
-            cached = pop._triton_data = {
-                "m": m, "n": n, "y": y, "order": order,
-                "count": pop.D.int().to(dev), "D": pop.D.float().to(dev), "dropout": dropout,
-            }
+            cached = pop._triton_data = {"dropout": dropout}
+        if "m" in cached:
+            return cached
+        m, n, y, valid, D = pop.batch()
+        order = tile_order(m, n, valid, pop.settings.p)
+        m, n, y = (torch.gather(t, 1, order).int() for t in (m, n, y))
+        examples = {"m": m, "n": n, "y": y, "order": order, "valid": valid, "count": D.int(), "D": D}
+        if pop.batch_size is not None:
+            return {**cached, **examples}
+        cached.update(examples)
         return cached
 
     def step(self, pop: Population) -> torch.Tensor:
@@ -191,7 +226,8 @@ class TritonBackend:
         example_loss, G, _ = forward(*pop.params, data["m"], data["n"], data["y"], data["count"], act=act,
                                      loss=LOSS_CODES[s.loss], precision=self.precision, train=True,
                                      dropout=data["dropout"], step=pop.step, **self.forward_tiles)
-        losses = torch.where(pop.valid, example_loss, 0.0).sum(1) / data["D"]
+        # padding comes last in tile order too, so `valid` masks the kernel's slots as well as the batch's
+        losses = torch.where(data["valid"], example_loss, 0.0).sum(1) / data["D"]
         grads = backward(*pop.params, data["m"], data["n"], data["count"], G, act=act, precision=self.precision,
                          dropout=data["dropout"], step=pop.step, fused=self.fused, scatter=self.scatter,
                          **self.backward_tiles)
@@ -218,10 +254,11 @@ class TritonBackend:
 BACKENDS = ("auto", "torch", "triton")
 
 
-def make_backend(name: str, device: torch.device, precision: str = "fp32"):
-    """'auto': the Triton kernels on a CUDA device, batched PyTorch elsewhere."""
+def make_backend(name: str, device: torch.device, precision: str = "fp32", settings=None):
+    """'auto': the Triton kernels on a CUDA device, batched PyTorch elsewhere and for BatchNorm `settings`."""
     if name == "auto":
-        name = "triton" if device.type == "cuda" and _has_triton() else "torch"
+        kernels = device.type == "cuda" and _has_triton() and not (settings is not None and settings.batchnorm)
+        name = "triton" if kernels else "torch"
     if name == "torch":
         return TorchBackend()
     if name == "triton":

@@ -55,6 +55,8 @@ def train(
     noise: Annotated[Optional[str], typer.Option(help="uniform (any label, the paper's) or wrong (always a wrong label) \\[default: uniform]", rich_help_panel=SHARED)] = None,
     data_seed: Annotated[Optional[int], typer.Option(help="One data split and noise draw for every model \\[default: each model's --seed]", rich_help_panel=SHARED)] = None,
     log_every: Annotated[Optional[int], typer.Option(help="Log every metric of every model every K steps \\[default: 100]", rich_help_panel=SHARED)] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Minibatch size: each model's training set reshuffled every epoch, the remainder dropped; --steps counts minibatch steps \\[default: full batch]", rich_help_panel=SHARED)] = None,
+    batchnorm: Annotated[Optional[bool], typer.Option("--batchnorm/--no-batchnorm", help="BatchNorm1d after the activation, running statistics at evaluation (torch backend) \\[default: off]", rich_help_panel=SHARED)] = None,
     preset: Annotated[Optional[str], typer.Option(help="A named run (see `fastgrok presets`); options given override it. With no grid option: cpu-demo on a CPU, paper-xi-wd on a GPU")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:K")] = "auto",
     backend: Annotated[str, typer.Option(help="auto (triton on a GPU, torch on a CPU), torch, or triton (on a CPU only under TRITON_INTERPRET=1)")] = "auto",
@@ -69,7 +71,7 @@ def train(
 
     axes = dict(xi=xi, alpha=alpha, width=width, wd=wd, dropout=dropout, lr=lr, seed=seed)
     shared = dict(op=op, p=p, steps=steps, act=act, loss=loss, optimizer=optimizer, noise=noise,
-                  data_seed=data_seed, log_every=log_every)
+                  data_seed=data_seed, log_every=log_every, batch_size=batch_size, batchnorm=batchnorm)
     try:
         dev = resolve_device(device)
         if resume is not None:
@@ -113,7 +115,7 @@ def _run(axes, shared, betas, preset, dev, backend, precision, out) -> None:
     grid = Grid.parse(axes)
     out = out if out is not None else default_out_dir()
     check_out_dir(out)
-    engine = make_backend(backend, dev, precision)
+    engine = make_backend(backend, dev, precision, settings)
     engine.check(settings)
     populations = plan(grid.models(), settings, dev, backend=engine.name)
     _train_with_progress(grid, settings, out, dev, engine, len(grid), populations=populations)
@@ -133,7 +135,7 @@ def _resume(run_dir: Path, dev, backend, precision) -> None:
     # models of a population saved with its state continue from its step, the others start again
     steps_done = sum(len(w["models"]) * w["steps"] for w in config.get("written", [])
                      if w.get("state") and w["steps"] < settings.steps)
-    engine = make_backend(backend, dev, precision)
+    engine = make_backend(backend, dev, precision, settings)
     _train_with_progress(grid, settings, run_dir, dev, engine, left, resume=True, steps_done=steps_done)
 
 
@@ -151,8 +153,10 @@ def _train_with_progress(grid, settings, out, dev, engine, models: int, populati
 
     console = Console(stderr=True)
     verb = f"Resuming: {_models(models)} of {len(grid):,} left" if resume else f"Training {_models(models)}"
+    batches = f"minibatches of {settings.batch_size}" if settings.batch_size else "full batch"
     console.print(f"{verb} ({grid.describe()}) on {dev} ({engine.name}), p {settings.p}, op {settings.op}, "
-                  f"{settings.steps} steps" + (f", {len(populations)} population(s)" if populations else "") + f" -> {out}")
+                  f"{settings.steps} steps, {batches}" + (", BatchNorm" if settings.batchnorm else "")
+                  + (f", {len(populations)} population(s)" if populations else "") + f" -> {out}")
     with Progress(TextColumn("[bold]train"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
                   TextColumn("step {task.fields[step]}"),
                   TextColumn("{task.fields[models]}"), Rate(), TimeElapsedColumn(), TextColumn("eta"),

@@ -48,6 +48,8 @@ class Settings:
     noise: str = "uniform"
     data_seed: int | None = None  # one data split and noise draw for all models; None: each model's own seed
     log_every: int = 100
+    batch_size: int | None = None  # examples per step (minibatches reshuffled every epoch); None: full batch
+    batchnorm: bool = False        # BatchNorm1d after the activation (torch backend)
 
     def check(self, training: bool = True) -> None:
         check_task(self.op, self.p)
@@ -59,6 +61,9 @@ class Settings:
             raise ConfigError(f"steps must be at least 1, got {self.steps}")
         if training and self.log_every < 1:
             raise ConfigError(f"log-every must be at least 1, got {self.log_every}")
+        if self.batch_size is not None and self.batch_size < (2 if self.batchnorm else 1):
+            need = "at least 2 with BatchNorm (batch statistics)" if self.batchnorm else "at least 1"
+            raise ConfigError(f"batch-size must be {need}, got {self.batch_size}")
         if not all(0.0 <= b < 1.0 for b in self.betas):
             raise ConfigError(f"betas must lie in [0, 1), got {self.betas}")
 

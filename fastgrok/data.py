@@ -58,15 +58,30 @@ def task_table(op: str, p: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
     return m, n, z % p
 
 
-def stream_seed(seed: int, stream: str) -> int:
-    """A 63-bit seed for one named random stream of a model (split, noise, init, dropout): independent streams."""
+def stream_seed(seed: int, stream: str, *index: int) -> int:
+    """A 63-bit seed for one named random stream of a model (split, noise, init, dropout, batches), and for
+    numbered sub-streams of it (the batches of each epoch): independent streams."""
     tag = int.from_bytes(stream.encode()[:8].ljust(8, b"\0"), "little")
-    state = np.random.SeedSequence([int(seed) & 0xFFFFFFFFFFFFFFFF, tag]).generate_state(2, np.uint32)
+    state = np.random.SeedSequence([int(seed) & 0xFFFFFFFFFFFFFFFF, tag, *index]).generate_state(2, np.uint32)
     return (int(state[0]) << 31) ^ int(state[1])
 
 
-def generator(seed: int, stream: str) -> torch.Generator:
-    return torch.Generator().manual_seed(stream_seed(seed, stream))
+def generator(seed: int, stream: str, *index: int) -> torch.Generator:
+    return torch.Generator().manual_seed(stream_seed(seed, stream, *index))
+
+
+def epoch_order(seed: int, epoch: int, size: int) -> torch.Tensor:
+    """Minibatch training: the order (a permutation of the training slots 0..size-1) in which a model of this seed
+    visits its training set in `epoch`. Batches are consecutive runs of batch_size slots of it; the remainder
+    of an epoch is dropped, so every batch is full (BatchNorm needs two examples or more)."""
+    return torch.randperm(size, generator=generator(seed, "batches", epoch))
+
+
+def batch_slots(seed: int, size: int, batch_size: int, step: int) -> torch.Tensor:
+    """The training slots a model (seed, `size` training examples) trains on at `step` (counting from 0)."""
+    per_epoch = size // batch_size
+    first = (step % per_epoch) * batch_size
+    return epoch_order(seed, step // per_epoch, size)[first : first + batch_size]
 
 
 def train_size(num_pairs: int, alpha: float) -> int:

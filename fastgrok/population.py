@@ -3,7 +3,9 @@
 Layout (the kernels' too): U, V: (B, p, N) so that U e_m is the row U[b, m]; W: (B, N, p). Model b equals the
 reference MLP with U = U[b].T, V = V[b].T, W = W[b].T. Each model has its own training set (alpha, split seed),
 corruption (xi, noise seed), init seed, lr, weight decay and dropout; training sets are padded to the largest D
-and padded slots carry zero weight.
+and padded slots carry zero weight. With Settings.batch_size a step sees a minibatch of each model's training
+set (Population.batch); with Settings.batchnorm every model has BatchNorm1d's weight, bias and running
+statistics, (B, N) each.
 """
 
 from __future__ import annotations
@@ -12,19 +14,26 @@ import torch
 
 from fastgrok import reference
 from fastgrok.config import Hyper, Settings
-from fastgrok.data import generator, make_split, task_table, train_size
+from fastgrok.data import batch_slots, epoch_order, generator, make_split, task_table, train_size
 from fastgrok.errors import ConfigError
 
 METRICS = ("train_loss", "test_loss", "train_acc", "test_acc", "clean_acc", "corrupted_acc", "inverted_acc")
+BN_PARAMS = ("bn_weight", "bn_bias")         # trained, like U, V, W
+BN_BUFFERS = ("running_mean", "running_var")  # BatchNorm1d's running statistics
+BN_EPS, BN_MOMENTUM = 1e-5, 0.1               # BatchNorm1d's defaults
 
 
-def forward(U, V, W, m, n, act: str, mask=None) -> torch.Tensor:
-    """Batched reference forward: m, n (B, D) -> (B, D, p)."""
+def forward(U, V, W, m, n, act: str, mask=None, bn=None) -> torch.Tensor:
+    """Batched reference forward: m, n (B, D) -> (B, D, p). bn: BatchNorm at evaluation as an affine map of the
+    activation, (scale, shift), (B, N) each (Population.bn_affine)."""
     rows = torch.arange(U.shape[0], device=U.device)[:, None]
     pre = U[rows, m] + V[rows, n]  # (B, D, N): the one-hot first layer is a gather
     if mask is not None:
         pre = pre * mask
-    return torch.bmm(reference.ACTIVATIONS[act](pre), W)
+    h = reference.ACTIVATIONS[act](pre)
+    if bn is not None:
+        h = torch.addcmul(bn[1][:, None], h, bn[0][:, None])
+    return torch.bmm(h, W)
 
 
 class Population:
@@ -62,8 +71,16 @@ class Population:
         self.U = torch.stack([u.T for u, _, _ in weights]).contiguous().to(dev)
         self.V = torch.stack([v.T for _, v, _ in weights]).contiguous().to(dev)
         self.W = torch.stack([w.T for _, _, w in weights]).contiguous().to(dev)
-        self.exp_avg = [torch.zeros_like(t) for t in self.params]
-        self.exp_avg_sq = [torch.zeros_like(t) for t in self.params]
+        self.batchnorm, self.batch_size = settings.batchnorm, settings.batch_size
+        if self.batchnorm:
+            self.bn_weight, self.running_var = (torch.ones(B, self.width, device=dev) for _ in range(2))
+            self.bn_bias, self.running_mean = (torch.zeros(B, self.width, device=dev) for _ in range(2))
+        check_batch_size(hypers, settings)
+        if self.batch_size is not None:
+            self._epoch = torch.full((B,), -1)  # the epoch each model's minibatch order `_order` belongs to
+            self._order = torch.zeros(B, d_max, dtype=torch.long, device=dev)
+        self.exp_avg = [torch.zeros_like(t) for t in self.optimized]
+        self.exp_avg_sq = [torch.zeros_like(t) for t in self.optimized]
 
         vec = lambda name: torch.tensor([float(getattr(h, name)) for h in hypers], device=dev)  # noqa: E731
         self.lr, self.wd, self.dropout = vec("lr"), vec("wd"), vec("dropout")
@@ -86,23 +103,85 @@ class Population:
     def params(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.U, self.V, self.W
 
+    @property
+    def optimized_names(self) -> tuple[str, ...]:
+        return ("U", "V", "W", *(BN_PARAMS if self.batchnorm else ()))
+
+    @property
+    def optimized(self) -> tuple[torch.Tensor, ...]:
+        """Every tensor the optimizer updates: U, V, W and, with BatchNorm, its weight and bias."""
+        return tuple(getattr(self, name) for name in self.optimized_names)
+
+    @property
+    def batch_counts(self) -> torch.Tensor:
+        """(B,) examples each model sees in a step: its training set, or the batch size."""
+        return self.D if self.batch_size is None else torch.full_like(self.D, self.batch_size)
+
+    def batch(self) -> tuple[torch.Tensor, ...]:
+        """The examples of the coming step: m, n, labels, valid (B, d) and the counts (B,) as float.
+
+        Full batch: the padded training sets. Minibatches: batch_size slots of each model's training set,
+        fastgrok.data.batch_slots(seed, D, batch_size, step); each model's epoch order is drawn once per epoch."""
+        if self.batch_size is None:
+            return self.train_m, self.train_n, self.train_y, self.valid, self.D.to(self.device).float()
+        bs, B = self.batch_size, len(self)
+        per_epoch = self.D // bs
+        epoch = self.step // per_epoch
+        for b in torch.nonzero(epoch != self._epoch).flatten().tolist():
+            d = int(self.D[b])
+            self._order[b, :d] = epoch_order(self.hypers[b].seed, int(epoch[b]), d).to(self.device)
+            self._epoch[b] = epoch[b]
+        first = ((self.step % per_epoch) * bs).to(self.device)[:, None]
+        slots = torch.gather(self._order, 1, first + torch.arange(bs, device=self.device))
+        m, n, y = (torch.gather(t, 1, slots) for t in (self.train_m, self.train_n, self.train_y))
+        valid = torch.ones(B, bs, dtype=torch.bool, device=self.device)
+        return m, n, y, valid, torch.full((B,), float(bs), device=self.device)
+
     def dropout_masks(self, models: slice = slice(None), d_max: int | None = None) -> torch.Tensor | None:
         """Draw this step's masks (len(models), d_max, N) for a slice of the models (each has its own stream, so
-        slices drawn in any order give the same masks): model b's is reference.dropout_mask((D_b, N))."""
+        slices drawn in any order give the same masks): model b's is reference.dropout_mask((d_b, N)), d_b the
+        examples it sees this step (batch_counts)."""
         ids = range(len(self))[models]
         if all(self._dropout_gens[b] is None for b in ids):
             return None
-        masks = torch.ones(len(ids), d_max or self.train_m.shape[1], self.width, device=self.device)
+        counts = self.batch_counts
+        masks = torch.ones(len(ids), d_max or int(counts.max()), self.width, device=self.device)
         for i, b in enumerate(ids):
             if (g := self._dropout_gens[b]) is not None:
-                d = int(self.D[b])
+                d = int(counts[b])
                 masks[i, :d] = reference.dropout_mask((d, self.width), self.hypers[b].dropout, g, self.device)
         return masks
+
+    def bn_affine(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """BatchNorm at evaluation, BN(h) = h scale + shift with the running statistics; None without BatchNorm."""
+        if not self.batchnorm:
+            return None
+        scale = self.bn_weight * torch.rsqrt(self.running_var + BN_EPS)
+        return scale, self.bn_bias - self.running_mean * scale
+
+    @torch.no_grad()
+    def update_running_stats(self, mean: torch.Tensor, var: torch.Tensor) -> None:
+        """BatchNorm1d's update with this step's batch mean and unbiased variance (B, N); frozen models keep theirs."""
+        keep = self.diverged[:, None]
+        for buffer, new in ((self.running_mean, mean), (self.running_var, var)):
+            buffer.copy_(torch.where(keep, buffer, torch.lerp(buffer, new, BN_MOMENTUM)))
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """What the weights file of a population holds: U, V, W, BatchNorm's tensors, the model ids."""
+        names = ("U", "V", "W", *((*BN_PARAMS, *BN_BUFFERS) if self.batchnorm else ()))
+        return {**{k: getattr(self, k) for k in names}, "model": torch.tensor(self.model_ids)}
+
+    @torch.no_grad()
+    def load_weights(self, weights: dict[str, torch.Tensor], index: torch.Tensor | None = None) -> None:
+        """Copy saved weights (rows `index` of them; default all) into this population."""
+        for name, saved in weights.items():
+            if name != "model" and hasattr(self, name):
+                getattr(self, name).copy_(saved if index is None else saved[index])
 
     def state(self) -> dict[str, torch.Tensor]:
         """What continuing training needs beyond U, V, W: Adam moments, step, diverged flags, dropout streams."""
         out = {f"{kind}.{name}": t for kind, ts in (("exp_avg", self.exp_avg), ("exp_avg_sq", self.exp_avg_sq))
-               for name, t in zip("UVW", ts)}
+               for name, t in zip(self.optimized_names, ts)}
         out["step"], out["diverged"] = torch.tensor([self.step]), self.diverged
         streams = [g.get_state() for g in self._dropout_gens if g is not None]
         if streams:
@@ -110,11 +189,11 @@ class Population:
         return out
 
     def load_state(self, weights: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> None:
-        """Continue from weights (U, V, W, model) and state() saved by a population of the same models."""
+        """Continue from weights() and state() saved by a population of the same models."""
         if weights["model"].tolist() != self.model_ids:
             raise ValueError("saved weights belong to other models")
-        for i, name in enumerate("UVW"):
-            self.params[i].copy_(weights[name])
+        self.load_weights(weights)
+        for i, name in enumerate(self.optimized_names):
             self.exp_avg[i].copy_(state[f"exp_avg.{name}"])
             self.exp_avg_sq[i].copy_(state[f"exp_avg_sq.{name}"])
         self.step = int(state["step"])
@@ -126,11 +205,15 @@ class Population:
 
     def model(self, b: int) -> reference.MLP:
         """Model b as a reference nn.Module (a copy of its current weights)."""
-        mlp = reference.MLP(self.settings.p, self.width, self.settings.act, self.hypers[b].dropout)
+        mlp = reference.MLP(self.settings.p, self.width, self.settings.act, self.hypers[b].dropout,
+                            batchnorm=self.batchnorm)
         with torch.no_grad():
             mlp.U.copy_(self.U[b].T)
             mlp.V.copy_(self.V[b].T)
             mlp.W.copy_(self.W[b].T)
+            if self.batchnorm:
+                for ours, theirs in zip((*BN_PARAMS, *BN_BUFFERS), ("weight", "bias", *BN_BUFFERS)):
+                    getattr(mlp.bn, theirs).copy_(getattr(self, ours)[b])
         return mlp
 
     @torch.no_grad()
@@ -144,9 +227,13 @@ class Population:
 
         `engine` (a backend; default torch) runs the forward pass for chunks of models whose working memory,
         engine.eval_bytes(width, p) per example, fits `max_bytes` (default: 2 GiB on a GPU, 256 MiB on a CPU).
+        BatchNorm models evaluate with their running statistics, in torch (the kernels have no BatchNorm).
         """
         if max_bytes is None:
             max_bytes = 1 << 31 if self.device.type == "cuda" else 1 << 28
+        bn = self.bn_affine()
+        if bn is not None:
+            engine = None
         outputs = engine.outputs if engine is not None else torch_outputs
         per_example = (engine.eval_bytes if engine is not None else torch_eval_bytes)(self.width, self.settings.p)
         m_all, n_all, z_all = self.pairs
@@ -160,8 +247,9 @@ class Population:
             true = z_all[perm]  # (bc, P) in the model's order: training slots first
             labels = true.clone()  # as trained on: corrupted labels on the training slots
             labels[:, :d_max] = torch.where(self.valid[sl], self.train_y[sl], true[:, :d_max])
-            pred, loss = outputs(self.U[sl], self.V[sl], self.W[sl], m_all[perm], n_all[perm], labels,
-                                 self.settings.act, self.settings.loss)
+            args = (self.U[sl], self.V[sl], self.W[sl], m_all[perm], n_all[perm], labels, self.settings.act,
+                    self.settings.loss)
+            pred, loss = outputs(*args) if bn is None else outputs(*args, bn=(bn[0][sl], bn[1][sl]))
             D, c = self.D[sl].to(self.device)[:, None], self.n_corrupt[sl].to(self.device)[:, None]
             train, corrupted = slot < D, slot < c
             hit, hit_true = pred == labels, pred == true
@@ -185,25 +273,48 @@ def torch_eval_bytes(width: int, p: int) -> int:
     return 4 * (2 * width + 3 * p) + 6 * 8
 
 
-def torch_outputs(U, V, W, m, n, y, act: str, loss: str) -> tuple[torch.Tensor, torch.Tensor]:
+def torch_outputs(U, V, W, m, n, y, act: str, loss: str, bn=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Predictions and per-example losses of a chunk of models on examples (m, n) with labels y: (bc, E)."""
-    logits = forward(U, V, W, m, n, act)
+    logits = forward(U, V, W, m, n, act, bn=bn)
     return logits.argmax(-1), reference.per_example_loss(logits, y, loss)
 
 
-def bytes_per_model(p: int, width: int, d_max: int, num_pairs: int, backend: str = "torch") -> int:
+def check_batch_size(hypers: list[Hyper], settings: Settings) -> None:
+    """Every model's training set must hold at least one batch."""
+    if settings.batch_size is None:
+        return
+    num_pairs = task_table(settings.op, settings.p)[2].numel()
+    smallest = min(hypers, key=lambda h: h.alpha)
+    d = train_size(num_pairs, smallest.alpha)
+    if d < settings.batch_size:
+        raise ConfigError(f"--batch-size {settings.batch_size} is larger than the training set of alpha "
+                          f"{smallest.alpha:g} ({d} examples)")
+
+
+def bytes_per_model(p: int, width: int, d_max: int, num_pairs: int, backend: str = "torch",
+                    batch_size: int | None = None, batchnorm: bool = False) -> int:
     """Device memory of one model in a population (fp32 parameters).
 
     Always: parameters, gradients and two Adam moments (4 x 3 p N); the data (int64 pair order, training
     indices and labels, the valid mask). torch: the written-out backward's pre-activation, activation, mask
-    and dS with its temporary (5 D N), outputs, one-hot targets, difference, G and loss terms (5 D p). triton: G (D p), per-example losses, int32
-    copies of the indices in tile order and that int64 order (6 D); nothing of size D N is ever stored."""
+    and dS with its temporary (5 d N), outputs, one-hot targets, difference, G and loss terms (5 d p). triton: G (d p), per-example losses, int32
+    copies of the indices in tile order and that int64 order (6 d); nothing of size d N is ever stored. d: the
+    examples of a step (the training set or the batch size). Minibatches: the epoch order (int64, D) and the
+    batch's indices and labels (3 d int64). BatchNorm (torch): its weight, bias, their gradients and moments and
+    the running statistics (10 N), the normalised activation and the BatchNorm output (2 d N)."""
     params = 4 * 3 * p * width
     data = 8 * num_pairs + 8 * 3 * d_max + d_max + 256  # + per-model scalars (seeds, counts, hyper-parameters)
+    d = d_max
+    if batch_size is not None:
+        d = min(d_max, batch_size)
+        data += 8 * d_max + 8 * 3 * d
     if backend.startswith("triton"):
-        work = d_max * p + 6 * d_max
+        work = d * p + 6 * d
     else:
-        work = 5 * d_max * width + 5 * d_max * p
+        work = 5 * d * width + 5 * d * p
+    if batchnorm:
+        params += 10 * width
+        work += 2 * d * width
     return 4 * (params + work) + data
 
 
@@ -223,6 +334,7 @@ def memory_budget(device: torch.device) -> int:
 def plan(hypers: list[Hyper], settings: Settings, device: torch.device, budget: int | None = None,
          backend: str = "torch") -> list[list[int]]:
     """Split a grid into populations: one width each, as many models as fit the memory budget."""
+    check_batch_size(hypers, settings)
     budget = memory_budget(device) if budget is None else budget
     num_pairs = task_table(settings.op, settings.p)[2].numel()
     by_width: dict[int, list[int]] = {}
@@ -233,7 +345,7 @@ def plan(hypers: list[Hyper], settings: Settings, device: torch.device, budget: 
         # by training-set size, so that a population (and a CPU chunk of one) holds models of similar D
         ids.sort(key=lambda i: train_size(num_pairs, hypers[i].alpha))
         d_max = train_size(num_pairs, hypers[ids[-1]].alpha)
-        need = bytes_per_model(settings.p, width, d_max, num_pairs, backend)
+        need = bytes_per_model(settings.p, width, d_max, num_pairs, backend, settings.batch_size, settings.batchnorm)
         if need > budget:
             raise ConfigError(
                 f"one model of width {width} needs about {need / 2**30:.1f} GiB, more than the "

@@ -4,9 +4,14 @@
     phi(x)  = x^2 ("quad", the paper's) or max(x, 0) ("relu")
     U, V, W ~ Normal(0, std = 0.5 / (2N)^(1/3))
     dropout (rate r) acts on the pre-activation: W phi(dropout(U e_m + V e_n)), off at evaluation
+    BatchNorm (optional) acts after the activation: W BN(phi(U e_m + V e_n)), torch.nn.BatchNorm1d's defaults
+      (affine, eps 1e-5, momentum 0.1): batch statistics in training, running statistics at evaluation
     MSE loss  = mean over the D examples and p outputs of (f - onehot(label))^2
     CE loss   = mean over the D examples of cross_entropy(f, label)
-    AdamW(lr 1e-2, betas (0.9, 0.98), eps 1e-8), decoupled weight decay (param *= 1 - lr wd first)
+    AdamW(lr 1e-2, betas (0.9, 0.98), eps 1e-8), decoupled weight decay (param *= 1 - lr wd first), on every
+      parameter (U, V, W and BatchNorm's weight and bias)
+    a step sees the whole training set (full batch, the paper's default) or a minibatch of it
+      (fastgrok.data.batch_slots: reshuffled every epoch, the remainder dropped)
 
 One-hot inputs make the first layer a gather: U e_m is column m of U. Every backend (fastgrok.population,
 the Triton kernels) is tested against this file.
@@ -64,11 +69,12 @@ def dropout_mask(shape, rate: float, generator: torch.Generator | None = None, d
 
 class MLP(nn.Module):
     def __init__(self, p: int, width: int, act: str = "quad", dropout: float = 0.0,
-                 generator: torch.Generator | None = None):
+                 generator: torch.Generator | None = None, batchnorm: bool = False):
         super().__init__()
         check_choice("activation", act, ACTIVATIONS)
         u, v, w = init_weights(p, width, generator if generator is not None else torch.Generator().manual_seed(0))
         self.U, self.V, self.W = nn.Parameter(u), nn.Parameter(v), nn.Parameter(w)
+        self.bn = nn.BatchNorm1d(width) if batchnorm else None
         self.act, self.dropout = act, dropout
 
     def preactivation(self, m: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
@@ -79,7 +85,10 @@ class MLP(nn.Module):
         pre = self.preactivation(m, n)
         if self.training and self.dropout > 0:
             pre = pre * (mask if mask is not None else dropout_mask(pre.shape, self.dropout, device=pre.device))
-        return ACTIVATIONS[self.act](pre) @ self.W.T
+        h = ACTIVATIONS[self.act](pre)
+        if self.bn is not None:
+            h = self.bn(h)
+        return h @ self.W.T
 
 
 def make_optimizer(model: nn.Module, name: str = "adamw", lr: float = 1e-2, wd: float = 0.0,
@@ -96,7 +105,7 @@ def make_optimizer(model: nn.Module, name: str = "adamw", lr: float = 1e-2, wd: 
 
 def train_step(model: MLP, opt: torch.optim.Optimizer, m, n, labels, loss: str = "mse",
                mask: torch.Tensor | None = None) -> float:
-    """One full-batch step; returns the loss before the update."""
+    """One step on the examples (m, n, labels): the training set or a minibatch; returns the loss before the update."""
     model.train()
     opt.zero_grad(set_to_none=True)
     value = per_example_loss(model(m, n, mask), labels, loss).mean()

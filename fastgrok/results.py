@@ -4,6 +4,7 @@
     models.csv                   one row per model: model, grid axes, final metrics, phase
     history/pop000.parquet ...   every metric of every model at every logged step (pd.read_parquet(run / "history"))
     weights/pop000.safetensors   U (B, p, N), V (B, p, N), W (B, N, p) and the model ids of each population
+                                 (and with BatchNorm its weight, bias and running statistics, (B, N) each)
 
     weights/pop000.state.safetensors   optimizer moments, step and dropout streams of a population that has not
                                  finished (interrupted, or checkpointed during a long run); deleted when it finishes
@@ -240,7 +241,7 @@ def read_history(run: Path) -> pa.Table:
 
 
 def read_weights(run: Path) -> list[dict[str, torch.Tensor]]:
-    """One dict per population: U, V, W, model."""
+    """One dict per population: U, V, W, model (and BatchNorm's tensors)."""
     return [load_file(str(f)) for f in sorted((Path(run) / "weights").glob("pop*.safetensors"))
             if not f.name.endswith(".state.safetensors")]
 
@@ -278,7 +279,5 @@ def load_populations(run: Path, device: str | torch.device = "cpu", models: set[
         if not keep:
             continue
         pop = Population([hyper_of(rows[ids[i]]) for i in keep], settings, device, model_ids=[ids[i] for i in keep])
-        index = torch.tensor(keep)
-        for name in ("U", "V", "W"):
-            getattr(pop, name).copy_(weights[name][index])
+        pop.load_weights(weights, torch.tensor(keep))
         yield pop

@@ -18,7 +18,7 @@ from fastgrok.config import AXES, Grid, Settings
 from fastgrok.errors import ConfigError
 from fastgrok.ipr import neuron_ipr
 from fastgrok.phases import phase
-from fastgrok.population import METRICS, Population, plan
+from fastgrok.population import METRICS, Population, check_batch_size, plan
 from fastgrok.results import HISTORY_COLUMNS, RunWriter, read_models, read_population
 
 
@@ -113,7 +113,8 @@ def train(grid: Grid, settings: Settings, out: Path, *, device: str = "auto", ba
     settings.check()
     dev = resolve_device(device)
     hypers = grid.models()
-    engine = make_backend(backend, dev, precision) if isinstance(backend, str) else backend
+    check_batch_size(hypers, settings)
+    engine = make_backend(backend, dev, precision, settings) if isinstance(backend, str) else backend
     engine.check(settings)
     writer, done, unfinished = RunWriter.reopen(out, settings.steps) if resume else (None, set(), [])
     continuing = {m for w in unfinished for m in w["models"]}
@@ -139,8 +140,7 @@ def train(grid: Grid, settings: Settings, out: Path, *, device: str = "auto", ba
 
     def save(pop, name, history, metrics) -> list[dict]:
         new_rows = model_rows(pop, metrics)
-        writer.add_population(new_rows, history.table(), {"U": pop.U, "V": pop.V, "W": pop.W,
-                                                          "model": torch.tensor(pop.model_ids)},
+        writer.add_population(new_rows, history.table(), pop.weights(),
                               state=pop.state() if pop.step < settings.steps else None, name=name)
         return new_rows
 

@@ -54,9 +54,11 @@ def test_train_writes_a_complete_run_directory(tmp_path):
         assert history["test_acc"][i] == pytest.approx(r["test_acc"], abs=1e-6)
 
 
-def test_saved_weights_rebuild_every_model(tmp_path):
+@pytest.mark.parametrize("extra", [[], ["--batchnorm", "--batch-size", "16"]])
+def test_saved_weights_rebuild_every_model(tmp_path, extra):
+    """Weights (with BatchNorm: its weight, bias and running statistics too) give back every model's metrics."""
     out = tmp_path / "run"
-    assert run(*SMALL, "--xi", "0,0.5", "--width", "8,12", "--alpha", "0.4,0.6", "--out", out).exit_code == 0
+    assert run(*SMALL, *extra, "--xi", "0,0.5", "--width", "8,12", "--alpha", "0.4,0.6", "--out", out).exit_code == 0
     config, rows = read_config(out), {r["model"]: r for r in read_models(out)}
     assert config["populations"] == [4, 4]  # one population per width
     settings = settings_of(config)
@@ -64,7 +66,9 @@ def test_saved_weights_rebuild_every_model(tmp_path):
     for weights in read_weights(out):
         ids = weights["model"].tolist()
         pop = Population([hyper_of(rows[i]) for i in ids], settings, model_ids=ids)
-        pop.U.copy_(weights["U"]), pop.V.copy_(weights["V"]), pop.W.copy_(weights["W"])
+        assert set(weights) == {"U", "V", "W", "model"} | ({"bn_weight", "bn_bias", "running_mean", "running_var"}
+                                                            if extra else set())
+        pop.load_weights(weights)
         metrics = pop.evaluate()
         for b, i in enumerate(ids):
             for k in ("train_acc", "test_acc", "clean_acc"):
@@ -119,6 +123,10 @@ def test_ctrl_c_keeps_what_was_done(tmp_path, monkeypatch):
         (["--backend", "triton", "--precision", "fp8"], "unknown precision"),
         (["--backend", "triton", "--p", "521"], "p up to 512"),
         (["--width", "100000000"], "GiB"),
+        (["--batch-size", "0"], "batch-size must be at least 1"),
+        (["--batch-size", "1", "--batchnorm"], "at least 2 with BatchNorm"),
+        (["--batch-size", "100"], "larger than the training set of alpha 0.5 (60 examples)"),
+        (["--backend", "triton", "--batchnorm"], "BatchNorm runs on --backend torch"),
     ],
 )
 def test_bad_input_is_one_line_and_nonzero(tmp_path, args, message):
@@ -208,7 +216,9 @@ def _same_results(out, straight):
 RESUMABLE = [*SMALL, "--xi", "0,0.3", "--width", "8,12", "--dropout", "0.2"]
 
 
-def test_resume_finishes_an_interrupted_run_with_the_results_of_an_uninterrupted_one(tmp_path, monkeypatch):
+@pytest.mark.parametrize("extra", [[], ["--batchnorm", "--batch-size", "16"]])  # epochs of 3 batches
+def test_resume_finishes_an_interrupted_run_with_the_results_of_an_uninterrupted_one(tmp_path, monkeypatch, extra):
+    RESUMABLE = [*globals()["RESUMABLE"], *extra]
     assert run(*RESUMABLE, "--out", tmp_path / "straight").exit_code == 0
 
     def ctrl_c():

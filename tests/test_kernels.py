@@ -12,6 +12,7 @@ from philox import dropout_mask  # noqa: E402
 from fastgrok import reference  # noqa: E402
 from fastgrok.backends import TorchBackend, TritonBackend  # noqa: E402
 from fastgrok.config import Hyper, Settings  # noqa: E402
+from fastgrok.data import batch_slots  # noqa: E402
 from fastgrok.population import Population  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -98,6 +99,28 @@ def test_thirty_step_trajectory_with_dropout_and_per_model_hyperparameters():
     for b, (mlp, *_) in enumerate(ref.models):
         assert_close(f"U[{b}] after 30 steps", pop.U[b], mlp.U.T)
         assert_close(f"W[{b}] after 30 steps", pop.W[b], mlp.W.T)
+
+
+def test_minibatch_trajectory_with_dropout_matches_reference():
+    """Minibatches of 8 (fastgrok.data.batch_slots; model 2's epoch is 7 batches, so its order is redrawn
+    within the run): every loss and the final weights. The kernels key dropout masks by pair, so a batch's
+    masks are those of its pairs."""
+    bs = 8
+    pop = Population(hypers(), Settings(p=P, batch_size=bs), DEVICE)
+    ref = Reference(pop)
+    engine = TritonBackend("fp32")
+    for t in range(12):
+        losses = engine.step(pop)
+        for b, (mlp, opt, m, n, y) in enumerate(ref.models):
+            h = pop.hypers[b]
+            slots = batch_slots(h.seed, m.numel(), bs, t)
+            m_b, n_b = m[slots], n[slots]
+            mask = dropout_mask(int(pop.dropout_seed[b]), t, h.dropout, m_b * P + n_b, h.width) if h.dropout else None
+            value = reference.train_step(mlp, opt, m_b, n_b, y[slots], "mse", mask)
+            assert_close(f"loss[{b}] at step {t}", losses[b], torch.tensor(value))
+    for b, (mlp, *_) in enumerate(ref.models):
+        assert_close(f"U[{b}] after 12 steps", pop.U[b], mlp.U.T)
+        assert_close(f"W[{b}] after 12 steps", pop.W[b], mlp.W.T)
 
 
 def run(hs, steps, settings=None, fused=False, scatter="window"):

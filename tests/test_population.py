@@ -8,7 +8,8 @@ from compare import assert_close
 from fastgrok import reference
 from fastgrok.backends import TorchBackend, _grads
 from fastgrok.config import Hyper, Settings
-from fastgrok.data import generator
+from fastgrok.data import batch_slots, generator
+from fastgrok.errors import ConfigError
 from fastgrok.population import Population
 
 P = 13
@@ -87,6 +88,62 @@ def test_fifty_step_trajectory(optimizer):
         assert_close(f"W[{b}] after 50 steps", pop.W[b], mlp.W.T)
 
 
+@pytest.mark.parametrize("batchnorm,batch_size,act,loss", [
+    (True, None, "quad", "mse"), (True, 8, "quad", "mse"), (True, 8, "relu", "ce"), (False, 8, "quad", "mse")])
+def test_minibatches_and_batchnorm_follow_the_reference(batchnorm, batch_size, act, loss):
+    """30 steps (per-model alpha, lr, wd, dropout): every loss, then every parameter and BatchNorm's running
+    statistics, against reference modules stepped on the batches of fastgrok.data.batch_slots. Full-batch
+    BatchNorm takes its statistics over each model's own training set, not the padding."""
+    settings = Settings(p=P, act=act, loss=loss, batchnorm=batchnorm, batch_size=batch_size)
+    pop = Population(mixed_hypers(), settings)
+    refs = reference_models(pop)
+    engine = TorchBackend()
+    for t in range(30):
+        losses = engine.step(pop)
+        for b, (mlp, opt, m, n, y, gen) in enumerate(refs):
+            slots = slice(None) if batch_size is None else batch_slots(pop.hypers[b].seed, m.numel(), batch_size, t)
+            value = reference_step(mlp, opt, m[slots], n[slots], y[slots], gen, loss)
+            assert_close(f"loss[{b}] at step {t}", losses[b], torch.tensor(value))
+    for b, (mlp, *_) in enumerate(refs):
+        theirs = {"U": mlp.U.T, "V": mlp.V.T, "W": mlp.W.T}
+        if batchnorm:
+            theirs |= {"bn_weight": mlp.bn.weight, "bn_bias": mlp.bn.bias, "running_mean": mlp.bn.running_mean,
+                       "running_var": mlp.bn.running_var}
+        for name, tensor in theirs.items():
+            assert_close(f"{name}[{b}] after 30 steps", getattr(pop, name)[b], tensor)
+
+
+def test_minibatches_visit_every_training_example_once_an_epoch():
+    size, bs = 30, 8  # 3 full batches an epoch, 6 examples left out of each
+    epochs = [torch.cat([batch_slots(5, size, bs, step) for step in range(3 * e, 3 * e + 3)]) for e in range(3)]
+    for slots in epochs:
+        assert slots.numel() == 24 and len(set(slots.tolist())) == 24 and slots.max() < size
+    assert len({tuple(s.tolist()) for s in epochs}) == 3  # reshuffled every epoch
+    assert not torch.equal(batch_slots(5, size, bs, 0), batch_slots(6, size, bs, 0))  # each seed its own order
+    # a population's batch is its models' batch_slots, whatever the other models' epochs
+    pop = Population(mixed_hypers(), Settings(p=P, batch_size=bs))
+    for step in (0, 5, 11, 4):
+        pop.step = step
+        m, n, y, valid, D = pop.batch()
+        assert valid.all() and D.tolist() == [bs] * 3
+        for b, h in enumerate(pop.hypers):
+            slots = batch_slots(h.seed, int(pop.D[b]), bs, step)
+            assert torch.equal(y[b], pop.train_y[b, slots]) and torch.equal(m[b], pop.train_m[b, slots])
+
+
+def test_minibatch_and_batchnorm_settings_are_checked():
+    with pytest.raises(ConfigError, match="larger than the training set of alpha 0.35"):
+        Population(mixed_hypers(), Settings(p=P, batch_size=70))
+    with pytest.raises(ConfigError, match="at least 2 with BatchNorm"):
+        Settings(p=P, batch_size=1, batchnorm=True).check()
+    from fastgrok.backends import TritonBackend, make_backend
+
+    with pytest.raises(ConfigError, match="BatchNorm runs on --backend torch"):
+        TritonBackend().check(Settings(batchnorm=True))
+    # auto never picks the kernels for BatchNorm, even on a GPU
+    assert make_backend("auto", torch.device("cuda"), settings=Settings(batchnorm=True)).name == "torch"
+
+
 def train(pop, steps):
     engine = TorchBackend()
     for _ in range(steps):
@@ -94,13 +151,13 @@ def train(pop, steps):
     return pop
 
 
-def test_together_equals_alone():
-    settings = Settings(p=P)
+@pytest.mark.parametrize("settings", [Settings(p=P), Settings(p=P, batch_size=8, batchnorm=True)])
+def test_together_equals_alone(settings):
     hypers = mixed_hypers()
     together = train(Population(hypers, settings), 20)
     for b, h in enumerate(hypers):
         alone = train(Population([h], settings), 20)
-        for name in ("U", "V", "W"):
+        for name in set(together.weights()) - {"model"}:
             assert_close(f"{name}[{b}] together vs alone", getattr(together, name)[b], getattr(alone, name)[0], atol=1e-6, rtol=1e-6)
 
 
@@ -135,8 +192,9 @@ def test_a_diverging_model_is_frozen_and_leaves_its_neighbours_alone():
     assert metrics["train_acc"][0] == metrics["train_acc"][0]  # neighbours still evaluate
 
 
-def test_evaluate_matches_reference_accuracies():
-    settings = Settings(p=P)
+@pytest.mark.parametrize("settings", [Settings(p=P), Settings(p=P, batch_size=8, batchnorm=True)])
+def test_evaluate_matches_reference_accuracies(settings):
+    """Every metric against reference modules in eval mode (BatchNorm: running statistics)."""
     pop = train(Population(mixed_hypers(), settings), 30)
     metrics = pop.evaluate(max_bytes=1)  # one model per chunk: the chunking path too
     m_all, n_all, z_all = pop.pairs

@@ -14,7 +14,7 @@ import torch
 
 from fastgrok import reference
 from fastgrok.config import Hyper, Settings
-from fastgrok.data import batch_slots, epoch_order, generator, make_split, task_table, train_size
+from fastgrok.data import epoch_order, generator, make_split, task_table, train_size
 from fastgrok.errors import ConfigError
 
 METRICS = ("train_loss", "test_loss", "train_acc", "test_acc", "clean_acc", "corrupted_acc", "inverted_acc")
@@ -174,9 +174,9 @@ class Population:
     @torch.no_grad()
     def load_weights(self, weights: dict[str, torch.Tensor], index: torch.Tensor | None = None) -> None:
         """Copy saved weights (rows `index` of them; default all) into this population."""
-        for name, saved in weights.items():
-            if name != "model" and hasattr(self, name):
-                getattr(self, name).copy_(saved if index is None else saved[index])
+        for name in self.weights():
+            if name != "model":
+                getattr(self, name).copy_(weights[name] if index is None else weights[name][index])
 
     def state(self) -> dict[str, torch.Tensor]:
         """What continuing training needs beyond U, V, W: Adam moments, step, diverged flags, dropout streams."""

@@ -1,4 +1,5 @@
-"""The Triton backend at real sizes on a GPU (p 97, N 500, B 1024); skipped without CUDA.
+"""The Triton backend (and the torch backend's BatchNorm) at real sizes on a GPU (p 97, N 500, B 1024); skipped
+without CUDA.
 
 Low precision is judged by the error-ratio rule against an fp64 reference: a tensor x computed in tf32 or
 bf16 passes when max|x - ref64| <= 2 max|x_torch - ref64| + atol, x_torch being PyTorch in the same precision."""
@@ -42,6 +43,69 @@ def test_one_step_at_real_size_matches_reference():
         assert_close(f"loss[{b}]", losses[b], torch.tensor(value))
         for name, ours, theirs in (("U", pop.U[b], mlp.U.T), ("V", pop.V[b], mlp.V.T), ("W", pop.W[b], mlp.W.T)):
             assert_close(f"{name}[{b}]", ours, theirs)
+
+
+def test_torch_backend_with_batchnorm_and_minibatches_at_real_size():
+    """BatchNorm runs on the torch backend, also on a GPU; 64 models, minibatches of 256, against reference.py on
+    the CPU. The first step's gradients by the error-ratio rule against fp64 autograd: BatchNorm's backward
+    subtracts nearly equal terms, so its smallest gradients (~1e-9) carry rounding of relative size ~0.2 in any
+    fp32 implementation (the reference's too), and Adam's first steps, g / (|g| + 1e-8), magnify that into
+    weights that differ by up to ~2e-4 in a few entries: weights are compared exactly in the small CPU tests.
+    Then 5 steps of losses and BatchNorm's running statistics."""
+    from dataclasses import replace
+
+    from fastgrok.backends import TorchBackend
+    from fastgrok.data import batch_slots
+
+    hypers = [replace(h, dropout=0.0) for h in grid(models=64)]
+    pop = Population(hypers, Settings(p=P, batch_size=256, batchnorm=True), "cuda")
+    picks = (0, 33, 63)
+    batches = lambda b, t: [x[b, : int(pop.D[b])].cpu()[batch_slots(hypers[b].seed, int(pop.D[b]), 256, t)]  # noqa: E731
+                            for x in (pop.train_m, pop.train_n, pop.train_y)]
+    m, n, y, valid, D = pop.batch()
+    ours = _grads(*pop.params, m, n, y, valid, D, None, "quad", "mse", (pop.bn_weight, pop.bn_bias))[1:6]
+    for b in picks:
+        grads = {}
+        for dtype in (torch.float32, torch.float64):
+            mlp = pop.model(b).cpu().to(dtype)
+            bm, bn, by = batches(b, 0)
+            reference.per_example_loss(mlp(bm, bn), by, "mse").mean().backward()
+            grads[dtype] = (mlp.U.grad.T, mlp.V.grad.T, mlp.W.grad.T, mlp.bn.weight.grad, mlp.bn.bias.grad)
+        for name, x, t, r in zip(("dU", "dV", "dW", "dgamma", "dbeta"), ours, grads[torch.float32], grads[torch.float64]):
+            err, err_ref = (x[b].cpu().double() - r).abs().max().item(), (t.double() - r).abs().max().item()
+            assert err <= 2 * err_ref + 1e-9, f"{name}[{b}]: error {err:.3e} vs the fp32 reference's {err_ref:.3e}"
+    refs = {}
+    for b in picks:
+        mlp, h = pop.model(b).cpu(), hypers[b]
+        refs[b] = (mlp, reference.make_optimizer(mlp, "adamw", h.lr, h.wd, (0.9, 0.98), 1e-8))
+    engine = TorchBackend()
+    for t in range(5):
+        losses = engine.step(pop)
+        for b, (mlp, opt) in refs.items():
+            assert_close(f"loss[{b}] at step {t}", losses[b], torch.tensor(reference.train_step(mlp, opt, *batches(b, t))))
+    for b, (mlp, _) in refs.items():
+        assert_close(f"running_mean[{b}]", pop.running_mean[b], mlp.bn.running_mean)
+        assert_close(f"running_var[{b}]", pop.running_var[b], mlp.bn.running_var)
+
+
+@pytest.mark.parametrize("settings", [Settings(p=P), Settings(p=P, batch_size=256, batchnorm=True)])
+def test_torch_backend_peak_memory_is_within_the_planners_estimate(settings):
+    """The planner sizes torch populations with bytes_per_model: a step must not use more (64 models, a third
+    of them with dropout)."""
+    from fastgrok.backends import TorchBackend
+    from fastgrok.data import task_table
+    from fastgrok.population import bytes_per_model
+
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    pop = Population(grid(models=64), settings, "cuda")
+    TorchBackend().step(pop)
+    torch.cuda.synchronize()
+    peak = (torch.cuda.max_memory_allocated() - base) / len(pop)
+    num_pairs = task_table("add", P)[2].numel()
+    estimate = bytes_per_model(P, WIDTH, pop.train_m.shape[1], num_pairs, "torch", settings.batch_size, settings.batchnorm)
+    assert peak <= estimate, f"a step used {peak / 2**20:.1f} MiB per model, the planner assumes {estimate / 2**20:.1f}"
 
 
 def test_deterministic_and_together_equals_alone_at_real_size():

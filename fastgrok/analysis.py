@@ -23,7 +23,7 @@ from fastgrok.errors import ConfigError
 from fastgrok.ipr import FFTS, HIGH_IPR, neuron_ipr
 from fastgrok.phases import PHASES
 from fastgrok.population import METRICS
-from fastgrok.results import load_populations, read_config, read_history, read_models
+from fastgrok.results import load_populations, read_config, read_history, read_models, recipe
 
 ORDERS = ("low", "high", "random")
 
@@ -170,7 +170,8 @@ def phase_diagram(run: Path, x: str = "xi", y: str = "alpha") -> list[dict]:
     """Phase of every (x, y) cell, one panel per combination of the other varying axes; seeds aggregated by
     majority, with the fraction agreeing. -> phase-Y-vs-X.csv and .png."""
     run = Path(run)
-    grid = read_config(run)["grid"]
+    config = read_config(run)
+    grid = config["grid"]
     for name in (x, y):
         if name not in AXES:
             raise ConfigError(f"unknown axis {name!r}; axes are {', '.join(AXES)}")
@@ -203,7 +204,7 @@ def phase_diagram(run: Path, x: str = "xi", y: str = "alpha") -> list[dict]:
         writer = csv.DictWriter(f, [*others, x, y, "phase", "agreement", "seeds"])
         writer.writeheader()
         writer.writerows(table)
-    plots.phase_heatmaps(panels, x, xs, y, ys, stem.with_suffix(".png"))
+    plots.phase_heatmaps(panels, x, xs, y, ys, stem.with_suffix(".png"), recipe(config))
     return table
 
 

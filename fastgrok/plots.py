@@ -72,21 +72,22 @@ def prune_curves(curves: dict[int, dict[str, np.ndarray]], path: Path, title: st
 
 
 def phase_heatmaps(panels: list[tuple[str, np.ndarray, np.ndarray]], x_name: str, x_values, y_name: str, y_values,
-                   path: Path) -> Path:
-    """panels: (title, phase index grid (len(y), len(x)) with -1 for missing, agreement grid in [0, 1])."""
+                   path: Path, title: str | None = None) -> Path:
+    """panels: (title, phase index grid (len(y), len(x)) with -1 for missing, agreement grid in [0, 1]);
+    title: the whole figure's (the run's recipe)."""
     names = [*PHASES, "diverged"]
     cmap = ListedColormap([PHASE_COLORS[p] for p in names])
     n = len(panels)
     cols = min(n, 4)
     rows = (n + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.3 * rows), squeeze=False, layout="constrained")
-    for ax, (title, grid, agreement) in zip(axes.flat, panels):
+    for ax, (panel_title, grid, agreement) in zip(axes.flat, panels):
         shown = np.ma.masked_less(grid, 0)
         ax.imshow(shown, origin="lower", aspect="auto", cmap=cmap, vmin=-0.5, vmax=len(names) - 0.5, interpolation="nearest")
         for (i, j), a in np.ndenumerate(agreement):
             if grid[i, j] >= 0 and a < 1:
                 ax.text(j, i, "x", ha="center", va="center", fontsize=7, color="white")  # seeds disagree
-        ax.set_title(title, fontsize=9)
+        ax.set_title(panel_title, fontsize=9)
         _ticks(ax.set_xticks, ax.set_xticklabels, x_values)
         _ticks(ax.set_yticks, ax.set_yticklabels, y_values)
         ax.set_xlabel(x_name)
@@ -95,6 +96,8 @@ def phase_heatmaps(panels: list[tuple[str, np.ndarray, np.ndarray]], x_name: str
         ax.axis("off")
     handles = [Patch(color=PHASE_COLORS[p], label=p.replace("_", " ")) for p in names[:-1]]
     fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
     return _save(fig, path)
 
 

@@ -259,6 +259,19 @@ def settings_of(config: dict) -> Settings:
     return Settings(**s)
 
 
+def recipe(config: dict) -> str:
+    """A run's training recipe in a line: the grid axes all its models share, steps and batches, and the settings
+    that differ from the paper's defaults."""
+    settings, grid = settings_of(config), config["grid"]
+    parts = [f"p {settings.p}", *(f"{a} {v[0]:g}" for a, v in grid.items() if len(v) == 1 and a != "seed"),
+             f"{settings.steps} steps",
+             f"minibatches of {settings.batch_size}" if settings.batch_size else "full batch"]
+    parts += ["BatchNorm"] * settings.batchnorm
+    parts += [f"{k} {getattr(settings, k)}" for k in ("op", "act", "loss", "optimizer", "noise")
+              if getattr(settings, k) != getattr(Settings(), k)]
+    return ", ".join(parts)
+
+
 def hyper_of(row: dict) -> Hyper:
     return Hyper(**{a: row[a] for a in AXES})
 

@@ -8,13 +8,13 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from fastgrok import analysis
+from fastgrok import analysis, plots
 from fastgrok.analytic import analytic_weights
 from fastgrok.cli import app
 from fastgrok.data import task_table
 from fastgrok.ipr import neuron_ipr, vector_ipr
 from fastgrok.population import forward
-from fastgrok.results import read_models
+from fastgrok.results import read_config, read_models, recipe
 
 runner = CliRunner()
 P = 97
@@ -141,7 +141,7 @@ def test_training_logs_mean_ipr_and_plot_draws_it(coexistence_run):
     assert result.exit_code == 0 and (coexistence_run / "curves-model0.png").stat().st_size > 5000
 
 
-def test_phase_diagram_table_equals_models_csv(tmp_path):
+def test_phase_diagram_table_equals_models_csv(tmp_path, monkeypatch):
     out = tmp_path / "grid"
     args = ["train", "--p", "11", "--width", "8", "--steps", "20", "--log-every", "10", "--xi", "0,0.3,0.6",
             "--alpha", "0.4,0.7", "--wd", "0,1", "--out", str(out)]
@@ -154,6 +154,12 @@ def test_phase_diagram_table_equals_models_csv(tmp_path):
     assert len(table) == len(rows) == 12
     assert all(by_cell[(r["wd"], r["xi"], r["alpha"])] == r["phase"] for r in rows)
     assert (out / "phase-alpha-vs-xi.png").stat().st_size > 5000
+    assert recipe(read_config(out)) == "p 11, width 8, dropout 0, lr 0.01, 20 steps, full batch"
+    titles = []
+    save = plots._save
+    monkeypatch.setattr(plots, "_save", lambda fig, path: (titles.append(fig.get_suptitle()), save(fig, path))[1])
+    analysis.phase_diagram(out, "xi", "alpha")
+    assert titles == [recipe(read_config(out))]  # the figure says how its models were trained
 
 
 def test_seeds_are_aggregated_by_majority(tmp_path):

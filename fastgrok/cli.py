@@ -153,9 +153,8 @@ def _train_with_progress(grid, settings, out, dev, engine, models: int, populati
 
     console = Console(stderr=True)
     verb = f"Resuming: {_models(models)} of {len(grid):,} left" if resume else f"Training {_models(models)}"
-    batches = f"minibatches of {settings.batch_size}" if settings.batch_size else "full batch"
     console.print(f"{verb} ({grid.describe()}) on {dev} ({engine.name}), p {settings.p}, op {settings.op}, "
-                  f"{settings.steps} steps, {batches}" + (", BatchNorm" if settings.batchnorm else "")
+                  f"{settings.steps} steps, {settings.batching}"
                   + (f", {len(populations)} population(s)" if populations else "") + f" -> {out}")
     with Progress(TextColumn("[bold]train"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
                   TextColumn("step {task.fields[step]}"),

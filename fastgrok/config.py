@@ -51,6 +51,12 @@ class Settings:
     batch_size: int | None = None  # examples per step (minibatches reshuffled every epoch); None: full batch
     batchnorm: bool = False        # BatchNorm1d after the activation (torch backend)
 
+    @property
+    def batching(self) -> str:
+        """'full batch', or 'minibatches of B' (and ', BatchNorm'): for summaries and figure titles."""
+        batches = f"minibatches of {self.batch_size}" if self.batch_size else "full batch"
+        return batches + (", BatchNorm" if self.batchnorm else "")
+
     def check(self, training: bool = True) -> None:
         check_task(self.op, self.p)
         check_choice("activation", self.act, ACTIVATIONS)

@@ -264,9 +264,7 @@ def recipe(config: dict) -> str:
     that differ from the paper's defaults."""
     settings, grid = settings_of(config), config["grid"]
     parts = [f"p {settings.p}", *(f"{a} {v[0]:g}" for a, v in grid.items() if len(v) == 1 and a != "seed"),
-             f"{settings.steps} steps",
-             f"minibatches of {settings.batch_size}" if settings.batch_size else "full batch"]
-    parts += ["BatchNorm"] * settings.batchnorm
+             f"{settings.steps} steps", settings.batching]
     parts += [f"{k} {getattr(settings, k)}" for k in ("op", "act", "loss", "optimizer", "noise")
               if getattr(settings, k) != getattr(Settings(), k)]
     return ", ".join(parts)

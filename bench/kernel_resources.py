@@ -3,8 +3,9 @@ memory and the matrix instructions (Hopper's wgmma, or the older mma.sync path) 
 tile, compiled ahead of time for sm_90 (H100/H200) with the ptxas that ships in the triton wheel.
 
     python bench/kernel_resources.py              # the table
-    python bench/kernel_resources.py --check      # exit 1 if a kernel fails to compile, or if at the default
-                                                  # tiles a tf32/bf16 kernel spills or misses wgmma
+    python bench/kernel_resources.py --check      # each precision's default step (kernels/backward.py STEP):
+                                                  # exit 1 if a kernel fails to compile, or if a tf32/bf16
+                                                  # kernel misses wgmma or spills more than the GPU accepted
 
 Runs with TRITON_INTERPRET unset (the interpreter replaces kernels with Python functions)."""
 
@@ -35,7 +36,19 @@ TYPES = {
     **{n: "*i32" for n in ("M", "N_", "Y", "COUNT", "PRED")},
     "SEED": "*i64", "THRESHOLD": "*i64", "ACTIVE": "*i8", "step_key": "i64",
 }
-FORWARD, BACKWARD = (tuple(k.TILES[n] for n in ("block_d", "block_n", "num_warps")) for k in (forward, backward))
+FORWARD = tuple(forward.TILES[n] for n in ("block_d", "block_n", "num_warps"))
+
+
+def backward_default(precision: str) -> tuple:
+    """The backward's tile in the step TritonBackend runs at this precision."""
+    tiles = {**backward.TILES, **{k: v for k, v in backward.STEP.get(precision, {}).items() if k != "fused"}}
+    return tuple(tiles[n] for n in ("block_d", "block_n", "num_warps"))
+
+
+# Spills the GPU measurement accepted (kernels/backward.py STEP): tf32's one fused backward launch at 4 warps
+# spills (184 B without dropout, 408 B with, Triton 3.9; sm_90) and still ran fastest on an H100, 36.7k model-steps/s
+# against 32.1k for two launches that do not spill. More than this is a regression to look at.
+ACCEPTED_SPILL = {("fused windowed", "tf32"): 512}
 
 
 def resources(fn, constexprs: dict, num_warps: int) -> dict:
@@ -54,13 +67,14 @@ def resources(fn, constexprs: dict, num_warps: int) -> dict:
 
 def table(precisions, tiles, backward_tiles=None):
     """Every kernel at each of `tiles` (block_d, block_n, num_warps); the backward ones at `backward_tiles`
-    instead when given."""
+    (a function of the precision) instead when given, with the fused windowed backward where it is the default."""
     rows = []
     for precision, tile in itertools.product(precisions, tiles):
         def common(block_d, block_n, warps):
             return dict(ACT=0, DROPOUT=True, PRECISION=precision, BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_P=128)
 
-        back = backward_tiles or tile
+        back = backward_tiles(precision) if backward_tiles else tile
+        fused = backward_tiles is not None and backward.STEP.get(precision, {}).get("fused", False)
         kernels = {
             "forward": (_forward_kernel, tile, dict(LOSS_KIND=0, TRAIN=True)),
             "evaluate": (_forward_kernel, tile, dict(LOSS_KIND=0, TRAIN=False, DROPOUT=False)),
@@ -68,6 +82,8 @@ def table(precisions, tiles, backward_tiles=None):
             "backward dU dV": (_backward_kernel, back, dict(WITH_W=False, WITH_UV=True, WINDOW=0)),
             "dU dV windowed": (_backward_kernel, back, dict(WITH_W=False, WITH_UV=True, WINDOW=16)),
         }
+        if fused:
+            kernels["fused windowed"] = (_backward_kernel, back, dict(WITH_W=True, WITH_UV=True, WINDOW=16))
         for name, (fn, t, constexprs) in kernels.items():
             rows.append({"kernel": name, "precision": precision, "tile": t,
                          **resources(fn, {**common(*t), **constexprs}, t[2])})
@@ -81,7 +97,7 @@ def main() -> None:
     parser.add_argument("--check", action="store_true", help="default tiles only; fail on spills in fast modes")
     args = parser.parse_args()
     if args.check:
-        rows = table(("fp32", "tf32", "tf32x3", "bf16"), [FORWARD], BACKWARD)
+        rows = table(("fp32", "tf32", "tf32x3", "bf16"), [FORWARD], backward_default)
     else:
         rows = table(("tf32", "tf32x3", "bf16"), [(32, 32, 4), (64, 32, 4), (64, 64, 4), (64, 64, 8), (128, 64, 8)])
     for r in rows:
@@ -92,8 +108,14 @@ def main() -> None:
     # fp32 (IEEE products) is the parity mode and tf32x3 splits both operands of every dot (3 dots): they may
     # spill. tf32 and bf16 are the speed modes: at the default tiles they must not spill, and the kernels the
     # default step runs must reach Hopper's wgmma (a kernel left on mma.sync is on the slower path).
-    fast = [r for r in rows if r["precision"] in ("tf32", "bf16") and r["kernel"] != "backward dU dV"]
-    problems = [f"{r['kernel']} {r['precision']}: spills {r['stack']} B" for r in fast if r["stack"] > 0]
+    def in_step(r):  # the kernels TritonBackend's default step at r's precision launches
+        fused = backward.STEP.get(r["precision"], {}).get("fused", False)
+        unfused = ("backward dW", "dU dV windowed")
+        return r["kernel"] not in ("backward dU dV", *(unfused if fused else ("fused windowed",)))
+
+    fast = [r for r in rows if r["precision"] in ("tf32", "bf16") and in_step(r)]
+    problems = [f"{r['kernel']} {r['precision']}: spills {r['stack']} B" for r in fast
+                if r["stack"] > ACCEPTED_SPILL.get((r["kernel"], r["precision"]), 0)]
     problems += [f"{r['kernel']} {r['precision']}: no wgmma" for r in fast if r["kernel"] != "optimizer" and not r["wgmma"]]
     if problems:
         print("at the default tiles: " + "; ".join(problems))

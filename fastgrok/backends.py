@@ -157,7 +157,7 @@ class TritonBackend:
 
     name = "triton"
 
-    def __init__(self, precision: str = "fp32", fused: bool = False, scatter: str = "window",
+    def __init__(self, precision: str = "fp32", fused: bool | None = None, scatter: str = "window",
                  forward_tiles: dict | None = None, backward_tiles: dict | None = None):
         from fastgrok.kernels import backward, forward
         from fastgrok.kernels.backward import SCATTERS
@@ -167,13 +167,18 @@ class TritonBackend:
             raise ConfigError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
         if scatter not in SCATTERS:
             raise ConfigError(f"unknown scatter {scatter!r}; choose one of {', '.join(SCATTERS)}")
+        # fused (one backward launch for dW, dU, dV) and the backward's warps default per precision to what the
+        # GPU measured fastest (kernels/backward.py STEP)
+        step = backward.STEP.get(precision, {})
+        fused = step.get("fused", False) if fused is None else fused
         self.precision, self.fused, self.scatter = precision, fused, scatter
         # scatter "window" (default) executes about 6.6 D N P FLOPs a step against "onehot"'s 10 D N P and needs
         # half the registers (kernels/backward.py, bench/NOTES.md); predicted faster, to be measured on a GPU.
         # Tiles ({block_d, block_n, num_warps}) of the forward/evaluation and backward kernels: the defaults are
         # the compiler's choice for sm_90 (kernels/*.py TILES); speed is for the GPU sweep to confirm.
         self.forward_tiles = {**forward.TILES, **(forward_tiles or {})}
-        self.backward_tiles = {**backward.TILES, **(backward_tiles or {})}
+        warps = {"num_warps": step["num_warps"]} if "num_warps" in step else {}
+        self.backward_tiles = {**backward.TILES, **warps, **(backward_tiles or {})}
         self.name = f"triton-{precision}"
 
     # p is padded to a power of two inside the kernels; at 1024 the tiles no longer fit an SM's shared memory
@@ -252,10 +257,15 @@ class TritonBackend:
 
 
 BACKENDS = ("auto", "torch", "triton")
+# The fastest Triton precision whose phases agree with fp32's on the validation grid (bench/validate_precision.py;
+# H100, 2026-11-22: all four precisions agree on all 39 models, and tf32 steps fastest, bench/results/h100-2026-11-22).
+DEFAULT_PRECISION = "tf32"
 
 
-def make_backend(name: str, device: torch.device, precision: str = "fp32", settings=None):
-    """'auto': the Triton kernels on a CUDA device, batched PyTorch elsewhere and for BatchNorm `settings`."""
+def make_backend(name: str, device: torch.device, precision: str | None = None, settings=None):
+    """'auto': the Triton kernels on a CUDA device, batched PyTorch elsewhere and for BatchNorm `settings`.
+    precision (Triton only): None is DEFAULT_PRECISION."""
+    precision = DEFAULT_PRECISION if precision is None else precision
     if name == "auto":
         kernels = device.type == "cuda" and _has_triton() and not (settings is not None and settings.batchnorm)
         name = "triton" if kernels else "torch"

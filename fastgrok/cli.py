@@ -60,7 +60,7 @@ def train(
     preset: Annotated[Optional[str], typer.Option(help="A named run (see `fastgrok presets`); options given override it. With no grid option: cpu-demo on a CPU, paper-xi-wd on a GPU")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:K")] = "auto",
     backend: Annotated[str, typer.Option(help="auto (triton on a GPU, torch on a CPU), torch, or triton (on a CPU only under TRITON_INTERPRET=1)")] = "auto",
-    precision: Annotated[str, typer.Option(help="Triton dot precision: fp32, tf32, tf32x3 or bf16 (parameters and moments stay fp32)")] = "fp32",
+    precision: Annotated[Optional[str], typer.Option(help="Triton dot precision: fp32, tf32, tf32x3 or bf16 (parameters and moments stay fp32) \\[default: tf32, the fastest whose phases agree with fp32's on the validation grid; a resumed run keeps its own]")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Run directory (must be new or empty) \\[default: runs/<timestamp>]")] = None,
     resume: Annotated[Optional[Path], typer.Option(help="Continue an interrupted run directory from where it stopped (same results as an uninterrupted run)")] = None,
 ) -> None:
@@ -128,6 +128,8 @@ def _resume(run_dir: Path, dev, backend, precision) -> None:
 
     config = read_config(run_dir)
     grid, settings = Grid(config["grid"]), settings_of(config)
+    if precision is None:  # the precision the run was trained in (backend "triton-<precision>")
+        precision = config.get("backend", "").removeprefix("triton-") if config.get("backend", "").startswith("triton-") else None
     left = len(grid) - sum(r["steps"] == settings.steps for r in read_models(run_dir))
     if config["status"] == "complete" or left == 0:
         typer.echo(f"{run_dir} is complete: nothing left to train.")

@@ -98,7 +98,7 @@ def model_rows(pop: Population, metrics: dict[str, torch.Tensor]) -> list[dict]:
 
 
 def train(grid: Grid, settings: Settings, out: Path, *, device: str = "auto", backend="auto",
-          precision: str = "fp32",
+          precision: str | None = None,
           on_step: Callable[[int, int], None] | None = None, budget: int | None = None,
           populations: list[list[int]] | None = None, resume: bool = False) -> Run:
     """Train every model of `grid`; write `out`. Ctrl-C (or SIGTERM) writes what is done, then raises Interrupted.

@@ -109,6 +109,11 @@ SCATTERS = {"onehot": 0, "window": 16}
 # spills in tf32 or bf16 with the windowed scatter and 8 warps (bench/results/kernel-resources-sm90-triton3.9.txt);
 # a chunk of 64 neurons also halves the re-reads of G against 32.
 TILES = {"block_d": 64, "block_n": 64, "num_warps": 8}
+# Measured on an H100 (bench/results/h100-2026-11-22/sweep.json, N 512, B 1024): in tf32 one fused launch at
+# 4 warps beats two launches at 8 (36.7k against 23.5k model-steps/s) although ptxas reports 408 B of spills.
+# fp32 (IEEE dots spill heavily): two launches at 8 warps, 3.6k (fused 0.8k); tf32x3: two launches at 4 warps,
+# 9.8k; bf16: one fused launch at 8 warps, 16.9k (two at 8: 9.5k). bench/results/h100-2026-11-22/backward-defaults.log
+STEP = {"tf32": {"fused": True, "num_warps": 4}, "tf32x3": {"num_warps": 4}, "bf16": {"fused": True, "num_warps": 8}}
 
 
 def backward(U, V, W, m, n, count, G, *, act: int, precision: str, dropout: tuple | None = None, step: int = 0,

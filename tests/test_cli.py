@@ -159,7 +159,7 @@ def test_triton_backend_through_the_cli_matches_torch(tmp_path):
     assert run(*args, "--backend", "torch", "--out", tmp_path / "torch").exit_code == 0
     result = run(*args, "--backend", "triton", "--out", tmp_path / "triton")
     assert result.exit_code == 0, result.output
-    assert read_config(tmp_path / "triton")["backend"] == "triton-fp32"
+    assert read_config(tmp_path / "triton")["backend"] == "triton-tf32"  # the default precision (validated on a GPU)
     for a, b in zip(read_models(tmp_path / "torch"), read_models(tmp_path / "triton")):
         for k in ("train_acc", "test_acc", "clean_acc", "phase"):
             assert a[k] == b[k]
@@ -274,3 +274,24 @@ def test_sigterm_saves_like_ctrl_c(tmp_path, monkeypatch):
     assert result.exit_code == 130 and "Interrupted" in result.output
     assert read_config(out)["status"] == "interrupted" and [r["steps"] for r in read_models(out)] == [4]
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the handler is gone with the run
+
+
+@pytest.mark.parametrize("given, used", [([], "bf16"), (["--precision", "fp32"], "fp32")])
+def test_resume_keeps_the_runs_precision_unless_one_is_given(tmp_path, monkeypatch, given, used):
+    import fastgrok.backends
+
+    def ctrl_c():
+        raise KeyboardInterrupt
+
+    _stop_at(monkeypatch, 5, ctrl_c)
+    out = tmp_path / "run"
+    assert run(*SMALL, "--out", out).exit_code == 130
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, "backend": "triton-bf16"}))  # as if trained in bf16
+    asked = []
+    real = fastgrok.backends.make_backend
+    monkeypatch.setattr(fastgrok.backends, "make_backend",
+                        lambda name, dev, precision=None, settings=None: asked.append(precision) or real("torch", dev))
+    _stop_at(monkeypatch, 0, None)
+    assert run("--resume", out, *given).exit_code == 0
+    assert asked == [used]

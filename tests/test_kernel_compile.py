@@ -1,5 +1,5 @@
 """The kernels compile for the GPU (sm_90, ahead of time, no GPU needed), which the interpreter tests cannot
-show, and the speed modes' default tiles do not spill registers."""
+show, and the speed modes' default steps reach wgmma without spilling more than the GPU measurement accepted."""
 
 import os
 import subprocess
@@ -19,4 +19,4 @@ def test_kernels_compile_for_sm90_without_spills():
     result = subprocess.run([sys.executable, "bench/kernel_resources.py", "--check"], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert result.stdout.count("regs") == 21  # 4 precisions x 5 kernels + the optimizer
+    assert result.stdout.count("regs") == 23  # 4 precisions x 5 kernels, the fused backward of tf32 and bf16, the optimizer

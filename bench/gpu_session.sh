@@ -6,29 +6,37 @@
 #   bash bench/gpu_session.sh precision  validation grid in every precision (default-precision choice)
 #   bash bench/gpu_session.sh e2e        the 1,156-model wd diagram end to end, and 8192 models of N 512
 #   bash bench/gpu_session.sh dropout    the 1,156-model dropout diagram
+#   bash bench/gpu_session.sh defaults   fused or not, 4 or 8 warps, for fp32, tf32x3, bf16 (kernels/backward.py STEP)
+#   bash bench/gpu_session.sh profile    forward, backward and optimizer of one step timed apart, N 128/512/2048
 #   bash bench/gpu_session.sh sweep      tile sizes and the two dU/dV scatters of the Triton step (N 512, B 1024, tf32)
+#   bash bench/gpu_session.sh ncu        Nsight Compute on the forward and backward kernels (N 512, B 1024)
 # e2e and dropout also make issue 4's paper-scale phase diagrams (phase, ipr); their PNGs, tables and logs
-# come back as $OUT/<stage>.tar.gz (no weights). The IPR and pruning figures need no GPU (README gallery).
-# With 30 minutes of device time a session, take them in this order: tests + sweep, bench, precision + e2e,
-# dropout, compiled; put two stages in one call where both fit in 10 minutes (a fresh machine costs minutes).
+# come back as $OUT/<stage>.tar.gz (no weights). Several stages go in one call, each with a time limit:
+#   bash bench/gpu_session.sh tests:230 sweep:150 precision:170
+# (a machine stays warm only 30 s after a call; a fresh one took about 30 s to start on 2026-11-22).
+# Measured 2026-11-22 on an H100 (bench/results/h100-2026-11-22): tests 110 s, sweep 95 s, precision 95 s,
+# profile 30 s, e2e 140 s, dropout 285 s, bench over 320 s for N 512 and 128 alone (WIDTHS=2048 for the rest).
+# Owed next: ncu, bench with WIDTHS=2048, compiled.
 set -uo pipefail
 OUT=${OUT:-bench/results}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || python3 -m pip install -q --no-deps -e .
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
-case "${1:-}" in
-  tests) python3 -m pytest -q tests/test_gpu.py tests/test_kernels.py 2>&1 | tee "$OUT/gpu_tests.log" ;;
-  bench) fastgrok bench --width 128,512,2048 --models 1,64,1024,max --variants torch,torch-tf32,triton-fp32,triton-tf32,triton-tf32-onehot,triton-tf32x3,triton-bf16 \
+stage() {
+case "$1" in
+  tests) python3 -m pytest -q --timeout 300 tests/test_gpu.py tests/test_kernels.py 2>&1 | tee "$OUT/gpu_tests.log" ;;
+  bench) fastgrok bench --width "${WIDTHS:-512,128,2048}" --models 1,64,1024,max --variants torch,torch-tf32,triton-fp32,triton-tf32,triton-tf32x3,triton-bf16 \
            --out "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" ;;
   compiled) fastgrok bench --width 128,512,2048 --models 1024 --variants torch-compile --out "$OUT/bench-compiled.json" 2>&1 | tee "$OUT/bench-compiled.log" ;;
   precision) python3 bench/validate_precision.py --out "$OUT/precision.json" 2>&1 | tee "$OUT/precision.log" ;;
   e2e|dropout)
     preset=wd-diagram
     [ "$1" = dropout ] && preset=dropout-diagram
+    rm -rf /tmp/$1  # a warm machine keeps /tmp between calls
     { time fastgrok train --preset $preset --log-every 100 --precision "${PRECISION:-tf32}" --out /tmp/$1
       fastgrok phase /tmp/$1 --x xi --y alpha && fastgrok ipr /tmp/$1; } 2>&1 | tee "$OUT/$1.log"
-    tar -czf "$OUT/$1.tar.gz" -C /tmp/$1 --exclude='*.safetensors' .
+    tar -czf "$OUT/$1.tar.gz" -C /tmp/$1 --exclude='*.safetensors' --exclude=ipr.parquet .  # under 16 MB
     [ "$1" = e2e ] && python3 - <<'PY' 2>&1 | tee -a "$OUT/e2e.log"
 import torch
 from fastgrok.backends import TritonBackend
@@ -40,6 +48,22 @@ torch.cuda.synchronize()
 print(f"8192 models of N 512: peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
 PY
     ;;
+  defaults) for precision in fp32 tf32x3 bf16; do
+              python3 bench/sweep_blocks.py --backward-only --precision $precision
+            done 2>&1 | tee "$OUT/defaults.log" ;;
+  profile) python3 bench/profile_step.py --precision "${PRECISION:-tf32}" --out "$OUT/profile.json" ;;
+  ncu) ncu --set full -k regex:"_forward_kernel|_backward_kernel" -c 2 -o "$OUT/step" \
+         python3 bench/profile_step.py --precision "${PRECISION:-tf32}" --width 512 --models 1024 >/dev/null
+       ncu --import "$OUT/step.ncu-rep" --page details > "$OUT/ncu.txt"; tail -60 "$OUT/ncu.txt" ;;
   sweep) python3 bench/sweep_blocks.py --out "$OUT/sweep.json" 2>&1 | tee "$OUT/sweep.log" ;;
-  *) echo "usage: $0 tests|sweep|bench|compiled|precision|e2e|dropout"; exit 2 ;;
+  *) echo "usage: $0 STAGE[:SECONDS] ... (stages: tests sweep bench compiled precision e2e dropout)"; return 2 ;;
 esac
+}
+# several stages in one call: `bash bench/gpu_session.sh tests:200 sweep:120 precision:200` gives each a limit
+for arg in "$@"; do
+  name=${arg%%:*}; limit=${arg#*:}; [ "$limit" = "$arg" ] && limit=590
+  echo "=== $name (limit ${limit}s) $(date +%T)"
+  export -f stage; export OUT
+  timeout --signal=INT --kill-after=10 "$limit" bash -c "stage $name"
+  echo "=== $name done: exit $? $(date +%T)"
+done

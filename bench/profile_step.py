@@ -1,0 +1,72 @@
+"""Where a Triton step's time goes: the forward (+ loss gradient), the backward and the optimizer, each timed
+alone at the backend's defaults, for a few widths (p 97, alpha 0.5, MSE, AdamW).
+
+    python bench/profile_step.py --precision tf32 --models 1024 --width 128,512,2048
+"""
+
+import argparse
+import json
+
+import torch
+
+from fastgrok.backends import TritonBackend, _finish_step
+from fastgrok.bench import _timed, flops_per_model_step
+from fastgrok.config import Hyper, Settings
+from fastgrok.kernels.backward import backward
+from fastgrok.kernels.forward import forward
+from fastgrok.kernels.hidden import ACT_CODES, LOSS_CODES
+from fastgrok.kernels.optimizer import optimizer_step_
+from fastgrok.population import Population
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--precision", default="tf32")
+    parser.add_argument("--models", type=int, default=1024)
+    parser.add_argument("--width", default="128,512,2048")
+    parser.add_argument("--p", type=int, default=97)
+    parser.add_argument("--device", default="cuda", help="cpu: under TRITON_INTERPRET=1, to check the script")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    dev, settings = torch.device(args.device), Settings(p=args.p)
+    rows = []
+    for width in map(int, args.width.split(",")):
+        pop = Population([Hyper(width=width, seed=i) for i in range(args.models)], settings, dev)
+        engine = TritonBackend(args.precision)
+        data = engine._data(pop)
+        act, loss = ACT_CODES[settings.act], LOSS_CODES[settings.loss]
+
+        def fwd():
+            return forward(*pop.params, data["m"], data["n"], data["y"], data["count"], act=act, loss=loss,
+                           precision=args.precision, train=True, dropout=None, step=pop.step, **engine.forward_tiles)
+
+        G = fwd()[1]
+
+        def bwd():
+            return backward(*pop.params, data["m"], data["n"], data["count"], G, act=act, precision=args.precision,
+                            dropout=None, step=pop.step, fused=engine.fused, scatter=engine.scatter,
+                            **engine.backward_tiles)
+
+        grads = bwd()
+        losses = torch.zeros(args.models, device=dev)
+        parts = {"forward": fwd, "backward": bwd,
+                 "finite_check": lambda: _finish_step(pop, losses, grads, lambda *a, **k: None),
+                 "finite_check+optimizer": lambda: _finish_step(pop, losses, grads, optimizer_step_),
+                 "step": lambda: engine.step(pop)}
+        row = {"width": width, "models": args.models, "precision": args.precision}
+        for name, fn in parts.items():
+            row[f"{name}_ms"] = 1e3 * _timed(fn, dev)
+        flops = flops_per_model_step(settings.p, width, int(pop.D.max()))
+        row["model_steps_per_s"] = args.models / row["step_ms"] * 1e3
+        row["tflops"] = row["model_steps_per_s"] * flops / 1e12
+        rows.append(row)
+        print("  ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
+        del pop, data, G, grads
+        torch.cuda.empty_cache()
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(rows, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -35,6 +35,7 @@ case "$1" in
     [ "$1" = dropout ] && preset=dropout-diagram
     rm -rf /tmp/$1  # a warm machine keeps /tmp between calls
     { time fastgrok train --preset $preset --log-every 100 --precision "${PRECISION:-tf32}" --out /tmp/$1
+      python3 -c "import json; c = json.load(open('/tmp/$1/config.json')); print('time split (s):', c['time_split'])"
       fastgrok phase /tmp/$1 --x xi --y alpha && fastgrok ipr /tmp/$1; } 2>&1 | tee "$OUT/$1.log"
     tar -czf "$OUT/$1.tar.gz" -C /tmp/$1 --exclude='*.safetensors' --exclude=ipr.parquet .  # under 16 MB
     [ "$1" = e2e ] && python3 - <<'PY' 2>&1 | tee -a "$OUT/e2e.log"

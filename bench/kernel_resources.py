@@ -45,10 +45,11 @@ def backward_default(precision: str) -> tuple:
     return tuple(tiles[n] for n in ("block_d", "block_n", "num_warps"))
 
 
-# Spills the GPU measurement accepted (kernels/backward.py STEP): tf32's one fused backward launch at 4 warps
-# spills (184 B without dropout, 408 B with, Triton 3.9; sm_90) and still ran fastest on an H100, 36.7k model-steps/s
-# against 32.1k for two launches that do not spill. More than this is a regression to look at.
-ACCEPTED_SPILL = {("fused windowed", "tf32"): 512}
+# Spills the GPU measurement accepted (kernels/backward.py STEP). The one fused backward launch spills (with
+# dropout, sm_90: tf32 at 4 warps 936 B under Triton 3.6, the H100's compiler, 408 B under 3.9; bf16 at 8 warps 80 B
+# under 3.6, none under 3.9) and still ran fastest on an H100 under Triton 3.6 (tf32 36.7k model-steps/s against
+# 32.1k for two launches that do not spill; bf16 16.9k against 9.5k). More than this is a regression to look at.
+ACCEPTED_SPILL = {("fused windowed", "tf32"): 1024, ("fused windowed", "bf16"): 128}
 
 
 def resources(fn, constexprs: dict, num_warps: int) -> dict:

@@ -129,40 +129,64 @@ def train(grid: Grid, settings: Settings, out: Path, *, device: str = "auto", ba
                            extra={"populations": [len(ids) for ids in populations]})
     jobs = [(w["models"], w["name"]) for w in unfinished] + [(ids, None) for ids in populations]
     start, model_steps = time.perf_counter(), 0
+    # where the seconds go (config.json "time_split"): building populations, training steps, logging (evaluation
+    # and IPR), writing results; the device is synchronised at each boundary so GPU work lands where it belongs
+    split = dict.fromkeys(("setup", "steps", "logging", "saving"), 0.0)
+    clock = [time.perf_counter()]
+
+    def lap(part: str) -> None:
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        now = time.perf_counter()
+        split[part] += now - clock[0]
+        clock[0] = now
+
     on_schedule = lambda step: step % settings.log_every == 0 or step == settings.steps  # noqa: E731
 
     def summary(status: str) -> Run:
         rows.sort(key=lambda r: r["model"])
         seconds = time.perf_counter() - start
         writer.finish(status, seconds=round(seconds, 3), model_steps=model_steps,
-                      model_steps_per_s=round(model_steps / max(seconds, 1e-9), 1), models_written=len(rows))
+                      model_steps_per_s=round(model_steps / max(seconds, 1e-9), 1), models_written=len(rows),
+                      time_split={k: round(v, 3) for k, v in split.items()})
         return Run(out, rows, status, seconds, model_steps)
 
     def save(pop, name, history, metrics) -> list[dict]:
+        lap("steps")
         new_rows = model_rows(pop, metrics)
         writer.add_population(new_rows, history.table(), pop.weights(),
                               state=pop.state() if pop.step < settings.steps else None, name=name)
+        lap("saving")
         return new_rows
+
+    def log(history, pop):
+        lap("steps")
+        metrics = history.log(pop)
+        lap("logging")
+        return metrics
 
     try:
         with _sigterm_as_interrupt():
             for ids, name in jobs:
+                lap("steps")
                 pop = Population([hypers[i] for i in ids], settings, dev, model_ids=ids)
                 if name is None:
                     name = writer.new_name()
                     history = _History(engine)
-                    history.log(pop)
+                    lap("setup")
+                    log(history, pop)
                 else:
                     weights, state, saved = read_population(out, name)
                     pop.load_state(weights, state)
                     history = _History(engine, saved, keep=lambda step: on_schedule(step) and step <= pop.step)
+                    lap("setup")
                 saved_at, interrupted = time.perf_counter(), False
                 try:
                     while pop.step < settings.steps:
                         engine.step(pop)
                         model_steps += len(pop)
                         if on_schedule(pop.step):
-                            metrics = history.log(pop)
+                            metrics = log(history, pop)
                             if pop.step < settings.steps and time.perf_counter() - saved_at >= CHECKPOINT_SECONDS:
                                 save(pop, name, history, metrics)
                                 saved_at = time.perf_counter()
@@ -171,7 +195,7 @@ def train(grid: Grid, settings: Settings, out: Path, *, device: str = "auto", ba
                 except KeyboardInterrupt:
                     interrupted = True
                 if history.last is None or history.last[0] != pop.step:
-                    history.log(pop)
+                    log(history, pop)
                 rows += save(pop, name, history, history.last[1])
                 if interrupted:
                     raise KeyboardInterrupt

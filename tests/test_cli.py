@@ -295,3 +295,11 @@ def test_resume_keeps_the_runs_precision_unless_one_is_given(tmp_path, monkeypat
     _stop_at(monkeypatch, 0, None)
     assert run("--resume", out, *given).exit_code == 0
     assert asked == [used]
+
+
+def test_the_run_records_where_its_seconds_went(tmp_path):
+    assert run(*SMALL, "--xi", "0,0.3", "--width", "8,12", "--out", tmp_path / "run").exit_code == 0
+    config = read_config(tmp_path / "run")
+    split = config["time_split"]
+    assert set(split) == {"setup", "steps", "logging", "saving"} and all(v > 0 for v in split.values())
+    assert sum(split.values()) == pytest.approx(config["seconds"], rel=0.05, abs=0.02)

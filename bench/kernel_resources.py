@@ -62,8 +62,11 @@ def resources(fn, constexprs: dict, num_warps: int) -> dict:
         report = subprocess.run([CUOBJDUMP, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
     fields = dict(item.split(":") for line in report.splitlines() if "REG:" in line for item in line.split() if ":" in item)
     ptx = kernel.asm["ptx"]
+    # "async": loads the software pipeliner turned into asynchronous copies (0: every load of the main loop waits
+    # for memory; the pipeliner skips a loop that holds another loop, like the windowed scatter's)
     return {"regs": int(fields["REG"]), "stack": int(fields["STACK"]), "shared": kernel.metadata.shared,
-            "wgmma": ptx.count("wgmma.mma_async"), "mma": ptx.count("mma.sync")}
+            "wgmma": ptx.count("wgmma.mma_async"), "mma": ptx.count("mma.sync"),
+            "async": kernel.asm["ttgir"].count("async_copy_global_to_local")}
 
 
 def table(precisions, tiles, backward_tiles=None):
@@ -103,7 +106,8 @@ def main() -> None:
         rows = table(("tf32", "tf32x3", "bf16"), [(32, 32, 4), (64, 32, 4), (64, 64, 4), (64, 64, 8), (128, 64, 8)])
     for r in rows:
         print(f"{r['kernel']:>15} {r['precision']:>7} tile {r['tile']}: {r['regs']:>3} regs, "
-              f"{r['stack']:>6} B stack (spills), {r['shared']:>6} B shared, {r['wgmma']:>3} wgmma {r['mma']:>3} mma.sync")
+              f"{r['stack']:>6} B stack (spills), {r['shared']:>6} B shared, {r['wgmma']:>3} wgmma {r['mma']:>3} mma.sync, "
+              f"{r['async']:>2} async loads")
     if not args.check:
         return
     # fp32 (IEEE products) is the parity mode and tf32x3 splits both operands of every dot (3 dots): they may

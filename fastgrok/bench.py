@@ -23,9 +23,6 @@ from fastgrok.errors import ConfigError
 from fastgrok.population import Population, bytes_per_model, memory_budget
 from fastgrok.results import device_name, versions
 
-_OLD = {"block_d": 32, "block_n": 32, "num_warps": 4}
-_OLD_TILES = {"forward_tiles": _OLD, "backward_tiles": _OLD}
-
 # name -> (precision of its matmuls, whether torch may use TF32, how to build it)
 VARIANTS = {
     "torch": ("fp32", False, lambda: TorchBackend()),
@@ -35,9 +32,6 @@ VARIANTS = {
     "triton-tf32": ("tf32", False, lambda: TritonBackend("tf32")),
     "triton-tf32x3": ("fp32", False, lambda: TritonBackend("tf32x3")),
     "triton-bf16": ("bf16", False, lambda: TritonBackend("bf16")),
-    # the step before the windowed scatter and the wgmma-sized tiles (one-hot dots, 32 x 32 tiles, 4 warps),
-    # until a GPU run has compared them
-    "triton-tf32-onehot": ("tf32", False, lambda: TritonBackend("tf32", scatter="onehot", **_OLD_TILES)),
 }
 DEFAULT_VARIANTS = {"cpu": ("torch",), "cuda": tuple(VARIANTS)}
 PARITY = {"fp32": 1e-4, "tf32": 2e-2, "bf16": 5e-2}  # relative loss error allowed in the pre-timing check

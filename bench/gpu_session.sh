@@ -57,7 +57,7 @@ PY
          python3 bench/profile_step.py --precision "${PRECISION:-tf32}" --width 512 --models 1024 >/dev/null
        ncu --import "$OUT/step.ncu-rep" --page details > "$OUT/ncu.txt"; tail -60 "$OUT/ncu.txt" ;;
   sweep) python3 bench/sweep_blocks.py --out "$OUT/sweep.json" 2>&1 | tee "$OUT/sweep.log" ;;
-  *) echo "usage: $0 STAGE[:SECONDS] ... (stages: tests sweep bench compiled precision e2e dropout)"; return 2 ;;
+  *) echo "usage: $0 STAGE[:SECONDS] ... (stages: tests sweep defaults profile bench compiled precision e2e dropout ncu)"; return 2 ;;
 esac
 }
 # several stages in one call: `bash bench/gpu_session.sh tests:200 sweep:120 precision:200` gives each a limit

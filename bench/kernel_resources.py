@@ -41,7 +41,7 @@ FORWARD = tuple(forward.TILES[n] for n in ("block_d", "block_n", "num_warps"))
 
 def backward_default(precision: str) -> tuple:
     """The backward's tile in the step TritonBackend runs at this precision."""
-    tiles = {**backward.TILES, **{k: v for k, v in backward.STEP.get(precision, {}).items() if k != "fused"}}
+    tiles = backward.default_step(precision)[1]
     return tuple(tiles[n] for n in ("block_d", "block_n", "num_warps"))
 
 
@@ -78,7 +78,7 @@ def table(precisions, tiles, backward_tiles=None):
             return dict(ACT=0, DROPOUT=True, PRECISION=precision, BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_P=128)
 
         back = backward_tiles(precision) if backward_tiles else tile
-        fused = backward_tiles is not None and backward.STEP.get(precision, {}).get("fused", False)
+        fused = backward_tiles is not None and backward.default_step(precision)[0]
         kernels = {
             "forward": (_forward_kernel, tile, dict(LOSS_KIND=0, TRAIN=True)),
             "evaluate": (_forward_kernel, tile, dict(LOSS_KIND=0, TRAIN=False, DROPOUT=False)),
@@ -114,7 +114,7 @@ def main() -> None:
     # spill. tf32 and bf16 are the speed modes: at the default tiles they must not spill, and the kernels the
     # default step runs must reach Hopper's wgmma (a kernel left on mma.sync is on the slower path).
     def in_step(r):  # the kernels TritonBackend's default step at r's precision launches
-        fused = backward.STEP.get(r["precision"], {}).get("fused", False)
+        fused = backward.default_step(r["precision"])[0]
         unfused = ("backward dW", "dU dV windowed")
         return r["kernel"] not in ("backward dU dV", *(unfused if fused else ("fused windowed",)))
 

@@ -12,9 +12,6 @@ import torch
 from fastgrok.backends import TritonBackend, _finish_step
 from fastgrok.bench import _timed, flops_per_model_step
 from fastgrok.config import Hyper, Settings
-from fastgrok.kernels.backward import backward
-from fastgrok.kernels.forward import forward
-from fastgrok.kernels.hidden import ACT_CODES, LOSS_CODES
 from fastgrok.kernels.optimizer import optimizer_step_
 from fastgrok.population import Population
 
@@ -34,22 +31,10 @@ def main() -> None:
         pop = Population([Hyper(width=width, seed=i) for i in range(args.models)], settings, dev)
         engine = TritonBackend(args.precision)
         data = engine._data(pop)
-        act, loss = ACT_CODES[settings.act], LOSS_CODES[settings.loss]
-
-        def fwd():
-            return forward(*pop.params, data["m"], data["n"], data["y"], data["count"], act=act, loss=loss,
-                           precision=args.precision, train=True, dropout=None, step=pop.step, **engine.forward_tiles)
-
-        G = fwd()[1]
-
-        def bwd():
-            return backward(*pop.params, data["m"], data["n"], data["count"], G, act=act, precision=args.precision,
-                            dropout=None, step=pop.step, fused=engine.fused, scatter=engine.scatter,
-                            **engine.backward_tiles)
-
-        grads = bwd()
+        G = engine.forward(pop, data)[1]
+        grads = engine.backward(pop, data, G)
         losses = torch.zeros(args.models, device=dev)
-        parts = {"forward": fwd, "backward": bwd,
+        parts = {"forward": lambda: engine.forward(pop, data), "backward": lambda: engine.backward(pop, data, G),
                  "finite_check": lambda: _finish_step(pop, losses, grads, lambda *a, **k: None),
                  "finite_check+optimizer": lambda: _finish_step(pop, losses, grads, optimizer_step_),
                  "step": lambda: engine.step(pop)}

@@ -167,18 +167,17 @@ class TritonBackend:
             raise ConfigError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
         if scatter not in SCATTERS:
             raise ConfigError(f"unknown scatter {scatter!r}; choose one of {', '.join(SCATTERS)}")
-        # fused (one backward launch for dW, dU, dV) and the backward's warps default per precision to what the
+        # fused (one backward launch for dW, dU, dV) and the backward's tiles default per precision to what the
         # GPU measured fastest (kernels/backward.py STEP)
-        step = backward.STEP.get(precision, {})
-        fused = step.get("fused", False) if fused is None else fused
-        self.precision, self.fused, self.scatter = precision, fused, scatter
+        default_fused, default_tiles = backward.default_step(precision)
+        self.precision, self.scatter = precision, scatter
+        self.fused = default_fused if fused is None else fused
         # scatter "window" (default) executes about 6.6 D N P FLOPs a step against "onehot"'s 10 D N P and needs
         # half the registers (kernels/backward.py, bench/NOTES.md); faster at every tile on an H100 (sweep.json).
         # Tiles ({block_d, block_n, num_warps}) of the forward/evaluation and backward kernels: the defaults are
         # the fastest the H100 sweep found (kernels/*.py TILES, backward.STEP).
         self.forward_tiles = {**forward.TILES, **(forward_tiles or {})}
-        warps = {"num_warps": step["num_warps"]} if "num_warps" in step else {}
-        self.backward_tiles = {**backward.TILES, **warps, **(backward_tiles or {})}
+        self.backward_tiles = {**default_tiles, **(backward_tiles or {})}
         self.name = f"triton-{precision}"
 
     # p is padded to a power of two inside the kernels; at 1024 the tiles no longer fit an SM's shared memory
@@ -221,22 +220,33 @@ class TritonBackend:
         return cached
 
     def step(self, pop: Population) -> torch.Tensor:
-        from fastgrok.kernels.backward import backward
-        from fastgrok.kernels.forward import forward
-        from fastgrok.kernels.hidden import ACT_CODES, LOSS_CODES
         from fastgrok.kernels.optimizer import optimizer_step_
 
-        s, data = pop.settings, self._data(pop)
-        act = ACT_CODES[s.act]
-        example_loss, G, _ = forward(*pop.params, data["m"], data["n"], data["y"], data["count"], act=act,
-                                     loss=LOSS_CODES[s.loss], precision=self.precision, train=True,
-                                     dropout=data["dropout"], step=pop.step, **self.forward_tiles)
+        data = self._data(pop)
+        example_loss, G = self.forward(pop, data)
         # padding comes last in tile order too, so `valid` masks the kernel's slots as well as the batch's
         losses = torch.where(data["valid"], example_loss, 0.0).sum(1) / data["D"]
-        grads = backward(*pop.params, data["m"], data["n"], data["count"], G, act=act, precision=self.precision,
-                         dropout=data["dropout"], step=pop.step, fused=self.fused, scatter=self.scatter,
-                         **self.backward_tiles)
-        return _finish_step(pop, losses, grads, optimizer_step_)
+        return _finish_step(pop, losses, self.backward(pop, data, G), optimizer_step_)
+
+    def forward(self, pop: Population, data: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step's forward kernel: per-example losses and the output gradient G, in the kernels' slot order."""
+        from fastgrok.kernels.forward import forward
+        from fastgrok.kernels.hidden import ACT_CODES, LOSS_CODES
+
+        s = pop.settings
+        example_loss, G, _ = forward(*pop.params, data["m"], data["n"], data["y"], data["count"], act=ACT_CODES[s.act],
+                                     loss=LOSS_CODES[s.loss], precision=self.precision, train=True,
+                                     dropout=data["dropout"], step=pop.step, **self.forward_tiles)
+        return example_loss, G
+
+    def backward(self, pop: Population, data: dict, G: torch.Tensor):
+        """The step's backward kernel(s): dU, dV, dW."""
+        from fastgrok.kernels.backward import backward
+        from fastgrok.kernels.hidden import ACT_CODES
+
+        return backward(*pop.params, data["m"], data["n"], data["count"], G, act=ACT_CODES[pop.settings.act],
+                        precision=self.precision, dropout=data["dropout"], step=pop.step, fused=self.fused,
+                        scatter=self.scatter, **self.backward_tiles)
 
     @staticmethod
     def eval_bytes(width: int, p: int) -> int:

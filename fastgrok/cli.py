@@ -128,8 +128,9 @@ def _resume(run_dir: Path, dev, backend, precision) -> None:
 
     config = read_config(run_dir)
     grid, settings = Grid(config["grid"]), settings_of(config)
-    if precision is None:  # the precision the run was trained in (backend "triton-<precision>")
-        precision = config.get("backend", "").removeprefix("triton-") if config.get("backend", "").startswith("triton-") else None
+    trained_on = config.get("backend", "")
+    if precision is None and trained_on.startswith("triton-"):  # the precision the run was trained in
+        precision = trained_on.removeprefix("triton-")
     left = len(grid) - sum(r["steps"] == settings.steps for r in read_models(run_dir))
     if config["status"] == "complete" or left == 0:
         typer.echo(f"{run_dir} is complete: nothing left to train.")

@@ -116,6 +116,12 @@ TILES = {"block_d": 64, "block_n": 64, "num_warps": 8}
 STEP = {"tf32": {"fused": True, "num_warps": 4}, "tf32x3": {"num_warps": 4}, "bf16": {"fused": True, "num_warps": 8}}
 
 
+def default_step(precision: str) -> tuple[bool, dict]:
+    """(fused, tiles) of the backward the Triton step runs at `precision` unless told otherwise."""
+    step = STEP.get(precision, {})
+    return step.get("fused", False), {**TILES, **{k: v for k, v in step.items() if k != "fused"}}
+
+
 def backward(U, V, W, m, n, count, G, *, act: int, precision: str, dropout: tuple | None = None, step: int = 0,
              fused: bool = False, scatter: str = "window", block_d: int = TILES["block_d"],
              block_n: int = TILES["block_n"], num_warps: int = TILES["num_warps"]):

@@ -6,17 +6,19 @@
 #   bash bench/gpu_session.sh precision  validation grid in every precision (default-precision choice)
 #   bash bench/gpu_session.sh e2e        the 1,156-model wd diagram end to end, and 8192 models of N 512
 #   bash bench/gpu_session.sh dropout    the 1,156-model dropout diagram
-#   bash bench/gpu_session.sh defaults   fused or not, 4 or 8 warps, for fp32, tf32x3, bf16 (kernels/backward.py STEP)
+#   bash bench/gpu_session.sh defaults   scatter, fused or not, tiles, for fp32, tf32x3, bf16 (kernels/backward.py STEP)
 #   bash bench/gpu_session.sh profile    forward, backward and optimizer of one step timed apart, N 128/512/2048
 #   bash bench/gpu_session.sh sweep      tile sizes and the two dU/dV scatters of the Triton step (N 512, B 1024, tf32)
 #   bash bench/gpu_session.sh ncu        Nsight Compute on the forward and backward kernels (N 512, B 1024)
+# PRECISION (profile, ncu, e2e) and SCATTER (profile, ncu: window or block) pick what they run.
 # e2e and dropout also make issue 4's paper-scale phase diagrams (phase, ipr); their PNGs, tables and logs
 # come back as $OUT/<stage>.tar.gz (no weights). Several stages go in one call, each with a time limit:
 #   bash bench/gpu_session.sh tests:230 sweep:150 precision:170
 # (a machine stays warm only 30 s after a call; a fresh one took about 30 s to start on 2026-11-22).
 # Measured 2026-11-22 on an H100 (bench/results/h100-2026-11-22): tests 110 s, sweep 95 s, precision 95 s,
 # profile 30 s, e2e 140 s, dropout 285 s, bench over 320 s for N 512 and 128 alone (WIDTHS=2048 for the rest).
-# Owed next: ncu, bench with WIDTHS=2048, compiled.
+# Owed next (session 6 had no GPU): sweep (window vs block scatter), defaults, tests, then ncu and profile
+# with SCATTER=block and window, bench with WIDTHS=2048, compiled, e2e (its time split).
 set -uo pipefail
 OUT=${OUT:-bench/results}
 mkdir -p "$OUT"
@@ -52,10 +54,13 @@ PY
   defaults) for precision in fp32 tf32x3 bf16; do
               python3 bench/sweep_blocks.py --backward-only --precision $precision
             done 2>&1 | tee "$OUT/defaults.log" ;;
-  profile) python3 bench/profile_step.py --precision "${PRECISION:-tf32}" --out "$OUT/profile.json" ;;
-  ncu) ncu --set full -k regex:"_forward_kernel|_backward_kernel" -c 2 -o "$OUT/step" \
-         python3 bench/profile_step.py --precision "${PRECISION:-tf32}" --width 512 --models 1024 >/dev/null
-       ncu --import "$OUT/step.ncu-rep" --page details > "$OUT/ncu.txt"; tail -60 "$OUT/ncu.txt" ;;
+  profile) python3 bench/profile_step.py --precision "${PRECISION:-tf32}" --scatter "${SCATTER:-window}" \
+             --out "$OUT/profile-${PRECISION:-tf32}-${SCATTER:-window}.json" ;;
+  ncu) name="${PRECISION:-tf32}-${SCATTER:-window}"
+       ncu --set full -k regex:"_forward_kernel|_backward_kernel" -c 2 -o "$OUT/step-$name" \
+         python3 bench/profile_step.py --precision "${PRECISION:-tf32}" --scatter "${SCATTER:-window}" --width 512 --models 1024 >/dev/null
+       ncu --import "$OUT/step-$name.ncu-rep" --page details > "$OUT/ncu-$name.txt"
+       grep -E "^  [a-z_]+kernel|Duration|Throughput|Registers|Achieved Occupancy|Warp Cycles Per Issued|Stall|L2 Hit|DRAM" "$OUT/ncu-$name.txt" ;;
   sweep) python3 bench/sweep_blocks.py --out "$OUT/sweep.json" 2>&1 | tee "$OUT/sweep.log" ;;
   *) echo "usage: $0 STAGE[:SECONDS] ... (stages: tests sweep defaults profile bench compiled precision e2e dropout ncu)"; return 2 ;;
 esac

@@ -34,14 +34,14 @@ TYPES = {
     **{n: "*fp32" for n in ("U", "V", "W", "G", "LOSS", "INV_KEEP", "DU", "DV", "DW", "PARAM", "GRAD", "EXP_AVG",
                             "EXP_AVG_SQ", "DECAY", "L2", "STEP_SIZE", "BIAS2_SQRT", "BETA1", "BETA2", "EPS")},
     **{n: "*i32" for n in ("M", "N_", "Y", "COUNT", "PRED")},
-    "SEED": "*i64", "THRESHOLD": "*i64", "ACTIVE": "*i8", "step_key": "i64",
+    "BLOCKS": "*i32", "SEED": "*i64", "THRESHOLD": "*i64", "ACTIVE": "*i8", "step_key": "i64",
 }
 FORWARD = tuple(forward.TILES[n] for n in ("block_d", "block_n", "num_warps"))
 
 
-def backward_default(precision: str) -> tuple:
-    """The backward's tile in the step TritonBackend runs at this precision."""
-    tiles = backward.default_step(precision)[1]
+def backward_default(precision: str, scatter: str = "window") -> tuple:
+    """The backward's tile in the step TritonBackend runs at this precision with this scatter."""
+    tiles = backward.default_step(precision, scatter)[1]
     return tuple(tiles[n] for n in ("block_d", "block_n", "num_warps"))
 
 
@@ -53,7 +53,8 @@ ACCEPTED_SPILL = {("fused windowed", "tf32"): 1024, ("fused windowed", "bf16"): 
 
 
 def resources(fn, constexprs: dict, num_warps: int) -> dict:
-    signature = {n: "constexpr" if n in constexprs else TYPES.get(n, "i32") for n in fn.arg_names}
+    types = {**TYPES, "W": "*bf16"} if constexprs.get("PRECISION") == "bf16" else TYPES  # TritonBackend.kernel_params
+    signature = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in fn.arg_names}
     kernel = triton.compile(ASTSource(fn, signature, constexprs=constexprs), target=TARGET,
                             options={"num_warps": num_warps})
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
@@ -64,30 +65,44 @@ def resources(fn, constexprs: dict, num_warps: int) -> dict:
     ptx = kernel.asm["ptx"]
     # "async": loads the software pipeliner turned into asynchronous copies (0: every load of the main loop waits
     # for memory; the pipeliner skips a loop that holds another loop, like the windowed scatter's)
-    return {"regs": int(fields["REG"]), "stack": int(fields["STACK"]), "shared": kernel.metadata.shared,
+    regs, shared = int(fields["REG"]), kernel.metadata.shared
+    return {"regs": regs, "stack": int(fields["STACK"]), "shared": shared,
             "wgmma": ptx.count("wgmma.mma_async"), "mma": ptx.count("mma.sync"),
-            "async": kernel.asm["ttgir"].count("async_copy_global_to_local")}
+            "async": kernel.asm["ttgir"].count("async_copy_global_to_local"),
+            "per_sm": programs_per_sm(regs, shared, num_warps)}
+
+
+def programs_per_sm(regs: int, shared: int, num_warps: int) -> int:
+    """Programs of this kernel an H100 SM holds at once (64K registers, allocated 256 per warp; 228 KB of shared
+    memory, 1 KB of it reserved per program; 64 warps). One program of 4 warps leaves the SM's other three
+    schedulers idle unless its loads are pipelined."""
+    per_warp = -(-regs * 32 // 256) * 256
+    return min(65536 // (per_warp * num_warps), 233472 // (shared + 1024), 64 // num_warps)
 
 
 def table(precisions, tiles, backward_tiles=None):
     """Every kernel at each of `tiles` (block_d, block_n, num_warps); the backward ones at `backward_tiles`
-    (a function of the precision) instead when given, with the fused windowed backward where it is the default."""
+    (a function of the precision and scatter) instead when given, with the fused windowed backward where it is the
+    default."""
     rows = []
     for precision, tile in itertools.product(precisions, tiles):
         def common(block_d, block_n, warps):
             return dict(ACT=0, DROPOUT=True, PRECISION=precision, BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_P=128)
 
         back = backward_tiles(precision) if backward_tiles else tile
+        block = backward_tiles(precision, "block") if backward_tiles else tile
         fused = backward_tiles is not None and backward.default_step(precision)[0]
         kernels = {
             "forward": (_forward_kernel, tile, dict(LOSS_KIND=0, TRAIN=True)),
             "evaluate": (_forward_kernel, tile, dict(LOSS_KIND=0, TRAIN=False, DROPOUT=False)),
-            "backward dW": (_backward_kernel, back, dict(WITH_W=True, WITH_UV=False, WINDOW=0)),
-            "backward dU dV": (_backward_kernel, back, dict(WITH_W=False, WITH_UV=True, WINDOW=0)),
-            "dU dV windowed": (_backward_kernel, back, dict(WITH_W=False, WITH_UV=True, WINDOW=16)),
+            "backward dW": (_backward_kernel, back, dict(WITH_W=True, WITH_UV=False, WINDOW=0, BLOCKED=False)),
+            "backward dU dV": (_backward_kernel, back, dict(WITH_W=False, WITH_UV=True, WINDOW=0, BLOCKED=False)),
+            "dU dV windowed": (_backward_kernel, back, dict(WITH_W=False, WITH_UV=True, WINDOW=16, BLOCKED=False)),
+            "dU dV block": (_backward_kernel, block, dict(WITH_W=False, WITH_UV=True, WINDOW=32, BLOCKED=True)),
+            "fused block": (_backward_kernel, block, dict(WITH_W=True, WITH_UV=True, WINDOW=32, BLOCKED=True)),
         }
         if fused:
-            kernels["fused windowed"] = (_backward_kernel, back, dict(WITH_W=True, WITH_UV=True, WINDOW=16))
+            kernels["fused windowed"] = (_backward_kernel, back, dict(WITH_W=True, WITH_UV=True, WINDOW=16, BLOCKED=False))
         for name, (fn, t, constexprs) in kernels.items():
             rows.append({"kernel": name, "precision": precision, "tile": t,
                          **resources(fn, {**common(*t), **constexprs}, t[2])})
@@ -103,11 +118,12 @@ def main() -> None:
     if args.check:
         rows = table(("fp32", "tf32", "tf32x3", "bf16"), [FORWARD], backward_default)
     else:
-        rows = table(("tf32", "tf32x3", "bf16"), [(32, 32, 4), (64, 32, 4), (64, 64, 4), (64, 64, 8), (128, 64, 8)])
+        rows = table(("tf32", "tf32x3", "bf16"), [(32, 32, 4), (32, 64, 4), (32, 64, 8), (64, 32, 4), (64, 64, 4),
+                                                  (64, 64, 8), (128, 64, 8)])
     for r in rows:
         print(f"{r['kernel']:>15} {r['precision']:>7} tile {r['tile']}: {r['regs']:>3} regs, "
               f"{r['stack']:>6} B stack (spills), {r['shared']:>6} B shared, {r['wgmma']:>3} wgmma {r['mma']:>3} mma.sync, "
-              f"{r['async']:>2} async loads")
+              f"{r['async']:>2} async loads, {r['per_sm']} per SM")
     if not args.check:
         return
     # fp32 (IEEE products) is the parity mode and tf32x3 splits both operands of every dot (3 dots): they may
@@ -116,7 +132,8 @@ def main() -> None:
     def in_step(r):  # the kernels TritonBackend's default step at r's precision launches
         fused = backward.default_step(r["precision"])[0]
         unfused = ("backward dW", "dU dV windowed")
-        return r["kernel"] not in ("backward dU dV", *(unfused if fused else ("fused windowed",)))
+        return r["kernel"] not in ("backward dU dV", "dU dV block", "fused block",
+                                   *(unfused if fused else ("fused windowed",)))
 
     fast = [r for r in rows if r["precision"] in ("tf32", "bf16") and in_step(r)]
     problems = [f"{r['kernel']} {r['precision']}: spills {r['stack']} B" for r in fast

@@ -19,6 +19,7 @@ from fastgrok.population import Population
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--precision", default="tf32")
+    parser.add_argument("--scatter", default=None, help="the backward's scatter (kernels/backward.py SCATTERS)")
     parser.add_argument("--models", type=int, default=1024)
     parser.add_argument("--width", default="128,512,2048")
     parser.add_argument("--p", type=int, default=97)
@@ -29,7 +30,7 @@ def main() -> None:
     rows = []
     for width in map(int, args.width.split(",")):
         pop = Population([Hyper(width=width, seed=i) for i in range(args.models)], settings, dev)
-        engine = TritonBackend(args.precision)
+        engine = TritonBackend(args.precision, **({"scatter": args.scatter} if args.scatter else {}))
         data = engine._data(pop)
         G = engine.forward(pop, data)[1]
         grads = engine.backward(pop, data, G)
@@ -38,7 +39,7 @@ def main() -> None:
                  "finite_check": lambda: _finish_step(pop, losses, grads, lambda *a, **k: None),
                  "finite_check+optimizer": lambda: _finish_step(pop, losses, grads, optimizer_step_),
                  "step": lambda: engine.step(pop)}
-        row = {"width": width, "models": args.models, "precision": args.precision}
+        row = {"width": width, "models": args.models, "precision": args.precision, "scatter": engine.scatter}
         for name, fn in parts.items():
             row[f"{name}_ms"] = 1e3 * _timed(fn, dev)
         flops = flops_per_model_step(settings.p, width, int(pop.D.max()))

@@ -3,10 +3,12 @@ each backward tile, scatter and fused-or-not (forward at its default), at one wi
 
     python bench/sweep_blocks.py --width 512 --models 1024 --precision tf32
 
-What it is for: the two scatters of the backward (kernels/backward.py) against each other, and the tiles: the
-backward re-reads G (D x p per model) once per chunk of block_n neurons and the forward re-reads W per tile of
-block_d examples, so tiles trade re-reads against registers, and only tiles of 64 rows reach Hopper's wgmma
-(bench/kernel_resources.py). Measure, then set the TILES defaults in kernels/forward.py and kernels/backward.py."""
+What it is for: the two scatters of the backward (kernels/backward.py: "window", measured the fastest on an H100,
+and "block", whose loop the compiler can software-pipeline) against each other, and the tiles: the backward
+re-reads G (D x p per model) once per chunk of block_n neurons and the forward re-reads W per tile of block_d
+examples, so tiles trade re-reads against registers, and only dots of 64 rows reach Hopper's wgmma
+(bench/kernel_resources.py). Measure, then set the defaults in kernels/forward.py TILES and kernels/backward.py
+TILES and STEP. (The one-hot scatter lost to the windowed one at every tile on an H100 and is no longer swept.)"""
 
 import argparse
 import itertools
@@ -20,6 +22,9 @@ from fastgrok.config import Hyper, Settings
 from fastgrok.population import Population
 
 TILES = [{"block_d": d, "block_n": n, "num_warps": w} for d, n, w in itertools.product((32, 64), (32, 64), (4, 8))]
+# the block scatter's pipeline depth, at the tiles where all its dots have 64 rows (Triton's default is 3)
+STAGES = [{"block_d": d, "block_n": 64, "num_warps": w, "num_stages": s}
+          for d, w, s in itertools.product((32, 64), (4, 8), (2, 4))]
 
 
 def main() -> None:
@@ -28,7 +33,7 @@ def main() -> None:
     parser.add_argument("--models", type=int, default=1024)
     parser.add_argument("--precision", default="tf32")
     parser.add_argument("--backward-only", action="store_true",
-                        help="only the windowed backward at 64 x 64, fused or not, 4 or 8 warps (one precision's default)")
+                        help="only the backward with 64 neurons, both scatters, fused or not (one precision's default)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     dev = torch.device("cuda")
@@ -36,10 +41,11 @@ def main() -> None:
     pop = Population([Hyper(width=args.width, seed=i) for i in range(args.models)], settings, dev)
     flops = flops_per_model_step(settings.p, args.width, int(pop.D.max()))
     configs = [] if args.backward_only else [{"forward_tiles": t} for t in TILES]
-    tiles = [t for t in TILES if t["block_d"] == t["block_n"] == 64] if args.backward_only else TILES
-    scatters = ("window",) if args.backward_only else ("window", "onehot")
+    tiles = [t for t in TILES if t["block_n"] == 64] if args.backward_only else TILES
     configs += [{"backward_tiles": t, "scatter": s, "fused": f}
-                for t, s, f in itertools.product(tiles, scatters, (False, True))]
+                for t, s, f in itertools.product(tiles, ("window", "block"), (False, True))]
+    if not args.backward_only:
+        configs += [{"backward_tiles": t, "scatter": "block", "fused": f} for t, f in itertools.product(STAGES, (False, True))]
     results = []
     for config in configs:
         engine = TritonBackend(args.precision, **config)

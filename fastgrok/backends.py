@@ -168,17 +168,18 @@ class TritonBackend:
         if scatter not in SCATTERS:
             raise ConfigError(f"unknown scatter {scatter!r}; choose one of {', '.join(SCATTERS)}")
         # fused (one backward launch for dW, dU, dV) and the backward's tiles default per precision to what the
-        # GPU measured fastest (kernels/backward.py STEP)
-        default_fused, default_tiles = backward.default_step(precision)
+        # GPU measured fastest (kernels/backward.py STEP; BLOCK_STEP for the block scatter, not yet measured)
+        default_fused, default_tiles = backward.default_step(precision, scatter)
         self.precision, self.scatter = precision, scatter
         self.fused = default_fused if fused is None else fused
         # scatter "window" (default) executes about 6.6 D N P FLOPs a step against "onehot"'s 10 D N P and needs
         # half the registers (kernels/backward.py, bench/NOTES.md); faster at every tile on an H100 (sweep.json).
+        # "block" is its software-pipelined successor, to be measured against it (bench/sweep_blocks.py).
         # Tiles ({block_d, block_n, num_warps}) of the forward/evaluation and backward kernels: the defaults are
         # the fastest the H100 sweep found (kernels/*.py TILES, backward.STEP).
         self.forward_tiles = {**forward.TILES, **(forward_tiles or {})}
         self.backward_tiles = {**default_tiles, **(backward_tiles or {})}
-        self.name = f"triton-{precision}"
+        self.name = f"triton-{precision}" + ("-block" if scatter == "block" else "")
 
     # p is padded to a power of two inside the kernels; at 1024 the tiles no longer fit an SM's shared memory
     # (p 512: 209 KB of the H100's 227 KB in the dU/dV kernel, bench/kernel_resources.py).
@@ -194,10 +195,10 @@ class TritonBackend:
         """The step's examples as int32 copies and the per-model dropout constants: made once per population
         for full-batch training, the examples every step for minibatches.
 
-        The kernels see each model's examples in tile order (kernels.backward.tile_order; `order` maps a kernel
-        slot to the batch's slot): a step does not depend on the order beyond rounding, and the windowed
-        scatter needs it to be cheap."""
-        from fastgrok.kernels.backward import tile_order
+        The kernels see each model's examples in tile order (kernels.backward.tile_order, or block_order for the
+        "block" scatter; `order` maps a kernel slot to the batch's slot): a step does not depend on the order
+        beyond rounding, the windowed scatter needs it to be cheap and the block scatter to be right."""
+        from fastgrok.kernels.backward import block_order, tile_order
 
         cached = getattr(pop, "_triton_data", None)
         if cached is None:
@@ -208,45 +209,58 @@ class TritonBackend:
                 threshold = torch.clamp(torch.round(rates * 2.0**32), max=2.0**32 - 1).long()
                 dropout = (pop.dropout_seed.to(dev), threshold.to(dev), (1.0 / (1.0 - rates)).float().to(dev))
             cached = pop._triton_data = {"dropout": dropout}
-        if "m" in cached:
-            return cached
-        m, n, y, valid, D = pop.batch()
-        order = tile_order(m, n, valid, pop.settings.p)
-        m, n, y = (torch.gather(t, 1, order).int() for t in (m, n, y))
-        examples = {"m": m, "n": n, "y": y, "order": order, "valid": valid, "count": D.int(), "D": D}
-        if pop.batch_size is not None:
-            return {**cached, **examples}
-        cached.update(examples)
-        return cached
+        order = "block" if self.scatter == "block" else "tile"
+        if order not in cached:
+            m, n, y, valid, D = pop.batch()
+            if order == "block":
+                perm, blocks = block_order(m, n, valid, pop.settings.p)
+            else:
+                perm, blocks = tile_order(m, n, valid, pop.settings.p), None
+            m, n, y = (torch.gather(t, 1, perm).int() for t in (m, n, y))
+            examples = {"m": m, "n": n, "y": y, "order": perm, "blocks": blocks, "valid": valid, "count": D.int(), "D": D}
+            if pop.batch_size is not None:
+                return {"dropout": cached["dropout"], **examples}
+            cached[order] = examples
+        return {"dropout": cached["dropout"], **cached[order]}
 
     def step(self, pop: Population) -> torch.Tensor:
         from fastgrok.kernels.optimizer import optimizer_step_
 
         data = self._data(pop)
-        example_loss, G = self.forward(pop, data)
+        params = self.kernel_params(*pop.params)
+        example_loss, G = self.forward(pop, data, params)
         # padding comes last in tile order too, so `valid` masks the kernel's slots as well as the batch's
         losses = torch.where(data["valid"], example_loss, 0.0).sum(1) / data["D"]
-        return _finish_step(pop, losses, self.backward(pop, data, G), optimizer_step_)
+        return _finish_step(pop, losses, self.backward(pop, data, G, params), optimizer_step_)
 
-    def forward(self, pop: Population, data: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    def kernel_params(self, U, V, W):
+        """U, V, W as the kernels read them. In bf16 W is rounded to bf16 once here, to the same numbers the
+        dots' own rounding gives (round to nearest even), so that the kernels load it straight into the tensor
+        cores' shared memory instead of converting every tile on the way (bench/NOTES.md); the parameters
+        themselves stay fp32."""
+        return U, V, (W.to(torch.bfloat16) if self.precision == "bf16" else W)
+
+    def forward(self, pop: Population, data: dict, params=None) -> tuple[torch.Tensor, torch.Tensor]:
         """The step's forward kernel: per-example losses and the output gradient G, in the kernels' slot order."""
         from fastgrok.kernels.forward import forward
         from fastgrok.kernels.hidden import ACT_CODES, LOSS_CODES
 
         s = pop.settings
-        example_loss, G, _ = forward(*pop.params, data["m"], data["n"], data["y"], data["count"], act=ACT_CODES[s.act],
+        params = self.kernel_params(*pop.params) if params is None else params
+        example_loss, G, _ = forward(*params, data["m"], data["n"], data["y"], data["count"], act=ACT_CODES[s.act],
                                      loss=LOSS_CODES[s.loss], precision=self.precision, train=True,
                                      dropout=data["dropout"], step=pop.step, **self.forward_tiles)
         return example_loss, G
 
-    def backward(self, pop: Population, data: dict, G: torch.Tensor):
-        """The step's backward kernel(s): dU, dV, dW."""
+    def backward(self, pop: Population, data: dict, G: torch.Tensor, params=None):
+        """The step's backward kernel(s): dU, dV, dW (fp32)."""
         from fastgrok.kernels.backward import backward
         from fastgrok.kernels.hidden import ACT_CODES
 
-        return backward(*pop.params, data["m"], data["n"], data["count"], G, act=ACT_CODES[pop.settings.act],
+        params = self.kernel_params(*pop.params) if params is None else params
+        return backward(*params, data["m"], data["n"], data["count"], G, act=ACT_CODES[pop.settings.act],
                         precision=self.precision, dropout=data["dropout"], step=pop.step, fused=self.fused,
-                        scatter=self.scatter, **self.backward_tiles)
+                        scatter=self.scatter, blocks=data["blocks"], **self.backward_tiles)
 
     @staticmethod
     def eval_bytes(width: int, p: int) -> int:
@@ -259,7 +273,8 @@ class TritonBackend:
         from fastgrok.kernels.hidden import ACT_CODES, LOSS_CODES
 
         count = torch.full((U.shape[0],), m.shape[1], dtype=torch.int32, device=U.device)
-        losses, _, pred = forward(U.contiguous(), V.contiguous(), W.contiguous(), m.int().contiguous(),
+        U, V, W = self.kernel_params(U.contiguous(), V.contiguous(), W.contiguous())
+        losses, _, pred = forward(U, V, W, m.int().contiguous(),
                                   n.int().contiguous(), y.int().contiguous(), count, act=ACT_CODES[act],
                                   loss=LOSS_CODES[loss], precision=self.precision, train=False,
                                   **self.forward_tiles)

@@ -32,6 +32,9 @@ VARIANTS = {
     "triton-tf32": ("tf32", False, lambda: TritonBackend("tf32")),
     "triton-tf32x3": ("fp32", False, lambda: TritonBackend("tf32x3")),
     "triton-bf16": ("bf16", False, lambda: TritonBackend("bf16")),
+    # the pipelined block scatter against the windowed one (kernels/backward.py), until a GPU has compared them
+    "triton-tf32-block": ("tf32", False, lambda: TritonBackend("tf32", scatter="block")),
+    "triton-bf16-block": ("bf16", False, lambda: TritonBackend("bf16", scatter="block")),
 }
 DEFAULT_VARIANTS = {"cpu": ("torch",), "cuda": tuple(VARIANTS)}
 PARITY = {"fp32": 1e-4, "tf32": 2e-2, "bf16": 5e-2}  # relative loss error allowed in the pre-timing check

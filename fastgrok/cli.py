@@ -130,7 +130,7 @@ def _resume(run_dir: Path, dev, backend, precision) -> None:
     grid, settings = Grid(config["grid"]), settings_of(config)
     trained_on = config.get("backend", "")
     if precision is None and trained_on.startswith("triton-"):  # the precision the run was trained in
-        precision = trained_on.removeprefix("triton-")
+        precision = trained_on.removeprefix("triton-").split("-")[0]
     left = len(grid) - sum(r["steps"] == settings.steps for r in read_models(run_dir))
     if config["status"] == "complete" or left == 0:
         typer.echo(f"{run_dir} is complete: nothing left to train.")

@@ -28,15 +28,15 @@ from fastgrok.kernels.hidden import activation, activation_grad, dot, dropout_sc
 @triton.jit
 def _backward_kernel(
     # pointers
-    U, V, W, M, N_, COUNT, SEED, THRESHOLD, INV_KEEP, G, DU, DV, DW,
+    U, V, W, M, N_, COUNT, BLOCKS, SEED, THRESHOLD, INV_KEEP, G, DU, DV, DW,
     # sizes
-    p, width, step_key,
+    p, width, side, step_key,
     # strides (dU, dV, dW share U, V, W's layout)
-    stride_ub, stride_up, stride_vb, stride_vp, stride_wb, stride_wn, stride_ib, stride_gb, stride_gd,
+    stride_ub, stride_up, stride_vb, stride_vp, stride_wb, stride_wn, stride_ib, stride_bb, stride_gb, stride_gd,
     # meta-parameters
     ACT: tl.constexpr, DROPOUT: tl.constexpr, WITH_W: tl.constexpr, WITH_UV: tl.constexpr,
-    PRECISION: tl.constexpr, WINDOW: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_P: tl.constexpr,
+    PRECISION: tl.constexpr, WINDOW: tl.constexpr, BLOCKED: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     # Axis 0 walks one model's neuron chunks, so consecutive programs re-read the same G[b] from L2.
     b = tl.program_id(1).to(tl.int64)
@@ -46,49 +46,117 @@ def _backward_kernel(
     offs_p = tl.arange(0, BLOCK_P)
     mask_p = offs_p < p
     mask_kp = mask_k[:, None] & mask_p[None, :]
+    seed, threshold, inv_keep = count, count, count  # unused without dropout
     if DROPOUT:
         seed = tl.load(SEED + b)
         threshold = tl.load(THRESHOLD + b)
         inv_keep = tl.load(INV_KEEP + b)
+    w = tl.zeros((BLOCK_N, BLOCK_P), dtype=tl.float32)
     if WITH_UV:
         w = tl.load(W + b * stride_wb + offs_k[:, None] * stride_wn + offs_p[None, :], mask=mask_kp, other=0.0)
     d_w = tl.zeros((BLOCK_N, BLOCK_P), dtype=tl.float32)
-    d_u = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
-    d_v = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
-    for d0 in range(0, count, BLOCK_D):
-        offs_d = d0 + tl.arange(0, BLOCK_D)
-        mask_d = offs_d < count
-        m = tl.load(M + b * stride_ib + offs_d, mask=mask_d, other=0)
-        n = tl.load(N_ + b * stride_ib + offs_d, mask=mask_d, other=0)
-        g = tl.load(G + b * stride_gb + offs_d[:, None] * stride_gd + offs_p[None, :],
-                    mask=mask_d[:, None] & mask_p[None, :], other=0.0)
-        pre = preactivation(U + b * stride_ub, V + b * stride_vb, m, n, offs_k,
-                            mask_d[:, None] & mask_k[None, :], stride_up, stride_vp)
-        if DROPOUT:
-            scale = dropout_scale(m * p + n, offs_k, width, seed, step_key, threshold, inv_keep)
-            pre = pre * scale
-        if WITH_W:
-            d_w += dot(tl.trans(activation(pre, ACT)), g, PRECISION)
-        if WITH_UV:
-            d_s = dot(g, tl.trans(w), PRECISION) * activation_grad(pre, ACT)
-            if DROPOUT:
-                d_s = d_s * scale
-            d_s = tl.where(mask_d[:, None], d_s, 0.0)
-            if WINDOW == 0:
-                onehot_m = tl.where(m[:, None] == offs_p[None, :], 1.0, 0.0)
-                onehot_n = tl.where(n[:, None] == offs_p[None, :], 1.0, 0.0)
-                d_u += dot(tl.trans(onehot_m), d_s, PRECISION)
-                d_v += dot(tl.trans(onehot_n), d_s, PRECISION)
-            else:
-                _add_rows(DU + b * stride_ub, m, mask_d, d_s, offs_k, mask_k, p, stride_up, PRECISION, WINDOW)
-                _add_rows(DV + b * stride_vb, n, mask_d, d_s, offs_k, mask_k, p, stride_vp, PRECISION, WINDOW)
-                tl.debug_barrier()  # the next tile's windows may overlap these rows, held by other threads
+    if BLOCKED:
+        # Examples come grouped by blocks of side x side pairs of the (m, n) table, block j's slots from
+        # BLOCKS[b, j] to BLOCKS[b, j + 1]; a block touches rows [i side, i side + side) of dU and of dV only, so
+        # its scatter is one static window of each, summed in registers over the block's tiles (transposed, so
+        # that the dot has BLOCK_N rows, wgmma's minimum of 64) and added to dU, dV once. The inner loop holds no
+        # other loop, so the compiler can software-pipeline its loads (the windowed scatter's loop it does not).
+        blocks = tl.cdiv(p, side)
+        offs_w = tl.arange(0, WINDOW)
+        for j in range(0, blocks * blocks):
+            start = tl.load(BLOCKS + b * stride_bb + j)
+            end = tl.load(BLOCKS + b * stride_bb + j + 1)
+            row_m = (j // blocks) * side
+            row_n = (j % blocks) * side
+            d_u = tl.zeros((BLOCK_N, WINDOW), dtype=tl.float32)
+            d_v = tl.zeros((BLOCK_N, WINDOW), dtype=tl.float32)
+            for d0 in range(start, end, BLOCK_D):
+                m, n, mask_d, d_w, d_s_t = _tile(U, V, M, N_, G, b, d0, end, offs_k, mask_k, offs_p, mask_p, w, d_w,
+                                                 p, width, seed, step_key, threshold, inv_keep, stride_ub, stride_up,
+                                                 stride_vb, stride_vp, stride_ib, stride_gb, stride_gd,
+                                                 ACT, DROPOUT, WITH_W, WITH_UV, PRECISION, BLOCK_D, True)
+                if WITH_UV:
+                    onehot_m = tl.where((m - row_m)[:, None] == offs_w[None, :], 1.0, 0.0)
+                    onehot_n = tl.where((n - row_n)[:, None] == offs_w[None, :], 1.0, 0.0)
+                    d_u += dot(d_s_t, onehot_m, PRECISION)
+                    d_v += dot(d_s_t, onehot_n, PRECISION)
+            if WITH_UV:
+                _add_window(DU + b * stride_ub, row_m, d_u, offs_w, side, offs_k, mask_k, p, stride_up)
+                _add_window(DV + b * stride_vb, row_n, d_v, offs_w, side, offs_k, mask_k, p, stride_vp)
+    else:
+        d_u = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
+        d_v = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
+        for d0 in range(0, count, BLOCK_D):
+            m, n, mask_d, d_w, d_s = _tile(U, V, M, N_, G, b, d0, count, offs_k, mask_k, offs_p, mask_p, w, d_w,
+                                           p, width, seed, step_key, threshold, inv_keep, stride_ub, stride_up,
+                                           stride_vb, stride_vp, stride_ib, stride_gb, stride_gd,
+                                           ACT, DROPOUT, WITH_W, WITH_UV, PRECISION, BLOCK_D, False)
+            if WITH_UV:
+                if WINDOW == 0:
+                    onehot_m = tl.where(m[:, None] == offs_p[None, :], 1.0, 0.0)
+                    onehot_n = tl.where(n[:, None] == offs_p[None, :], 1.0, 0.0)
+                    d_u += dot(tl.trans(onehot_m), d_s, PRECISION)
+                    d_v += dot(tl.trans(onehot_n), d_s, PRECISION)
+                else:
+                    _add_rows(DU + b * stride_ub, m, mask_d, d_s, offs_k, mask_k, p, stride_up, PRECISION, WINDOW)
+                    _add_rows(DV + b * stride_vb, n, mask_d, d_s, offs_k, mask_k, p, stride_vp, PRECISION, WINDOW)
+                    tl.debug_barrier()  # the next tile's windows may overlap these rows, held by other threads
+        if WITH_UV and WINDOW == 0:
+            mask_pk = mask_p[:, None] & mask_k[None, :]
+            tl.store(DU + b * stride_ub + offs_p[:, None] * stride_up + offs_k[None, :], d_u, mask=mask_pk)
+            tl.store(DV + b * stride_vb + offs_p[:, None] * stride_vp + offs_k[None, :], d_v, mask=mask_pk)
     if WITH_W:
         tl.store(DW + b * stride_wb + offs_k[:, None] * stride_wn + offs_p[None, :], d_w, mask=mask_kp)
-    if WITH_UV and WINDOW == 0:
-        mask_pk = mask_p[:, None] & mask_k[None, :]
-        tl.store(DU + b * stride_ub + offs_p[:, None] * stride_up + offs_k[None, :], d_u, mask=mask_pk)
-        tl.store(DV + b * stride_vb + offs_p[:, None] * stride_vp + offs_k[None, :], d_v, mask=mask_pk)
+
+
+@triton.jit
+def _tile(U, V, M, N_, G, b, d0, end, offs_k, mask_k, offs_p, mask_p, w, d_w, p, width, seed, step_key, threshold,
+          inv_keep, stride_ub, stride_up, stride_vb, stride_vp, stride_ib, stride_gb, stride_gd,
+          ACT: tl.constexpr, DROPOUT: tl.constexpr, WITH_W: tl.constexpr, WITH_UV: tl.constexpr,
+          PRECISION: tl.constexpr, BLOCK_D: tl.constexpr, TRANSPOSED: tl.constexpr):
+    """One tile of examples [d0, d0 + BLOCK_D) (those before `end`): its rows m, n and mask, d_w plus the tile's
+    dW, and its dS (zero on masked examples; unset without WITH_UV) as (BLOCK_D, BLOCK_N), or as (BLOCK_N,
+    BLOCK_D) if TRANSPOSED: then every dot has BLOCK_N rows, so BLOCK_D may be 32 and the dots stay on wgmma."""
+    offs_d = d0 + tl.arange(0, BLOCK_D)
+    mask_d = offs_d < end
+    m = tl.load(M + b * stride_ib + offs_d, mask=mask_d, other=0)
+    n = tl.load(N_ + b * stride_ib + offs_d, mask=mask_d, other=0)
+    g = tl.load(G + b * stride_gb + offs_d[:, None] * stride_gd + offs_p[None, :],
+                mask=mask_d[:, None] & mask_p[None, :], other=0.0)
+    if TRANSPOSED:
+        rows_m, rows_n, ks, mask_dk = m[None, :], n[None, :], offs_k[:, None], mask_k[:, None] & mask_d[None, :]
+    else:
+        rows_m, rows_n, ks, mask_dk = m[:, None], n[:, None], offs_k[None, :], mask_d[:, None] & mask_k[None, :]
+    pre = preactivation(U + b * stride_ub, V + b * stride_vb, rows_m, rows_n, ks, mask_dk, stride_up, stride_vp)
+    if DROPOUT:
+        scale = dropout_scale(rows_m * p + rows_n, ks, width, seed, step_key, threshold, inv_keep)
+        pre = pre * scale
+    if WITH_W:
+        if TRANSPOSED:
+            d_w += dot(activation(pre, ACT), g, PRECISION)
+        else:
+            d_w += dot(tl.trans(activation(pre, ACT)), g, PRECISION)
+    d_s = pre  # placeholder without WITH_UV
+    if WITH_UV:
+        if TRANSPOSED:
+            d_s = dot(w, tl.trans(g), PRECISION)
+        else:
+            d_s = dot(g, tl.trans(w), PRECISION)
+        d_s = d_s * activation_grad(pre, ACT)
+        if DROPOUT:
+            d_s = d_s * scale
+        d_s = tl.where(mask_dk, d_s, 0.0)  # (masked neurons have zero rows of w: their dS is zero already)
+    return m, n, mask_d, d_w, d_s
+
+
+@triton.jit
+def _add_window(OUT, row0, acc, offs_w, side, offs_k, mask_k, p, stride):
+    """OUT[row0 + w, k] += acc[k, w] for a block's own rows (w < side): every element of OUT is read and written by
+    the same thread of the program each time (its position in acc never changes), so no barrier is needed."""
+    rows = row0 + offs_w
+    mask = mask_k[:, None] & ((offs_w < side) & (rows < p))[None, :]
+    ptrs = OUT + rows[None, :] * stride + offs_k[:, None]
+    tl.store(ptrs, tl.load(ptrs, mask=mask, other=0.0) + acc, mask=mask)
 
 
 @triton.jit
@@ -104,7 +172,8 @@ def _add_rows(OUT, rows, mask_d, d_s, offs_k, mask_k, p, stride, PRECISION: tl.c
         tl.store(ptrs, tl.load(ptrs, mask=mask, other=0.0) + dot(tl.trans(onehot), d_s, PRECISION), mask=mask)
 
 
-SCATTERS = {"onehot": 0, "window": 16}
+# Scatters (module docstring) and their window of dU/dV rows. "block" needs its examples in block_order.
+SCATTERS = {"onehot": 0, "window": 16, "block": 32}
 # Default tiles: 64 neurons (dW's rows) and 64 examples (dS's rows) put both dots on Hopper's wgmma, without
 # spills in tf32 or bf16 with the windowed scatter and 8 warps (bench/results/kernel-resources-sm90-triton3.9.txt);
 # a chunk of 64 neurons also halves the re-reads of G against 32.
@@ -114,39 +183,52 @@ TILES = {"block_d": 64, "block_n": 64, "num_warps": 8}
 # fp32 (IEEE dots spill heavily): two launches at 8 warps, 3.6k (fused 0.8k); tf32x3: two launches at 4 warps,
 # 9.8k; bf16: one fused launch at 8 warps, 16.9k (two at 8: 9.5k). bench/results/h100-2026-11-22/backward-defaults.log
 STEP = {"tf32": {"fused": True, "num_warps": 4}, "tf32x3": {"num_warps": 4}, "bf16": {"fused": True, "num_warps": 8}}
+# The block scatter, not yet measured: chosen from the compiler's report (sm_90, Triton 3.9,
+# bench/results/kernel-resources-sm90-triton3.9.txt): with tiles of 32 examples every dot stays on wgmma and
+# two programs fit an SM; fused in tf32 and bf16 like the windowed step. bench/sweep_blocks.py decides.
+BLOCK_STEP = {"tf32": {"fused": True, "block_d": 32, "num_warps": 4}, "tf32x3": {"block_d": 32, "num_warps": 4},
+              "bf16": {"fused": True, "block_d": 32, "num_warps": 4}}
 
 
-def default_step(precision: str) -> tuple[bool, dict]:
-    """(fused, tiles) of the backward the Triton step runs at `precision` unless told otherwise."""
-    step = STEP.get(precision, {})
+def default_step(precision: str, scatter: str = "window") -> tuple[bool, dict]:
+    """(fused, tiles) of the backward the Triton step runs at `precision` with `scatter` unless told otherwise."""
+    step = (BLOCK_STEP if scatter == "block" else STEP).get(precision, {})
     return step.get("fused", False), {**TILES, **{k: v for k, v in step.items() if k != "fused"}}
 
 
 def backward(U, V, W, m, n, count, G, *, act: int, precision: str, dropout: tuple | None = None, step: int = 0,
-             fused: bool = False, scatter: str = "window", block_d: int = TILES["block_d"],
-             block_n: int = TILES["block_n"], num_warps: int = TILES["num_warps"]):
+             fused: bool = False, scatter: str = "window", blocks: torch.Tensor | None = None,
+             block_d: int = TILES["block_d"], block_n: int = TILES["block_n"], num_warps: int = TILES["num_warps"],
+             num_stages: int | None = None):
     """Gradients dU, dV (B, p, N) and dW (B, N, p) of the loss whose output gradient is G (B, Dmax, p).
 
-    scatter: "onehot" (dense one-hot dots over all rows) or "window" (examples should come in
-    fastgrok.kernels.backward.tile_order; any order gives the right result, that one makes it cheap)."""
+    scatter: "onehot" (dense one-hot dots over all rows), "window" (any example order gives the right result;
+    tile_order makes it cheap) or "block" (examples in block_order, whose block offsets `blocks` it needs).
+    num_stages: the depth of the software pipeline of loads (None: Triton's default)."""
     B, p, width = U.shape
     assert G.shape == (B, m.shape[1], p) and G.is_contiguous()
     window = SCATTERS[scatter]
-    dW = torch.empty_like(W)
+    blocked = scatter == "block"
+    assert not blocked or (blocks is not None and blocks.shape == (B, block_count(p) ** 2 + 1)), "block_order's offsets"
+    if not blocked:
+        blocks = count  # unused placeholder
+    dW = torch.empty(W.shape, device=W.device, dtype=torch.float32)  # (W itself may come as bf16)
     dU, dV = (torch.zeros_like(U), torch.zeros_like(V)) if window else (torch.empty_like(U), torch.empty_like(V))
     seed, threshold, inv_keep = dropout if dropout is not None else (count, count, count)  # unused placeholders
     passes = [(True, True)] if fused else [(True, False), (False, True)]
+    stages = {} if num_stages is None else {"num_stages": num_stages}
     for with_w, with_uv in passes:
         for lo in range(0, B, forward_module.MAX_GRID_Y):  # CUDA caps the grid's second axis at 65535
             sl = slice(lo, min(B, lo + forward_module.MAX_GRID_Y))
             _backward_kernel[(triton.cdiv(width, block_n), sl.stop - lo)](
-                U[sl], V[sl], W[sl], m[sl], n[sl], count[sl], seed[sl], threshold[sl], inv_keep[sl], G[sl],
-                dU[sl], dV[sl], dW[sl],
-                p, width, step << 32,
+                U[sl], V[sl], W[sl], m[sl], n[sl], count[sl], blocks[sl], seed[sl], threshold[sl], inv_keep[sl],
+                G[sl], dU[sl], dV[sl], dW[sl],
+                p, width, block_side(p), step << 32,
                 U.stride(0), U.stride(1), V.stride(0), V.stride(1), W.stride(0), W.stride(1), m.stride(0),
-                G.stride(0), G.stride(1),
+                blocks.stride(0), G.stride(0), G.stride(1),
                 ACT=act, DROPOUT=dropout is not None, WITH_W=with_w, WITH_UV=with_uv, PRECISION=precision,
-                WINDOW=window, BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_P=forward_module.block_p(p), num_warps=num_warps,
+                WINDOW=window, BLOCKED=blocked and with_uv, BLOCK_D=block_d, BLOCK_N=block_n,
+                BLOCK_P=forward_module.block_p(p), num_warps=num_warps, **stages,
             )
     return dU, dV, dW
 
@@ -157,3 +239,23 @@ def tile_order(m: torch.Tensor, n: torch.Tensor, valid: torch.Tensor, p: int, bl
     blocks = triton.cdiv(p, block)
     key = ((m // block) * blocks + n // block) * (p * p) + m * p + n
     return torch.argsort(torch.where(valid, key, torch.iinfo(key.dtype).max), dim=1, stable=True)
+
+
+def block_side(p: int) -> int:
+    """Side of the square blocks of the (m, n) table that the "block" scatter walks: as even as possible, at
+    most its window of rows (p 97: 4 x 4 blocks of 25)."""
+    return triton.cdiv(p, triton.cdiv(p, SCATTERS["block"]))
+
+
+def block_count(p: int) -> int:
+    return triton.cdiv(p, block_side(p))
+
+
+def block_order(m: torch.Tensor, n: torch.Tensor, valid: torch.Tensor, p: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """tile_order over the "block" scatter's blocks, and the (B, blocks^2 + 1) int32 offsets of each block's
+    first slot in that order (the last: the model's example count)."""
+    side, blocks = block_side(p), block_count(p)
+    ids = torch.where(valid, (m // side) * blocks + n // side, blocks * blocks)
+    sizes = torch.zeros(m.shape[0], blocks * blocks + 1, dtype=torch.int64, device=m.device).scatter_add_(1, ids, torch.ones_like(ids))
+    offsets = torch.cat([torch.zeros_like(sizes[:, :1]), sizes[:, :-1].cumsum(1)], dim=1)
+    return tile_order(m, n, valid, p, block=side), offsets.int()

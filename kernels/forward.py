@@ -49,10 +49,11 @@ def _forward_kernel(
         for k0 in range(0, width, BLOCK_N):
             offs_k = k0 + tl.arange(0, BLOCK_N)
             mask_k = offs_k < width
-            pre = preactivation(U + b * stride_ub, V + b * stride_vb, m, n, offs_k,
+            pre = preactivation(U + b * stride_ub, V + b * stride_vb, m[:, None], n[:, None], offs_k[None, :],
                                 mask_d[:, None] & mask_k[None, :], stride_up, stride_vp)
             if DROPOUT:
-                pre = pre * dropout_scale(m * p + n, offs_k, width, seed, step_key, threshold, inv_keep)
+                pre = pre * dropout_scale((m * p + n)[:, None], offs_k[None, :], width, seed, step_key, threshold,
+                                          inv_keep)
             h = activation(pre, ACT)
             w = tl.load(W + b * stride_wb + offs_k[:, None] * stride_wn + offs_p[None, :],
                         mask=mask_k[:, None] & mask_p[None, :], other=0.0)

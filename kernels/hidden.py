@@ -29,19 +29,21 @@ def dot(a, b, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def dropout_scale(pair, offs_k, width, seed, step_key, threshold, inv_keep):
-    """(BLOCK_D, BLOCK_N) inverted-dropout factors: 0 or 1 / (1 - rate). step_key = step << 32, shifted on the
-    host (a scalar argument may arrive as int32, or as a constant when it equals 1)."""
+def dropout_scale(pair, k, width, seed, step_key, threshold, inv_keep):
+    """Inverted-dropout factors, 0 or 1 / (1 - rate), of pairs `pair` and neurons `k` (broadcast against each
+    other: (D, 1) and (1, K) for a (D, K) tile, or transposed). step_key = step << 32, shifted on the host (a
+    scalar argument may arrive as int32, or as a constant when it equals 1)."""
     key = step_key | (seed & 0xFFFFFFFF)
-    r = tl.randint(key, pair[:, None] * width + offs_k[None, :])
+    r = tl.randint(key, pair * width + k)
     return tl.where(r.to(tl.uint32) >= threshold.to(tl.uint32), inv_keep, 0.0)
 
 
 @triton.jit
-def preactivation(U, V, m, n, offs_k, mask_dk, stride_up, stride_vp):
-    """U[m, k] + V[n, k] for the tile; U, V point at model b; m, n: (BLOCK_D,) row indices."""
-    u = tl.load(U + m[:, None] * stride_up + offs_k[None, :], mask=mask_dk, other=0.0)
-    v = tl.load(V + n[:, None] * stride_vp + offs_k[None, :], mask=mask_dk, other=0.0)
+def preactivation(U, V, m, n, k, mask, stride_up, stride_vp):
+    """U[m, k] + V[n, k]; U, V point at model b; rows m, n and neurons k broadcast against each other as in
+    dropout_scale."""
+    u = tl.load(U + m * stride_up + k, mask=mask, other=0.0)
+    v = tl.load(V + n * stride_vp + k, mask=mask, other=0.0)
     return u + v
 
 

@@ -25,7 +25,8 @@ def grid(width=WIDTH, models=B):
             for i in range(models)]
 
 
-def test_one_step_at_real_size_matches_reference():
+@pytest.mark.parametrize("scatter", ["window", "block"])
+def test_one_step_at_real_size_matches_reference(scatter):
     hypers = grid()
     pop = Population(hypers, Settings(p=P), "cuda")
     picks = [0, 5, 511, 1023]
@@ -38,7 +39,7 @@ def test_one_step_at_real_size_matches_reference():
         mask = dropout_mask(int(pop.dropout_seed[b]), 0, h.dropout, pairs, WIDTH) if h.dropout else None
         value = reference.train_step(mlp, opt, *(t[b, :d].cpu() for t in (pop.train_m, pop.train_n, pop.train_y)), "mse", mask)
         refs[b] = (mlp, value)
-    losses = TritonBackend("fp32").step(pop)
+    losses = TritonBackend("fp32", scatter=scatter).step(pop)
     for b, (mlp, value) in refs.items():
         assert_close(f"loss[{b}]", losses[b], torch.tensor(value))
         for name, ours, theirs in (("U", pop.U[b], mlp.U.T), ("V", pop.V[b], mlp.V.T), ("W", pop.W[b], mlp.W.T)):
@@ -108,12 +109,13 @@ def test_torch_backend_peak_memory_is_within_the_planners_estimate(settings):
     assert peak <= estimate, f"a step used {peak / 2**20:.1f} MiB per model, the planner assumes {estimate / 2**20:.1f}"
 
 
-def test_deterministic_and_together_equals_alone_at_real_size():
+@pytest.mark.parametrize("scatter", ["window", "block"])
+def test_deterministic_and_together_equals_alone_at_real_size(scatter):
     hypers = grid()
     runs = []
     for _ in range(2):
         pop = Population(hypers, Settings(p=P), "cuda")
-        engine = TritonBackend("tf32")
+        engine = TritonBackend("tf32", scatter=scatter)
         for _ in range(3):
             engine.step(pop)
         runs.append(pop)
@@ -121,22 +123,20 @@ def test_deterministic_and_together_equals_alone_at_real_size():
         assert torch.equal(getattr(runs[0], name), getattr(runs[1], name)), name
     for b in (7, 800):
         alone = Population([hypers[b]], Settings(p=P), "cuda")
-        engine = TritonBackend("tf32")
+        engine = TritonBackend("tf32", scatter=scatter)
         for _ in range(3):
             engine.step(alone)
         assert torch.equal(runs[0].U[b], alone.U[0])
 
 
+@pytest.mark.parametrize("scatter", ["window", "block"])
 @pytest.mark.parametrize("precision", ["tf32", "tf32x3", "bf16"])
-def test_low_precision_by_the_error_ratio_rule(precision):
-    from fastgrok.kernels.backward import backward
-    from fastgrok.kernels.forward import forward
-
+def test_low_precision_by_the_error_ratio_rule(precision, scatter):
     pop = Population(grid(models=64), Settings(p=P), "cuda")
-    engine = TritonBackend(precision)
+    engine = TritonBackend(precision, scatter=scatter)  # its own kernel parameters (bf16: W rounded once)
     data = engine._data(pop)
-    _, G, _ = forward(*pop.params, data["m"], data["n"], data["y"], data["count"], act=0, loss=0, precision=precision, train=True)
-    ours = backward(*pop.params, data["m"], data["n"], data["count"], G, act=0, precision=precision)
+    data["dropout"] = None  # the reference below has no dropout
+    ours = engine.backward(pop, data, engine.forward(pop, data)[1])
     args = (pop.train_m, pop.train_n, pop.train_y, pop.valid, data["D"].double(), None, "quad", "mse")
     ref64 = _grads(*(t.double() for t in pop.params), *args)[1:]
     old = torch.backends.cuda.matmul.allow_tf32
@@ -149,3 +149,22 @@ def test_low_precision_by_the_error_ratio_rule(precision):
     for name, x, t, r in zip(("dU", "dV", "dW"), ours, same, ref64):
         err, err_torch = (x.double() - r).abs().max().item(), (t.double() - r).abs().max().item()
         assert err <= 2 * err_torch + 1e-7, f"{name} {precision}: error {err:.3e} vs torch's {err_torch:.3e}"
+
+
+def test_bf16_copy_of_w_gives_the_kernels_own_rounding():
+    """TritonBackend("bf16") hands the kernels W rounded to bf16 once per step; they must compute exactly what they
+    compute from the fp32 W, which their dots round to bf16 themselves."""
+    from fastgrok.kernels.backward import backward
+    from fastgrok.kernels.forward import forward
+
+    pop = Population(grid(models=64), Settings(p=P), "cuda")
+    data = TritonBackend("bf16")._data(pop)
+    runs = []
+    for W in (pop.W, TritonBackend("bf16").kernel_params(*pop.params)[2]):
+        loss, G, _ = forward(pop.U, pop.V, W, data["m"], data["n"], data["y"], data["count"], act=0, loss=0,
+                             precision="bf16", train=True, dropout=data["dropout"])
+        runs.append((loss, G, *backward(pop.U, pop.V, W, data["m"], data["n"], data["count"], G, act=0,
+                                        precision="bf16", dropout=data["dropout"], fused=True)))
+    assert runs[1][0].dtype == torch.float32 and TritonBackend("bf16").kernel_params(*pop.params)[2].dtype == torch.bfloat16
+    for name, a, b in zip(("loss", "G", "dU", "dV", "dW"), *runs):
+        assert torch.equal(a, b), name

@@ -19,4 +19,6 @@ def test_kernels_compile_for_sm90_without_spills():
     result = subprocess.run([sys.executable, "bench/kernel_resources.py", "--check"], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert result.stdout.count("regs") == 23  # 4 precisions x 5 kernels, the fused backward of tf32 and bf16, the optimizer
+    # 4 precisions x 7 kernels (both block-scatter launches among them), the fused windowed backward of tf32 and
+    # bf16, the optimizer
+    assert result.stdout.count("regs") == 31

@@ -66,6 +66,9 @@ def test_one_step_matches_reference(act, loss, optimizer):
     grads = {scatter: backward(*pop.params, data["m"], data["n"], data["count"], G, act=ACT_CODES[act],
                                precision="fp32", dropout=data["dropout"], step=0, scatter=scatter)
              for scatter in ("onehot", "window")}
+    block = TritonBackend("fp32", scatter="block")  # its own example order, so its own forward
+    block_data = block._data(pop)
+    grads["block"] = block.backward(pop, block_data, block.forward(pop, block_data)[1])
     for b, (mlp, opt, m, n, y) in enumerate(ref.models):
         mlp.train()
         out = mlp(m, n, ref.mask(b, 0))
@@ -131,7 +134,7 @@ def run(hs, steps, settings=None, fused=False, scatter="window"):
     return pop
 
 
-@pytest.mark.parametrize("scatter", ["onehot", "window"])
+@pytest.mark.parametrize("scatter", ["onehot", "window", "block"])
 def test_together_equals_alone_bit_for_bit(scatter):
     together = run(hypers(), 5, scatter=scatter)
     for b, h in enumerate(hypers()):
@@ -143,11 +146,14 @@ def test_together_equals_alone_bit_for_bit(scatter):
 def test_deterministic_and_fused_backward_agrees():
     a, b, fused = run(hypers(), 4), run(hypers(), 4), run(hypers(), 4, fused=True)
     onehot, onehot_fused = run(hypers(), 4, scatter="onehot"), run(hypers(), 4, fused=True, scatter="onehot")
+    block, block_fused = run(hypers(), 4, scatter="block"), run(hypers(), 4, fused=True, scatter="block")
     for name in ("U", "V", "W"):
         assert torch.equal(getattr(a, name), getattr(b, name)), name
         assert torch.equal(getattr(a, name), getattr(fused, name)), name
         assert torch.equal(getattr(onehot, name), getattr(onehot_fused, name)), name
+        assert torch.equal(getattr(block, name), getattr(block_fused, name)), name
         assert_close(f"{name}, windowed vs one-hot scatter", getattr(a, name), getattr(onehot, name))
+        assert_close(f"{name}, block vs one-hot scatter", getattr(block, name), getattr(onehot, name))
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered")
@@ -204,8 +210,8 @@ def test_memory_estimate_covers_what_a_triton_step_holds():
     engine.step(pop)
     held = [t for t in vars(pop).values() if isinstance(t, torch.Tensor)]
     held += [t for lst in (pop.exp_avg, pop.exp_avg_sq) for t in lst]  # (the pair table is shared, not per model)
-    held += [t for t in pop._triton_data.values() if isinstance(t, torch.Tensor)]
-    data = pop._triton_data
+    data = engine._data(pop)
+    held += [t for t in data.values() if isinstance(t, torch.Tensor)]
     loss, G, _ = forward(*pop.params, data["m"], data["n"], data["y"], data["count"], act=0, loss=0, precision="fp32", train=True)
     transient = [loss, G, *(torch.empty_like(t) for t in pop.params)]  # the step's G, losses and gradients
     used = sum(t.numel() * t.element_size() for t in held + transient) / len(pop)
@@ -264,3 +270,42 @@ def test_windowed_scatter_matches_reference_over_many_windows(in_tile_order):
         for s, (dU, dV, _) in grads.items():
             assert_close(f"dU[{b}] ({s})", dU[b], mlp.U.grad.T)
             assert_close(f"dV[{b}] ({s})", dV[b], mlp.V.grad.T)
+
+
+def test_block_scatter_matches_one_hot_dots_over_many_and_empty_blocks():
+    """p 37: 2 x 2 blocks of 19 rows. Model 0 has examples everywhere (several tiles of 16 per block), model 1 only
+    in the first block (three blocks empty), model 2 none; dropout on, 23 neurons in chunks of 16 (some masked)."""
+    from fastgrok.kernels.backward import backward, block_count, block_order, block_side
+
+    p, width, d_max = 37, 23, 300
+    assert (block_side(p), block_count(p)) == (19, 2)
+    gen = torch.Generator().manual_seed(0)
+    pairs = [torch.randperm(p * p, generator=gen)[:d_max], torch.randperm(19 * 19, generator=gen)[:40]]
+    m = torch.zeros(3, d_max, dtype=torch.int64)
+    n = torch.zeros(3, d_max, dtype=torch.int64)
+    count = torch.tensor([d_max, 40, 0])
+    pairs[1] = pairs[1] // 19 * p + pairs[1] % 19  # rows and columns below 19
+    for b, pr in enumerate(pairs):
+        m[b, : len(pr)], n[b, : len(pr)] = pr // p, pr % p
+    valid = torch.arange(d_max)[None, :] < count[:, None]
+    order, blocks = block_order(m, n, valid, p)
+    assert blocks[:, -1].tolist() == count.tolist() and blocks[1, 1:].tolist() == [40] * 4
+    m, n = (torch.gather(t, 1, order).int().to(DEVICE) for t in (m, n))
+    for b in range(2):  # every block's slots hold its own pairs
+        for j in range(4):
+            lo, hi = int(blocks[b, j]), int(blocks[b, j + 1])
+            assert ((m[b, lo:hi] // 19 == j // 2) & (n[b, lo:hi] // 19 == j % 2)).all()
+    U, V, W = (torch.randn(3, *s, generator=gen).to(DEVICE) for s in ((p, width), (p, width), (width, p)))
+    G = torch.randn(3, d_max, p, generator=gen).to(DEVICE)
+    dropout = (torch.tensor([5, 6, 7]), torch.full((3,), 2**30), torch.full((3,), 4 / 3))
+    count, blocks = count.int().to(DEVICE), blocks.to(DEVICE)
+    dropout = tuple(t.to(DEVICE) for t in dropout)
+    tiles = dict(block_d=16, block_n=16)
+    expected = backward(U, V, W, m, n, count, G, act=1, precision="fp32", dropout=dropout, step=2, scatter="onehot", **tiles)
+    for fused in (False, True):
+        ours = backward(U, V, W, m, n, count, G, act=1, precision="fp32", dropout=dropout, step=2, scatter="block",
+                        blocks=blocks, fused=fused, **tiles)
+        for name, a, b in zip(("dU", "dV", "dW"), ours, expected):
+            # the same sums in another order: rounding relative to the largest terms
+            assert_close(f"{name} (block scatter, fused {fused})", a, b, atol=1e-6 * float(b.abs().max()), rtol=1e-5)
+    assert not ours[0][2].any() and ours[0][1, 19:].abs().sum() == 0  # no examples: no gradient

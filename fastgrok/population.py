@@ -10,6 +10,9 @@ statistics, (B, N) each.
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
+
 import torch
 
 from fastgrok import reference
@@ -49,8 +52,11 @@ class Population:
         B = len(hypers)
 
         m_all, n_all, z_all = task_table(settings.op, p)
-        splits = [make_split(z_all, p, h.alpha, h.xi, h.split_seed(settings), h.split_seed(settings), settings.noise)
-                  for h in hypers]
+        # Each model's split and initial weights come from its own generators, so they are drawn on all the
+        # host's cores at once (torch releases the GIL): the same numbers, several times faster for big grids.
+        pool = ThreadPoolExecutor(max_workers=min(32, os.cpu_count() or 1))
+        splits = list(pool.map(lambda h: make_split(z_all, p, h.alpha, h.xi, h.split_seed(settings),
+                                                    h.split_seed(settings), settings.noise), hypers))
         self.D = torch.tensor([s.size for s in splits])
         self.n_corrupt = torch.tensor([s.n_corrupt for s in splits])
         d_max = int(self.D.max())
@@ -67,10 +73,15 @@ class Population:
         self.train_m, self.train_n = m_all[train_idx].to(dev), n_all[train_idx].to(dev)
         self.train_y = labels.to(dev)  # labels as trained on (corrupted ones included)
 
-        weights = [reference.init_weights(p, self.width, generator(h.seed, "init")) for h in hypers]
-        self.U = torch.stack([u.T for u, _, _ in weights]).contiguous().to(dev)
-        self.V = torch.stack([v.T for _, v, _ in weights]).contiguous().to(dev)
-        self.W = torch.stack([w.T for _, _, w in weights]).contiguous().to(dev)
+        U, V, W = torch.empty(B, p, self.width), torch.empty(B, p, self.width), torch.empty(B, self.width, p)
+
+        def init(b: int) -> None:
+            u, v, w = reference.init_weights(p, self.width, generator(hypers[b].seed, "init"))
+            U[b], V[b], W[b] = u.T, v.T, w.T
+
+        list(pool.map(init, range(B)))
+        pool.shutdown()
+        self.U, self.V, self.W = U.to(dev), V.to(dev), W.to(dev)
         self.batchnorm, self.batch_size = settings.batchnorm, settings.batch_size
         if self.batchnorm:
             self.bn_weight, self.running_var = (torch.ones(B, self.width, device=dev) for _ in range(2))

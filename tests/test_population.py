@@ -224,3 +224,15 @@ def test_init_matches_the_paper():
     for t in pop.params:
         assert t.std().item() == pytest.approx(std, rel=0.02)
         assert abs(t.mean().item()) < 0.01 * std * 10
+
+
+def test_each_model_gets_the_weights_its_own_seed_draws():
+    """Populations draw their models' weights on several threads; each model must still hold exactly what
+    reference.init_weights draws from its own init stream, whatever its position."""
+    from fastgrok.data import generator
+
+    hypers = [Hyper(width=24, seed=s, alpha=a) for s, a in ((9, 0.3), (2, 0.8), (5, 0.5), (9, 0.5))]
+    pop = Population(hypers, Settings(p=13))
+    for b, h in enumerate(hypers):
+        u, v, w = reference.init_weights(13, 24, generator(h.seed, "init"))
+        assert torch.equal(pop.U[b], u.T) and torch.equal(pop.V[b], v.T) and torch.equal(pop.W[b], w.T), b

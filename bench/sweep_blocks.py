@@ -22,6 +22,8 @@ from fastgrok.config import Hyper, Settings
 from fastgrok.population import Population
 
 TILES = [{"block_d": d, "block_n": n, "num_warps": w} for d, n, w in itertools.product((32, 64), (32, 64), (4, 8))]
+# the forward with 128 examples a tile reads W half as often per FLOP (bench/NOTES.md: it runs at a quarter of peak)
+FORWARD_WIDE = [{"block_d": 128, "block_n": n, "num_warps": 8} for n in (32, 64)]
 # the block scatter's pipeline depth, at the tiles where all its dots have 64 rows (Triton's default is 3)
 STAGES = [{"block_d": d, "block_n": 64, "num_warps": w, "num_stages": s}
           for d, w, s in itertools.product((32, 64), (4, 8), (2, 4))]
@@ -40,7 +42,7 @@ def main() -> None:
     settings = Settings()
     pop = Population([Hyper(width=args.width, seed=i) for i in range(args.models)], settings, dev)
     flops = flops_per_model_step(settings.p, args.width, int(pop.D.max()))
-    configs = [] if args.backward_only else [{"forward_tiles": t} for t in TILES]
+    configs = [] if args.backward_only else [{"forward_tiles": t} for t in TILES + FORWARD_WIDE]
     tiles = [t for t in TILES if t["block_n"] == 64] if args.backward_only else TILES
     configs += [{"backward_tiles": t, "scatter": s, "fused": f}
                 for t, s, f in itertools.product(tiles, ("window", "block"), (False, True))]

@@ -5,13 +5,20 @@
     dU[b, :, k] = onehot(m)^T dS,   dV[b, :, k] = onehot(n)^T dS              (P, BLOCK_N)
 
 Each program owns its chunk of dW, dU and dV and loops over all of its model's examples, so the scatter of the
-one-hot first layer needs no atomics: no race, bit-identical results run to run. Two ways to scatter (WINDOW):
+one-hot first layer needs no atomics: no race, bit-identical results run to run. Three ways to scatter
+(SCATTERS: WINDOW, BLOCKED):
 
-- 0: one one-hot dot over all P rows per tile into registers, 2 x 2 D N P FLOPs beyond the textbook 6 D N p.
-- 16 or more: the examples arrive in 16 x 16 blocks of the (m, n) table (TritonBackend sorts them), so a tile
+- "onehot" (0): one one-hot dot over all P rows per tile into registers, 2 x 2 D N P FLOPs beyond the textbook
+  6 D N p.
+- "window" (16): the examples arrive in 16 x 16 blocks of the (m, n) table (TritonBackend sorts them), so a tile
   touches few rows; one-hot dots over windows of WINDOW rows from the tile's smallest index are added to the
   program's own rows of dU, dV in global memory (zeroed before), with a barrier between tiles. About 2 D N
-  (2 WINDOW) FLOPs: a quarter or less of the full dots, for a read-modify-write of each window.
+  (2 WINDOW) FLOPs: a quarter or less of the full dots, for a read-modify-write of each window. The window loop
+  sits inside the example loop, which stops the compiler from software-pipelining the example loop's loads.
+- "block" (32, BLOCKED): the examples arrive grouped by side x side blocks of the table (block_order, side <= 32),
+  with each block's slot range; a block's tiles touch one static window of 32 rows of dU and of dV, summed in
+  registers and added once per block. The tile loop holds no loop, so its loads are pipelined; tiles are
+  transposed (neurons x examples) so that every dot has BLOCK_N rows (wgmma) even with 32-example tiles.
 
 The pre-activation is recomputed from U and V (cheap gathers) instead of being stored. `WITH_W` / `WITH_UV`
 split the work into two launches (smaller register footprint) or fuse it into one. bench/NOTES.md has the budget.

@@ -104,14 +104,15 @@ def test_thirty_step_trajectory_with_dropout_and_per_model_hyperparameters():
         assert_close(f"W[{b}] after 30 steps", pop.W[b], mlp.W.T)
 
 
-def test_minibatch_trajectory_with_dropout_matches_reference():
+@pytest.mark.parametrize("scatter", ["window", "block"])
+def test_minibatch_trajectory_with_dropout_matches_reference(scatter):
     """Minibatches of 8 (fastgrok.data.batch_slots; model 2's epoch is 7 batches, so its order is redrawn
     within the run): every loss and the final weights. The kernels key dropout masks by pair, so a batch's
-    masks are those of its pairs."""
+    masks are those of its pairs; the block scatter's order and offsets are made anew for every batch."""
     bs = 8
     pop = Population(hypers(), Settings(p=P, batch_size=bs), DEVICE)
     ref = Reference(pop)
-    engine = TritonBackend("fp32")
+    engine = TritonBackend("fp32", scatter=scatter)
     for t in range(12):
         losses = engine.step(pop)
         for b, (mlp, opt, m, n, y) in enumerate(ref.models):

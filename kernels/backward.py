@@ -17,8 +17,9 @@ one-hot first layer needs no atomics: no race, bit-identical results run to run.
   sits inside the example loop, which stops the compiler from software-pipelining the example loop's loads.
 - "block" (32, BLOCKED): the examples arrive grouped by side x side blocks of the table (block_order, side <= 32),
   with each block's slot range; a block's tiles touch one static window of 32 rows of dU and of dV, summed in
-  registers and added once per block. The tile loop holds no loop, so its loads are pipelined; tiles are
-  transposed (neurons x examples) so that every dot has BLOCK_N rows (wgmma) even with 32-example tiles.
+  registers and added once per block (a barrier per block, not per tile). The tile loop holds no loop, so its
+  loads are pipelined; tiles are transposed (neurons x examples) so that every dot has BLOCK_N rows (wgmma) even
+  with 32-example tiles.
 
 The pre-activation is recomputed from U and V (cheap gathers) instead of being stored. `WITH_W` / `WITH_UV`
 split the work into two launches (smaller register footprint) or fuse it into one. bench/NOTES.md has the budget.
@@ -90,6 +91,8 @@ def _backward_kernel(
             if WITH_UV:
                 _add_window(DU + b * stride_ub, row_m, d_u, offs_w, side, offs_k, mask_k, p, stride_up)
                 _add_window(DV + b * stride_vb, row_n, d_v, offs_w, side, offs_k, mask_k, p, stride_vp)
+                # the compiler may store an element from another thread than the one that loads it next block
+                tl.debug_barrier()
     else:
         d_u = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
         d_v = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
@@ -158,8 +161,7 @@ def _tile(U, V, M, N_, G, b, d0, end, offs_k, mask_k, offs_p, mask_p, w, d_w, p,
 
 @triton.jit
 def _add_window(OUT, row0, acc, offs_w, side, offs_k, mask_k, p, stride):
-    """OUT[row0 + w, k] += acc[k, w] for a block's own rows (w < side): every element of OUT is read and written by
-    the same thread of the program each time (its position in acc never changes), so no barrier is needed."""
+    """OUT[row0 + w, k] += acc[k, w] for a block's own rows (w < side)."""
     rows = row0 + offs_w
     mask = mask_k[:, None] & ((offs_w < side) & (rows < p))[None, :]
     ptrs = OUT + rows[None, :] * stride + offs_k[:, None]

@@ -209,10 +209,10 @@ class TritonBackend:
                 threshold = torch.clamp(torch.round(rates * 2.0**32), max=2.0**32 - 1).long()
                 dropout = (pop.dropout_seed.to(dev), threshold.to(dev), (1.0 / (1.0 - rates)).float().to(dev))
             cached = pop._triton_data = {"dropout": dropout}
-        order = "block" if self.scatter == "block" else "tile"
-        if order not in cached:
+        kind = "block" if self.scatter == "block" else "tile"  # the order the kernels need (cached per kind)
+        if kind not in cached:
             m, n, y, valid, D = pop.batch()
-            if order == "block":
+            if kind == "block":
                 perm, blocks = block_order(m, n, valid, pop.settings.p)
             else:
                 perm, blocks = tile_order(m, n, valid, pop.settings.p), None
@@ -220,8 +220,8 @@ class TritonBackend:
             examples = {"m": m, "n": n, "y": y, "order": perm, "blocks": blocks, "valid": valid, "count": D.int(), "D": D}
             if pop.batch_size is not None:
                 return {"dropout": cached["dropout"], **examples}
-            cached[order] = examples
-        return {"dropout": cached["dropout"], **cached[order]}
+            cached[kind] = examples
+        return {"dropout": cached["dropout"], **cached[kind]}
 
     def step(self, pop: Population) -> torch.Tensor:
         from fastgrok.kernels.optimizer import optimizer_step_

@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from fastgrok.kernels import forward as forward_module
-from fastgrok.kernels.hidden import activation, activation_grad, dot, dropout_scale, preactivation
+from fastgrok.kernels.hidden import activation, activation_grad, aligned, alignment, dot, dropout_scale, preactivation
 
 
 @triton.jit
@@ -44,10 +44,15 @@ def _backward_kernel(
     # meta-parameters
     ACT: tl.constexpr, DROPOUT: tl.constexpr, WITH_W: tl.constexpr, WITH_UV: tl.constexpr,
     PRECISION: tl.constexpr, WINDOW: tl.constexpr, BLOCKED: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, ALIGN_N: tl.constexpr, ALIGN_P: tl.constexpr,
 ):
     # Axis 0 walks one model's neuron chunks, so consecutive programs re-read the same G[b] from L2.
     b = tl.program_id(1).to(tl.int64)
+    # rows of N and of G's padded p are 16-byte aligned: tell the compiler (kernels/forward.py)
+    width = aligned(width, ALIGN_N)
+    stride_ub, stride_up = aligned(stride_ub, ALIGN_N), aligned(stride_up, ALIGN_N)
+    stride_vb, stride_vp = aligned(stride_vb, ALIGN_N), aligned(stride_vp, ALIGN_N)
+    stride_gb, stride_gd = aligned(stride_gb, ALIGN_P), aligned(stride_gd, ALIGN_P)
     count = tl.load(COUNT + b)
     offs_k = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_k = offs_k < width
@@ -79,7 +84,7 @@ def _backward_kernel(
             d_u = tl.zeros((BLOCK_N, WINDOW), dtype=tl.float32)
             d_v = tl.zeros((BLOCK_N, WINDOW), dtype=tl.float32)
             for d0 in range(start, end, BLOCK_D):
-                m, n, mask_d, d_w, d_s_t = _tile(U, V, M, N_, G, b, d0, end, offs_k, mask_k, offs_p, mask_p, w, d_w,
+                m, n, mask_d, d_w, d_s_t = _tile(U, V, M, N_, G, b, d0, end, offs_k, mask_k, offs_p, w, d_w,
                                                  p, width, seed, step_key, threshold, inv_keep, stride_ub, stride_up,
                                                  stride_vb, stride_vp, stride_ib, stride_gb, stride_gd,
                                                  ACT, DROPOUT, WITH_W, WITH_UV, PRECISION, BLOCK_D, True)
@@ -97,7 +102,7 @@ def _backward_kernel(
         d_u = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
         d_v = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
         for d0 in range(0, count, BLOCK_D):
-            m, n, mask_d, d_w, d_s = _tile(U, V, M, N_, G, b, d0, count, offs_k, mask_k, offs_p, mask_p, w, d_w,
+            m, n, mask_d, d_w, d_s = _tile(U, V, M, N_, G, b, d0, count, offs_k, mask_k, offs_p, w, d_w,
                                            p, width, seed, step_key, threshold, inv_keep, stride_ub, stride_up,
                                            stride_vb, stride_vp, stride_ib, stride_gb, stride_gd,
                                            ACT, DROPOUT, WITH_W, WITH_UV, PRECISION, BLOCK_D, False)
@@ -120,7 +125,7 @@ def _backward_kernel(
 
 
 @triton.jit
-def _tile(U, V, M, N_, G, b, d0, end, offs_k, mask_k, offs_p, mask_p, w, d_w, p, width, seed, step_key, threshold,
+def _tile(U, V, M, N_, G, b, d0, end, offs_k, mask_k, offs_p, w, d_w, p, width, seed, step_key, threshold,
           inv_keep, stride_ub, stride_up, stride_vb, stride_vp, stride_ib, stride_gb, stride_gd,
           ACT: tl.constexpr, DROPOUT: tl.constexpr, WITH_W: tl.constexpr, WITH_UV: tl.constexpr,
           PRECISION: tl.constexpr, BLOCK_D: tl.constexpr, TRANSPOSED: tl.constexpr):
@@ -131,8 +136,10 @@ def _tile(U, V, M, N_, G, b, d0, end, offs_k, mask_k, offs_p, mask_p, w, d_w, p,
     mask_d = offs_d < end
     m = tl.load(M + b * stride_ib + offs_d, mask=mask_d, other=0)
     n = tl.load(N_ + b * stride_ib + offs_d, mask=mask_d, other=0)
+    # G's rows are zero past p up to their padded length stride_gd, so the mask on p can be one the compiler
+    # sees is constant over 16-byte vectors
     g = tl.load(G + b * stride_gb + offs_d[:, None] * stride_gd + offs_p[None, :],
-                mask=mask_d[:, None] & mask_p[None, :], other=0.0)
+                mask=mask_d[:, None] & (offs_p < stride_gd)[None, :], other=0.0)
     if TRANSPOSED:
         rows_m, rows_n, ks, mask_dk = m[None, :], n[None, :], offs_k[:, None], mask_k[:, None] & mask_d[None, :]
     else:
@@ -209,19 +216,22 @@ def backward(U, V, W, m, n, count, G, *, act: int, precision: str, dropout: tupl
              fused: bool = False, scatter: str = "window", blocks: torch.Tensor | None = None,
              block_d: int = TILES["block_d"], block_n: int = TILES["block_n"], num_warps: int = TILES["num_warps"],
              num_stages: int | None = None):
-    """Gradients dU, dV (B, p, N) and dW (B, N, p) of the loss whose output gradient is G (B, Dmax, p).
+    """Gradients dU, dV (B, p, N) and dW (B, N, p) of the loss whose output gradient is G (B, Dmax, p): contiguous,
+    or the forward's view of rows padded with zeros to forward.g_row(p). U, V, W fp32.
 
     scatter: "onehot" (dense one-hot dots over all rows), "window" (any example order gives the right result;
     tile_order makes it cheap) or "block" (examples in block_order, whose block offsets `blocks` it needs).
     num_stages: the depth of the software pipeline of loads (None: Triton's default)."""
     B, p, width = U.shape
-    assert G.shape == (B, m.shape[1], p) and G.is_contiguous()
+    row = G.stride(1)
+    assert G.shape == (B, m.shape[1], p) and G.stride(2) == 1 and row in (p, forward_module.g_row(p))
+    assert G.stride(0) == m.shape[1] * row and W.dtype == torch.float32
     window = SCATTERS[scatter]
     blocked = scatter == "block"
     assert not blocked or (blocks is not None and blocks.shape == (B, block_count(p) ** 2 + 1)), "block_order's offsets"
     if not blocked:
         blocks = count  # unused placeholder
-    dW = torch.empty(W.shape, device=W.device, dtype=torch.float32)  # (W itself may come as bf16)
+    dW = torch.empty_like(W)
     dU, dV = (torch.zeros_like(U), torch.zeros_like(V)) if window else (torch.empty_like(U), torch.empty_like(V))
     seed, threshold, inv_keep = dropout if dropout is not None else (count, count, count)  # unused placeholders
     passes = [(True, True)] if fused else [(True, False), (False, True)]
@@ -238,6 +248,7 @@ def backward(U, V, W, m, n, count, G, *, act: int, precision: str, dropout: tupl
                 ACT=act, DROPOUT=dropout is not None, WITH_W=with_w, WITH_UV=with_uv, PRECISION=precision,
                 WINDOW=window, BLOCKED=blocked and with_uv, BLOCK_D=block_d, BLOCK_N=block_n,
                 BLOCK_P=forward_module.block_p(p), num_warps=num_warps, **stages,
+                ALIGN_N=alignment(width, *U.stride()[:2], *V.stride()[:2]), ALIGN_P=alignment(G.stride(0), G.stride(1)),
             )
     return dU, dV, dW
 

@@ -5,33 +5,44 @@
     G[d, :]   = 2 (out - onehot(y)) / (p D_b)       MSE  (CE: (softmax(out) - onehot(y)) / D_b)
     pred[d]   = argmax_q out[d, q]                  evaluation only
 
-Shapes: U, V (B, p, N) and W (B, N, p) fp32 contiguous; M, N_, Y (B, Dmax) int32; COUNT (B,) int32 examples per
-model (slots past it are skipped). P = p padded to a power of two (>= 16) inside the kernel. Training writes
-G (B, Dmax, p) and the per-example loss; evaluation writes the per-example loss and pred. Per-example losses
-are summed on the host in a fixed order, so the result is deterministic.
+Shapes: U, V (B, p, N) fp32 contiguous; WT (B, p, N') W transposed, in the dots' input type (bf16 in bf16),
+rows padded with zeros to N' (a multiple of 16); M, N_, Y (B, Dmax) int32; COUNT (B,) int32 examples per model
+(slots past it are skipped). P = p padded to a power of two (>= 16) inside the kernel. Training writes G
+(B, Dmax, p'), rows padded with zeros to p' = a multiple of 4 (`g_row`), and the per-example loss; evaluation
+writes the per-example loss and pred. Per-example losses are summed on the host in a fixed order, so the result
+is deterministic.
+
+Rows in memory are 16-byte aligned (W's own rows of p = 97 are not: hence the transposed copy, which also gives
+the tensor cores the operand layout tf32 needs), and ALIGN_N / ALIGN_P tell the compiler so, so that every tile
+moves in 16-byte vectors: without them a row of N 500 or of p is loaded or stored one element at a time.
 """
 
 import torch
 import triton
 import triton.language as tl
 
-from fastgrok.kernels.hidden import activation, dot, dropout_scale, preactivation
+from fastgrok.kernels.hidden import activation, aligned, alignment, dot, dropout_scale, preactivation
 
 
 @triton.jit
 def _forward_kernel(
     # pointers
-    U, V, W, M, N_, Y, COUNT, SEED, THRESHOLD, INV_KEEP, G, LOSS, PRED,
+    U, V, WT, M, N_, Y, COUNT, SEED, THRESHOLD, INV_KEEP, G, LOSS, PRED,
     # sizes
     p, width, step_key,
-    # strides
-    stride_ub, stride_up, stride_vb, stride_vp, stride_wb, stride_wn, stride_ib, stride_gb, stride_gd,
+    # strides (stride_tp: WT's padded row, a multiple of 16)
+    stride_ub, stride_up, stride_vb, stride_vp, stride_tb, stride_tp, stride_ib, stride_gb, stride_gd,
     # meta-parameters
     ACT: tl.constexpr, LOSS_KIND: tl.constexpr, TRAIN: tl.constexpr, DROPOUT: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
+    ALIGN_N: tl.constexpr, ALIGN_P: tl.constexpr,
 ):
     # Axis 0 walks one model's example tiles, so consecutive programs share W[b] in L2.
     b = tl.program_id(1).to(tl.int64)
+    width = aligned(width, ALIGN_N)
+    stride_ub, stride_up = aligned(stride_ub, ALIGN_N), aligned(stride_up, ALIGN_N)
+    stride_vb, stride_vp = aligned(stride_vb, ALIGN_N), aligned(stride_vp, ALIGN_N)
+    stride_gb, stride_gd = aligned(stride_gb, ALIGN_P), aligned(stride_gd, ALIGN_P)
     count = tl.load(COUNT + b)
     offs_d = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
     if tl.program_id(0) * BLOCK_D < count:
@@ -55,9 +66,10 @@ def _forward_kernel(
                 pre = pre * dropout_scale((m * p + n)[:, None], offs_k[None, :], width, seed, step_key, threshold,
                                           inv_keep)
             h = activation(pre, ACT)
-            w = tl.load(W + b * stride_wb + offs_k[:, None] * stride_wn + offs_p[None, :],
-                        mask=mask_k[:, None] & mask_p[None, :], other=0.0)
-            out += dot(h, w, PRECISION)
+            # W[b, k, q] for the chunk, from the transposed copy; its padding is zero, so no mask on k < width
+            w_t = tl.load(WT + b * stride_tb + offs_p[:, None] * stride_tp + offs_k[None, :],
+                          mask=mask_p[:, None] & (offs_k < stride_tp)[None, :], other=0.0)
+            out += dot(h, tl.trans(w_t), PRECISION)
 
         target = tl.where(offs_p[None, :] == y[:, None], 1.0, 0.0)
         if LOSS_KIND == 0:
@@ -72,9 +84,9 @@ def _forward_kernel(
             loss = tl.log(total) - tl.sum(tl.where(target > 0, shifted, 0.0), axis=1)
             grad = (e / total[:, None] - target) / count.to(tl.float32)
         tl.store(LOSS + b * stride_ib + offs_d, loss, mask=mask_d)
-        if TRAIN:
+        if TRAIN:  # the whole padded row: grad is 0 past p, so the backward reads G without a mask on p
             tl.store(G + b * stride_gb + offs_d[:, None] * stride_gd + offs_p[None, :], grad,
-                     mask=mask_d[:, None] & mask_p[None, :])
+                     mask=mask_d[:, None] & (offs_p < stride_gd)[None, :])
         else:
             pred = tl.argmax(tl.where(mask_p[None, :], out, float("-inf")), axis=1)
             tl.store(PRED + b * stride_ib + offs_d, pred.to(tl.int32), mask=mask_d)
@@ -90,31 +102,52 @@ def block_p(p: int) -> int:
     return max(16, triton.next_power_of_2(p))
 
 
+def g_row(p: int) -> int:
+    """The row length of G in memory: p padded to 16 bytes."""
+    return triton.cdiv(p, 4) * 4
+
+
+def transposed_weights(W: torch.Tensor, precision: str) -> torch.Tensor:
+    """The forward's copy of W (B, N, p): (B, p, N') in the dots' input type, rows zero-padded to N' = a multiple of
+    16. In bf16 it holds W rounded to bf16 once, the rounding the dot would apply (round to nearest even); the
+    parameters stay fp32."""
+    B, width, p = W.shape
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    w_t = torch.empty(B, p, triton.cdiv(width, 16) * 16, device=W.device, dtype=dtype)
+    w_t[..., :width] = W.transpose(1, 2)
+    w_t[..., width:] = 0.0
+    return w_t
+
+
 def forward(U, V, W, m, n, y, count, *, act: int, loss: int, precision: str, train: bool,
             dropout: tuple | None = None, step: int = 0, block_d: int = TILES["block_d"],
             block_n: int = TILES["block_n"], num_warps: int = TILES["num_warps"]):
     """Launch over (cdiv(Dmax, block_d), B). Returns (loss (B, Dmax), G (B, Dmax, p) or None, pred or None).
 
-    dropout: None, or (seed (B,) int64, threshold (B,) int64, inv_keep (B,) fp32) for training."""
+    G is a view of rows padded to g_row(p) with zeros (the backward reads the padding). dropout: None, or
+    (seed (B,) int64, threshold (B,) int64, inv_keep (B,) fp32) for training."""
     B, p, width = U.shape
     d_max = m.shape[1]
     assert V.shape == U.shape and W.shape == (B, width, p), "U, V: (B, p, N); W: (B, N, p)"
     assert m.shape == n.shape == y.shape == (B, d_max) and m.dtype == torch.int32 and count.shape == (B,)
-    assert U.is_contiguous() and V.is_contiguous() and W.is_contiguous() and m.is_contiguous()
+    assert U.is_contiguous() and V.is_contiguous() and m.is_contiguous()
+    w_t = transposed_weights(W, precision)
     losses = torch.empty(B, d_max, device=U.device, dtype=torch.float32)
-    G = torch.empty(B, d_max, p, device=U.device, dtype=torch.float32) if train else None
+    G = torch.empty(B, d_max, g_row(p), device=U.device, dtype=torch.float32) if train else None
     pred = None if train else torch.empty(B, d_max, device=U.device, dtype=torch.int32)
     use_dropout = train and dropout is not None
     seed, threshold, inv_keep = dropout if use_dropout else (count, count, count)  # unused placeholders
+    align_p = alignment(G.stride(0), G.stride(1)) if train else 1
     for lo in range(0, B, MAX_GRID_Y):  # CUDA caps the grid's second axis at 65535
         sl = slice(lo, min(B, lo + MAX_GRID_Y))
         _forward_kernel[(triton.cdiv(d_max, block_d), sl.stop - lo)](
-            U[sl], V[sl], W[sl], m[sl], n[sl], y[sl], count[sl], seed[sl], threshold[sl], inv_keep[sl],
+            U[sl], V[sl], w_t[sl], m[sl], n[sl], y[sl], count[sl], seed[sl], threshold[sl], inv_keep[sl],
             G[sl] if train else losses, losses[sl], pred[sl] if pred is not None else losses,
             p, width, step << 32,
-            U.stride(0), U.stride(1), V.stride(0), V.stride(1), W.stride(0), W.stride(1), m.stride(0),
+            U.stride(0), U.stride(1), V.stride(0), V.stride(1), w_t.stride(0), w_t.stride(1), m.stride(0),
             G.stride(0) if train else 0, G.stride(1) if train else 0,
             ACT=act, LOSS_KIND=loss, TRAIN=train, DROPOUT=use_dropout, PRECISION=precision,
             BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_P=block_p(p), num_warps=num_warps,
+            ALIGN_N=alignment(width, U.stride(0), U.stride(1), V.stride(0), V.stride(1)), ALIGN_P=align_p,
         )
-    return losses, G, pred
+    return losses, (G[..., :p] if train else None), pred

@@ -17,6 +17,23 @@ LOSS_CODES = {"mse": 0, "ce": 1}
 PRECISIONS = ("fp32", "tf32", "tf32x3", "bf16")
 
 
+def alignment(*sizes: int, most: int = 16) -> int:
+    """The largest power of two, up to `most`, that divides every one of `sizes` (row lengths and strides, in
+    elements): a kernel told it (through `aligned`) loads and stores rows in 16-byte vectors."""
+    align = most
+    while align > 1 and any(size % align for size in sizes):
+        align //= 2
+    return align
+
+
+@triton.jit
+def aligned(x, ALIGN: tl.constexpr):
+    """x, a multiple of ALIGN (the host checked, `alignment`), written so that the compiler sees it is one. It
+    learns divisibility from arithmetic, but from an integer argument only whether it is a multiple of 16: rows
+    of N 500 or of p padded to 100 would otherwise be loaded one element at a time."""
+    return x // ALIGN * ALIGN
+
+
 @triton.jit
 def dot(a, b, PRECISION: tl.constexpr):
     """fp32-accumulated a @ b. fp32 = exact IEEE products (slow; parity), tf32/tf32x3 on tensor cores, bf16 inputs."""

@@ -203,7 +203,7 @@ def test_tile_sizes_do_not_change_the_gradients(block_d, block_n):
 
 def test_memory_estimate_covers_what_a_triton_step_holds():
     from fastgrok.data import task_table
-    from fastgrok.kernels.forward import forward
+    from fastgrok.kernels.forward import forward, transposed_weights
     from fastgrok.population import bytes_per_model
 
     pop = Population(hypers(), Settings(p=P), DEVICE)
@@ -214,11 +214,36 @@ def test_memory_estimate_covers_what_a_triton_step_holds():
     data = engine._data(pop)
     held += [t for t in data.values() if isinstance(t, torch.Tensor)]
     loss, G, _ = forward(*pop.params, data["m"], data["n"], data["y"], data["count"], act=0, loss=0, precision="fp32", train=True)
-    transient = [loss, G, *(torch.empty_like(t) for t in pop.params)]  # the step's G, losses and gradients
-    used = sum(t.numel() * t.element_size() for t in held + transient) / len(pop)
+    # the step's losses, G (a view of padded rows: its whole storage), the forward's copy of W and the gradients
+    transient = [loss, transposed_weights(pop.W, "fp32"), *(torch.empty_like(t) for t in pop.params)]
+    used = (sum(t.numel() * t.element_size() for t in held + transient) + G.untyped_storage().nbytes()) / len(pop)
     num_pairs = task_table("add", P)[2].numel()
     estimate = bytes_per_model(P, WIDTH, pop.train_m.shape[1], num_pairs, "triton")
     assert used <= estimate <= 1.5 * used, (used, estimate)
+
+
+def test_rows_in_memory_are_padded_to_16_bytes_with_zeros():
+    """The kernels move rows in 16-byte vectors: alignment() must be exact (the kernels round their sizes down to
+    it), the forward's copy of W must hold W and zeros, and G's padding past p must be written as zeros, since the
+    backward reads it without a mask on p."""
+    from fastgrok.kernels.forward import forward, g_row, transposed_weights
+    from fastgrok.kernels.hidden import LOSS_CODES, alignment
+
+    assert [alignment(500, 97 * 500), alignment(512, 97 * 512), alignment(97), alignment(100, 4704 * 100)] == [4, 16, 1, 4]
+    W = torch.randn(3, WIDTH, P, generator=torch.Generator().manual_seed(0))
+    for precision, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        w_t = transposed_weights(W, precision)
+        assert w_t.shape == (3, P, 32) and w_t.dtype == dtype
+        assert torch.equal(w_t[..., :WIDTH], W.transpose(1, 2).to(dtype)) and not w_t[..., WIDTH:].any()
+    for loss in ("mse", "ce"):
+        pop = Population(hypers(), Settings(p=P, loss=loss), DEVICE)
+        data = TritonBackend("fp32")._data(pop)
+        _, G, _ = forward(*pop.params, data["m"], data["n"], data["y"], data["count"], act=0, loss=LOSS_CODES[loss],
+                          precision="fp32", train=True, dropout=data["dropout"])
+        assert G.shape[-1] == P and G.stride(1) == g_row(P) == 16
+        rows = G.as_strided((*G.shape[:2], g_row(P)), G.stride())
+        for b, count in enumerate(data["count"].tolist()):
+            assert G[b, :count].abs().sum() > 0 and not rows[b, :count, P:].any(), (loss, b)
 
 
 def test_populations_larger_than_one_grid_axis_are_launched_in_slices(monkeypatch):

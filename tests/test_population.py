@@ -6,7 +6,7 @@ import torch
 
 from compare import assert_close
 from fastgrok import reference
-from fastgrok.backends import TorchBackend, _grads
+from fastgrok.backends import TorchBackend, _grads, finite_models
 from fastgrok.config import Hyper, Settings
 from fastgrok.data import batch_slots, generator
 from fastgrok.errors import ConfigError
@@ -149,6 +149,24 @@ def train(pop, steps):
     for _ in range(steps):
         engine.step(pop)
     return pop
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device"))])
+def test_finite_models_flags_a_nan_or_inf_anywhere_and_nothing_else(device):
+    """The divergence check reads a model's largest |x|: NaN and inf must survive the (vectorised) reduction
+    wherever they sit, and finite values near the float32 limit must not be flagged."""
+    gen = torch.Generator().manual_seed(0)
+    for shape in [(5, 7), (6, 97, 500), (5, 500, 97)]:
+        g = torch.randn(shape, generator=gen)
+        g[2].fill_(3e38)
+        bad = {0: float("nan"), 3: float("inf"), 4: -float("inf")}
+        for b, value in bad.items():
+            g[b].view(-1)[int(torch.randint(g[b].numel(), (1,), generator=gen))] = value
+        g[1].view(-1)[-1] = float("nan")  # the last element, in a vector loop's tail
+        expected = torch.isfinite(g).flatten(1).all(1)
+        assert expected.tolist() == [False, False, True, False, False] + [True] * (shape[0] - 5)
+        assert torch.equal(finite_models(g.to(device)).cpu(), expected), shape
 
 
 @pytest.mark.parametrize("settings", [Settings(p=P), Settings(p=P, batch_size=8, batchnorm=True)])

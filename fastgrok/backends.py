@@ -203,8 +203,8 @@ class TritonBackend:
         for full-batch training, the examples every step for minibatches.
 
         The kernels see each model's examples in tile order (kernels.backward.tile_order, or block_order for the
-        "block" scatter; `order` maps a kernel slot to the batch's slot): a step does not depend on the order
-        beyond rounding, the windowed scatter needs it to be cheap and the block scatter to be right."""
+        "block" scatter): a step does not depend on the order beyond rounding, the windowed scatter needs it to
+        be cheap and the block scatter to be right."""
         from fastgrok.kernels.backward import block_order, tile_order
 
         cached = getattr(pop, "_triton_data", None)
@@ -224,7 +224,7 @@ class TritonBackend:
             else:
                 perm, blocks = tile_order(m, n, valid, pop.settings.p), None
             m, n, y = (torch.gather(t, 1, perm).int() for t in (m, n, y))
-            examples = {"m": m, "n": n, "y": y, "order": perm, "blocks": blocks, "valid": valid, "count": D.int(), "D": D}
+            examples = {"m": m, "n": n, "y": y, "blocks": blocks, "valid": valid, "count": D.int(), "D": D}
             if pop.batch_size is not None:
                 return {"dropout": cached["dropout"], **examples}
             cached[kind] = examples

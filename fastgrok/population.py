@@ -309,10 +309,9 @@ def bytes_per_model(p: int, width: int, d_max: int, num_pairs: int, backend: str
     Always: parameters, gradients and two Adam moments (4 x 3 p N); the data (int64 pair order, training
     indices and labels, the valid mask). torch: the written-out backward's pre-activation, activation, mask
     and dS with its temporary (5 d N), outputs, one-hot targets, difference, G and loss terms (5 d p). triton: G
-    (d p', rows padded to 16 bytes), per-example losses, int32 copies of the indices in tile order and that int64
-    order (6 d), the forward's transposed copy of W (p N', N' = N padded to 16; fp32, half in bf16); nothing of
-    size d N is ever stored. d: the
-    examples of a step (the training set or the batch size). Minibatches: the epoch order (int64, D) and the
+    (d p', rows padded to 16 bytes), per-example losses and int32 copies of the indices in tile order (4 d), the
+    forward's transposed copy of W (p N', N' = N padded to 16; fp32, half in bf16); nothing of size d N is ever
+    stored. d: the examples of a step (the training set or the batch size). Minibatches: the epoch order (int64, D) and the
     batch's indices and labels (3 d int64). BatchNorm (torch): its weight, bias, their gradients and moments and
     the running statistics (10 N), the normalised activation and the BatchNorm output (2 d N)."""
     params = 4 * 3 * p * width
@@ -323,7 +322,7 @@ def bytes_per_model(p: int, width: int, d_max: int, num_pairs: int, backend: str
         data += 8 * d_max + 8 * 3 * d
     if backend.startswith("triton"):
         g_row, w_row = -(-p // 4) * 4, -(-width // 16) * 16  # kernels/forward.py g_row, transposed_weights
-        work = d * g_row + 6 * d + p * w_row
+        work = d * g_row + 4 * d + p * w_row
     else:
         work = 5 * d * width + 5 * d * p
     if batchnorm:

@@ -21,7 +21,8 @@ def main() -> None:
     parser.add_argument("--precision", default="tf32")
     parser.add_argument("--scatter", default=None, help="the backward's scatter (kernels/backward.py SCATTERS)")
     parser.add_argument("--models", type=int, default=1024)
-    parser.add_argument("--width", default="128,512,2048")
+    parser.add_argument("--width", default="128,500,512,2048",
+                        help="500: the phase diagrams' width, whose rows are not multiples of 16 (ALIGN_N 4)")
     parser.add_argument("--p", type=int, default=97)
     parser.add_argument("--device", default="cuda", help="cpu: under TRITON_INTERPRET=1, to check the script")
     parser.add_argument("--out", default=None)

@@ -44,7 +44,7 @@ FORWARD = tuple(forward.TILES[n] for n in ("block_d", "block_n", "num_warps"))
 # compiler which integers are multiples of 16 (and that tensors are 16-byte aligned); ALIGN_N / ALIGN_P tell it the
 # rest (kernels/hidden.py `aligned`).
 P, WIDTH, D_MAX = 97, 500, 4704
-G_ROW, WT_ROW = forward.g_row(P), triton.cdiv(WIDTH, 16) * 16
+G_ROW, WT_ROW = forward.g_row(P), forward.w_row(WIDTH)
 SHAPE = {"p": P, "width": WIDTH, "side": backward.block_side(P), "numel": P * WIDTH,
          "stride_ub": P * WIDTH, "stride_up": WIDTH, "stride_vb": P * WIDTH, "stride_vp": WIDTH,
          "stride_wb": WIDTH * P, "stride_wn": P, "stride_tb": P * WT_ROW, "stride_tp": WT_ROW, "stride_ib": D_MAX,

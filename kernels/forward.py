@@ -107,13 +107,18 @@ def g_row(p: int) -> int:
     return triton.cdiv(p, 4) * 4
 
 
+def w_row(width: int) -> int:
+    """The row length of the forward's transposed copy of W: N padded to a multiple of 16 elements."""
+    return triton.cdiv(width, 16) * 16
+
+
 def transposed_weights(W: torch.Tensor, precision: str) -> torch.Tensor:
     """The forward's copy of W (B, N, p): (B, p, N') in the dots' input type, rows zero-padded to N' = a multiple of
     16. In bf16 it holds W rounded to bf16 once, the rounding the dot would apply (round to nearest even); the
     parameters stay fp32."""
     B, width, p = W.shape
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    w_t = torch.empty(B, p, triton.cdiv(width, 16) * 16, device=W.device, dtype=dtype)
+    w_t = torch.empty(B, p, w_row(width), device=W.device, dtype=dtype)
     w_t[..., :width] = W.transpose(1, 2)
     w_t[..., width:] = 0.0
     return w_t

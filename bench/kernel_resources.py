@@ -5,12 +5,15 @@ in the triton wheel, specialised as Triton's launcher specialises them at the pa
 
     python bench/kernel_resources.py              # the table
     python bench/kernel_resources.py --check      # each precision's default step (kernels/backward.py STEP):
-                                                  # exit 1 if a kernel fails to compile, or if a tf32/bf16
-                                                  # kernel misses wgmma or spills more than the GPU accepted
+                                                  # exit 1 if a kernel fails to compile, if a tf32/bf16
+                                                  # kernel misses wgmma or spills more than the GPU accepted,
+                                                  # or if the step at P 128, 256 or 512 (tiles shrunk by
+                                                  # kernels/forward.py fit) needs more shared memory than an SM has
 
 Runs with TRITON_INTERPRET unset (the interpreter replaces kernels with Python functions)."""
 
 import argparse
+import concurrent.futures
 import itertools
 import os
 import re
@@ -65,6 +68,8 @@ def backward_default(precision: str, scatter: str = "window") -> tuple:
 # (tf32) and 152 B (bf16) under 3.6; the bf16 bound moved from 128 to 256 B for that, to be confirmed on the GPU
 # (bench/NOTES.md). More than this is a regression to look at.
 ACCEPTED_SPILL = {("fused windowed", "tf32"): 1024, ("fused windowed", "bf16"): 256}
+# Shared memory one program may use on an H100 or H200 (227 KB; more fails at launch with OutOfResources).
+SHARED_LIMIT = 232448
 
 
 def resources(fn, constexprs: dict, num_warps: int) -> dict:
@@ -109,17 +114,22 @@ def programs_per_sm(regs: int, shared: int, num_warps: int) -> int:
     return min(65536 // (per_warp * num_warps), 233472 // (shared + 1024), 64 // num_warps)
 
 
-def table(precisions, tiles, backward_tiles=None):
+def table(precisions, tiles, backward_tiles=None, block_p=128, step_only=False):
     """Every kernel at each of `tiles` (block_d, block_n, num_warps); the backward ones at `backward_tiles`
     (a function of the precision and scatter) instead when given, with the fused windowed backward where it is the
-    default."""
+    default. block_p: p padded inside the kernels; above 128 the tiles shrink as the launchers shrink them
+    (forward.fit). step_only: only the kernels the default step and evaluation launch."""
+    def fit(tile):
+        return (*forward.fit(tile[0], tile[1], block_p), tile[2])
+
     rows = []
     for precision, tile in itertools.product(precisions, tiles):
         def common(block_d, block_n, warps):
-            return dict(ACT=0, DROPOUT=True, PRECISION=precision, BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_P=128)
+            return dict(ACT=0, DROPOUT=True, PRECISION=precision, BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_P=block_p)
 
-        back = backward_tiles(precision) if backward_tiles else tile
-        block = backward_tiles(precision, "block") if backward_tiles else tile
+        back = fit(backward_tiles(precision) if backward_tiles else tile)
+        block = fit(backward_tiles(precision, "block") if backward_tiles else tile)
+        tile = fit(tile)
         fused = backward_tiles is not None and backward.default_step(precision)[0]
         kernels = {
             "forward": (_forward_kernel, tile, dict(LOSS_KIND=0, TRAIN=True)),
@@ -133,41 +143,64 @@ def table(precisions, tiles, backward_tiles=None):
         if fused:
             kernels["fused windowed"] = (_backward_kernel, back, dict(WITH_W=True, WITH_UV=True, WINDOW=16, BLOCKED=False))
         for name, (fn, t, constexprs) in kernels.items():
-            rows.append({"kernel": name, "precision": precision, "tile": t,
-                         **resources(fn, {**common(*t), **constexprs}, t[2])})
-    rows.append({"kernel": "optimizer", "precision": "fp32", "tile": (1024, 0, 4),
-                 **resources(_optimizer_kernel, dict(MODE=0, BLOCK=1024, ALIGN=alignment(P * WIDTH)), 4)})
+            if not step_only or in_step(name, precision):
+                rows.append({"kernel": name, "precision": precision, "tile": t, "P": block_p,
+                             "job": (fn.__name__, {**common(*t), **constexprs}, t[2])})
+    if not step_only:
+        rows.append({"kernel": "optimizer", "precision": "fp32", "tile": (1024, 0, 4), "P": 0,
+                     "job": ("_optimizer_kernel", dict(MODE=0, BLOCK=1024, ALIGN=alignment(P * WIDTH)), 4)})
     return rows
+
+
+KERNELS = {fn.__name__: fn for fn in (_forward_kernel, _backward_kernel, _optimizer_kernel)}
+
+
+def compile_job(job) -> dict:
+    name, constexprs, num_warps = job
+    return resources(KERNELS[name], constexprs, num_warps)
+
+
+def compile_rows(rows: list) -> list:
+    """Each row's resources, its kernel compiled on every host core."""
+    with concurrent.futures.ProcessPoolExecutor() as pool:
+        return [{**row, **found} for row, found in zip(rows, pool.map(compile_job, [r.pop("job") for r in rows]))]
+
+
+def in_step(kernel: str, precision: str) -> bool:
+    """Whether TritonBackend's default step (or its evaluation) at `precision` launches `kernel`."""
+    fused = backward.default_step(precision)[0]
+    unfused = ("backward dW", "dU dV windowed")
+    return kernel not in ("backward dU dV", "dU dV block", "fused block", *(unfused if fused else ("fused windowed",)))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--check", action="store_true", help="default tiles only; fail on spills in fast modes")
     args = parser.parse_args()
+    precisions = ("fp32", "tf32", "tf32x3", "bf16")
     if args.check:
-        rows = table(("fp32", "tf32", "tf32x3", "bf16"), [FORWARD], backward_default)
+        rows = table(precisions, [FORWARD], backward_default)
+        rows += [r for block_p in (256, 512) for r in table(precisions, [FORWARD], backward_default, block_p, True)]
     else:
         rows = table(("tf32", "tf32x3", "bf16"), [(32, 32, 4), (32, 64, 4), (32, 64, 8), (64, 32, 4), (64, 64, 4),
                                                   (64, 64, 8), (128, 64, 8)])
+    rows = compile_rows(rows)
     for r in rows:
-        print(f"{r['kernel']:>15} {r['precision']:>7} tile {r['tile']}: {r['regs']:>3} regs, "
+        print(f"{r['kernel']:>15} {r['precision']:>7} P {r['P']:>3} tile {r['tile']}: {r['regs']:>3} regs, "
               f"{r['stack']:>6} B stack (spills), {r['shared']:>6} B shared, {r['wgmma']:>3} wgmma {r['mma']:>3} mma.sync, "
               f"{r['async']:>2} async loads, {r['vector']:>3}/{r['accesses']:<3} 16-byte accesses, {r['per_sm']} per SM")
     if not args.check:
         return
     # fp32 (IEEE products) is the parity mode and tf32x3 splits both operands of every dot (3 dots): they may
-    # spill. tf32 and bf16 are the speed modes: at the default tiles they must not spill, and the kernels the
-    # default step runs must reach Hopper's wgmma (a kernel left on mma.sync is on the slower path).
-    def in_step(r):  # the kernels TritonBackend's default step at r's precision launches
-        fused = backward.default_step(r["precision"])[0]
-        unfused = ("backward dW", "dU dV windowed")
-        return r["kernel"] not in ("backward dU dV", "dU dV block", "fused block",
-                                   *(unfused if fused else ("fused windowed",)))
-
-    fast = [r for r in rows if r["precision"] in ("tf32", "bf16") and in_step(r)]
+    # spill. tf32 and bf16 are the speed modes: at the default tiles (P 128, where they were measured) they must
+    # not spill, and the kernels the default step runs must reach Hopper's wgmma (a kernel left on mma.sync is on
+    # the slower path). At any P every kernel must fit an SM's shared memory, or it cannot launch.
+    fast = [r for r in rows if r["precision"] in ("tf32", "bf16") and r["P"] <= 128 and in_step(r["kernel"], r["precision"])]
     problems = [f"{r['kernel']} {r['precision']}: spills {r['stack']} B" for r in fast
                 if r["stack"] > ACCEPTED_SPILL.get((r["kernel"], r["precision"]), 0)]
     problems += [f"{r['kernel']} {r['precision']}: no wgmma" for r in fast if r["kernel"] != "optimizer" and not r["wgmma"]]
+    problems += [f"{r['kernel']} {r['precision']} at P {r['P']}: {r['shared']} B of shared memory" for r in rows
+                 if r["shared"] > SHARED_LIMIT]
     if problems:
         print("at the default tiles: " + "; ".join(problems))
         sys.exit(1)

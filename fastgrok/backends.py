@@ -188,8 +188,9 @@ class TritonBackend:
         self.backward_tiles = {**default_tiles, **(backward_tiles or {})}
         self.name = f"triton-{precision}" + ("-block" if scatter == "block" else "")
 
-    # p is padded to a power of two inside the kernels; at 1024 the tiles no longer fit an SM's shared memory
-    # (p 512: 209 KB of the H100's 227 KB in the dU/dV kernel, bench/kernel_resources.py).
+    # p is padded to a power of two inside the kernels, and above 128 the launchers shrink the tiles with it
+    # (kernels/forward.py fit) so that they fit an SM's shared memory: checked at compile time up to P 512
+    # (bench/kernel_resources.py --check, run by the tests); past it the tiles would go below the dots' 16 rows.
     MAX_P = 512
 
     def check(self, settings) -> None:

@@ -221,7 +221,8 @@ def backward(U, V, W, m, n, count, G, *, act: int, precision: str, dropout: tupl
 
     scatter: "onehot" (dense one-hot dots over all rows), "window" (any example order gives the right result;
     tile_order makes it cheap) or "block" (examples in block_order, whose block offsets `blocks` it needs).
-    num_stages: the depth of the software pipeline of loads (None: Triton's default)."""
+    num_stages: the depth of the software pipeline of loads (None: Triton's default). The tiles are those for
+    p <= 128; a larger p shrinks them (forward.fit)."""
     B, p, width = U.shape
     row = G.stride(1)
     assert G.shape == (B, m.shape[1], p) and G.stride(2) == 1 and row in (p, forward_module.g_row(p))
@@ -235,6 +236,7 @@ def backward(U, V, W, m, n, count, G, *, act: int, precision: str, dropout: tupl
     dU, dV = (torch.zeros_like(U), torch.zeros_like(V)) if window else (torch.empty_like(U), torch.empty_like(V))
     seed, threshold, inv_keep = dropout if dropout is not None else (count, count, count)  # unused placeholders
     passes = [(True, True)] if fused else [(True, False), (False, True)]
+    block_d, block_n = forward_module.fit(block_d, block_n, p)
     stages = {} if num_stages is None else {"num_stages": num_stages}
     for with_w, with_uv in passes:
         for lo in range(0, B, forward_module.MAX_GRID_Y):  # CUDA caps the grid's second axis at 65535

@@ -102,6 +102,15 @@ def block_p(p: int) -> int:
     return max(16, triton.next_power_of_2(p))
 
 
+def fit(block_d: int, block_n: int, p: int) -> tuple[int, int]:
+    """Tiles chosen for P <= 128 (every default was), shrunk for a larger P so that each tile of G, W and the
+    accumulators holds as many elements as at P 128: at p 500 (P 512) the default backward would otherwise ask
+    for 400 KB of shared memory, past the H100's 227 KB (bench/kernel_resources.py --check compiles the step at
+    P 256 and 512). Correct at any p <= 512; not tuned above 128."""
+    factor = max(1, block_p(p) // 128)
+    return max(16, block_d // factor), max(16, block_n // factor)
+
+
 def g_row(p: int) -> int:
     """The row length of G in memory: p padded to 16 bytes."""
     return triton.cdiv(p, 4) * 4
@@ -128,6 +137,7 @@ def forward(U, V, W, m, n, y, count, *, act: int, loss: int, precision: str, tra
             dropout: tuple | None = None, step: int = 0, block_d: int = TILES["block_d"],
             block_n: int = TILES["block_n"], num_warps: int = TILES["num_warps"]):
     """Launch over (cdiv(Dmax, block_d), B). Returns (loss (B, Dmax), G (B, Dmax, p) or None, pred or None).
+    The tiles are those for p <= 128; a larger p shrinks them (`fit`).
 
     G is a view of rows padded to g_row(p) with zeros (the backward reads the padding). dropout: None, or
     (seed (B,) int64, threshold (B,) int64, inv_keep (B,) fp32) for training."""
@@ -136,6 +146,7 @@ def forward(U, V, W, m, n, y, count, *, act: int, loss: int, precision: str, tra
     assert V.shape == U.shape and W.shape == (B, width, p), "U, V: (B, p, N); W: (B, N, p)"
     assert m.shape == n.shape == y.shape == (B, d_max) and m.dtype == torch.int32 and count.shape == (B,)
     assert U.is_contiguous() and V.is_contiguous() and m.is_contiguous()
+    block_d, block_n = fit(block_d, block_n, p)
     w_t = transposed_weights(W, precision)
     losses = torch.empty(B, d_max, device=U.device, dtype=torch.float32)
     G = torch.empty(B, d_max, g_row(p), device=U.device, dtype=torch.float32) if train else None

@@ -201,6 +201,24 @@ def test_tile_sizes_do_not_change_the_gradients(block_d, block_n):
         assert_close(f"{name} with tiles {block_d}x{block_n}", ours[valid], default[valid], atol=1e-7, rtol=1e-6)
 
 
+def test_p_above_128_shrinks_the_tiles_and_still_matches_reference():
+    """p 131 pads to P 256 inside the kernels, where the launchers halve the tiles to fit shared memory
+    (kernels/forward.py fit; tests/test_kernel_compile.py checks the fit): one step with dropout, as reference.py.
+    A larger p than the other interpreter tests, with few examples (alpha 0.02, 0.03) to stay quick."""
+    from fastgrok.kernels.forward import TILES, fit
+
+    assert fit(TILES["block_d"], TILES["block_n"], 131) == (TILES["block_d"] // 2, TILES["block_n"] // 2)
+    pop = Population([Hyper(xi=0.2, alpha=0.02, width=20, seed=1),
+                      Hyper(xi=0.0, alpha=0.03, width=20, wd=5.0, seed=2, dropout=0.25)], Settings(p=131), DEVICE)
+    ref = Reference(pop)
+    losses = TritonBackend("fp32").step(pop)
+    for b, value in enumerate(ref.step(0)):
+        assert_close(f"loss[{b}]", losses[b], torch.tensor(value))
+    for b, (mlp, *_) in enumerate(ref.models):
+        for name, ours, theirs in (("U", pop.U[b], mlp.U.T), ("V", pop.V[b], mlp.V.T), ("W", pop.W[b], mlp.W.T)):
+            assert_close(f"{name}[{b}] after one step at p 131", ours, theirs)
+
+
 def test_memory_estimate_covers_what_a_triton_step_holds():
     from fastgrok.data import task_table
     from fastgrok.kernels.forward import forward, transposed_weights

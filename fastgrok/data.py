@@ -88,6 +88,14 @@ def train_size(num_pairs: int, alpha: float) -> int:
     return int(alpha * num_pairs)
 
 
+def checked_train_size(num_pairs: int, alpha: float) -> int:
+    """train_size, or a ConfigError when it leaves no training or no test pair."""
+    d = train_size(num_pairs, alpha)
+    if d < 1 or d >= num_pairs:
+        raise ConfigError(f"alpha {alpha} leaves {d} of {num_pairs} pairs for training: need at least one train and one test pair")
+    return d
+
+
 def corrupted_count(train_size: int, xi: float) -> int:
     return int(xi * train_size)
 
@@ -115,9 +123,7 @@ def make_split(z: torch.Tensor, p: int, alpha: float, xi: float, split_seed: int
     if noise not in NOISES:
         raise ConfigError(f"unknown noise {noise!r}; choose one of {', '.join(NOISES)}")
     num_pairs = z.numel()
-    d = train_size(num_pairs, alpha)
-    if d < 1 or d >= num_pairs:
-        raise ConfigError(f"alpha {alpha} leaves {d} of {num_pairs} pairs for training: need at least one train and one test pair")
+    d = checked_train_size(num_pairs, alpha)
     perm = torch.randperm(num_pairs, generator=generator(split_seed, "split"))
     labels = z[perm[:d]].clone()
     c = corrupted_count(d, xi)

@@ -17,7 +17,7 @@ import torch
 
 from fastgrok import reference
 from fastgrok.config import Hyper, Settings
-from fastgrok.data import epoch_order, generator, make_split, task_table, train_size
+from fastgrok.data import checked_train_size, epoch_order, generator, make_split, task_table, train_size
 from fastgrok.errors import ConfigError
 
 METRICS = ("train_loss", "test_loss", "train_acc", "test_acc", "clean_acc", "corrupted_acc", "inverted_acc")
@@ -86,7 +86,7 @@ class Population:
         if self.batchnorm:
             self.bn_weight, self.running_var = (torch.ones(B, self.width, device=dev) for _ in range(2))
             self.bn_bias, self.running_mean = (torch.zeros(B, self.width, device=dev) for _ in range(2))
-        check_batch_size(hypers, settings)
+        check_training_sets(hypers, settings)
         if self.batch_size is not None:
             self._epoch = torch.full((B,), -1)  # the epoch each model's minibatch order `_order` belongs to
             self._order = torch.zeros(B, d_max, dtype=torch.long, device=dev)
@@ -290,16 +290,15 @@ def torch_outputs(U, V, W, m, n, y, act: str, loss: str, bn=None) -> tuple[torch
     return logits.argmax(-1), reference.per_example_loss(logits, y, loss)
 
 
-def check_batch_size(hypers: list[Hyper], settings: Settings) -> None:
-    """Every model's training set must hold at least one batch."""
-    if settings.batch_size is None:
-        return
+def check_training_sets(hypers: list[Hyper], settings: Settings) -> None:
+    """Every model's alpha leaves at least one training and one test pair, and its training set holds at least
+    one batch: checked before a run writes anything."""
     num_pairs = task_table(settings.op, settings.p)[2].numel()
-    smallest = min(hypers, key=lambda h: h.alpha)
-    d = train_size(num_pairs, smallest.alpha)
-    if d < settings.batch_size:
-        raise ConfigError(f"--batch-size {settings.batch_size} is larger than the training set of alpha "
-                          f"{smallest.alpha:g} ({d} examples)")
+    for alpha in sorted({h.alpha for h in hypers}):
+        d = checked_train_size(num_pairs, alpha)
+        if settings.batch_size is not None and d < settings.batch_size:
+            raise ConfigError(f"--batch-size {settings.batch_size} is larger than the training set of alpha "
+                              f"{alpha:g} ({d} examples)")
 
 
 def bytes_per_model(p: int, width: int, d_max: int, num_pairs: int, backend: str = "torch",
@@ -348,7 +347,7 @@ def memory_budget(device: torch.device) -> int:
 def plan(hypers: list[Hyper], settings: Settings, device: torch.device, budget: int | None = None,
          backend: str = "torch") -> list[list[int]]:
     """Split a grid into populations: one width each, as many models as fit the memory budget."""
-    check_batch_size(hypers, settings)
+    check_training_sets(hypers, settings)
     budget = memory_budget(device) if budget is None else budget
     num_pairs = task_table(settings.op, settings.p)[2].numel()
     by_width: dict[int, list[int]] = {}

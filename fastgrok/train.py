@@ -18,7 +18,7 @@ from fastgrok.config import AXES, Grid, Settings
 from fastgrok.errors import ConfigError
 from fastgrok.ipr import neuron_ipr
 from fastgrok.phases import phase
-from fastgrok.population import METRICS, Population, check_batch_size, plan
+from fastgrok.population import METRICS, Population, check_training_sets, plan
 from fastgrok.results import HISTORY_COLUMNS, RunWriter, read_models, read_population
 
 
@@ -113,7 +113,7 @@ def train(grid: Grid, settings: Settings, out: Path, *, device: str = "auto", ba
     settings.check()
     dev = resolve_device(device)
     hypers = grid.models()
-    check_batch_size(hypers, settings)
+    check_training_sets(hypers, settings)
     engine = make_backend(backend, dev, precision, settings) if isinstance(backend, str) else backend
     engine.check(settings)
     writer, done, unfinished = RunWriter.reopen(out, settings.steps) if resume else (None, set(), [])

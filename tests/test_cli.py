@@ -126,6 +126,7 @@ def test_ctrl_c_keeps_what_was_done(tmp_path, monkeypatch):
         (["--batch-size", "0"], "batch-size must be at least 1"),
         (["--batch-size", "1", "--batchnorm"], "at least 2 with BatchNorm"),
         (["--batch-size", "100"], "larger than the training set of alpha 0.5 (60 examples)"),
+        (["--alpha", "0.5,0.001"], "alpha 0.001 leaves 0 of 121 pairs"),
         (["--backend", "triton", "--batchnorm"], "BatchNorm runs on --backend torch"),
     ],
 )
@@ -135,6 +136,7 @@ def test_bad_input_is_one_line_and_nonzero(tmp_path, args, message):
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], result.output
     assert "Traceback" not in result.output
+    assert not (tmp_path / "run").exists(), "bad input must be refused before the run writes anything"
 
 
 def test_existing_nonempty_out_is_refused(tmp_path):

@@ -43,7 +43,10 @@ def main() -> None:
     settings = Settings()
     pop = Population([Hyper(width=args.width, seed=i) for i in range(args.models)], settings, dev)
     flops = flops_per_model_step(settings.p, args.width, int(pop.D.max()))
-    configs = [] if args.backward_only else [{"forward_tiles": t} for t in TILES + FORWARD_WIDE]
+    # forward tiles: the per-example forward, and the block forward (scatter "block": U, V rows from a window per
+    # block of the (m, n) table), whose backward then is the block scatter's at its default
+    configs = [] if args.backward_only else [{"forward_tiles": t, **s} for s in ({}, {"scatter": "block"})
+                                             for t in TILES + FORWARD_WIDE]
     tiles = [t for t in TILES if t["block_n"] == 64] if args.backward_only else TILES
     configs += [{"backward_tiles": t, "scatter": s, "fused": f}
                 for t, s, f in itertools.product(tiles, ("window", "block"), (False, True))]

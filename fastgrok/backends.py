@@ -241,14 +241,16 @@ class TritonBackend:
         return _finish_step(pop, losses, self.backward(pop, data, G), optimizer_step_)
 
     def forward(self, pop: Population, data: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """The step's forward kernel: per-example losses and the output gradient G, in the kernels' slot order."""
+        """The step's forward kernel: per-example losses and the output gradient G, in the kernels' slot order
+        (with the "block" scatter the forward walks the same blocks, reading U, V rows from a window per block)."""
         from fastgrok.kernels.forward import forward
         from fastgrok.kernels.hidden import ACT_CODES, LOSS_CODES
 
         s = pop.settings
         example_loss, G, _ = forward(*pop.params, data["m"], data["n"], data["y"], data["count"], act=ACT_CODES[s.act],
                                      loss=LOSS_CODES[s.loss], precision=self.precision, train=True,
-                                     dropout=data["dropout"], step=pop.step, **self.forward_tiles)
+                                     dropout=data["dropout"], step=pop.step, blocks=data["blocks"],
+                                     **self.forward_tiles)
         return example_loss, G
 
     def backward(self, pop: Population, data: dict, G: torch.Tensor):

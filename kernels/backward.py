@@ -30,7 +30,8 @@ import triton
 import triton.language as tl
 
 from fastgrok.kernels import forward as forward_module
-from fastgrok.kernels.hidden import activation, activation_grad, aligned, alignment, dot, dropout_scale, preactivation
+from fastgrok.kernels.hidden import (BLOCK_WINDOW, activation, activation_grad, aligned, alignment, block_count,
+                                     block_side, dot, dropout_scale, preactivation)
 
 
 @triton.jit
@@ -189,7 +190,7 @@ def _add_rows(OUT, rows, mask_d, d_s, offs_k, mask_k, p, stride, PRECISION: tl.c
 
 
 # Scatters (module docstring) and their window of dU/dV rows. "block" needs its examples in block_order.
-SCATTERS = {"onehot": 0, "window": 16, "block": 32}
+SCATTERS = {"onehot": 0, "window": 16, "block": BLOCK_WINDOW}
 # Default tiles: 64 neurons (dW's rows) and 64 examples (dS's rows) put both dots on Hopper's wgmma, without
 # spills in tf32 or bf16 with the windowed scatter and 8 warps (bench/results/kernel-resources-sm90-triton3.9.txt);
 # a chunk of 64 neurons also halves the re-reads of G against 32.
@@ -261,16 +262,6 @@ def tile_order(m: torch.Tensor, n: torch.Tensor, valid: torch.Tensor, p: int, bl
     blocks = triton.cdiv(p, block)
     key = ((m // block) * blocks + n // block) * (p * p) + m * p + n
     return torch.argsort(torch.where(valid, key, torch.iinfo(key.dtype).max), dim=1, stable=True)
-
-
-def block_side(p: int) -> int:
-    """Side of the square blocks of the (m, n) table that the "block" scatter walks: as even as possible, at
-    most its window of rows (p 97: 4 x 4 blocks of 25)."""
-    return triton.cdiv(p, triton.cdiv(p, SCATTERS["block"]))
-
-
-def block_count(p: int) -> int:
-    return triton.cdiv(p, block_side(p))
 
 
 def block_order(m: torch.Tensor, n: torch.Tensor, valid: torch.Tensor, p: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,4 +1,5 @@
-"""Forward pass and loss gradient of a population, one program per (model, tile of examples).
+"""Forward pass and loss gradient of a population, one program per (model, tile of examples), or per (model,
+block of the (m, n) table) when the examples come in block order (BLOCKED, below).
 
     out[d, :] = sum_k h[d, k] W[b, k, :]            (BLOCK_D, P) accumulated over hidden chunks of BLOCK_N
     loss[d]   = mean_q (out - onehot(y))^2          MSE  (CE: logsumexp(out) - out[y])
@@ -15,81 +16,125 @@ is deterministic.
 Rows in memory are 16-byte aligned (W's own rows of p = 97 are not: hence the transposed copy, which also gives
 the tensor cores the operand layout tf32 needs), and ALIGN_N / ALIGN_P tell the compiler so, so that every tile
 moves in 16-byte vectors: without them a row of N 500 or of p is loaded or stored one element at a time.
+
+Bytes, not FLOPs, bound this kernel (bench/NOTES.md): per tile of 64 examples and 32 neurons it reads 8 KB of U
+rows, 8 KB of V rows and 12 KB of W from L2 for 0.5 MFLOP. BLOCKED (the "block" example order of
+kernels/backward.py, whose tiles stay inside one block of side <= 32 of the (m, n) table) reads each tile's U and
+V rows from one window of 32 rows each instead (hidden.block_preactivation): 6 KB where it read 16.
 """
 
 import torch
 import triton
 import triton.language as tl
 
-from fastgrok.kernels.hidden import activation, aligned, alignment, dot, dropout_scale, preactivation
+from fastgrok.kernels.hidden import (BLOCK_WINDOW, activation, aligned, alignment, block_count, block_preactivation,
+                                     block_side, dot, dropout_scale, preactivation)
+
+
+WINDOW = tl.constexpr(BLOCK_WINDOW)  # as the kernels see it
 
 
 @triton.jit
 def _forward_kernel(
     # pointers
-    U, V, WT, M, N_, Y, COUNT, SEED, THRESHOLD, INV_KEEP, G, LOSS, PRED,
+    U, V, WT, M, N_, Y, COUNT, BLOCKS, SEED, THRESHOLD, INV_KEEP, G, LOSS, PRED,
     # sizes
-    p, width, step_key,
+    p, width, side, step_key,
     # strides (stride_tp: WT's padded row, a multiple of 16)
-    stride_ub, stride_up, stride_vb, stride_vp, stride_tb, stride_tp, stride_ib, stride_gb, stride_gd,
+    stride_ub, stride_up, stride_vb, stride_vp, stride_tb, stride_tp, stride_ib, stride_bb, stride_gb, stride_gd,
     # meta-parameters
     ACT: tl.constexpr, LOSS_KIND: tl.constexpr, TRAIN: tl.constexpr, DROPOUT: tl.constexpr,
-    PRECISION: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
-    ALIGN_N: tl.constexpr, ALIGN_P: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCKED: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_P: tl.constexpr, ALIGN_N: tl.constexpr, ALIGN_P: tl.constexpr,
 ):
-    # Axis 0 walks one model's example tiles, so consecutive programs share W[b] in L2.
     b = tl.program_id(1).to(tl.int64)
     width = aligned(width, ALIGN_N)
     stride_ub, stride_up = aligned(stride_ub, ALIGN_N), aligned(stride_up, ALIGN_N)
     stride_vb, stride_vp = aligned(stride_vb, ALIGN_N), aligned(stride_vp, ALIGN_N)
     stride_gb, stride_gd = aligned(stride_gb, ALIGN_P), aligned(stride_gd, ALIGN_P)
     count = tl.load(COUNT + b)
-    offs_d = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
-    if tl.program_id(0) * BLOCK_D < count:
-        mask_d = offs_d < count
-        m = tl.load(M + b * stride_ib + offs_d, mask=mask_d, other=0)
-        n = tl.load(N_ + b * stride_ib + offs_d, mask=mask_d, other=0)
-        y = tl.load(Y + b * stride_ib + offs_d, mask=mask_d, other=0)
-        offs_p = tl.arange(0, BLOCK_P)
-        mask_p = offs_p < p
-        if DROPOUT:
-            seed = tl.load(SEED + b)
-            threshold = tl.load(THRESHOLD + b)
-            inv_keep = tl.load(INV_KEEP + b)
-        out = tl.zeros((BLOCK_D, BLOCK_P), dtype=tl.float32)
-        for k0 in range(0, width, BLOCK_N):
-            offs_k = k0 + tl.arange(0, BLOCK_N)
-            mask_k = offs_k < width
-            pre = preactivation(U + b * stride_ub, V + b * stride_vb, m[:, None], n[:, None], offs_k[None, :],
-                                mask_d[:, None] & mask_k[None, :], stride_up, stride_vp)
-            if DROPOUT:
-                pre = pre * dropout_scale((m * p + n)[:, None], offs_k[None, :], width, seed, step_key, threshold,
-                                          inv_keep)
-            h = activation(pre, ACT)
-            # W[b, k, q] for the chunk, from the transposed copy; its padding is zero, so no mask on k < width
-            w_t = tl.load(WT + b * stride_tb + offs_p[:, None] * stride_tp + offs_k[None, :],
-                          mask=mask_p[:, None] & (offs_k < stride_tp)[None, :], other=0.0)
-            out += dot(h, tl.trans(w_t), PRECISION)
+    seed, threshold, inv_keep = count, count, count  # unused without dropout
+    if DROPOUT:
+        seed = tl.load(SEED + b)
+        threshold = tl.load(THRESHOLD + b)
+        inv_keep = tl.load(INV_KEEP + b)
+    if BLOCKED:
+        # Axis 0 walks the blocks of the (m, n) table: the examples come grouped by blocks of side x side pairs
+        # (block_order), block j's from slot BLOCKS[b, j] to BLOCKS[b, j + 1], so every tile of a block reads
+        # its U and V rows from one window of WINDOW rows (hidden.block_preactivation)
+        blocks = tl.cdiv(p, side)
+        j = tl.program_id(0)
+        start = tl.load(BLOCKS + b * stride_bb + j)
+        end = tl.load(BLOCKS + b * stride_bb + j + 1)
+        for d0 in range(start, end, BLOCK_D):
+            _forward_tile(U, V, WT, M, N_, Y, G, LOSS, PRED, b, d0 + tl.arange(0, BLOCK_D), end, count,
+                          (j // blocks) * side, (j % blocks) * side, p, side, width, step_key, seed, threshold,
+                          inv_keep, stride_ub, stride_up, stride_vb, stride_vp, stride_tb, stride_tp, stride_ib,
+                          stride_gb, stride_gd, ACT, LOSS_KIND, TRAIN, DROPOUT, PRECISION, WINDOW, BLOCK_D, BLOCK_N,
+                          BLOCK_P)
+    else:
+        # Axis 0 walks one model's example tiles, so consecutive programs share W[b] in L2.
+        if tl.program_id(0) * BLOCK_D < count:
+            _forward_tile(U, V, WT, M, N_, Y, G, LOSS, PRED, b, tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D),
+                          count, count, 0, 0, p, side, width, step_key, seed, threshold, inv_keep, stride_ub,
+                          stride_up, stride_vb, stride_vp, stride_tb, stride_tp, stride_ib, stride_gb, stride_gd,
+                          ACT, LOSS_KIND, TRAIN, DROPOUT, PRECISION, 0, BLOCK_D, BLOCK_N, BLOCK_P)
 
-        target = tl.where(offs_p[None, :] == y[:, None], 1.0, 0.0)
-        if LOSS_KIND == 0:
-            diff = tl.where(mask_p[None, :], out - target, 0.0)
-            loss = tl.sum(diff * diff, axis=1) / p
-            grad = diff * (2.0 / (p * count.to(tl.float32)))
+
+@triton.jit
+def _forward_tile(U, V, WT, M, N_, Y, G, LOSS, PRED, b, offs_d, end, count, row_m, row_n, p, side, width, step_key,
+                  seed, threshold, inv_keep, stride_ub, stride_up, stride_vb, stride_vp, stride_tb, stride_tp, stride_ib,
+                  stride_gb, stride_gd, ACT: tl.constexpr, LOSS_KIND: tl.constexpr, TRAIN: tl.constexpr,
+                  DROPOUT: tl.constexpr, PRECISION: tl.constexpr, WINDOW: tl.constexpr, BLOCK_D: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Examples offs_d (those before `end`) of model b: out, the loss and G (or pred). WINDOW 0: each example's
+    U and V rows loaded on their own; else from windows of WINDOW rows from row_m, row_n, which hold them all."""
+    mask_d = offs_d < end
+    m = tl.load(M + b * stride_ib + offs_d, mask=mask_d, other=0)
+    n = tl.load(N_ + b * stride_ib + offs_d, mask=mask_d, other=0)
+    y = tl.load(Y + b * stride_ib + offs_d, mask=mask_d, other=0)
+    offs_p = tl.arange(0, BLOCK_P)
+    mask_p = offs_p < p
+    out = tl.zeros((BLOCK_D, BLOCK_P), dtype=tl.float32)
+    for k0 in range(0, width, BLOCK_N):
+        offs_k = k0 + tl.arange(0, BLOCK_N)
+        mask_k = offs_k < width
+        mask = mask_d[:, None] & mask_k[None, :]
+        if WINDOW > 0:
+            pre = block_preactivation(U + b * stride_ub, V + b * stride_vb, m[:, None], n[:, None], row_m, row_n,
+                                      offs_k[None, :], mask_k[None, :], mask, p, side, stride_up, stride_vp, WINDOW,
+                                      False)
         else:
-            logits = tl.where(mask_p[None, :], out, float("-inf"))
-            shifted = logits - tl.max(logits, axis=1)[:, None]
-            e = tl.exp(shifted)
-            total = tl.sum(e, axis=1)
-            loss = tl.log(total) - tl.sum(tl.where(target > 0, shifted, 0.0), axis=1)
-            grad = (e / total[:, None] - target) / count.to(tl.float32)
-        tl.store(LOSS + b * stride_ib + offs_d, loss, mask=mask_d)
-        if TRAIN:  # the whole padded row: grad is 0 past p, so the backward reads G without a mask on p
-            tl.store(G + b * stride_gb + offs_d[:, None] * stride_gd + offs_p[None, :], grad,
-                     mask=mask_d[:, None] & (offs_p < stride_gd)[None, :])
-        else:
-            pred = tl.argmax(tl.where(mask_p[None, :], out, float("-inf")), axis=1)
-            tl.store(PRED + b * stride_ib + offs_d, pred.to(tl.int32), mask=mask_d)
+            pre = preactivation(U + b * stride_ub, V + b * stride_vb, m[:, None], n[:, None], offs_k[None, :], mask,
+                                stride_up, stride_vp)
+        if DROPOUT:
+            pre = pre * dropout_scale((m * p + n)[:, None], offs_k[None, :], width, seed, step_key, threshold,
+                                      inv_keep)
+        h = activation(pre, ACT)
+        # W[b, k, q] for the chunk, from the transposed copy; its padding is zero, so no mask on k < width
+        w_t = tl.load(WT + b * stride_tb + offs_p[:, None] * stride_tp + offs_k[None, :],
+                      mask=mask_p[:, None] & (offs_k < stride_tp)[None, :], other=0.0)
+        out += dot(h, tl.trans(w_t), PRECISION)
+
+    target = tl.where(offs_p[None, :] == y[:, None], 1.0, 0.0)
+    if LOSS_KIND == 0:
+        diff = tl.where(mask_p[None, :], out - target, 0.0)
+        loss = tl.sum(diff * diff, axis=1) / p
+        grad = diff * (2.0 / (p * count.to(tl.float32)))
+    else:
+        logits = tl.where(mask_p[None, :], out, float("-inf"))
+        shifted = logits - tl.max(logits, axis=1)[:, None]
+        e = tl.exp(shifted)
+        total = tl.sum(e, axis=1)
+        loss = tl.log(total) - tl.sum(tl.where(target > 0, shifted, 0.0), axis=1)
+        grad = (e / total[:, None] - target) / count.to(tl.float32)
+    tl.store(LOSS + b * stride_ib + offs_d, loss, mask=mask_d)
+    if TRAIN:  # the whole padded row: grad is 0 past p, so the backward reads G without a mask on p
+        tl.store(G + b * stride_gb + offs_d[:, None] * stride_gd + offs_p[None, :], grad,
+                 mask=mask_d[:, None] & (offs_p < stride_gd)[None, :])
+    else:
+        pred = tl.argmax(tl.where(mask_p[None, :], out, float("-inf")), axis=1)
+        tl.store(PRED + b * stride_ib + offs_d, pred.to(tl.int32), mask=mask_d)
 
 
 MAX_GRID_Y = 65535
@@ -134,10 +179,11 @@ def transposed_weights(W: torch.Tensor, precision: str) -> torch.Tensor:
 
 
 def forward(U, V, W, m, n, y, count, *, act: int, loss: int, precision: str, train: bool,
-            dropout: tuple | None = None, step: int = 0, block_d: int = TILES["block_d"],
-            block_n: int = TILES["block_n"], num_warps: int = TILES["num_warps"]):
-    """Launch over (cdiv(Dmax, block_d), B). Returns (loss (B, Dmax), G (B, Dmax, p) or None, pred or None).
-    The tiles are those for p <= 128; a larger p shrinks them (`fit`).
+            dropout: tuple | None = None, step: int = 0, blocks: torch.Tensor | None = None,
+            block_d: int = TILES["block_d"], block_n: int = TILES["block_n"], num_warps: int = TILES["num_warps"]):
+    """Launch over (cdiv(Dmax, block_d), B), or with `blocks` over (blocks of the (m, n) table, B). Returns
+    (loss (B, Dmax), G (B, Dmax, p) or None, pred or None). The tiles are those for p <= 128; a larger p shrinks
+    them (`fit`). blocks: the offsets of block_order (kernels/backward.py), whose example order m, n, y are in.
 
     G is a view of rows padded to g_row(p) with zeros (the backward reads the padding). dropout: None, or
     (seed (B,) int64, threshold (B,) int64, inv_keep (B,) fp32) for training."""
@@ -154,15 +200,21 @@ def forward(U, V, W, m, n, y, count, *, act: int, loss: int, precision: str, tra
     use_dropout = train and dropout is not None
     seed, threshold, inv_keep = dropout if use_dropout else (count, count, count)  # unused placeholders
     align_p = alignment(G.stride(0), G.stride(1)) if train else 1
+    blocked = blocks is not None
+    if blocked:
+        assert blocks.shape == (B, block_count(p) ** 2 + 1) and blocks.dtype == torch.int32, "block_order's offsets"
+    else:
+        blocks = count  # unused placeholder
+    tiles = block_count(p) ** 2 if blocked else triton.cdiv(d_max, block_d)
     for lo in range(0, B, MAX_GRID_Y):  # CUDA caps the grid's second axis at 65535
         sl = slice(lo, min(B, lo + MAX_GRID_Y))
-        _forward_kernel[(triton.cdiv(d_max, block_d), sl.stop - lo)](
-            U[sl], V[sl], w_t[sl], m[sl], n[sl], y[sl], count[sl], seed[sl], threshold[sl], inv_keep[sl],
+        _forward_kernel[(tiles, sl.stop - lo)](
+            U[sl], V[sl], w_t[sl], m[sl], n[sl], y[sl], count[sl], blocks[sl], seed[sl], threshold[sl], inv_keep[sl],
             G[sl] if train else losses, losses[sl], pred[sl] if pred is not None else losses,
-            p, width, step << 32,
+            p, width, block_side(p), step << 32,
             U.stride(0), U.stride(1), V.stride(0), V.stride(1), w_t.stride(0), w_t.stride(1), m.stride(0),
-            G.stride(0) if train else 0, G.stride(1) if train else 0,
-            ACT=act, LOSS_KIND=loss, TRAIN=train, DROPOUT=use_dropout, PRECISION=precision,
+            blocks.stride(0), G.stride(0) if train else 0, G.stride(1) if train else 0,
+            ACT=act, LOSS_KIND=loss, TRAIN=train, DROPOUT=use_dropout, PRECISION=precision, BLOCKED=blocked,
             BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_P=block_p(p), num_warps=num_warps,
             ALIGN_N=alignment(width, U.stride(0), U.stride(1), V.stride(0), V.stride(1)), ALIGN_P=align_p,
         )

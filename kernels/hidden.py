@@ -13,6 +13,9 @@ import triton
 import triton.language as tl
 
 ACT_CODES = {"quad": 0, "relu": 1}
+# Rows of U and V (and of dU, dV) that one block of the (m, n) table spans at most: the "block" example order
+# (kernels/backward.py block_order) groups each model's examples by blocks of block_side(p) x block_side(p) pairs.
+BLOCK_WINDOW = 32
 LOSS_CODES = {"mse": 0, "ce": 1}
 PRECISIONS = ("fp32", "tf32", "tf32x3", "bf16")
 
@@ -24,6 +27,17 @@ def alignment(*sizes: int, most: int = 16) -> int:
     while align > 1 and any(size % align for size in sizes):
         align //= 2
     return align
+
+
+def block_side(p: int) -> int:
+    """Side of the square blocks of the (m, n) table the "block" order walks: as even as possible, at most
+    BLOCK_WINDOW (p 97: 4 x 4 blocks of 25)."""
+    return triton.cdiv(p, triton.cdiv(p, BLOCK_WINDOW))
+
+
+def block_count(p: int) -> int:
+    """Blocks along each side of the (m, n) table."""
+    return triton.cdiv(p, block_side(p))
 
 
 @triton.jit
@@ -62,6 +76,32 @@ def preactivation(U, V, m, n, k, mask, stride_up, stride_vp):
     u = tl.load(U + m * stride_up + k, mask=mask, other=0.0)
     v = tl.load(V + n * stride_vp + k, mask=mask, other=0.0)
     return u + v
+
+
+@triton.jit
+def block_preactivation(U, V, m, n, row_m, row_n, k, mask_k, mask, p, side, stride_up, stride_vp,
+                        WINDOW: tl.constexpr, TRANSPOSED: tl.constexpr):
+    """`preactivation` of a tile inside one block of the (m, n) table: its rows m lie in [row_m, row_m + WINDOW)
+    and n in [row_n, row_n + WINDOW). The block's WINDOW rows of U and of V are loaded once per tile, whole rows
+    in 16-byte vectors, and each example's row is gathered from them on chip, instead of one row of U and one of
+    V loaded per example: a tile of 64 examples reads 2 x 25 rows (p 97) where it read 2 x 64. Tiles are (D, K),
+    m, n (D, 1), k (1, K); TRANSPOSED: (K, D), m, n (1, D), k (K, 1). mask: the tile's valid entries; side: the
+    block's rows (<= WINDOW), the only ones loaded."""
+    offs_w = tl.arange(0, WINDOW)
+    in_m = (offs_w < side) & (row_m + offs_w < p)
+    in_n = (offs_w < side) & (row_n + offs_w < p)
+    # each example's row in the window, broadcast to the tile's shape (k * 0) and kept inside it on masked slots
+    at_m = tl.minimum(tl.maximum(m - row_m, 0), WINDOW - 1) + k * 0
+    at_n = tl.minimum(tl.maximum(n - row_n, 0), WINDOW - 1) + k * 0
+    if TRANSPOSED:
+        u = tl.load(U + (row_m + offs_w)[None, :] * stride_up + k, mask=mask_k & in_m[None, :], other=0.0)
+        v = tl.load(V + (row_n + offs_w)[None, :] * stride_vp + k, mask=mask_k & in_n[None, :], other=0.0)
+        pre = tl.gather(u, at_m, 1) + tl.gather(v, at_n, 1)
+    else:
+        u = tl.load(U + (row_m + offs_w)[:, None] * stride_up + k, mask=in_m[:, None] & mask_k, other=0.0)
+        v = tl.load(V + (row_n + offs_w)[:, None] * stride_vp + k, mask=in_n[:, None] & mask_k, other=0.0)
+        pre = tl.gather(u, at_m, 0) + tl.gather(v, at_n, 0)
+    return tl.where(mask, pre, 0.0)
 
 
 @triton.jit

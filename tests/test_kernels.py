@@ -316,9 +316,10 @@ def test_windowed_scatter_matches_reference_over_many_windows(in_tile_order):
             assert_close(f"dV[{b}] ({s})", dV[b], mlp.V.grad.T)
 
 
-def test_block_scatter_matches_one_hot_dots_over_many_and_empty_blocks():
+def test_block_scatter_and_forward_match_over_many_and_empty_blocks():
     """p 37: 2 x 2 blocks of 19 rows. Model 0 has examples everywhere (several tiles of 16 per block), model 1 only
-    in the first block (three blocks empty), model 2 none; dropout on, 23 neurons in chunks of 16 (some masked)."""
+    in the first block (three blocks empty), model 2 none; dropout on, 23 neurons in chunks of 16 (some masked).
+    The block scatter against the one-hot dots, the block forward against the per-example one."""
     from fastgrok.kernels.backward import backward, block_count, block_order, block_side
 
     p, width, d_max = 37, 23, 300
@@ -353,3 +354,16 @@ def test_block_scatter_matches_one_hot_dots_over_many_and_empty_blocks():
             # the same sums in another order: rounding relative to the largest terms
             assert_close(f"{name} (block scatter, fused {fused})", a, b, atol=1e-6 * float(b.abs().max()), rtol=1e-5)
     assert not ours[0][2].any() and ours[0][1, 19:].abs().sum() == 0  # no examples: no gradient
+
+    # the forward walks the same blocks, reading U, V rows from a window per block: the same losses, G and
+    # predictions as one load per example (the window holds the rows, exactly), on the valid slots
+    from fastgrok.kernels.forward import forward
+
+    y = torch.randint(0, p, m.shape, generator=gen).int().to(DEVICE)
+    valid = valid.to(DEVICE)
+    for train, loss in ((True, 0), (True, 1), (False, 0)):
+        kw = dict(act=0, loss=loss, precision="fp32", train=train, dropout=dropout if train else None, step=2, **tiles)
+        for name, a, b in zip(("loss", "G", "pred"), forward(U, V, W, m, n, y, count, blocks=blocks, **kw),
+                              forward(U, V, W, m, n, y, count, **kw)):
+            if b is not None:
+                assert_close(f"{name} (block forward, train {train}, loss {loss})", a[valid], b[valid], atol=1e-6)

@@ -19,7 +19,8 @@ one-hot first layer needs no atomics: no race, bit-identical results run to run.
   with each block's slot range; a block's tiles touch one static window of 32 rows of dU and of dV, summed in
   registers and added once per block (a barrier per block, not per tile). The tile loop holds no loop, so its
   loads are pipelined; tiles are transposed (neurons x examples) so that every dot has BLOCK_N rows (wgmma) even
-  with 32-example tiles.
+  with 32-example tiles. The block's rows of U and V at the program's neurons are read once per block and each
+  example's row gathered from them on chip (hidden.gathered_preactivation), not loaded per example.
 
 The pre-activation is recomputed from U and V (cheap gathers) instead of being stored. `WITH_W` / `WITH_UV`
 split the work into two launches (smaller register footprint) or fuse it into one. bench/NOTES.md has the budget.
@@ -31,7 +32,8 @@ import triton.language as tl
 
 from fastgrok.kernels import forward as forward_module
 from fastgrok.kernels.hidden import (BLOCK_WINDOW, activation, activation_grad, aligned, alignment, block_count,
-                                     block_side, dot, dropout_scale, preactivation)
+                                     block_rows, block_side, dot, dropout_scale, gathered_preactivation,
+                                     preactivation)
 
 
 @triton.jit
@@ -82,13 +84,16 @@ def _backward_kernel(
             end = tl.load(BLOCKS + b * stride_bb + j + 1)
             row_m = (j // blocks) * side
             row_n = (j % blocks) * side
+            # the block's rows of U and V at this chunk's neurons, read once for all its tiles
+            u = block_rows(U + b * stride_ub, row_m, offs_k[:, None], mask_k[:, None], p, side, stride_up, WINDOW, True)
+            v = block_rows(V + b * stride_vb, row_n, offs_k[:, None], mask_k[:, None], p, side, stride_vp, WINDOW, True)
             d_u = tl.zeros((BLOCK_N, WINDOW), dtype=tl.float32)
             d_v = tl.zeros((BLOCK_N, WINDOW), dtype=tl.float32)
             for d0 in range(start, end, BLOCK_D):
                 m, n, mask_d, d_w, d_s_t = _tile(U, V, M, N_, G, b, d0, end, offs_k, mask_k, offs_p, w, d_w,
                                                  p, width, seed, step_key, threshold, inv_keep, stride_ub, stride_up,
-                                                 stride_vb, stride_vp, stride_ib, stride_gb, stride_gd,
-                                                 ACT, DROPOUT, WITH_W, WITH_UV, PRECISION, BLOCK_D, True)
+                                                 stride_vb, stride_vp, stride_ib, stride_gb, stride_gd, u, v, row_m,
+                                                 row_n, ACT, DROPOUT, WITH_W, WITH_UV, PRECISION, BLOCK_D, WINDOW)
                 if WITH_UV:
                     onehot_m = tl.where((m - row_m)[:, None] == offs_w[None, :], 1.0, 0.0)
                     onehot_n = tl.where((n - row_n)[:, None] == offs_w[None, :], 1.0, 0.0)
@@ -105,8 +110,8 @@ def _backward_kernel(
         for d0 in range(0, count, BLOCK_D):
             m, n, mask_d, d_w, d_s = _tile(U, V, M, N_, G, b, d0, count, offs_k, mask_k, offs_p, w, d_w,
                                            p, width, seed, step_key, threshold, inv_keep, stride_ub, stride_up,
-                                           stride_vb, stride_vp, stride_ib, stride_gb, stride_gd,
-                                           ACT, DROPOUT, WITH_W, WITH_UV, PRECISION, BLOCK_D, False)
+                                           stride_vb, stride_vp, stride_ib, stride_gb, stride_gd, w, w, 0, 0,
+                                           ACT, DROPOUT, WITH_W, WITH_UV, PRECISION, BLOCK_D, 0)
             if WITH_UV:
                 if WINDOW == 0:
                     onehot_m = tl.where(m[:, None] == offs_p[None, :], 1.0, 0.0)
@@ -127,12 +132,14 @@ def _backward_kernel(
 
 @triton.jit
 def _tile(U, V, M, N_, G, b, d0, end, offs_k, mask_k, offs_p, w, d_w, p, width, seed, step_key, threshold,
-          inv_keep, stride_ub, stride_up, stride_vb, stride_vp, stride_ib, stride_gb, stride_gd,
+          inv_keep, stride_ub, stride_up, stride_vb, stride_vp, stride_ib, stride_gb, stride_gd, u, v, row_m, row_n,
           ACT: tl.constexpr, DROPOUT: tl.constexpr, WITH_W: tl.constexpr, WITH_UV: tl.constexpr,
-          PRECISION: tl.constexpr, BLOCK_D: tl.constexpr, TRANSPOSED: tl.constexpr):
+          PRECISION: tl.constexpr, BLOCK_D: tl.constexpr, WINDOW: tl.constexpr):
     """One tile of examples [d0, d0 + BLOCK_D) (those before `end`): its rows m, n and mask, d_w plus the tile's
-    dW, and its dS (zero on masked examples; unset without WITH_UV) as (BLOCK_D, BLOCK_N), or as (BLOCK_N,
-    BLOCK_D) if TRANSPOSED: then every dot has BLOCK_N rows, so BLOCK_D may be 32 and the dots stay on wgmma."""
+    dW, and its dS (zero on masked examples; unset without WITH_UV) as (BLOCK_D, BLOCK_N). WINDOW > 0 (the block
+    scatter): the tile lies in one block, whose rows of U and V from row_m, row_n are u, v (hidden.block_rows),
+    and it is transposed, dS (BLOCK_N, BLOCK_D): then every dot has BLOCK_N rows, so BLOCK_D may be 32 and the
+    dots stay on wgmma."""
     offs_d = d0 + tl.arange(0, BLOCK_D)
     mask_d = offs_d < end
     m = tl.load(M + b * stride_ib + offs_d, mask=mask_d, other=0)
@@ -141,22 +148,25 @@ def _tile(U, V, M, N_, G, b, d0, end, offs_k, mask_k, offs_p, w, d_w, p, width, 
     # sees is constant over 16-byte vectors
     g = tl.load(G + b * stride_gb + offs_d[:, None] * stride_gd + offs_p[None, :],
                 mask=mask_d[:, None] & (offs_p < stride_gd)[None, :], other=0.0)
-    if TRANSPOSED:
+    if WINDOW > 0:  # transposed
         rows_m, rows_n, ks, mask_dk = m[None, :], n[None, :], offs_k[:, None], mask_k[:, None] & mask_d[None, :]
     else:
         rows_m, rows_n, ks, mask_dk = m[:, None], n[:, None], offs_k[None, :], mask_d[:, None] & mask_k[None, :]
-    pre = preactivation(U + b * stride_ub, V + b * stride_vb, rows_m, rows_n, ks, mask_dk, stride_up, stride_vp)
+    if WINDOW > 0:  # transposed
+        pre = gathered_preactivation(u, v, rows_m, rows_n, row_m, row_n, ks, mask_dk, WINDOW, True)
+    else:
+        pre = preactivation(U + b * stride_ub, V + b * stride_vb, rows_m, rows_n, ks, mask_dk, stride_up, stride_vp)
     if DROPOUT:
         scale = dropout_scale(rows_m * p + rows_n, ks, width, seed, step_key, threshold, inv_keep)
         pre = pre * scale
     if WITH_W:
-        if TRANSPOSED:
+        if WINDOW > 0:  # transposed
             d_w += dot(activation(pre, ACT), g, PRECISION)
         else:
             d_w += dot(tl.trans(activation(pre, ACT)), g, PRECISION)
     d_s = pre  # placeholder without WITH_UV
     if WITH_UV:
-        if TRANSPOSED:
+        if WINDOW > 0:  # transposed
             d_s = dot(w, tl.trans(g), PRECISION)
         else:
             d_s = dot(g, tl.trans(w), PRECISION)

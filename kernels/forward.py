@@ -20,15 +20,15 @@ moves in 16-byte vectors: without them a row of N 500 or of p is loaded or store
 Bytes, not FLOPs, bound this kernel (bench/NOTES.md): per tile of 64 examples and 32 neurons it reads 8 KB of U
 rows, 8 KB of V rows and 12 KB of W from L2 for 0.5 MFLOP. BLOCKED (the "block" example order of
 kernels/backward.py, whose tiles stay inside one block of side <= 32 of the (m, n) table) reads each tile's U and
-V rows from one window of 32 rows each instead (hidden.block_preactivation): 6 KB where it read 16.
+V rows from one window of 32 rows each instead (hidden.gathered_preactivation): 6 KB where it read 16.
 """
 
 import torch
 import triton
 import triton.language as tl
 
-from fastgrok.kernels.hidden import (BLOCK_WINDOW, activation, aligned, alignment, block_count, block_preactivation,
-                                     block_side, dot, dropout_scale, preactivation)
+from fastgrok.kernels.hidden import (BLOCK_WINDOW, activation, aligned, alignment, block_count, block_rows, block_side,
+                                     dot, dropout_scale, gathered_preactivation, preactivation)
 
 
 WINDOW = tl.constexpr(BLOCK_WINDOW)  # as the kernels see it
@@ -61,7 +61,7 @@ def _forward_kernel(
     if BLOCKED:
         # Axis 0 walks the blocks of the (m, n) table: the examples come grouped by blocks of side x side pairs
         # (block_order), block j's from slot BLOCKS[b, j] to BLOCKS[b, j + 1], so every tile of a block reads
-        # its U and V rows from one window of WINDOW rows (hidden.block_preactivation)
+        # its U and V rows from one window of WINDOW rows (hidden.gathered_preactivation)
         blocks = tl.cdiv(p, side)
         j = tl.program_id(0)
         start = tl.load(BLOCKS + b * stride_bb + j)
@@ -101,9 +101,10 @@ def _forward_tile(U, V, WT, M, N_, Y, G, LOSS, PRED, b, offs_d, end, count, row_
         mask_k = offs_k < width
         mask = mask_d[:, None] & mask_k[None, :]
         if WINDOW > 0:
-            pre = block_preactivation(U + b * stride_ub, V + b * stride_vb, m[:, None], n[:, None], row_m, row_n,
-                                      offs_k[None, :], mask_k[None, :], mask, p, side, stride_up, stride_vp, WINDOW,
-                                      False)
+            u = block_rows(U + b * stride_ub, row_m, offs_k[None, :], mask_k[None, :], p, side, stride_up, WINDOW, False)
+            v = block_rows(V + b * stride_vb, row_n, offs_k[None, :], mask_k[None, :], p, side, stride_vp, WINDOW, False)
+            pre = gathered_preactivation(u, v, m[:, None], n[:, None], row_m, row_n, offs_k[None, :], mask, WINDOW,
+                                         False)
         else:
             pre = preactivation(U + b * stride_ub, V + b * stride_vb, m[:, None], n[:, None], offs_k[None, :], mask,
                                 stride_up, stride_vp)

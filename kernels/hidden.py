@@ -79,27 +79,30 @@ def preactivation(U, V, m, n, k, mask, stride_up, stride_vp):
 
 
 @triton.jit
-def block_preactivation(U, V, m, n, row_m, row_n, k, mask_k, mask, p, side, stride_up, stride_vp,
-                        WINDOW: tl.constexpr, TRANSPOSED: tl.constexpr):
-    """`preactivation` of a tile inside one block of the (m, n) table: its rows m lie in [row_m, row_m + WINDOW)
-    and n in [row_n, row_n + WINDOW). The block's WINDOW rows of U and of V are loaded once per tile, whole rows
-    in 16-byte vectors, and each example's row is gathered from them on chip, instead of one row of U and one of
-    V loaded per example: a tile of 64 examples reads 2 x 25 rows (p 97) where it read 2 x 64. Tiles are (D, K),
-    m, n (D, 1), k (1, K); TRANSPOSED: (K, D), m, n (1, D), k (K, 1). mask: the tile's valid entries; side: the
-    block's rows (<= WINDOW), the only ones loaded."""
+def block_rows(U, row0, k, mask_k, p, side, stride, WINDOW: tl.constexpr, TRANSPOSED: tl.constexpr):
+    """Rows [row0, row0 + side) of U (one model's) at neurons k, one block's rows in the "block" order: a
+    (WINDOW, K) tile, or (K, WINDOW) if TRANSPOSED (k then (K, 1), else (1, K)); rows past the block or p are 0."""
     offs_w = tl.arange(0, WINDOW)
-    in_m = (offs_w < side) & (row_m + offs_w < p)
-    in_n = (offs_w < side) & (row_n + offs_w < p)
+    inside = (offs_w < side) & (row0 + offs_w < p)
+    if TRANSPOSED:
+        return tl.load(U + (row0 + offs_w)[None, :] * stride + k, mask=mask_k & inside[None, :], other=0.0)
+    else:
+        return tl.load(U + (row0 + offs_w)[:, None] * stride + k, mask=inside[:, None] & mask_k, other=0.0)
+
+
+@triton.jit
+def gathered_preactivation(u, v, m, n, row_m, row_n, k, mask, WINDOW: tl.constexpr, TRANSPOSED: tl.constexpr):
+    """`preactivation` of a tile inside one block of the (m, n) table, from the block's rows of U and V
+    (`block_rows` from row_m and row_n): each example's row is gathered on chip instead of loaded from memory on
+    its own, so a tile of 64 examples reads 2 x 25 rows (p 97) instead of 2 x 64, and the backward, whose
+    neurons stay fixed over a block, reads them once per block. Tiles are (D, K) with m, n (D, 1) and k (1, K);
+    TRANSPOSED: (K, D), m, n (1, D), k (K, 1). mask: the tile's valid entries."""
     # each example's row in the window, broadcast to the tile's shape (k * 0) and kept inside it on masked slots
     at_m = tl.minimum(tl.maximum(m - row_m, 0), WINDOW - 1) + k * 0
     at_n = tl.minimum(tl.maximum(n - row_n, 0), WINDOW - 1) + k * 0
     if TRANSPOSED:
-        u = tl.load(U + (row_m + offs_w)[None, :] * stride_up + k, mask=mask_k & in_m[None, :], other=0.0)
-        v = tl.load(V + (row_n + offs_w)[None, :] * stride_vp + k, mask=mask_k & in_n[None, :], other=0.0)
         pre = tl.gather(u, at_m, 1) + tl.gather(v, at_n, 1)
     else:
-        u = tl.load(U + (row_m + offs_w)[:, None] * stride_up + k, mask=in_m[:, None] & mask_k, other=0.0)
-        v = tl.load(V + (row_n + offs_w)[:, None] * stride_vp + k, mask=in_n[:, None] & mask_k, other=0.0)
         pre = tl.gather(u, at_m, 0) + tl.gather(v, at_n, 0)
     return tl.where(mask, pre, 0.0)
 

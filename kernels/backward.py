@@ -150,11 +150,9 @@ def _tile(U, V, M, N_, G, b, d0, end, offs_k, mask_k, offs_p, w, d_w, p, width, 
                 mask=mask_d[:, None] & (offs_p < stride_gd)[None, :], other=0.0)
     if WINDOW > 0:  # transposed
         rows_m, rows_n, ks, mask_dk = m[None, :], n[None, :], offs_k[:, None], mask_k[:, None] & mask_d[None, :]
-    else:
-        rows_m, rows_n, ks, mask_dk = m[:, None], n[:, None], offs_k[None, :], mask_d[:, None] & mask_k[None, :]
-    if WINDOW > 0:  # transposed
         pre = gathered_preactivation(u, v, rows_m, rows_n, row_m, row_n, ks, mask_dk, WINDOW, True)
     else:
+        rows_m, rows_n, ks, mask_dk = m[:, None], n[:, None], offs_k[None, :], mask_d[:, None] & mask_k[None, :]
         pre = preactivation(U + b * stride_ub, V + b * stride_vb, rows_m, rows_n, ks, mask_dk, stride_up, stride_vp)
     if DROPOUT:
         scale = dropout_scale(rows_m * p + rows_n, ks, width, seed, step_key, threshold, inv_keep)

@@ -1,6 +1,7 @@
 """The hidden layer of one tile, recomputed wherever a kernel needs it, and the precision-selecting dot.
 
-    pre[d, k] = U[b, m_d, k] + V[b, n_d, k]                  one-hot first layer = two row gathers
+    pre[d, k] = U[b, m_d, k] + V[b, n_d, k]                  one-hot first layer = two row gathers (from memory,
+                                                             or from a block's rows on chip: gathered_preactivation)
     pre       = pre * keep[d, k] / (1 - rate)                 dropout, keep = philox(seed_b, step)[pair_d N + k] >= rate 2^32
     h         = pre^2 (quad) or max(pre, 0) (relu)
 

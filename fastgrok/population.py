@@ -51,6 +51,7 @@ class Population:
         self.width, p = widths.pop(), settings.p
         B = len(hypers)
 
+        check_training_sets(hypers, settings)
         m_all, n_all, z_all = task_table(settings.op, p)
         # Each model's split and initial weights come from its own generators, so they are drawn on all the
         # host's cores at once (torch releases the GIL): the same numbers, several times faster for big grids.
@@ -86,7 +87,6 @@ class Population:
         if self.batchnorm:
             self.bn_weight, self.running_var = (torch.ones(B, self.width, device=dev) for _ in range(2))
             self.bn_bias, self.running_mean = (torch.zeros(B, self.width, device=dev) for _ in range(2))
-        check_training_sets(hypers, settings)
         if self.batch_size is not None:
             self._epoch = torch.full((B,), -1)  # the epoch each model's minibatch order `_order` belongs to
             self._order = torch.zeros(B, d_max, dtype=torch.long, device=dev)

@@ -32,8 +32,8 @@ import triton.language as tl
 
 from fastgrok.kernels import forward as forward_module
 from fastgrok.kernels.hidden import (BLOCK_WINDOW, activation, activation_grad, aligned, alignment, block_count,
-                                     block_rows, block_side, dot, dropout_scale, gathered_preactivation,
-                                     preactivation)
+                                     block_rows, block_side, block_span, dot, dropout_scale,
+                                     gathered_preactivation, preactivation)
 
 
 @triton.jit
@@ -80,10 +80,7 @@ def _backward_kernel(
         blocks = tl.cdiv(p, side)
         offs_w = tl.arange(0, WINDOW)
         for j in range(0, blocks * blocks):
-            start = tl.load(BLOCKS + b * stride_bb + j)
-            end = tl.load(BLOCKS + b * stride_bb + j + 1)
-            row_m = (j // blocks) * side
-            row_n = (j % blocks) * side
+            start, end, row_m, row_n = block_span(BLOCKS + b * stride_bb, j, p, side)
             # the block's rows of U and V at this chunk's neurons, read once for all its tiles
             u = block_rows(U + b * stride_ub, row_m, offs_k[:, None], mask_k[:, None], p, side, stride_up, WINDOW, True)
             v = block_rows(V + b * stride_vb, row_n, offs_k[:, None], mask_k[:, None], p, side, stride_vp, WINDOW, True)

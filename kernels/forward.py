@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from fastgrok.kernels.hidden import (BLOCK_WINDOW, activation, aligned, alignment, block_count, block_rows, block_side,
-                                     dot, dropout_scale, gathered_preactivation, preactivation)
+                                     block_span, dot, dropout_scale, gathered_preactivation, preactivation)
 
 
 WINDOW = tl.constexpr(BLOCK_WINDOW)  # as the kernels see it
@@ -62,14 +62,10 @@ def _forward_kernel(
         # Axis 0 walks the blocks of the (m, n) table: the examples come grouped by blocks of side x side pairs
         # (block_order), block j's from slot BLOCKS[b, j] to BLOCKS[b, j + 1], so every tile of a block reads
         # its U and V rows from one window of WINDOW rows (hidden.gathered_preactivation)
-        blocks = tl.cdiv(p, side)
-        j = tl.program_id(0)
-        start = tl.load(BLOCKS + b * stride_bb + j)
-        end = tl.load(BLOCKS + b * stride_bb + j + 1)
+        start, end, row_m, row_n = block_span(BLOCKS + b * stride_bb, tl.program_id(0), p, side)
         for d0 in range(start, end, BLOCK_D):
             _forward_tile(U, V, WT, M, N_, Y, G, LOSS, PRED, b, d0 + tl.arange(0, BLOCK_D), end, count,
-                          (j // blocks) * side, (j % blocks) * side, p, side, width, step_key, seed, threshold,
-                          inv_keep, stride_ub, stride_up, stride_vb, stride_vp, stride_tb, stride_tp, stride_ib,
+                          row_m, row_n, p, side, width, step_key, seed, threshold, inv_keep, stride_ub, stride_up, stride_vb, stride_vp, stride_tb, stride_tp, stride_ib,
                           stride_gb, stride_gd, ACT, LOSS_KIND, TRAIN, DROPOUT, PRECISION, WINDOW, BLOCK_D, BLOCK_N,
                           BLOCK_P)
     else:

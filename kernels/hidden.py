@@ -80,6 +80,14 @@ def preactivation(U, V, m, n, k, mask, stride_up, stride_vp):
 
 
 @triton.jit
+def block_span(BLOCKS, j, p, side):
+    """Block j of the "block" order (BLOCKS: one model's block_order offsets): its slots [start, end) and its
+    first rows of U (row_m) and V (row_n); blocks run row by row over the (m, n) table."""
+    blocks = tl.cdiv(p, side)
+    return tl.load(BLOCKS + j), tl.load(BLOCKS + j + 1), (j // blocks) * side, (j % blocks) * side
+
+
+@triton.jit
 def block_rows(U, row0, k, mask_k, p, side, stride, WINDOW: tl.constexpr, TRANSPOSED: tl.constexpr):
     """Rows [row0, row0 + side) of U (one model's) at neurons k, one block's rows in the "block" order: a
     (WINDOW, K) tile, or (K, WINDOW) if TRANSPOSED (k then (K, 1), else (1, K)); rows past the block or p are 0."""

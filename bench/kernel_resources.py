@@ -136,7 +136,6 @@ def table(precisions, tiles, backward_tiles=None, block_p=128, step_only=False):
             "evaluate": (_forward_kernel, tile, dict(LOSS_KIND=0, TRAIN=False, DROPOUT=False, BLOCKED=False)),
             "forward block": (_forward_kernel, tile, dict(LOSS_KIND=0, TRAIN=True, BLOCKED=True)),
             "backward dW": (_backward_kernel, back, dict(WITH_W=True, WITH_UV=False, WINDOW=0, BLOCKED=False)),
-            "backward dU dV": (_backward_kernel, back, dict(WITH_W=False, WITH_UV=True, WINDOW=0, BLOCKED=False)),
             "dU dV windowed": (_backward_kernel, back, dict(WITH_W=False, WITH_UV=True, WINDOW=16, BLOCKED=False)),
             "dU dV block": (_backward_kernel, block, dict(WITH_W=False, WITH_UV=True, WINDOW=32, BLOCKED=True)),
             "fused block": (_backward_kernel, block, dict(WITH_W=True, WITH_UV=True, WINDOW=32, BLOCKED=True)),
@@ -171,7 +170,7 @@ def in_step(kernel: str, precision: str) -> bool:
     """Whether TritonBackend's default step (or its evaluation) at `precision` launches `kernel`."""
     fused = backward.default_step(precision)[0]
     unfused = ("backward dW", "dU dV windowed")
-    return kernel not in ("backward dU dV", "forward block", "dU dV block", "fused block",
+    return kernel not in ("forward block", "dU dV block", "fused block",
                           *(unfused if fused else ("fused windowed",)))
 
 

@@ -179,9 +179,9 @@ class TritonBackend:
         default_fused, default_tiles = backward.default_step(precision, scatter)
         self.precision, self.scatter = precision, scatter
         self.fused = default_fused if fused is None else fused
-        # scatter "window" (default) executes about 6.6 D N P FLOPs a step against "onehot"'s 10 D N P and needs
-        # half the registers (kernels/backward.py, bench/NOTES.md); faster at every tile on an H100 (sweep.json).
-        # "block" is its software-pipelined successor, to be measured against it (bench/sweep_blocks.py).
+        # scatter "window" (default) executes about 6.6 D N P FLOPs a step against one-hot dots' 10 D N P and
+        # beat them at every tile on an H100 (kernels/backward.py, bench/NOTES.md); "block" is its
+        # software-pipelined successor, to be measured against it (bench/sweep_blocks.py).
         # Tiles ({block_d, block_n, num_warps}) of the forward/evaluation and backward kernels: the defaults are
         # the fastest the H100 sweep found (kernels/*.py TILES, backward.STEP).
         self.forward_tiles = {**forward.TILES, **(forward_tiles or {})}

@@ -5,16 +5,16 @@
     dU[b, :, k] = onehot(m)^T dS,   dV[b, :, k] = onehot(n)^T dS              (P, BLOCK_N)
 
 Each program owns its chunk of dW, dU and dV and loops over all of its model's examples, so the scatter of the
-one-hot first layer needs no atomics: no race, bit-identical results run to run. Three ways to scatter
-(SCATTERS: WINDOW, BLOCKED):
+one-hot first layer needs no atomics: no race, bit-identical results run to run. Two ways to scatter
+(SCATTERS: WINDOW, BLOCKED); a third, one-hot dots over all P rows per tile (2 x 2 D N P FLOPs beyond the textbook
+6 D N p), lost to the windowed one at every tile on an H100 and was removed (bench/NOTES.md, "Measured"):
 
-- "onehot" (0): one one-hot dot over all P rows per tile into registers, 2 x 2 D N P FLOPs beyond the textbook
-  6 D N p.
 - "window" (16): the examples arrive in 16 x 16 blocks of the (m, n) table (TritonBackend sorts them), so a tile
   touches few rows; one-hot dots over windows of WINDOW rows from the tile's smallest index are added to the
   program's own rows of dU, dV in global memory (zeroed before), with a barrier between tiles. About 2 D N
-  (2 WINDOW) FLOPs: a quarter or less of the full dots, for a read-modify-write of each window. The window loop
-  sits inside the example loop, which stops the compiler from software-pipelining the example loop's loads.
+  (2 WINDOW) FLOPs: a quarter or less of the full dots, for a read-modify-write of each window. Any example order
+  gives the right result; tile_order makes it cheap. The window loop sits inside the example loop, which stops
+  the compiler from software-pipelining the example loop's loads.
 - "block" (32, BLOCKED): the examples arrive grouped by side x side blocks of the table (block_order, side <= 32),
   with each block's slot range; a block's tiles touch one static window of 32 rows of dU and of dV, summed in
   registers and added once per block (a barrier per block, not per tile). The tile loop holds no loop, so its
@@ -102,27 +102,15 @@ def _backward_kernel(
                 # the compiler may store an element from another thread than the one that loads it next block
                 tl.debug_barrier()
     else:
-        d_u = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
-        d_v = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
         for d0 in range(0, count, BLOCK_D):
             m, n, mask_d, d_w, d_s = _tile(U, V, M, N_, G, b, d0, count, offs_k, mask_k, offs_p, w, d_w,
                                            p, width, seed, step_key, threshold, inv_keep, stride_ub, stride_up,
                                            stride_vb, stride_vp, stride_ib, stride_gb, stride_gd, w, w, 0, 0,
                                            ACT, DROPOUT, WITH_W, WITH_UV, PRECISION, BLOCK_D, 0)
             if WITH_UV:
-                if WINDOW == 0:
-                    onehot_m = tl.where(m[:, None] == offs_p[None, :], 1.0, 0.0)
-                    onehot_n = tl.where(n[:, None] == offs_p[None, :], 1.0, 0.0)
-                    d_u += dot(tl.trans(onehot_m), d_s, PRECISION)
-                    d_v += dot(tl.trans(onehot_n), d_s, PRECISION)
-                else:
-                    _add_rows(DU + b * stride_ub, m, mask_d, d_s, offs_k, mask_k, p, stride_up, PRECISION, WINDOW)
-                    _add_rows(DV + b * stride_vb, n, mask_d, d_s, offs_k, mask_k, p, stride_vp, PRECISION, WINDOW)
-                    tl.debug_barrier()  # the next tile's windows may overlap these rows, held by other threads
-        if WITH_UV and WINDOW == 0:
-            mask_pk = mask_p[:, None] & mask_k[None, :]
-            tl.store(DU + b * stride_ub + offs_p[:, None] * stride_up + offs_k[None, :], d_u, mask=mask_pk)
-            tl.store(DV + b * stride_vb + offs_p[:, None] * stride_vp + offs_k[None, :], d_v, mask=mask_pk)
+                _add_rows(DU + b * stride_ub, m, mask_d, d_s, offs_k, mask_k, p, stride_up, PRECISION, WINDOW)
+                _add_rows(DV + b * stride_vb, n, mask_d, d_s, offs_k, mask_k, p, stride_vp, PRECISION, WINDOW)
+                tl.debug_barrier()  # the next tile's windows may overlap these rows, held by other threads
     if WITH_W:
         tl.store(DW + b * stride_wb + offs_k[:, None] * stride_wn + offs_p[None, :], d_w, mask=mask_kp)
 
@@ -195,7 +183,7 @@ def _add_rows(OUT, rows, mask_d, d_s, offs_k, mask_k, p, stride, PRECISION: tl.c
 
 
 # Scatters (module docstring) and their window of dU/dV rows. "block" needs its examples in block_order.
-SCATTERS = {"onehot": 0, "window": 16, "block": BLOCK_WINDOW}
+SCATTERS = {"window": 16, "block": BLOCK_WINDOW}
 # Default tiles: 64 neurons (dW's rows) and 64 examples (dS's rows) put both dots on Hopper's wgmma, without
 # spills in tf32 or bf16 with the windowed scatter and 8 warps (bench/results/kernel-resources-sm90-triton3.9.txt);
 # a chunk of 64 neurons also halves the re-reads of G against 32.
@@ -225,8 +213,8 @@ def backward(U, V, W, m, n, count, G, *, act: int, precision: str, dropout: tupl
     """Gradients dU, dV (B, p, N) and dW (B, N, p) of the loss whose output gradient is G (B, Dmax, p): contiguous,
     or the forward's view of rows padded with zeros to forward.g_row(p). U, V, W fp32.
 
-    scatter: "onehot" (dense one-hot dots over all rows), "window" (any example order gives the right result;
-    tile_order makes it cheap) or "block" (examples in block_order, whose block offsets `blocks` it needs).
+    scatter: "window" (any example order gives the right result; tile_order makes it cheap) or "block"
+    (examples in block_order, whose block offsets `blocks` it needs).
     num_stages: the depth of the software pipeline of loads (None: Triton's default). The tiles are those for
     p <= 128; a larger p shrinks them (forward.fit)."""
     B, p, width = U.shape
@@ -239,7 +227,7 @@ def backward(U, V, W, m, n, count, G, *, act: int, precision: str, dropout: tupl
     if not blocked:
         blocks = count  # unused placeholder
     dW = torch.empty_like(W)
-    dU, dV = (torch.zeros_like(U), torch.zeros_like(V)) if window else (torch.empty_like(U), torch.empty_like(V))
+    dU, dV = torch.zeros_like(U), torch.zeros_like(V)  # both scatters add into them
     seed, threshold, inv_keep = dropout if dropout is not None else (count, count, count)  # unused placeholders
     passes = [(True, True)] if fused else [(True, False), (False, True)]
     block_d, block_n = forward_module.fit(block_d, block_n, p)

@@ -63,9 +63,8 @@ def test_one_step_matches_reference(act, loss, optimizer):
     data = engine._data(pop)
     example_loss, G, _ = forward(*pop.params, data["m"], data["n"], data["y"], data["count"], act=ACT_CODES[act],
                                  loss=LOSS_CODES[loss], precision="fp32", train=True, dropout=data["dropout"], step=0)
-    grads = {scatter: backward(*pop.params, data["m"], data["n"], data["count"], G, act=ACT_CODES[act],
-                               precision="fp32", dropout=data["dropout"], step=0, scatter=scatter)
-             for scatter in ("onehot", "window")}
+    grads = {"window": backward(*pop.params, data["m"], data["n"], data["count"], G, act=ACT_CODES[act],
+                                precision="fp32", dropout=data["dropout"], step=0)}
     block = TritonBackend("fp32", scatter="block")  # its own example order, so its own forward
     block_data = block._data(pop)
     grads["block"] = block.backward(pop, block_data, block.forward(pop, block_data)[1])
@@ -135,7 +134,7 @@ def run(hs, steps, settings=None, fused=False, scatter="window"):
     return pop
 
 
-@pytest.mark.parametrize("scatter", ["onehot", "window", "block"])
+@pytest.mark.parametrize("scatter", ["window", "block"])
 def test_together_equals_alone_bit_for_bit(scatter):
     together = run(hypers(), 5, scatter=scatter)
     for b, h in enumerate(hypers()):
@@ -146,15 +145,12 @@ def test_together_equals_alone_bit_for_bit(scatter):
 
 def test_deterministic_and_fused_backward_agrees():
     a, b, fused = run(hypers(), 4), run(hypers(), 4), run(hypers(), 4, fused=True)
-    onehot, onehot_fused = run(hypers(), 4, scatter="onehot"), run(hypers(), 4, fused=True, scatter="onehot")
     block, block_fused = run(hypers(), 4, scatter="block"), run(hypers(), 4, fused=True, scatter="block")
     for name in ("U", "V", "W"):
         assert torch.equal(getattr(a, name), getattr(b, name)), name
         assert torch.equal(getattr(a, name), getattr(fused, name)), name
-        assert torch.equal(getattr(onehot, name), getattr(onehot_fused, name)), name
         assert torch.equal(getattr(block, name), getattr(block_fused, name)), name
-        assert_close(f"{name}, windowed vs one-hot scatter", getattr(a, name), getattr(onehot, name))
-        assert_close(f"{name}, block vs one-hot scatter", getattr(block, name), getattr(onehot, name))
+        assert_close(f"{name}, block vs windowed scatter", getattr(block, name), getattr(a, name))
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered")
@@ -307,19 +303,17 @@ def test_windowed_scatter_matches_reference_over_many_windows(in_tile_order):
     data = TritonBackend("fp32")._data(pop)
     m, n, y = (data[k] if in_tile_order else getattr(pop, f"train_{k}").int() for k in ("m", "n", "y"))
     _, G, _ = forward(*pop.params, m, n, y, data["count"], act=0, loss=0, precision="fp32", train=True)
-    grads = {s: backward(*pop.params, m, n, data["count"], G, act=0, precision="fp32", scatter=s)
-             for s in ("onehot", "window")}
+    dU, dV, _ = backward(*pop.params, m, n, data["count"], G, act=0, precision="fp32")
     for b, (mlp, _, rm, rn, ry) in enumerate(ref.models):
         reference.per_example_loss(mlp(rm, rn), ry, "mse").mean().backward()
-        for s, (dU, dV, _) in grads.items():
-            assert_close(f"dU[{b}] ({s})", dU[b], mlp.U.grad.T)
-            assert_close(f"dV[{b}] ({s})", dV[b], mlp.V.grad.T)
+        assert_close(f"dU[{b}]", dU[b], mlp.U.grad.T)
+        assert_close(f"dV[{b}]", dV[b], mlp.V.grad.T)
 
 
 def test_block_scatter_and_forward_match_over_many_and_empty_blocks():
     """p 37: 2 x 2 blocks of 19 rows. Model 0 has examples everywhere (several tiles of 16 per block), model 1 only
     in the first block (three blocks empty), model 2 none; dropout on, 23 neurons in chunks of 16 (some masked).
-    The block scatter against the one-hot dots, the block forward against the per-example one."""
+    The block scatter against the windowed one, the block forward against the per-example one."""
     from fastgrok.kernels.backward import backward, block_count, block_order, block_side
 
     p, width, d_max = 37, 23, 300
@@ -346,7 +340,7 @@ def test_block_scatter_and_forward_match_over_many_and_empty_blocks():
     count, blocks = count.int().to(DEVICE), blocks.to(DEVICE)
     dropout = tuple(t.to(DEVICE) for t in dropout)
     tiles = dict(block_d=16, block_n=16)
-    expected = backward(U, V, W, m, n, count, G, act=1, precision="fp32", dropout=dropout, step=2, scatter="onehot", **tiles)
+    expected = backward(U, V, W, m, n, count, G, act=1, precision="fp32", dropout=dropout, step=2, **tiles)
     for fused in (False, True):
         ours = backward(U, V, W, m, n, count, G, act=1, precision="fp32", dropout=dropout, step=2, scatter="block",
                         blocks=blocks, fused=fused, **tiles)

@@ -56,9 +56,10 @@ ALIGN = {"ALIGN_N": alignment(WIDTH, P * WIDTH), "ALIGN_P": alignment(D_MAX * G_
 
 
 def backward_default(precision: str, scatter: str = "window") -> tuple:
-    """The backward's tile in the step TritonBackend runs at this precision with this scatter."""
+    """The backward's tile in the step TritonBackend runs at this precision with this scatter: (block_d, block_n,
+    num_warps), and num_stages where the default sets it."""
     tiles = backward.default_step(precision, scatter)[1]
-    return tuple(tiles[n] for n in ("block_d", "block_n", "num_warps"))
+    return tuple(tiles[n] for n in ("block_d", "block_n", "num_warps", "num_stages") if n in tiles)
 
 
 # Spills the GPU measurement accepted (kernels/backward.py STEP). The one fused backward launch spills and still
@@ -72,14 +73,15 @@ ACCEPTED_SPILL = {("fused windowed", "tf32"): 1024, ("fused windowed", "bf16"): 
 SHARED_LIMIT = 232448
 
 
-def resources(fn, constexprs: dict, num_warps: int) -> dict:
+def resources(fn, constexprs: dict, num_warps: int, num_stages: int | None = None) -> dict:
     types = {**TYPES, "WT": "*bf16"} if constexprs.get("PRECISION") == "bf16" else TYPES  # forward.transposed_weights
     constexprs = {**{k: v for k, v in ALIGN.items() if k in fn.arg_names}, **constexprs}
     signature = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in fn.arg_names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
              if signature[n].startswith("*") or SHAPE.get(n, 1) % 16 == 0}
+    options = {"num_warps": num_warps, **({"num_stages": num_stages} if num_stages else {})}
     kernel = triton.compile(ASTSource(fn, signature, constexprs=constexprs, attrs=attrs), target=TARGET,
-                            options={"num_warps": num_warps})
+                            options=options)
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(kernel.asm["cubin"])
         f.flush()
@@ -120,11 +122,11 @@ def table(precisions, tiles, backward_tiles=None, block_p=128, step_only=False):
     default. block_p: p padded inside the kernels; above 128 the tiles shrink as the launchers shrink them
     (forward.fit). step_only: only the kernels the default step and evaluation launch."""
     def fit(tile):
-        return (*forward.fit(tile[0], tile[1], block_p), tile[2])
+        return (*forward.fit(tile[0], tile[1], block_p), *tile[2:])
 
     rows = []
     for precision, tile in itertools.product(precisions, tiles):
-        def common(block_d, block_n, warps):
+        def common(block_d, block_n, *_):
             return dict(ACT=0, DROPOUT=True, PRECISION=precision, BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_P=block_p)
 
         back = fit(backward_tiles(precision) if backward_tiles else tile)
@@ -145,7 +147,7 @@ def table(precisions, tiles, backward_tiles=None, block_p=128, step_only=False):
         for name, (fn, t, constexprs) in kernels.items():
             if not step_only or in_step(name, precision):
                 rows.append({"kernel": name, "precision": precision, "tile": t, "P": block_p,
-                             "job": (fn.__name__, {**common(*t), **constexprs}, t[2])})
+                             "job": (fn.__name__, {**common(*t), **constexprs}, *t[2:])})
     if not step_only:
         rows.append({"kernel": "optimizer", "precision": "fp32", "tile": (1024, 0, 4), "P": 0,
                      "job": ("_optimizer_kernel", dict(MODE=0, BLOCK=1024, ALIGN=alignment(P * WIDTH)), 4)})
@@ -156,8 +158,8 @@ KERNELS = {fn.__name__: fn for fn in (_forward_kernel, _backward_kernel, _optimi
 
 
 def compile_job(job) -> dict:
-    name, constexprs, num_warps = job
-    return resources(KERNELS[name], constexprs, num_warps)
+    name, constexprs, *launch = job  # num_warps[, num_stages]
+    return resources(KERNELS[name], constexprs, *launch)
 
 
 def compile_rows(rows: list) -> list:

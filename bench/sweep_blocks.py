@@ -25,9 +25,10 @@ TILES = [{"block_d": d, "block_n": n, "num_warps": w} for d, n, w in itertools.p
 # the forward with 128 examples a tile reads W half as often per FLOP (bench/NOTES.md: it runs at a quarter of peak);
 # 128 x 64 does not fit an SM's shared memory (3 stages of U, V and W tiles: 262 KB), these do (Triton 3.6, sm_90)
 FORWARD_WIDE = [{"block_d": 128, "block_n": n, "num_warps": w} for n, w in ((16, 8), (32, 8), (32, 4))]
-# the block scatter's pipeline depth, at the tiles where all its dots have 64 rows (Triton's default is 3)
+# the block scatter's pipeline depth, at the tiles where all its dots have 64 rows (the TILES above run at its
+# default, kernels/backward.py BLOCK_STEP: 2 in tf32; Triton's default is 3)
 STAGES = [{"block_d": d, "block_n": 64, "num_warps": w, "num_stages": s}
-          for d, w, s in itertools.product((32, 64), (4, 8), (2, 4))]
+          for d, w, s in itertools.product((32, 64), (4, 8), (3, 4))]
 
 
 def main() -> None:

@@ -149,7 +149,16 @@ def _tile(U, V, M, N_, G, b, d0, end, offs_k, mask_k, offs_p, w, d_w, p, width, 
             d_w += dot(tl.trans(activation(pre, ACT)), g, PRECISION)
     d_s = pre  # placeholder without WITH_UV
     if WITH_UV:
-        if WINDOW > 0:  # transposed
+        if WINDOW > 0 and WITH_W and (PRECISION == "tf32" or PRECISION == "tf32x3"):  # G already feeds dW's dot
+            # G's tile read again, as (P, D). In tf32 the tensor cores take each operand from shared memory
+            # contiguous along the summed dimension, so the two dots need G in two layouts, and a load feeding two
+            # layouts the compiler neither copies asynchronously nor pipelines (it waited for g on every tile);
+            # one load per dot it does (bf16 operands may be transposed in shared memory: one copy serves both;
+            # fp32's IEEE dots take theirs from registers)
+            g_t = tl.load(G + b * stride_gb + offs_d[None, :] * stride_gd + offs_p[:, None],
+                          mask=mask_d[None, :] & (offs_p < stride_gd)[:, None], other=0.0)
+            d_s = dot(w, g_t, PRECISION)
+        elif WINDOW > 0:
             d_s = dot(w, tl.trans(g), PRECISION)
         else:
             d_s = dot(g, tl.trans(w), PRECISION)
@@ -193,11 +202,13 @@ TILES = {"block_d": 64, "block_n": 64, "num_warps": 8}
 # fp32 (IEEE dots spill heavily): two launches at 8 warps, 3.6k (fused 0.8k); tf32x3: two launches at 4 warps,
 # 9.8k; bf16: one fused launch at 8 warps, 16.9k (two at 8: 9.5k). bench/results/h100-2026-11-22/backward-defaults.log
 STEP = {"tf32": {"fused": True, "num_warps": 4}, "tf32x3": {"num_warps": 4}, "bf16": {"fused": True, "num_warps": 8}}
-# The block scatter, not yet measured: chosen from the compiler's report (sm_90, Triton 3.9,
-# bench/results/kernel-resources-sm90-triton3.9.txt): with tiles of 32 examples every dot stays on wgmma and
-# two programs fit an SM; fused in tf32 and bf16 like the windowed step. bench/sweep_blocks.py decides.
-BLOCK_STEP = {"tf32": {"fused": True, "block_d": 32, "num_warps": 4}, "tf32x3": {"block_d": 32, "num_warps": 4},
-              "bf16": {"fused": True, "block_d": 32, "num_warps": 4}}
+# The block scatter, not yet measured: chosen from the compiler's report (sm_90, Triton 3.6 and 3.9,
+# bench/results/kernel-resources-sm90-triton*.txt): with tiles of 32 examples every dot stays on wgmma and
+# two programs fit an SM; fused in tf32 and bf16 like the windowed step. In tf32 the fused kernel copies G
+# twice per tile (_tile): two pipeline stages keep it at two programs an SM (107 KB of shared memory; three
+# stages: 140 KB, one). bench/sweep_blocks.py decides.
+BLOCK_STEP = {"tf32": {"fused": True, "block_d": 32, "num_warps": 4, "num_stages": 2},
+              "tf32x3": {"block_d": 32, "num_warps": 4}, "bf16": {"fused": True, "block_d": 32, "num_warps": 4}}
 
 
 def default_step(precision: str, scatter: str = "window") -> tuple[bool, dict]:

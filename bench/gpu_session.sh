@@ -63,7 +63,8 @@ PY
          python3 bench/profile_step.py --precision "${PRECISION:-tf32}" --scatter "${SCATTER:-window}" --width 512 --models 1024 >/dev/null
        ncu --import "$OUT/step-$name.ncu-rep" --page details > "$OUT/ncu-$name.txt"
        grep -E "^  [a-z_]+kernel|Duration|Throughput|Registers|Achieved Occupancy|Warp Cycles Per Issued|Stall|L2 Hit|DRAM" "$OUT/ncu-$name.txt" ;;
-  sweep) python3 bench/sweep_blocks.py --out "$OUT/sweep.json" 2>&1 | tee "$OUT/sweep.log" ;;
+  sweep) python3 bench/sweep_blocks.py --out "$OUT/sweep.json" 2>&1 | tee "$OUT/sweep.log"
+         python3 bench/sweep_blocks.py --summary "$OUT/sweep.json" 2>&1 | tee -a "$OUT/sweep.log" ;;
   *) echo "usage: $0 STAGE[:SECONDS] ... (stages: tests sweep defaults profile bench compiled precision e2e dropout ncu)"; return 2 ;;
 esac
 }

@@ -1,7 +1,8 @@
 """Tiles of the Triton step on a GPU: model-steps/s for each forward tile (backward at its default), then for
 each backward tile, scatter and fused-or-not (forward at its default), at one width.
 
-    python bench/sweep_blocks.py --width 512 --models 1024 --precision tf32
+    python bench/sweep_blocks.py --width 512 --models 1024 --precision tf32 --out sweep.json
+    python bench/sweep_blocks.py --summary sweep.json      # the fastest of each kind, to set the defaults
 
 What it is for: the two scatters of the backward (kernels/backward.py: "window", measured the fastest on an H100,
 and "block", whose loop the compiler can software-pipeline) against each other, and the tiles: the backward
@@ -31,6 +32,20 @@ STAGES = [{"block_d": d, "block_n": 64, "num_warps": w, "num_stages": s}
           for d, w, s in itertools.product((32, 64), (4, 8), (3, 4))]
 
 
+def best(results: list[dict]) -> dict[str, dict]:
+    """The fastest configuration of each kind a sweep measured: the forward in each example order, and the
+    backward for each scatter, fused or not; what kernels/forward.py TILES and kernels/backward.py STEP,
+    BLOCK_STEP take from a sweep (keyed "forward window", "forward block", "backward window fused", ...)."""
+    found = {}
+    for r in results:
+        scatter = r.get("scatter", "window")
+        kind = (f"forward {scatter}" if "forward_tiles" in r
+                else f"backward {scatter} {'fused' if r.get('fused') else 'two launches'}")
+        if kind not in found or r["model_steps_per_s"] > found[kind]["model_steps_per_s"]:
+            found[kind] = r
+    return found
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--width", type=int, default=512)
@@ -39,7 +54,17 @@ def main() -> None:
     parser.add_argument("--backward-only", action="store_true",
                         help="only the backward with 64 neurons, both scatters, fused or not (one precision's default)")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--summary", default=None, metavar="SWEEP_JSON",
+                        help="print the fastest configuration of each kind in a sweep's JSON (no GPU needed)")
     args = parser.parse_args()
+    if args.summary:
+        with open(args.summary) as f:
+            sweep = json.load(f)
+        print(f"N {sweep['width']}, B {sweep['models']}, {sweep['precision']}:")
+        for kind, r in sorted(best(sweep["results"]).items()):
+            tiles = r.get("forward_tiles", r.get("backward_tiles"))
+            print(f"  {kind:>28}: {r['model_steps_per_s']:>10,.0f} model-steps/s  {tiles}")
+        return
     dev = torch.device("cuda")
     settings = Settings()
     pop = Population([Hyper(width=args.width, seed=i) for i in range(args.models)], settings, dev)

@@ -30,3 +30,23 @@ def test_a_failing_variant_is_reported_and_the_rest_still_measured(monkeypatch):
     report = bench.run(widths=[8], models=["2"], p=7, variants=("torch", "torch-tf32"), log=lambda *_: None)
     assert "planted" in report["failed"]["torch-tf32"]
     assert {r["backend"] for r in report["results"]} == {"reference", "torch"}
+
+
+def test_sweep_summary_picks_the_defaults_the_h100_sweep_measured_fastest():
+    """bench/sweep_blocks.py --summary on the committed H100 sweep (2026-11-22) names the tiles kernels/*.py took
+    from it: forward 64 x 32 x 4 warps, one fused windowed backward launch at 64 x 64 x 4 warps."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    result = subprocess.run([sys.executable, "bench/sweep_blocks.py", "--summary",
+                             "bench/results/h100-2026-11-22/sweep.json"], cwd=root, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    lines = {line.split(":")[0].strip(): line for line in result.stdout.splitlines()[1:]}
+    assert "36,749" in lines["backward window fused"]
+    assert "{'block_d': 64, 'block_n': 64, 'num_warps': 4}" in lines["backward window fused"]
+    assert "{'block_d': 64, 'block_n': 32, 'num_warps': 4}" in lines["forward window"]
+    from fastgrok.kernels import backward, forward
+    assert forward.TILES == {"block_d": 64, "block_n": 32, "num_warps": 4}
+    assert backward.default_step("tf32") == (True, {"block_d": 64, "block_n": 64, "num_warps": 4})

@@ -7,8 +7,9 @@ in the triton wheel, specialised as Triton's launcher specialises them at the pa
     python bench/kernel_resources.py --check      # each precision's default step (kernels/backward.py STEP):
                                                   # exit 1 if a kernel fails to compile, if a tf32/bf16
                                                   # kernel misses wgmma or spills more than the GPU accepted,
-                                                  # or if the step at P 128, 256 or 512 (tiles shrunk by
-                                                  # kernels/forward.py fit) needs more shared memory than an SM has
+                                                  # if the step at P 128, 256 or 512 (tiles shrunk by
+                                                  # kernels/forward.py fit) needs more shared memory than an SM has,
+                                                  # or if a loop that could be pipelined waits for a tile load
 
 Runs with TRITON_INTERPRET unset (the interpreter replaces kernels with Python functions)."""
 
@@ -69,6 +70,8 @@ def backward_default(precision: str, scatter: str = "window") -> tuple:
 # (tf32) and 152 B (bf16) under 3.6; the bf16 bound moved from 128 to 256 B for that, to be confirmed on the GPU
 # (bench/NOTES.md). More than this is a regression to look at.
 ACCEPTED_SPILL = {("fused windowed", "tf32"): 1024, ("fused windowed", "bf16"): 256}
+# Kernels whose tile loop holds no other loop, so that Triton's pipeliner can make all its loads asynchronous.
+PIPELINED = ("forward", "evaluate", "forward block", "backward dW", "dU dV block", "fused block")
 # Shared memory one program may use on an H100 or H200 (227 KB; more fails at launch with OutOfResources).
 SHARED_LIMIT = 232448
 
@@ -93,8 +96,27 @@ def resources(fn, constexprs: dict, num_warps: int, num_stages: int | None = Non
     regs, shared = int(fields["REG"]), kernel.metadata.shared
     return {"regs": regs, "stack": int(fields["STACK"]), "shared": shared,
             "wgmma": ptx.count("wgmma.mma_async"), "mma": ptx.count("mma.sync"),
-            "async": kernel.asm["ttgir"].count("async_copy_global_to_local"),
+            "async": kernel.asm["ttgir"].count("async_copy_global_to_local"), "waited": waited_loads(kernel.asm["ttgir"]),
             "per_sm": programs_per_sm(regs, shared, num_warps), **access_widths(ptx)}
+
+
+def waited_loads(ttgir: str) -> int:
+    """Loads of 2-D tiles that the innermost loops wait for: plain loads (not asynchronous copies) in the body of
+    an scf.for that holds no other loop. The "async" count alone misleads: in tf32 the fused block backward copied
+    its example indices asynchronously but waited for its G tile on every iteration (bench/NOTES.md, session 9)."""
+    waited, stack = 0, []  # stack: (indentation, loads so far, holds a loop) of the open scf.for bodies
+    for line in ttgir.splitlines():
+        indent = len(line) - len(line.lstrip())
+        while stack and line.strip() and indent <= stack[-1][0]:
+            _, loads, nested = stack.pop()
+            waited += 0 if nested else loads
+        if "scf.for" in line:
+            if stack:
+                stack[-1][2] = True
+            stack.append([indent, 0, False])
+        elif stack and " tt.load " in line and re.search(r"tensor<\d+x\d+x", line):
+            stack[-1][1] += 1
+    return waited
 
 
 def access_widths(ptx: str) -> dict:
@@ -191,7 +213,8 @@ def main() -> None:
     for r in rows:
         print(f"{r['kernel']:>15} {r['precision']:>7} P {r['P']:>3} tile {r['tile']}: {r['regs']:>3} regs, "
               f"{r['stack']:>6} B stack (spills), {r['shared']:>6} B shared, {r['wgmma']:>3} wgmma {r['mma']:>3} mma.sync, "
-              f"{r['async']:>2} async loads, {r['vector']:>3}/{r['accesses']:<3} 16-byte accesses, {r['per_sm']} per SM")
+              f"{r['async']:>2} async loads, {r['waited']} waited, {r['vector']:>3}/{r['accesses']:<3} 16-byte accesses, "
+              f"{r['per_sm']} per SM")
     if not args.check:
         return
     # fp32 (IEEE products) is the parity mode and tf32x3 splits both operands of every dot (3 dots): they may
@@ -204,6 +227,10 @@ def main() -> None:
     problems += [f"{r['kernel']} {r['precision']}: no wgmma" for r in fast if r["kernel"] != "optimizer" and not r["wgmma"]]
     problems += [f"{r['kernel']} {r['precision']} at P {r['P']}: {r['shared']} B of shared memory" for r in rows
                  if r["shared"] > SHARED_LIMIT]
+    # every kernel whose loop holds no other loop must have all its tile loads pipelined (the windowed scatter's
+    # nested window loop cannot be, by design); the block scatter's too, though not yet the default
+    problems += [f"{r['kernel']} {r['precision']}: waits for {r['waited']} tile loads in its loop" for r in rows
+                 if r["precision"] in ("tf32", "bf16") and r["P"] <= 128 and r["kernel"] in PIPELINED and r["waited"]]
     if problems:
         print("at the default tiles: " + "; ".join(problems))
         sys.exit(1)

@@ -1,5 +1,6 @@
 """The kernels compile for the GPU (sm_90, ahead of time, no GPU needed), which the interpreter tests cannot
-show; the speed modes' default steps reach wgmma without spilling more than the GPU measurement accepted; and
+show; the speed modes' default steps reach wgmma without spilling more than the GPU measurement accepted; every
+loop that can be software-pipelined has all its tile loads asynchronous (the block backward in tf32 did not); and
 at every p the backend takes (P up to 512) each kernel of the step fits an SM's shared memory, or it could not
 launch."""
 

@@ -48,12 +48,15 @@ FORWARD = tuple(forward.TILES[n] for n in ("block_d", "block_n", "num_warps"))
 # compiler which integers are multiples of 16 (and that tensors are 16-byte aligned); ALIGN_N / ALIGN_P tell it the
 # rest (kernels/hidden.py `aligned`).
 P, WIDTH, D_MAX = 97, 500, 4704
-G_ROW, WT_ROW = forward.g_row(P), forward.w_row(WIDTH)
+G_ROW, WT_ROW = forward.g_row(P), forward.w_row(WIDTH)  # G's row in bf16: G_ROW_BF16 (forward.g_dtype)
 SHAPE = {"p": P, "width": WIDTH, "side": backward.block_side(P), "numel": P * WIDTH,
          "stride_ub": P * WIDTH, "stride_up": WIDTH, "stride_vb": P * WIDTH, "stride_vp": WIDTH,
          "stride_wb": WIDTH * P, "stride_wn": P, "stride_tb": P * WT_ROW, "stride_tp": WT_ROW, "stride_ib": D_MAX,
          "stride_bb": backward.block_count(P) ** 2 + 1, "stride_gb": D_MAX * G_ROW, "stride_gd": G_ROW}
 ALIGN = {"ALIGN_N": alignment(WIDTH, P * WIDTH), "ALIGN_P": alignment(D_MAX * G_ROW, G_ROW)}
+G_ROW_BF16 = forward.g_row(P, "bf16")
+SHAPE_BF16 = {**SHAPE, "stride_gb": D_MAX * G_ROW_BF16, "stride_gd": G_ROW_BF16}
+ALIGN_BF16 = {**ALIGN, "ALIGN_P": alignment(D_MAX * G_ROW_BF16, G_ROW_BF16)}
 
 
 def backward_default(precision: str, scatter: str = "window") -> tuple:
@@ -77,11 +80,13 @@ SHARED_LIMIT = 232448
 
 
 def resources(fn, constexprs: dict, num_warps: int, num_stages: int | None = None) -> dict:
-    types = {**TYPES, "WT": "*bf16"} if constexprs.get("PRECISION") == "bf16" else TYPES  # forward.transposed_weights
-    constexprs = {**{k: v for k, v in ALIGN.items() if k in fn.arg_names}, **constexprs}
+    # in bf16 the forward's copy of W and G are bf16 (forward.transposed_weights, forward.g_dtype)
+    bf16 = constexprs.get("PRECISION") == "bf16"
+    types, shape, align = ({**TYPES, "WT": "*bf16", "G": "*bf16"}, SHAPE_BF16, ALIGN_BF16) if bf16 else (TYPES, SHAPE, ALIGN)
+    constexprs = {**{k: v for k, v in align.items() if k in fn.arg_names}, **constexprs}
     signature = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in fn.arg_names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
-             if signature[n].startswith("*") or SHAPE.get(n, 1) % 16 == 0}
+             if signature[n].startswith("*") or shape.get(n, 1) % 16 == 0}
     options = {"num_warps": num_warps, **({"num_stages": num_stages} if num_stages else {})}
     kernel = triton.compile(ASTSource(fn, signature, constexprs=constexprs, attrs=attrs), target=TARGET,
                             options=options)
@@ -138,11 +143,12 @@ def programs_per_sm(regs: int, shared: int, num_warps: int) -> int:
     return min(65536 // (per_warp * num_warps), 233472 // (shared + 1024), 64 // num_warps)
 
 
-def table(precisions, tiles, backward_tiles=None, block_p=128, step_only=False):
+def table(precisions, tiles, backward_tiles=None, block_p=128, step_only=False, variants=False):
     """Every kernel at each of `tiles` (block_d, block_n, num_warps); the backward ones at `backward_tiles`
     (a function of the precision and scatter) instead when given, with the fused windowed backward where it is the
     default. block_p: p padded inside the kernels; above 128 the tiles shrink as the launchers shrink them
-    (forward.fit). step_only: only the kernels the default step and evaluation launch."""
+    (forward.fit). step_only: only the kernels the default step and evaluation launch. variants: also the
+    fused block backward reading G once in tf32 and tf32x3 (a sweep option, not a default)."""
     def fit(tile):
         return (*forward.fit(tile[0], tile[1], block_p), *tile[2:])
 
@@ -162,10 +168,17 @@ def table(precisions, tiles, backward_tiles=None, block_p=128, step_only=False):
             "backward dW": (_backward_kernel, back, dict(WITH_W=True, WITH_UV=False, WINDOW=0, BLOCKED=False)),
             "dU dV windowed": (_backward_kernel, back, dict(WITH_W=False, WITH_UV=True, WINDOW=16, BLOCKED=False)),
             "dU dV block": (_backward_kernel, block, dict(WITH_W=False, WITH_UV=True, WINDOW=32, BLOCKED=True)),
-            "fused block": (_backward_kernel, block, dict(WITH_W=True, WITH_UV=True, WINDOW=32, BLOCKED=True)),
+            "fused block": (_backward_kernel, block, dict(WITH_W=True, WITH_UV=True, WINDOW=32, BLOCKED=True,
+                                                          G_TWICE=precision in ("tf32", "tf32x3") and
+                                                          backward.default_step(precision, "block")[1].get("g_twice", True))),
         }
         if fused:
             kernels["fused windowed"] = (_backward_kernel, back, dict(WITH_W=True, WITH_UV=True, WINDOW=16, BLOCKED=False))
+        if variants and precision in ("tf32", "tf32x3"):  # kernels/backward.py backward(g_twice=False)
+            kernels["fused block G once"] = (_backward_kernel, block, dict(WITH_W=True, WITH_UV=True, WINDOW=32,
+                                                                           BLOCKED=True, G_TWICE=False))
+        kernels = {name: (fn, t, c if fn is not _backward_kernel else {"G_TWICE": False, **c})
+                   for name, (fn, t, c) in kernels.items()}
         for name, (fn, t, constexprs) in kernels.items():
             if not step_only or in_step(name, precision):
                 rows.append({"kernel": name, "precision": precision, "tile": t, "P": block_p,
@@ -208,10 +221,10 @@ def main() -> None:
         rows += [r for block_p in (256, 512) for r in table(precisions, [FORWARD], backward_default, block_p, True)]
     else:
         rows = table(("tf32", "tf32x3", "bf16"), [(32, 32, 4), (32, 64, 4), (32, 64, 8), (64, 32, 4), (64, 64, 4),
-                                                  (64, 64, 8), (128, 64, 8)])
+                                                  (64, 64, 8), (128, 64, 8)], variants=True)
     rows = compile_rows(rows)
     for r in rows:
-        print(f"{r['kernel']:>15} {r['precision']:>7} P {r['P']:>3} tile {r['tile']}: {r['regs']:>3} regs, "
+        print(f"{r['kernel']:>18} {r['precision']:>7} P {r['P']:>3} tile {r['tile']}: {r['regs']:>3} regs, "
               f"{r['stack']:>6} B stack (spills), {r['shared']:>6} B shared, {r['wgmma']:>3} wgmma {r['mma']:>3} mma.sync, "
               f"{r['async']:>2} async loads, {r['waited']} waited, {r['vector']:>3}/{r['accesses']:<3} 16-byte accesses, "
               f"{r['per_sm']} per SM")

@@ -30,6 +30,11 @@ FORWARD_WIDE = [{"block_d": 128, "block_n": n, "num_warps": w} for n, w in ((16,
 # default, kernels/backward.py BLOCK_STEP: 2 in tf32; Triton's default is 3)
 STAGES = [{"block_d": d, "block_n": 64, "num_warps": w, "num_stages": s}
           for d, w, s in itertools.product((32, 64), (4, 8), (3, 4))]
+# the fused block backward in tf32 reads each tile of G twice so that the compiler pipelines both loads
+# (kernels/backward.py _tile); read once, the loop waits for it but moves half the bytes from L2 and needs less
+# shared memory (64 x 64 x 4: two programs an SM instead of one; Triton 3.6, sm_90). Which wins is this sweep's.
+G_ONCE = [{"block_d": d, "block_n": 64, "num_warps": w, "num_stages": 2, "g_twice": False}
+          for d, w in itertools.product((32, 64), (4, 8))]
 
 
 def best(results: list[dict]) -> dict[str, dict]:
@@ -78,6 +83,8 @@ def main() -> None:
                 for t, s, f in itertools.product(tiles, ("window", "block"), (False, True))]
     if not args.backward_only:
         configs += [{"backward_tiles": t, "scatter": "block", "fused": f} for t, f in itertools.product(STAGES, (False, True))]
+    if args.precision in ("tf32", "tf32x3"):
+        configs += [{"backward_tiles": t, "scatter": "block", "fused": True} for t in G_ONCE]
     results = []
     for config in configs:
         engine = TritonBackend(args.precision, **config)

@@ -309,8 +309,9 @@ def bytes_per_model(p: int, width: int, d_max: int, num_pairs: int, backend: str
     indices and labels, the valid mask). torch: the written-out backward's pre-activation, activation, mask
     and dS with its temporary (5 d N), outputs, one-hot targets, difference, G and loss terms (5 d p). triton: G
     (d p', rows padded to 16 bytes), per-example losses and int32 copies of the indices in tile order (4 d), the
-    forward's transposed copy of W (p N', N' = N padded to 16; fp32, half in bf16); nothing of size d N is ever
-    stored. d: the examples of a step (the training set or the batch size). Minibatches: the epoch order (int64,
+    forward's transposed copy of W (p N', N' = N padded to 16); G and that copy are fp32, bf16 in bf16 (backend
+    "triton-bf16..."); nothing of size d N is ever stored. d: the examples of a step (the training set or the
+    batch size). Minibatches: the epoch order (int64,
     D) and the batch's indices and labels (3 d int64). BatchNorm (torch): its weight, bias, their gradients and moments and
     the running statistics (10 N), the normalised activation and the BatchNorm output (2 d N)."""
     params = 4 * 3 * p * width
@@ -320,15 +321,16 @@ def bytes_per_model(p: int, width: int, d_max: int, num_pairs: int, backend: str
         d = min(d_max, batch_size)
         data += 8 * d_max + 8 * 3 * d
     if backend.startswith("triton"):
-        # kernels/forward.py g_row and w_row, written out: this module must not need triton
-        g_row, w_row = -(-p // 4) * 4, -(-width // 16) * 16
-        work = d * g_row + 4 * d + p * w_row
+        # kernels/forward.py g_dtype, g_row and w_row, written out: this module must not need triton
+        size = 2 if backend.startswith("triton-bf16") else 4
+        g_row, w_row = -(-p * size // 16) * 16 // size, -(-width // 16) * 16
+        work = 4 * 4 * d + size * (d * g_row + p * w_row)
     else:
-        work = 5 * d * width + 5 * d * p
+        work = 4 * (5 * d * width + 5 * d * p)
     if batchnorm:
         params += 10 * width
-        work += 2 * d * width
-    return 4 * (params + work) + data
+        work += 4 * 2 * d * width
+    return 4 * params + work + data
 
 
 def memory_budget(device: torch.device) -> int:

@@ -46,8 +46,8 @@ def _backward_kernel(
     stride_ub, stride_up, stride_vb, stride_vp, stride_wb, stride_wn, stride_ib, stride_bb, stride_gb, stride_gd,
     # meta-parameters
     ACT: tl.constexpr, DROPOUT: tl.constexpr, WITH_W: tl.constexpr, WITH_UV: tl.constexpr,
-    PRECISION: tl.constexpr, WINDOW: tl.constexpr, BLOCKED: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, ALIGN_N: tl.constexpr, ALIGN_P: tl.constexpr,
+    PRECISION: tl.constexpr, WINDOW: tl.constexpr, BLOCKED: tl.constexpr, G_TWICE: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, ALIGN_N: tl.constexpr, ALIGN_P: tl.constexpr,
 ):
     # Axis 0 walks one model's neuron chunks, so consecutive programs re-read the same G[b] from L2.
     b = tl.program_id(1).to(tl.int64)
@@ -90,7 +90,7 @@ def _backward_kernel(
                 m, n, mask_d, d_w, d_s_t = _tile(U, V, M, N_, G, b, d0, end, offs_k, mask_k, offs_p, w, d_w,
                                                  p, width, seed, step_key, threshold, inv_keep, stride_ub, stride_up,
                                                  stride_vb, stride_vp, stride_ib, stride_gb, stride_gd, u, v, row_m,
-                                                 row_n, ACT, DROPOUT, WITH_W, WITH_UV, PRECISION, BLOCK_D, WINDOW)
+                                                 row_n, ACT, DROPOUT, WITH_W, WITH_UV, PRECISION, G_TWICE, BLOCK_D, WINDOW)
                 if WITH_UV:
                     onehot_m = tl.where((m - row_m)[:, None] == offs_w[None, :], 1.0, 0.0)
                     onehot_n = tl.where((n - row_n)[:, None] == offs_w[None, :], 1.0, 0.0)
@@ -106,7 +106,7 @@ def _backward_kernel(
             m, n, mask_d, d_w, d_s = _tile(U, V, M, N_, G, b, d0, count, offs_k, mask_k, offs_p, w, d_w,
                                            p, width, seed, step_key, threshold, inv_keep, stride_ub, stride_up,
                                            stride_vb, stride_vp, stride_ib, stride_gb, stride_gd, w, w, 0, 0,
-                                           ACT, DROPOUT, WITH_W, WITH_UV, PRECISION, BLOCK_D, 0)
+                                           ACT, DROPOUT, WITH_W, WITH_UV, PRECISION, False, BLOCK_D, 0)
             if WITH_UV:
                 _add_rows(DU + b * stride_ub, m, mask_d, d_s, offs_k, mask_k, p, stride_up, PRECISION, WINDOW)
                 _add_rows(DV + b * stride_vb, n, mask_d, d_s, offs_k, mask_k, p, stride_vp, PRECISION, WINDOW)
@@ -119,12 +119,12 @@ def _backward_kernel(
 def _tile(U, V, M, N_, G, b, d0, end, offs_k, mask_k, offs_p, w, d_w, p, width, seed, step_key, threshold,
           inv_keep, stride_ub, stride_up, stride_vb, stride_vp, stride_ib, stride_gb, stride_gd, u, v, row_m, row_n,
           ACT: tl.constexpr, DROPOUT: tl.constexpr, WITH_W: tl.constexpr, WITH_UV: tl.constexpr,
-          PRECISION: tl.constexpr, BLOCK_D: tl.constexpr, WINDOW: tl.constexpr):
+          PRECISION: tl.constexpr, G_TWICE: tl.constexpr, BLOCK_D: tl.constexpr, WINDOW: tl.constexpr):
     """One tile of examples [d0, d0 + BLOCK_D) (those before `end`): its rows m, n and mask, d_w plus the tile's
     dW, and its dS (zero on masked examples; unset without WITH_UV) as (BLOCK_D, BLOCK_N). WINDOW > 0 (the block
     scatter): the tile lies in one block, whose rows of U and V from row_m, row_n are u, v (hidden.block_rows),
     and it is transposed, dS (BLOCK_N, BLOCK_D): then every dot has BLOCK_N rows, so BLOCK_D may be 32 and the
-    dots stay on wgmma."""
+    dots stay on wgmma. G_TWICE (block scatter, fused, tf32/tf32x3): the dS dot reads G's tile again (below)."""
     offs_d = d0 + tl.arange(0, BLOCK_D)
     mask_d = offs_d < end
     m = tl.load(M + b * stride_ib + offs_d, mask=mask_d, other=0)
@@ -149,12 +149,14 @@ def _tile(U, V, M, N_, G, b, d0, end, offs_k, mask_k, offs_p, w, d_w, p, width, 
             d_w += dot(tl.trans(activation(pre, ACT)), g, PRECISION)
     d_s = pre  # placeholder without WITH_UV
     if WITH_UV:
-        if WINDOW > 0 and WITH_W and (PRECISION == "tf32" or PRECISION == "tf32x3"):  # G already feeds dW's dot
+        if G_TWICE:  # G already feeds dW's dot
             # G's tile read again, as (P, D). In tf32 the tensor cores take each operand from shared memory
-            # contiguous along the summed dimension, so the two dots need G in two layouts, and a load feeding two
-            # layouts the compiler neither copies asynchronously nor pipelines (it waited for g on every tile);
-            # one load per dot it does (bf16 operands may be transposed in shared memory: one copy serves both;
-            # fp32's IEEE dots take theirs from registers)
+            # contiguous along the summed dimension, so the two dots need G in two layouts (dW: along examples,
+            # dS: along p, in either orientation of either dot), and a load feeding two layouts, or a shared and
+            # a register operand, the compiler neither copies asynchronously nor pipelines: it waits for g on
+            # every tile (G_TWICE False). One load per dot it does, at twice G's bytes from L2; which is faster is
+            # the GPU's to say (bench/sweep_blocks.py). bf16 operands may be transposed in shared memory, so one
+            # copy serves both; fp32's IEEE dots take theirs from registers.
             g_t = tl.load(G + b * stride_gb + offs_d[None, :] * stride_gd + offs_p[:, None],
                           mask=mask_d[None, :] & (offs_p < stride_gd)[:, None], other=0.0)
             d_s = dot(w, g_t, PRECISION)
@@ -220,18 +222,21 @@ def default_step(precision: str, scatter: str = "window") -> tuple[bool, dict]:
 def backward(U, V, W, m, n, count, G, *, act: int, precision: str, dropout: tuple | None = None, step: int = 0,
              fused: bool = False, scatter: str = "window", blocks: torch.Tensor | None = None,
              block_d: int = TILES["block_d"], block_n: int = TILES["block_n"], num_warps: int = TILES["num_warps"],
-             num_stages: int | None = None):
+             num_stages: int | None = None, g_twice: bool = True):
     """Gradients dU, dV (B, p, N) and dW (B, N, p) of the loss whose output gradient is G (B, Dmax, p): contiguous,
-    or the forward's view of rows padded with zeros to forward.g_row(p). U, V, W fp32.
+    or the forward's view of rows padded with zeros to forward.g_row(p, precision). U, V, W fp32; G fp32, or bf16
+    in bf16 (the forward's, forward.g_dtype: the dots would round it to bf16 anyway).
 
     scatter: "window" (any example order gives the right result; tile_order makes it cheap) or "block"
     (examples in block_order, whose block offsets `blocks` it needs).
     num_stages: the depth of the software pipeline of loads (None: Triton's default). The tiles are those for
-    p <= 128; a larger p shrinks them (forward.fit)."""
+    p <= 128; a larger p shrinks them (forward.fit). g_twice: the fused block backward in tf32/tf32x3 reads each
+    tile of G twice, so that both loads are pipelined (_tile); False reads it once and waits for it."""
     B, p, width = U.shape
     row = G.stride(1)
-    assert G.shape == (B, m.shape[1], p) and G.stride(2) == 1 and row in (p, forward_module.g_row(p))
+    assert G.shape == (B, m.shape[1], p) and G.stride(2) == 1 and row in (p, forward_module.g_row(p, precision))
     assert G.stride(0) == m.shape[1] * row and W.dtype == torch.float32
+    assert G.dtype in (torch.float32, forward_module.g_dtype(precision)), "G in bf16 only for bf16 dots"
     window = SCATTERS[scatter]
     blocked = scatter == "block"
     assert not blocked or (blocks is not None and blocks.shape == (B, block_count(p) ** 2 + 1)), "block_order's offsets"
@@ -254,6 +259,7 @@ def backward(U, V, W, m, n, count, G, *, act: int, precision: str, dropout: tupl
                 blocks.stride(0), G.stride(0), G.stride(1),
                 ACT=act, DROPOUT=dropout is not None, WITH_W=with_w, WITH_UV=with_uv, PRECISION=precision,
                 WINDOW=window, BLOCKED=blocked and with_uv, BLOCK_D=block_d, BLOCK_N=block_n,
+                G_TWICE=g_twice and blocked and with_w and with_uv and precision in ("tf32", "tf32x3"),
                 BLOCK_P=forward_module.block_p(p), num_warps=num_warps, **stages,
                 ALIGN_N=alignment(width, *U.stride()[:2], *V.stride()[:2]), ALIGN_P=alignment(G.stride(0), G.stride(1)),
             )

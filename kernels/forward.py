@@ -9,7 +9,7 @@ block of the (m, n) table) when the examples come in block order (BLOCKED, below
 Shapes: U, V (B, p, N) fp32 contiguous; WT (B, p, N') W transposed, in the dots' input type (bf16 in bf16),
 rows padded with zeros to N' (a multiple of 16); M, N_, Y (B, Dmax) int32; COUNT (B,) int32 examples per model
 (slots past it are skipped). P = p padded to a power of two (>= 16) inside the kernel. Training writes G
-(B, Dmax, p'), rows padded with zeros to p' = a multiple of 4 (`g_row`), and the per-example loss; evaluation
+(B, Dmax, p'), rows padded with zeros to 16 bytes (`g_row`; bf16 in bf16, `g_dtype`), and the per-example loss; evaluation
 writes the per-example loss and pred. Per-example losses are summed on the host in a fixed order, so the result
 is deterministic.
 
@@ -127,7 +127,7 @@ def _forward_tile(U, V, WT, M, N_, Y, G, LOSS, PRED, b, offs_d, end, count, row_
         grad = (e / total[:, None] - target) / count.to(tl.float32)
     tl.store(LOSS + b * stride_ib + offs_d, loss, mask=mask_d)
     if TRAIN:  # the whole padded row: grad is 0 past p, so the backward reads G without a mask on p
-        tl.store(G + b * stride_gb + offs_d[:, None] * stride_gd + offs_p[None, :], grad,
+        tl.store(G + b * stride_gb + offs_d[:, None] * stride_gd + offs_p[None, :], grad.to(G.dtype.element_ty),
                  mask=mask_d[:, None] & (offs_p < stride_gd)[None, :])
     else:
         pred = tl.argmax(tl.where(mask_p[None, :], out, float("-inf")), axis=1)
@@ -153,9 +153,17 @@ def fit(block_d: int, block_n: int, p: int) -> tuple[int, int]:
     return max(16, block_d // factor), max(16, block_n // factor)
 
 
-def g_row(p: int) -> int:
-    """The row length of G in memory: p padded to 16 bytes."""
-    return triton.cdiv(p, 4) * 4
+def g_dtype(precision: str) -> torch.dtype:
+    """G's type in memory: bf16 in bf16, where both of the backward's dots round it to bf16 anyway (the same
+    round-to-nearest-even as the store), so storing it rounded changes no result and halves the bytes the
+    backward reads per tile of neurons; fp32 otherwise."""
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
+def g_row(p: int, precision: str = "fp32") -> int:
+    """The row length of G in memory: p padded to 16 bytes (4 fp32 or 8 bf16 elements)."""
+    per = 16 // g_dtype(precision).itemsize
+    return triton.cdiv(p, per) * per
 
 
 def w_row(width: int) -> int:
@@ -182,7 +190,8 @@ def forward(U, V, W, m, n, y, count, *, act: int, loss: int, precision: str, tra
     (loss (B, Dmax), G (B, Dmax, p) or None, pred or None). The tiles are those for p <= 128; a larger p shrinks
     them (`fit`). blocks: the offsets of block_order (kernels/backward.py), whose example order m, n, y are in.
 
-    G is a view of rows padded to g_row(p) with zeros (the backward reads the padding). dropout: None, or
+    G is a view of rows padded to g_row(p, precision) with zeros (the backward reads the padding), of type
+    g_dtype(precision): bf16 in bf16, fp32 otherwise. dropout: None, or
     (seed (B,) int64, threshold (B,) int64, inv_keep (B,) fp32) for training."""
     B, p, width = U.shape
     d_max = m.shape[1]
@@ -192,7 +201,7 @@ def forward(U, V, W, m, n, y, count, *, act: int, loss: int, precision: str, tra
     block_d, block_n = fit(block_d, block_n, p)
     w_t = transposed_weights(W, precision)
     losses = torch.empty(B, d_max, device=U.device, dtype=torch.float32)
-    G = torch.empty(B, d_max, g_row(p), device=U.device, dtype=torch.float32) if train else None
+    G = torch.empty(B, d_max, g_row(p, precision), device=U.device, dtype=g_dtype(precision)) if train else None
     pred = None if train else torch.empty(B, d_max, device=U.device, dtype=torch.int32)
     use_dropout = train and dropout is not None
     seed, threshold, inv_keep = dropout if use_dropout else (count, count, count)  # unused placeholders

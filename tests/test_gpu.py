@@ -136,6 +136,29 @@ def test_low_precision_by_the_error_ratio_rule(precision, scatter):
                                              TritonBackend(precision, scatter=scatter))
 
 
+@pytest.mark.parametrize("scatter", ["window", "block"])
+def test_bf16_backward_reads_g_stored_in_bf16_as_it_would_round_fp32_g(scatter):
+    """In bf16 the forward stores G in bf16 (kernels/forward.py g_dtype), which is exact only if the backward's
+    dots round an fp32 G to the same bf16 numbers torch's round-to-nearest-even gives: bit for bit the same
+    gradients from an fp32 G and from its bf16 copy in the forward's padded rows."""
+    from fastgrok.kernels.backward import backward
+    from fastgrok.kernels.forward import g_row
+
+    pop = Population(grid(models=64), Settings(p=P), "cuda")
+    engine = TritonBackend("bf16", scatter=scatter)
+    data = engine._data(pop)
+    G = engine.forward(pop, data)[1]
+    assert G.dtype == torch.bfloat16 and G.stride(1) == g_row(P, "bf16") == 104
+    g32 = torch.randn(G.shape, device="cuda", generator=torch.Generator("cuda").manual_seed(0)) * 1e-3
+    g16 = torch.zeros(*G.shape[:2], g_row(P, "bf16"), device="cuda", dtype=torch.bfloat16)
+    g16[..., :P] = g32
+    kw = dict(act=0, precision="bf16", dropout=data["dropout"], step=3, fused=engine.fused, scatter=scatter,
+              blocks=data["blocks"], **engine.backward_tiles)
+    args = (*pop.params, data["m"], data["n"], data["count"])
+    for name, a, b in zip(("dU", "dV", "dW"), backward(*args, g32, **kw), backward(*args, g16[..., :P], **kw)):
+        assert torch.equal(a, b), name
+
+
 @pytest.mark.parametrize("p", [131, 300])
 @pytest.mark.parametrize("precision", ["fp32", "tf32", "tf32x3", "bf16"])
 def test_p_above_128_launches_in_every_precision(precision, p):

@@ -215,25 +215,35 @@ def test_p_above_128_shrinks_the_tiles_and_still_matches_reference():
             assert_close(f"{name}[{b}] after one step at p 131", ours, theirs)
 
 
-def test_memory_estimate_covers_what_a_triton_step_holds():
+# the interpreter has no bf16 dots: bf16 runs where the kernels compile (the GPU)
+@pytest.mark.parametrize("precision", ["fp32", pytest.param("bf16", marks=pytest.mark.skipif(
+    DEVICE == "cpu", reason="the interpreter has no bf16 dots"))])
+def test_memory_estimate_covers_what_a_triton_step_holds(precision):
     from fastgrok.data import task_table
-    from fastgrok.kernels.forward import forward, transposed_weights
+    from fastgrok.kernels.forward import forward, g_row, transposed_weights
     from fastgrok.population import bytes_per_model
 
     pop = Population(hypers(), Settings(p=P), DEVICE)
-    engine = TritonBackend("fp32")
+    engine = TritonBackend(precision)
     engine.step(pop)
     held = [t for t in vars(pop).values() if isinstance(t, torch.Tensor)]
     held += [t for lst in (pop.exp_avg, pop.exp_avg_sq) for t in lst]  # (the pair table is shared, not per model)
     data = engine._data(pop)
     held += [t for t in data.values() if isinstance(t, torch.Tensor)]
-    loss, G, _ = forward(*pop.params, data["m"], data["n"], data["y"], data["count"], act=0, loss=0, precision="fp32", train=True)
+    loss, G, _ = forward(*pop.params, data["m"], data["n"], data["y"], data["count"], act=0, loss=0,
+                         precision=precision, train=True)
     # the step's losses, G (a view of padded rows: its whole storage), the forward's copy of W and the gradients
-    transient = [loss, transposed_weights(pop.W, "fp32"), *(torch.empty_like(t) for t in pop.params)]
+    transient = [loss, transposed_weights(pop.W, precision), *(torch.empty_like(t) for t in pop.params)]
     used = (sum(t.numel() * t.element_size() for t in held + transient) + G.untyped_storage().nbytes()) / len(pop)
     num_pairs = task_table("add", P)[2].numel()
-    estimate = bytes_per_model(P, WIDTH, pop.train_m.shape[1], num_pairs, "triton")
+    estimate = bytes_per_model(P, WIDTH, pop.train_m.shape[1], num_pairs, engine.name)
     assert used <= estimate <= 1.5 * used, (used, estimate)
+    # one more example costs its row of G as the kernels pad it (population.py writes g_row out: no triton there),
+    # its loss and three int32 indices (4 x 4 B), and its int64 training indices, label and valid flag (25 B)
+    for p in (13, 97, 131):
+        for precision, size in (("fp32", 4), ("bf16", 2)):
+            per_example = bytes_per_model(p, 8, 1, 0, f"triton-{precision}") - bytes_per_model(p, 8, 0, 0, f"triton-{precision}")
+            assert per_example == size * g_row(p, precision) + 4 * 4 + 25, (p, precision)
 
 
 def test_rows_in_memory_are_padded_to_16_bytes_with_zeros():
@@ -244,6 +254,7 @@ def test_rows_in_memory_are_padded_to_16_bytes_with_zeros():
     from fastgrok.kernels.hidden import LOSS_CODES, alignment
 
     assert [alignment(500, 97 * 500), alignment(512, 97 * 512), alignment(97), alignment(100, 4704 * 100)] == [4, 16, 1, 4]
+    assert [g_row(97), g_row(97, "bf16"), g_row(8, "bf16"), g_row(13)] == [100, 104, 8, 16]
     W = torch.randn(3, WIDTH, P, generator=torch.Generator().manual_seed(0))
     for precision, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         w_t = transposed_weights(W, precision)
@@ -342,14 +353,16 @@ def test_block_scatter_and_forward_match_over_many_and_empty_blocks():
     tiles = dict(block_d=16, block_n=16)
     expected = backward(U, V, W, m, n, count, G, act=1, precision="fp32", dropout=dropout, step=2, **tiles)
     # the interpreter computes tf32 dots exactly, so on the CPU it also checks tf32's own code (the fused kernel
-    # reads G a second time, transposed); on a GPU tests/test_gpu.py holds tf32 to the error-ratio rule
-    runs = [("fp32", False), ("fp32", True)] + ([("tf32", True)] if DEVICE == "cpu" else [])
-    for precision, fused in runs:
+    # reads G a second time, transposed, unless told to read it once); on a GPU tests/test_gpu.py holds tf32 to the
+    # error-ratio rule
+    runs = [("fp32", False, True), ("fp32", True, True)]
+    runs += [("tf32", True, True), ("tf32", True, False)] if DEVICE == "cpu" else []
+    for precision, fused, g_twice in runs:
         ours = backward(U, V, W, m, n, count, G, act=1, precision=precision, dropout=dropout, step=2,
-                        scatter="block", blocks=blocks, fused=fused, **tiles)
+                        scatter="block", blocks=blocks, fused=fused, g_twice=g_twice, **tiles)
         for name, a, b in zip(("dU", "dV", "dW"), ours, expected):
             # the same sums in another order: rounding relative to the largest terms
-            assert_close(f"{name} (block scatter, {precision}, fused {fused})", a, b,
+            assert_close(f"{name} (block scatter, {precision}, fused {fused}, G twice {g_twice})", a, b,
                          atol=1e-6 * float(b.abs().max()), rtol=1e-5)
     assert not ours[0][2].any() and ours[0][1, 19:].abs().sum() == 0  # no examples: no gradient
 

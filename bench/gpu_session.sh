@@ -17,10 +17,11 @@
 # (a machine stays warm only 30 s after a call; a fresh one took about 30 s to start on 2026-11-22).
 # Measured 2026-11-22 on an H100 (bench/results/h100-2026-11-22): tests 110 s, sweep 95 s, precision 95 s,
 # profile 30 s, e2e 140 s, dropout 285 s, bench over 320 s for N 512 and 128 alone (WIDTHS=2048 for the rest).
-# Owed next (sessions 6-9 had no GPU): tests, sweep (window vs block order, wide forward tiles, the block
-# backward's stages), defaults, then ncu and profile with SCATTER=block and window, bench with WIDTHS=2048,
-# compiled, e2e (its time split, and its peak memory with G's padded rows). Session 7's 16-byte accesses, session
-# 8's block windows and session 9's pipelined G (block backward, tf32) change every kernel: re-measure before tuning.
+# Owed next (sessions 6-10 had no GPU): tests, sweep (window vs block order, wide forward tiles, the block
+# backward's stages, G read once or twice), defaults, then ncu and profile with SCATTER=block and window, bench
+# with WIDTHS=2048, compiled, e2e (its time split, and its peak memory with G's padded rows). Session 7's 16-byte
+# accesses, session 8's block windows, session 9's pipelined G (block backward, tf32) and session 10's bf16 G
+# change every kernel: re-measure before tuning.
 set -uo pipefail
 OUT=${OUT:-bench/results}
 mkdir -p "$OUT"

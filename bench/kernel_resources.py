@@ -148,7 +148,7 @@ def table(precisions, tiles, backward_tiles=None, block_p=128, step_only=False, 
     (a function of the precision and scatter) instead when given, with the fused windowed backward where it is the
     default. block_p: p padded inside the kernels; above 128 the tiles shrink as the launchers shrink them
     (forward.fit). step_only: only the kernels the default step and evaluation launch. variants: also the
-    fused block backward reading G once in tf32 and tf32x3 (a sweep option, not a default)."""
+    fused block backward reading G once in tf32 (a sweep option, not a default)."""
     def fit(tile):
         return (*forward.fit(tile[0], tile[1], block_p), *tile[2:])
 
@@ -169,12 +169,12 @@ def table(precisions, tiles, backward_tiles=None, block_p=128, step_only=False, 
             "dU dV windowed": (_backward_kernel, back, dict(WITH_W=False, WITH_UV=True, WINDOW=16, BLOCKED=False)),
             "dU dV block": (_backward_kernel, block, dict(WITH_W=False, WITH_UV=True, WINDOW=32, BLOCKED=True)),
             "fused block": (_backward_kernel, block, dict(WITH_W=True, WITH_UV=True, WINDOW=32, BLOCKED=True,
-                                                          G_TWICE=precision in ("tf32", "tf32x3") and
+                                                          G_TWICE=precision == "tf32" and
                                                           backward.default_step(precision, "block")[1].get("g_twice", True))),
         }
         if fused:
             kernels["fused windowed"] = (_backward_kernel, back, dict(WITH_W=True, WITH_UV=True, WINDOW=16, BLOCKED=False))
-        if variants and precision in ("tf32", "tf32x3"):  # kernels/backward.py backward(g_twice=False)
+        if variants and precision == "tf32":  # kernels/backward.py backward(g_twice=False)
             kernels["fused block G once"] = (_backward_kernel, block, dict(WITH_W=True, WITH_UV=True, WINDOW=32,
                                                                            BLOCKED=True, G_TWICE=False))
         kernels = {name: (fn, t, c if fn is not _backward_kernel else {"G_TWICE": False, **c})

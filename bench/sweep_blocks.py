@@ -83,7 +83,7 @@ def main() -> None:
                 for t, s, f in itertools.product(tiles, ("window", "block"), (False, True))]
     if not args.backward_only:
         configs += [{"backward_tiles": t, "scatter": "block", "fused": f} for t, f in itertools.product(STAGES, (False, True))]
-    if args.precision in ("tf32", "tf32x3"):
+    if args.precision == "tf32":
         configs += [{"backward_tiles": t, "scatter": "block", "fused": True} for t in G_ONCE]
     results = []
     for config in configs:

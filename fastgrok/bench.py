@@ -179,7 +179,8 @@ def run(widths=(128, 500), models=("1", "16"), p: int = 97, alpha: float = 0.5, 
         for name in variants:
             precision, tf32, make = VARIANTS[name]
             engine = make()
-            limit = max_models(settings, width, alpha, dev, "triton" if name.startswith("triton") else "torch")
+            # the planner's name for the backend: a bf16 Triton step holds G in bf16 (kernels/forward.py g_dtype)
+            limit = max_models(settings, width, alpha, dev, engine.name if name.startswith("triton") else "torch")
             sizes = sorted({limit if str(b) == "max" else min(int(b), limit) for b in models})
             for b in sizes:
                 pop = None

@@ -124,7 +124,7 @@ def _tile(U, V, M, N_, G, b, d0, end, offs_k, mask_k, offs_p, w, d_w, p, width, 
     dW, and its dS (zero on masked examples; unset without WITH_UV) as (BLOCK_D, BLOCK_N). WINDOW > 0 (the block
     scatter): the tile lies in one block, whose rows of U and V from row_m, row_n are u, v (hidden.block_rows),
     and it is transposed, dS (BLOCK_N, BLOCK_D): then every dot has BLOCK_N rows, so BLOCK_D may be 32 and the
-    dots stay on wgmma. G_TWICE (block scatter, fused, tf32/tf32x3): the dS dot reads G's tile again (below)."""
+    dots stay on wgmma. G_TWICE (block scatter, fused, tf32): the dS dot reads G's tile again (below)."""
     offs_d = d0 + tl.arange(0, BLOCK_D)
     mask_d = offs_d < end
     m = tl.load(M + b * stride_ib + offs_d, mask=mask_d, other=0)
@@ -156,7 +156,8 @@ def _tile(U, V, M, N_, G, b, d0, end, offs_k, mask_k, offs_p, w, d_w, p, width, 
             # a register operand, the compiler neither copies asynchronously nor pipelines: it waits for g on
             # every tile (G_TWICE False). One load per dot it does, at twice G's bytes from L2; which is faster is
             # the GPU's to say (bench/sweep_blocks.py). bf16 operands may be transposed in shared memory, so one
-            # copy serves both; fp32's IEEE dots take theirs from registers.
+            # copy serves both; fp32's IEEE dots take theirs from registers, and so, split in two, do tf32x3's
+            # (one load, pipelined at 64 neurons: bench/results/kernel-resources-*.txt, "fused block" tf32x3).
             g_t = tl.load(G + b * stride_gb + offs_d[None, :] * stride_gd + offs_p[:, None],
                           mask=mask_d[None, :] & (offs_p < stride_gd)[:, None], other=0.0)
             d_s = dot(w, g_t, PRECISION)
@@ -230,8 +231,8 @@ def backward(U, V, W, m, n, count, G, *, act: int, precision: str, dropout: tupl
     scatter: "window" (any example order gives the right result; tile_order makes it cheap) or "block"
     (examples in block_order, whose block offsets `blocks` it needs).
     num_stages: the depth of the software pipeline of loads (None: Triton's default). The tiles are those for
-    p <= 128; a larger p shrinks them (forward.fit). g_twice: the fused block backward in tf32/tf32x3 reads each
-    tile of G twice, so that both loads are pipelined (_tile); False reads it once and waits for it."""
+    p <= 128; a larger p shrinks them (forward.fit). g_twice: the fused block backward in tf32 reads each tile
+    of G twice, so that both loads are pipelined (_tile); False reads it once and waits for it."""
     B, p, width = U.shape
     row = G.stride(1)
     assert G.shape == (B, m.shape[1], p) and G.stride(2) == 1 and row in (p, forward_module.g_row(p, precision))
@@ -259,7 +260,7 @@ def backward(U, V, W, m, n, count, G, *, act: int, precision: str, dropout: tupl
                 blocks.stride(0), G.stride(0), G.stride(1),
                 ACT=act, DROPOUT=dropout is not None, WITH_W=with_w, WITH_UV=with_uv, PRECISION=precision,
                 WINDOW=window, BLOCKED=blocked and with_uv, BLOCK_D=block_d, BLOCK_N=block_n,
-                G_TWICE=g_twice and blocked and with_w and with_uv and precision in ("tf32", "tf32x3"),
+                G_TWICE=g_twice and blocked and with_w and with_uv and precision == "tf32",
                 BLOCK_P=forward_module.block_p(p), num_warps=num_warps, **stages,
                 ALIGN_N=alignment(width, *U.stride()[:2], *V.stride()[:2]), ALIGN_P=alignment(G.stride(0), G.stride(1)),
             )

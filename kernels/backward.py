@@ -90,7 +90,8 @@ def _backward_kernel(
                 m, n, mask_d, d_w, d_s_t = _tile(U, V, M, N_, G, b, d0, end, offs_k, mask_k, offs_p, w, d_w,
                                                  p, width, seed, step_key, threshold, inv_keep, stride_ub, stride_up,
                                                  stride_vb, stride_vp, stride_ib, stride_gb, stride_gd, u, v, row_m,
-                                                 row_n, ACT, DROPOUT, WITH_W, WITH_UV, PRECISION, G_TWICE, BLOCK_D, WINDOW)
+                                                 row_n, ACT, DROPOUT, WITH_W, WITH_UV, PRECISION, G_TWICE, BLOCK_D,
+                                                 WINDOW)
                 if WITH_UV:
                     onehot_m = tl.where((m - row_m)[:, None] == offs_w[None, :], 1.0, 0.0)
                     onehot_n = tl.where((n - row_n)[:, None] == offs_w[None, :], 1.0, 0.0)

@@ -9,9 +9,9 @@ block of the (m, n) table) when the examples come in block order (BLOCKED, below
 Shapes: U, V (B, p, N) fp32 contiguous; WT (B, p, N') W transposed, in the dots' input type (bf16 in bf16),
 rows padded with zeros to N' (a multiple of 16); M, N_, Y (B, Dmax) int32; COUNT (B,) int32 examples per model
 (slots past it are skipped). P = p padded to a power of two (>= 16) inside the kernel. Training writes G
-(B, Dmax, p'), rows padded with zeros to 16 bytes (`g_row`; bf16 in bf16, `g_dtype`), and the per-example loss; evaluation
-writes the per-example loss and pred. Per-example losses are summed on the host in a fixed order, so the result
-is deterministic.
+(B, Dmax, p'), rows padded with zeros to 16 bytes (`g_row`; bf16 in bf16, `g_dtype`), and the per-example loss;
+evaluation writes the per-example loss and pred. Per-example losses are summed on the host in a fixed order, so
+the result is deterministic.
 
 Rows in memory are 16-byte aligned (W's own rows of p = 97 are not: hence the transposed copy, which also gives
 the tensor cores the operand layout tf32 needs), and ALIGN_N / ALIGN_P tell the compiler so, so that every tile

@@ -169,12 +169,12 @@ def table(precisions, tiles, backward_tiles=None, block_p=128, step_only=False, 
             "dU dV windowed": (_backward_kernel, back, dict(WITH_W=False, WITH_UV=True, WINDOW=16, BLOCKED=False)),
             "dU dV block": (_backward_kernel, block, dict(WITH_W=False, WITH_UV=True, WINDOW=32, BLOCKED=True)),
             "fused block": (_backward_kernel, block, dict(WITH_W=True, WITH_UV=True, WINDOW=32, BLOCKED=True,
-                                                          G_TWICE=precision == "tf32" and
+                                                          G_TWICE=precision in backward.G_TWICE_PRECISIONS and
                                                           backward.default_step(precision, "block")[1].get("g_twice", True))),
         }
         if fused:
             kernels["fused windowed"] = (_backward_kernel, back, dict(WITH_W=True, WITH_UV=True, WINDOW=16, BLOCKED=False))
-        if variants and precision == "tf32":  # kernels/backward.py backward(g_twice=False)
+        if variants and precision in backward.G_TWICE_PRECISIONS:  # kernels/backward.py backward(g_twice=False)
             kernels["fused block G once"] = (_backward_kernel, block, dict(WITH_W=True, WITH_UV=True, WINDOW=32,
                                                                            BLOCKED=True, G_TWICE=False))
         kernels = {name: (fn, t, c if fn is not _backward_kernel else {"G_TWICE": False, **c})

@@ -20,6 +20,7 @@ import torch
 from fastgrok.backends import TritonBackend
 from fastgrok.bench import _timed, flops_per_model_step
 from fastgrok.config import Hyper, Settings
+from fastgrok.kernels.backward import G_TWICE_PRECISIONS
 from fastgrok.population import Population
 
 TILES = [{"block_d": d, "block_n": n, "num_warps": w} for d, n, w in itertools.product((32, 64), (32, 64), (4, 8))]
@@ -83,7 +84,7 @@ def main() -> None:
                 for t, s, f in itertools.product(tiles, ("window", "block"), (False, True))]
     if not args.backward_only:
         configs += [{"backward_tiles": t, "scatter": "block", "fused": f} for t, f in itertools.product(STAGES, (False, True))]
-    if args.precision == "tf32":
+    if args.precision in G_TWICE_PRECISIONS:
         configs += [{"backward_tiles": t, "scatter": "block", "fused": True} for t in G_ONCE]
     results = []
     for config in configs:

@@ -211,6 +211,9 @@ STEP = {"tf32": {"fused": True, "num_warps": 4}, "tf32x3": {"num_warps": 4}, "bf
 # two programs fit an SM; fused in tf32 and bf16 like the windowed step. In tf32 the fused kernel copies G
 # twice per tile (_tile): two pipeline stages keep it at two programs an SM (107 KB of shared memory; three
 # stages: 140 KB, one). bench/sweep_blocks.py decides.
+# Precisions in which the fused block backward reads each tile of G twice unless told not to (g_twice, _tile):
+# tf32 only; fp32, tf32x3 and bf16 pipeline their one load.
+G_TWICE_PRECISIONS = ("tf32",)
 BLOCK_STEP = {"tf32": {"fused": True, "block_d": 32, "num_warps": 4, "num_stages": 2},
               "tf32x3": {"block_d": 32, "num_warps": 4}, "bf16": {"fused": True, "block_d": 32, "num_warps": 4}}
 
@@ -261,7 +264,7 @@ def backward(U, V, W, m, n, count, G, *, act: int, precision: str, dropout: tupl
                 blocks.stride(0), G.stride(0), G.stride(1),
                 ACT=act, DROPOUT=dropout is not None, WITH_W=with_w, WITH_UV=with_uv, PRECISION=precision,
                 WINDOW=window, BLOCKED=blocked and with_uv, BLOCK_D=block_d, BLOCK_N=block_n,
-                G_TWICE=g_twice and blocked and with_w and with_uv and precision == "tf32",
+                G_TWICE=g_twice and blocked and with_w and with_uv and precision in G_TWICE_PRECISIONS,
                 BLOCK_P=forward_module.block_p(p), num_warps=num_warps, **stages,
                 ALIGN_N=alignment(width, *U.stride()[:2], *V.stride()[:2]), ALIGN_P=alignment(G.stride(0), G.stride(1)),
             )

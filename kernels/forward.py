@@ -65,8 +65,8 @@ def _forward_kernel(
         start, end, row_m, row_n = block_span(BLOCKS + b * stride_bb, tl.program_id(0), p, side)
         for d0 in range(start, end, BLOCK_D):
             _forward_tile(U, V, WT, M, N_, Y, G, LOSS, PRED, b, d0 + tl.arange(0, BLOCK_D), end, count,
-                          row_m, row_n, p, side, width, step_key, seed, threshold, inv_keep, stride_ub, stride_up, stride_vb, stride_vp, stride_tb, stride_tp, stride_ib,
-                          stride_gb, stride_gd, ACT, LOSS_KIND, TRAIN, DROPOUT, PRECISION, WINDOW, BLOCK_D, BLOCK_N,
+                          row_m, row_n, p, side, width, step_key, seed, threshold, inv_keep, stride_ub, stride_up,
+                          stride_vb, stride_vp, stride_tb, stride_tp, stride_ib, stride_gb, stride_gd, ACT, LOSS_KIND, TRAIN, DROPOUT, PRECISION, WINDOW, BLOCK_D, BLOCK_N,
                           BLOCK_P)
     else:
         # Axis 0 walks one model's example tiles, so consecutive programs share W[b] in L2.

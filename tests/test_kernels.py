@@ -242,7 +242,8 @@ def test_memory_estimate_covers_what_a_triton_step_holds(precision):
     # its loss and three int32 indices (4 x 4 B), and its int64 training indices, label and valid flag (25 B)
     for p in (13, 97, 131):
         for precision, size in (("fp32", 4), ("bf16", 2)):
-            per_example = bytes_per_model(p, 8, 1, 0, f"triton-{precision}") - bytes_per_model(p, 8, 0, 0, f"triton-{precision}")
+            name = f"triton-{precision}"
+            per_example = bytes_per_model(p, 8, 1, 0, name) - bytes_per_model(p, 8, 0, 0, name)
             assert per_example == size * g_row(p, precision) + 4 * 4 + 25, (p, precision)
 
 

@@ -29,9 +29,10 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from fastgrok.kernels import backward, forward  # noqa: E402
+from fastgrok.kernels import backward, dropout, forward  # noqa: E402
 from fastgrok.kernels.hidden import alignment  # noqa: E402
 from fastgrok.kernels.backward import _backward_kernel  # noqa: E402
+from fastgrok.kernels.dropout import _mask_kernel  # noqa: E402
 from fastgrok.kernels.forward import _forward_kernel  # noqa: E402
 from fastgrok.kernels.optimizer import _optimizer_kernel  # noqa: E402
 
@@ -40,7 +41,7 @@ CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia",
 TYPES = {
     **{n: "*fp32" for n in ("U", "V", "W", "WT", "G", "LOSS", "INV_KEEP", "DU", "DV", "DW", "PARAM", "GRAD", "EXP_AVG",
                             "EXP_AVG_SQ", "DECAY", "L2", "STEP_SIZE", "BIAS2_SQRT", "BETA1", "BETA2", "EPS")},
-    **{n: "*i32" for n in ("M", "N_", "Y", "COUNT", "PRED")},
+    **{n: "*i32" for n in ("M", "N_", "Y", "COUNT", "PRED", "BITS")},
     "BLOCKS": "*i32", "SEED": "*i64", "THRESHOLD": "*i64", "ACTIVE": "*i8", "step_key": "i64",
 }
 FORWARD = tuple(forward.TILES[n] for n in ("block_d", "block_n", "num_warps"))
@@ -186,10 +187,12 @@ def table(precisions, tiles, backward_tiles=None, block_p=128, step_only=False, 
     if not step_only:
         rows.append({"kernel": "optimizer", "precision": "fp32", "tile": (1024, 0, 4), "P": 0,
                      "job": ("_optimizer_kernel", dict(MODE=0, BLOCK=1024, ALIGN=alignment(P * WIDTH)), 4)})
+        rows.append({"kernel": "dropout masks", "precision": "-", "tile": (dropout.BLOCK_D, 32, 4), "P": 0,
+                     "job": ("_mask_kernel", dict(BLOCK_D=dropout.BLOCK_D), 4)})
     return rows
 
 
-KERNELS = {fn.__name__: fn for fn in (_forward_kernel, _backward_kernel, _optimizer_kernel)}
+KERNELS = {fn.__name__: fn for fn in (_forward_kernel, _backward_kernel, _optimizer_kernel, _mask_kernel)}
 
 
 def compile_job(job) -> dict:

@@ -1,7 +1,8 @@
 """Where a Triton step's time goes: the forward (+ loss gradient), the backward and the optimizer, each timed
-alone at the backend's defaults, for a few widths (p 97, alpha 0.5, MSE, AdamW).
+alone at the backend's defaults, for a few widths (p 97, alpha 0.5, MSE, AdamW). With --dropout, every model
+drops that fraction of its hidden units, and the step's masks (kernels/dropout.py) are timed too.
 
-    python bench/profile_step.py --precision tf32 --models 1024 --width 128,512,2048
+    python bench/profile_step.py --precision tf32 --models 1024 --width 128,512,2048 [--dropout 0.2]
 """
 
 import argparse
@@ -21,6 +22,7 @@ def main() -> None:
     parser.add_argument("--precision", default="tf32")
     parser.add_argument("--scatter", default=None, help="the backward's scatter (kernels/backward.py SCATTERS)")
     parser.add_argument("--models", type=int, default=1024)
+    parser.add_argument("--dropout", type=float, default=0.0)
     parser.add_argument("--width", default="128,500,512,2048",
                         help="500: the phase diagrams' width, whose rows are not multiples of 16 (ALIGN_N 4)")
     parser.add_argument("--p", type=int, default=97)
@@ -30,17 +32,19 @@ def main() -> None:
     dev, settings = torch.device(args.device), Settings(p=args.p)
     rows = []
     for width in map(int, args.width.split(",")):
-        pop = Population([Hyper(width=width, seed=i) for i in range(args.models)], settings, dev)
+        pop = Population([Hyper(width=width, seed=i, dropout=args.dropout) for i in range(args.models)], settings, dev)
         engine = TritonBackend(args.precision, **({"scatter": args.scatter} if args.scatter else {}))
-        data = engine._data(pop)
+        data = engine.step_data(pop)
         G = engine.forward(pop, data)[1]
         grads = engine.backward(pop, data, G)
         losses = torch.zeros(args.models, device=dev)
-        parts = {"forward": lambda: engine.forward(pop, data), "backward": lambda: engine.backward(pop, data, G),
+        parts = {"masks": lambda: engine.step_data(pop)} if args.dropout else {}
+        parts |= {"forward": lambda: engine.forward(pop, data), "backward": lambda: engine.backward(pop, data, G),
                  "finite_check": lambda: _finish_step(pop, losses, grads, lambda *a, **k: None),
                  "finite_check+optimizer": lambda: _finish_step(pop, losses, grads, optimizer_step_),
                  "step": lambda: engine.step(pop)}
-        row = {"width": width, "models": args.models, "precision": args.precision, "scatter": engine.scatter}
+        row = {"width": width, "models": args.models, "precision": args.precision, "scatter": engine.scatter,
+               "dropout": args.dropout}
         for name, fn in parts.items():
             row[f"{name}_ms"] = 1e3 * _timed(fn, dev)
         flops = flops_per_model_step(settings.p, width, int(pop.D.max()))

@@ -199,14 +199,16 @@ class TritonBackend:
         if settings.p > self.MAX_P:
             raise ConfigError(f"the triton backend handles p up to {self.MAX_P}; use --backend torch for p {settings.p}")
 
-    def _data(self, pop: Population):
-        """The step's examples as int32 copies and the per-model dropout constants: made once per population
-        for full-batch training, the examples every step for minibatches.
+    def step_data(self, pop: Population) -> dict:
+        """What the kernels need for pop's next step: its examples as int32 copies (made once per population for
+        full-batch training, every step for minibatches) and its dropout masks ("masks": kernels/dropout.py, drawn
+        for this step; None without dropout).
 
         The kernels see each model's examples in tile order (kernels.backward.tile_order, or block_order for the
         "block" scatter): a step does not depend on the order beyond rounding, the windowed scatter needs it to
         be cheap and the block scatter to be right."""
         from fastgrok.kernels.backward import block_order, tile_order
+        from fastgrok.kernels.dropout import masks
 
         cached = getattr(pop, "_triton_data", None)
         if cached is None:
@@ -226,15 +228,18 @@ class TritonBackend:
                 perm, blocks = tile_order(m, n, valid, pop.settings.p), None
             m, n, y = (torch.gather(t, 1, perm).int() for t in (m, n, y))
             examples = {"m": m, "n": n, "y": y, "blocks": blocks, "valid": valid, "count": D.int(), "D": D}
-            if pop.batch_size is not None:
-                return {"dropout": cached["dropout"], **examples}
-            cached[kind] = examples
-        return {"dropout": cached["dropout"], **cached[kind]}
+            if pop.batch_size is None:
+                cached[kind] = examples
+        else:
+            examples = cached[kind]
+        drawn = masks(examples["m"], examples["n"], examples["count"], cached["dropout"], p=pop.settings.p,
+                      width=pop.width, step=pop.step)
+        return {**examples, "masks": drawn}
 
     def step(self, pop: Population) -> torch.Tensor:
         from fastgrok.kernels.optimizer import optimizer_step_
 
-        data = self._data(pop)
+        data = self.step_data(pop)
         example_loss, G = self.forward(pop, data)
         # padding comes last in tile order too, so `valid` masks the kernel's slots as well as the batch's
         losses = torch.where(data["valid"], example_loss, 0.0).sum(1) / data["D"]
@@ -249,8 +254,7 @@ class TritonBackend:
         s = pop.settings
         example_loss, G, _ = forward(*pop.params, data["m"], data["n"], data["y"], data["count"], act=ACT_CODES[s.act],
                                      loss=LOSS_CODES[s.loss], precision=self.precision, train=True,
-                                     dropout=data["dropout"], step=pop.step, blocks=data["blocks"],
-                                     **self.forward_tiles)
+                                     dropout=data["masks"], blocks=data["blocks"], **self.forward_tiles)
         return example_loss, G
 
     def backward(self, pop: Population, data: dict, G: torch.Tensor):
@@ -259,7 +263,7 @@ class TritonBackend:
         from fastgrok.kernels.hidden import ACT_CODES
 
         return backward(*pop.params, data["m"], data["n"], data["count"], G, act=ACT_CODES[pop.settings.act],
-                        precision=self.precision, dropout=data["dropout"], step=pop.step, fused=self.fused,
+                        precision=self.precision, dropout=data["masks"], fused=self.fused,
                         scatter=self.scatter, blocks=data["blocks"], **self.backward_tiles)
 
     @staticmethod

@@ -302,7 +302,7 @@ def check_training_sets(hypers: list[Hyper], settings: Settings) -> None:
 
 
 def bytes_per_model(p: int, width: int, d_max: int, num_pairs: int, backend: str = "torch",
-                    batch_size: int | None = None, batchnorm: bool = False) -> int:
+                    batch_size: int | None = None, batchnorm: bool = False, dropout: bool = False) -> int:
     """Device memory of one model in a population (fp32 parameters).
 
     Always: parameters, gradients and two Adam moments (4 x 3 p N); the data (int64 pair order, training
@@ -310,7 +310,8 @@ def bytes_per_model(p: int, width: int, d_max: int, num_pairs: int, backend: str
     and dS with its temporary (5 d N), outputs, one-hot targets, difference, G and loss terms (5 d p). triton: G
     (d p', rows padded to 16 bytes), per-example losses and int32 copies of the indices in tile order (4 d), the
     forward's transposed copy of W (p N', N' = N padded to 16); G and that copy are fp32, bf16 in bf16 (backend
-    "triton-bf16..."); nothing of size d N is ever stored. d: the examples of a step (the training set or the
+    "triton-bf16..."), and with dropout the step's mask bits (4 bytes per 32 neurons of an example,
+    kernels/dropout.py); nothing of size d N is ever stored. d: the examples of a step (the training set or the
     batch size). Minibatches: the epoch order (int64,
     D) and the batch's indices and labels (3 d int64). BatchNorm (torch): its weight, bias, their gradients and moments and
     the running statistics (10 N), the normalised activation and the BatchNorm output (2 d N)."""
@@ -325,6 +326,8 @@ def bytes_per_model(p: int, width: int, d_max: int, num_pairs: int, backend: str
         size = 2 if backend.startswith("triton-bf16") else 4
         g_row, w_row = -(-p * size // 16) * 16 // size, -(-width // 16) * 16
         work = 4 * 4 * d + size * (d * g_row + p * w_row)
+        if dropout:
+            work += 4 * -(-width // 32) * d
     else:
         work = 4 * (5 * d * width + 5 * d * p)
     if batchnorm:
@@ -360,7 +363,8 @@ def plan(hypers: list[Hyper], settings: Settings, device: torch.device, budget: 
         # by training-set size, so that a population (and a CPU chunk of one) holds models of similar D
         ids.sort(key=lambda i: train_size(num_pairs, hypers[i].alpha))
         d_max = train_size(num_pairs, hypers[ids[-1]].alpha)
-        need = bytes_per_model(settings.p, width, d_max, num_pairs, backend, settings.batch_size, settings.batchnorm)
+        need = bytes_per_model(settings.p, width, d_max, num_pairs, backend, settings.batch_size, settings.batchnorm,
+                               any(hypers[i].dropout > 0 for i in ids))
         if need > budget:
             raise ConfigError(
                 f"one model of width {width} needs about {need / 2**30:.1f} GiB, more than the "

@@ -39,9 +39,9 @@ from fastgrok.kernels.hidden import (BLOCK_WINDOW, activation, activation_grad, 
 @triton.jit
 def _backward_kernel(
     # pointers
-    U, V, W, M, N_, COUNT, BLOCKS, SEED, THRESHOLD, INV_KEEP, G, DU, DV, DW,
+    U, V, W, M, N_, COUNT, BLOCKS, BITS, INV_KEEP, G, DU, DV, DW,
     # sizes
-    p, width, side, step_key,
+    p, width, side,
     # strides (dU, dV, dW share U, V, W's layout)
     stride_ub, stride_up, stride_vb, stride_vp, stride_wb, stride_wn, stride_ib, stride_bb, stride_gb, stride_gd,
     # meta-parameters
@@ -57,16 +57,16 @@ def _backward_kernel(
     stride_vb, stride_vp = aligned(stride_vb, ALIGN_N), aligned(stride_vp, ALIGN_N)
     stride_gb, stride_gd = aligned(stride_gb, ALIGN_P), aligned(stride_gd, ALIGN_P)
     count = tl.load(COUNT + b)
-    offs_k = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k0 = tl.program_id(0) * BLOCK_N
+    offs_k = k0 + tl.arange(0, BLOCK_N)
     mask_k = offs_k < width
     offs_p = tl.arange(0, BLOCK_P)
     mask_p = offs_p < p
     mask_kp = mask_k[:, None] & mask_p[None, :]
-    seed, threshold, inv_keep = count, count, count  # unused without dropout
+    inv_keep = count  # unused without dropout
     if DROPOUT:
-        seed = tl.load(SEED + b)
-        threshold = tl.load(THRESHOLD + b)
         inv_keep = tl.load(INV_KEEP + b)
+        BITS += b * tl.cdiv(width, 32) * stride_ib  # model b's mask bits (kernels/dropout.py)
     w = tl.zeros((BLOCK_N, BLOCK_P), dtype=tl.float32)
     if WITH_UV:
         w = tl.load(W + b * stride_wb + offs_k[:, None] * stride_wn + offs_p[None, :], mask=mask_kp, other=0.0)
@@ -87,11 +87,10 @@ def _backward_kernel(
             d_u = tl.zeros((BLOCK_N, WINDOW), dtype=tl.float32)
             d_v = tl.zeros((BLOCK_N, WINDOW), dtype=tl.float32)
             for d0 in range(start, end, BLOCK_D):
-                m, n, mask_d, d_w, d_s_t = _tile(U, V, M, N_, G, b, d0, end, offs_k, mask_k, offs_p, w, d_w,
-                                                 p, width, seed, step_key, threshold, inv_keep, stride_ub, stride_up,
-                                                 stride_vb, stride_vp, stride_ib, stride_gb, stride_gd, u, v, row_m,
-                                                 row_n, ACT, DROPOUT, WITH_W, WITH_UV, PRECISION, G_TWICE, BLOCK_D,
-                                                 WINDOW)
+                m, n, mask_d, d_w, d_s_t = _tile(U, V, M, N_, BITS, G, b, d0, end, k0, offs_k, mask_k, offs_p, w,
+                                                 d_w, p, width, inv_keep, stride_ub, stride_up, stride_vb, stride_vp,
+                                                 stride_ib, stride_gb, stride_gd, u, v, row_m, row_n, ACT, DROPOUT,
+                                                 WITH_W, WITH_UV, PRECISION, G_TWICE, BLOCK_D, BLOCK_N, WINDOW)
                 if WITH_UV:
                     onehot_m = tl.where((m - row_m)[:, None] == offs_w[None, :], 1.0, 0.0)
                     onehot_n = tl.where((n - row_n)[:, None] == offs_w[None, :], 1.0, 0.0)
@@ -104,10 +103,10 @@ def _backward_kernel(
                 tl.debug_barrier()
     else:
         for d0 in range(0, count, BLOCK_D):
-            m, n, mask_d, d_w, d_s = _tile(U, V, M, N_, G, b, d0, count, offs_k, mask_k, offs_p, w, d_w,
-                                           p, width, seed, step_key, threshold, inv_keep, stride_ub, stride_up,
-                                           stride_vb, stride_vp, stride_ib, stride_gb, stride_gd, w, w, 0, 0,
-                                           ACT, DROPOUT, WITH_W, WITH_UV, PRECISION, False, BLOCK_D, 0)
+            m, n, mask_d, d_w, d_s = _tile(U, V, M, N_, BITS, G, b, d0, count, k0, offs_k, mask_k, offs_p, w, d_w,
+                                           p, width, inv_keep, stride_ub, stride_up, stride_vb, stride_vp, stride_ib,
+                                           stride_gb, stride_gd, w, w, 0, 0, ACT, DROPOUT, WITH_W, WITH_UV,
+                                           PRECISION, False, BLOCK_D, BLOCK_N, 0)
             if WITH_UV:
                 _add_rows(DU + b * stride_ub, m, mask_d, d_s, offs_k, mask_k, p, stride_up, PRECISION, WINDOW)
                 _add_rows(DV + b * stride_vb, n, mask_d, d_s, offs_k, mask_k, p, stride_vp, PRECISION, WINDOW)
@@ -117,11 +116,12 @@ def _backward_kernel(
 
 
 @triton.jit
-def _tile(U, V, M, N_, G, b, d0, end, offs_k, mask_k, offs_p, w, d_w, p, width, seed, step_key, threshold,
-          inv_keep, stride_ub, stride_up, stride_vb, stride_vp, stride_ib, stride_gb, stride_gd, u, v, row_m, row_n,
-          ACT: tl.constexpr, DROPOUT: tl.constexpr, WITH_W: tl.constexpr, WITH_UV: tl.constexpr,
-          PRECISION: tl.constexpr, G_TWICE: tl.constexpr, BLOCK_D: tl.constexpr, WINDOW: tl.constexpr):
-    """One tile of examples [d0, d0 + BLOCK_D) (those before `end`): its rows m, n and mask, d_w plus the tile's
+def _tile(U, V, M, N_, BITS, G, b, d0, end, k0, offs_k, mask_k, offs_p, w, d_w, p, width, inv_keep, stride_ub,
+          stride_up, stride_vb, stride_vp, stride_ib, stride_gb, stride_gd, u, v, row_m, row_n, ACT: tl.constexpr,
+          DROPOUT: tl.constexpr, WITH_W: tl.constexpr, WITH_UV: tl.constexpr, PRECISION: tl.constexpr,
+          G_TWICE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, WINDOW: tl.constexpr):
+    """One tile of examples [d0, d0 + BLOCK_D) (those before `end`) at neurons offs_k (BLOCK_N of them from k0):
+    its rows m, n and mask, d_w plus the tile's
     dW, and its dS (zero on masked examples; unset without WITH_UV) as (BLOCK_D, BLOCK_N). WINDOW > 0 (the block
     scatter): the tile lies in one block, whose rows of U and V from row_m, row_n are u, v (hidden.block_rows),
     and it is transposed, dS (BLOCK_N, BLOCK_D): then every dot has BLOCK_N rows, so BLOCK_D may be 32 and the
@@ -135,14 +135,16 @@ def _tile(U, V, M, N_, G, b, d0, end, offs_k, mask_k, offs_p, w, d_w, p, width, 
     g = tl.load(G + b * stride_gb + offs_d[:, None] * stride_gd + offs_p[None, :],
                 mask=mask_d[:, None] & (offs_p < stride_gd)[None, :], other=0.0)
     if WINDOW > 0:  # transposed
-        rows_m, rows_n, ks, mask_dk = m[None, :], n[None, :], offs_k[:, None], mask_k[:, None] & mask_d[None, :]
-        pre = gathered_preactivation(u, v, rows_m, rows_n, row_m, row_n, ks, mask_dk, WINDOW, True)
+        ds, ks, mask_ds = offs_d[None, :], offs_k[:, None], mask_d[None, :]
+        mask_dk = mask_k[:, None] & mask_ds
+        pre = gathered_preactivation(u, v, m[None, :], n[None, :], row_m, row_n, ks, mask_dk, WINDOW, True)
     else:
-        rows_m, rows_n, ks, mask_dk = m[:, None], n[:, None], offs_k[None, :], mask_d[:, None] & mask_k[None, :]
-        pre = preactivation(U + b * stride_ub, V + b * stride_vb, rows_m, rows_n, ks, mask_dk, stride_up, stride_vp)
+        ds, ks, mask_ds = offs_d[:, None], offs_k[None, :], mask_d[:, None]
+        mask_dk = mask_ds & mask_k[None, :]
+        pre = preactivation(U + b * stride_ub, V + b * stride_vb, m[:, None], n[:, None], ks, mask_dk, stride_up,
+                            stride_vp)
     if DROPOUT:
-        scale = dropout_scale(rows_m * p + rows_n, ks, width, seed, step_key, threshold, inv_keep)
-        pre = pre * scale
+        pre = pre * dropout_scale(BITS, ds, ks, k0, mask_ds, width, stride_ib, inv_keep, BLOCK_N)
     if WITH_W:
         if WINDOW > 0:  # transposed
             d_w += dot(activation(pre, ACT), g, PRECISION)
@@ -168,7 +170,10 @@ def _tile(U, V, M, N_, G, b, d0, end, offs_k, mask_k, offs_p, w, d_w, p, width, 
             d_s = dot(g, tl.trans(w), PRECISION)
         d_s = d_s * activation_grad(pre, ACT)
         if DROPOUT:
-            d_s = d_s * scale
+            # dS carries the mask's factor once more: a dropped unit's pre is 0, where both activations' derivative
+            # is 0 already, so only the kept units' 1 / (1 - rate) is left, a scalar (no mask tile kept across the
+            # dots)
+            d_s = d_s * inv_keep
         d_s = tl.where(mask_dk, d_s, 0.0)  # (masked neurons have zero rows of w: their dS is zero already)
     return m, n, mask_d, d_w, d_s
 
@@ -224,13 +229,14 @@ def default_step(precision: str, scatter: str = "window") -> tuple[bool, dict]:
     return step.get("fused", False), {**TILES, **{k: v for k, v in step.items() if k != "fused"}}
 
 
-def backward(U, V, W, m, n, count, G, *, act: int, precision: str, dropout: tuple | None = None, step: int = 0,
+def backward(U, V, W, m, n, count, G, *, act: int, precision: str, dropout: tuple | None = None,
              fused: bool = False, scatter: str = "window", blocks: torch.Tensor | None = None,
              block_d: int = TILES["block_d"], block_n: int = TILES["block_n"], num_warps: int = TILES["num_warps"],
              num_stages: int | None = None, g_twice: bool = True):
     """Gradients dU, dV (B, p, N) and dW (B, N, p) of the loss whose output gradient is G (B, Dmax, p): contiguous,
     or the forward's view of rows padded with zeros to forward.g_row(p, precision). U, V, W fp32; G fp32, or bf16
-    in bf16 (the forward's, forward.g_dtype: the dots would round it to bf16 anyway).
+    in bf16 (the forward's, forward.g_dtype: the dots would round it to bf16 anyway). dropout: None, or the
+    step's masks (kernels/dropout.py masks), those the forward used.
 
     scatter: "window" (any example order gives the right result; tile_order makes it cheap) or "block"
     (examples in block_order, whose block offsets `blocks` it needs).
@@ -249,7 +255,8 @@ def backward(U, V, W, m, n, count, G, *, act: int, precision: str, dropout: tupl
         blocks = count  # unused placeholder
     dW = torch.empty_like(W)
     dU, dV = torch.zeros_like(U), torch.zeros_like(V)  # both scatters add into them
-    seed, threshold, inv_keep = dropout if dropout is not None else (count, count, count)  # unused placeholders
+    bits, inv_keep = dropout if dropout is not None else (count, count)  # unused placeholders
+    assert dropout is None or bits.shape == (B, triton.cdiv(width, 32), m.shape[1]), "kernels/dropout.py masks"
     passes = [(True, True)] if fused else [(True, False), (False, True)]
     block_d, block_n = forward_module.fit(block_d, block_n, p)
     stages = {} if num_stages is None else {"num_stages": num_stages}
@@ -257,9 +264,9 @@ def backward(U, V, W, m, n, count, G, *, act: int, precision: str, dropout: tupl
         for lo in range(0, B, forward_module.MAX_GRID_Y):  # CUDA caps the grid's second axis at 65535
             sl = slice(lo, min(B, lo + forward_module.MAX_GRID_Y))
             _backward_kernel[(triton.cdiv(width, block_n), sl.stop - lo)](
-                U[sl], V[sl], W[sl], m[sl], n[sl], count[sl], blocks[sl], seed[sl], threshold[sl], inv_keep[sl],
+                U[sl], V[sl], W[sl], m[sl], n[sl], count[sl], blocks[sl], bits[sl], inv_keep[sl],
                 G[sl], dU[sl], dV[sl], dW[sl],
-                p, width, block_side(p), step << 32,
+                p, width, block_side(p),
                 U.stride(0), U.stride(1), V.stride(0), V.stride(1), W.stride(0), W.stride(1), m.stride(0),
                 blocks.stride(0), G.stride(0), G.stride(1),
                 ACT=act, DROPOUT=dropout is not None, WITH_W=with_w, WITH_UV=with_uv, PRECISION=precision,

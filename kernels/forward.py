@@ -37,9 +37,9 @@ WINDOW = tl.constexpr(BLOCK_WINDOW)  # as the kernels see it
 @triton.jit
 def _forward_kernel(
     # pointers
-    U, V, WT, M, N_, Y, COUNT, BLOCKS, SEED, THRESHOLD, INV_KEEP, G, LOSS, PRED,
+    U, V, WT, M, N_, Y, COUNT, BLOCKS, BITS, INV_KEEP, G, LOSS, PRED,
     # sizes
-    p, width, side, step_key,
+    p, width, side,
     # strides (stride_tp: WT's padded row, a multiple of 16)
     stride_ub, stride_up, stride_vb, stride_vp, stride_tb, stride_tp, stride_ib, stride_bb, stride_gb, stride_gd,
     # meta-parameters
@@ -53,33 +53,32 @@ def _forward_kernel(
     stride_vb, stride_vp = aligned(stride_vb, ALIGN_N), aligned(stride_vp, ALIGN_N)
     stride_gb, stride_gd = aligned(stride_gb, ALIGN_P), aligned(stride_gd, ALIGN_P)
     count = tl.load(COUNT + b)
-    seed, threshold, inv_keep = count, count, count  # unused without dropout
+    inv_keep = count  # unused without dropout
     if DROPOUT:
-        seed = tl.load(SEED + b)
-        threshold = tl.load(THRESHOLD + b)
         inv_keep = tl.load(INV_KEEP + b)
+        BITS += b * tl.cdiv(width, 32) * stride_ib  # model b's mask bits (kernels/dropout.py)
     if BLOCKED:
         # Axis 0 walks the blocks of the (m, n) table: the examples come grouped by blocks of side x side pairs
         # (block_order), block j's from slot BLOCKS[b, j] to BLOCKS[b, j + 1], so every tile of a block reads
         # its U and V rows from one window of WINDOW rows (hidden.gathered_preactivation)
         start, end, row_m, row_n = block_span(BLOCKS + b * stride_bb, tl.program_id(0), p, side)
         for d0 in range(start, end, BLOCK_D):
-            _forward_tile(U, V, WT, M, N_, Y, G, LOSS, PRED, b, d0 + tl.arange(0, BLOCK_D), end, count,
-                          row_m, row_n, p, side, width, step_key, seed, threshold, inv_keep, stride_ub, stride_up,
-                          stride_vb, stride_vp, stride_tb, stride_tp, stride_ib, stride_gb, stride_gd, ACT, LOSS_KIND, TRAIN, DROPOUT, PRECISION, WINDOW, BLOCK_D, BLOCK_N,
-                          BLOCK_P)
+            _forward_tile(U, V, WT, M, N_, Y, BITS, G, LOSS, PRED, b, d0 + tl.arange(0, BLOCK_D), end, count,
+                          row_m, row_n, p, side, width, inv_keep, stride_ub, stride_up, stride_vb, stride_vp,
+                          stride_tb, stride_tp, stride_ib, stride_gb, stride_gd, ACT, LOSS_KIND, TRAIN, DROPOUT,
+                          PRECISION, WINDOW, BLOCK_D, BLOCK_N, BLOCK_P)
     else:
         # Axis 0 walks one model's example tiles, so consecutive programs share W[b] in L2.
         if tl.program_id(0) * BLOCK_D < count:
-            _forward_tile(U, V, WT, M, N_, Y, G, LOSS, PRED, b, tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D),
-                          count, count, 0, 0, p, side, width, step_key, seed, threshold, inv_keep, stride_ub,
-                          stride_up, stride_vb, stride_vp, stride_tb, stride_tp, stride_ib, stride_gb, stride_gd,
-                          ACT, LOSS_KIND, TRAIN, DROPOUT, PRECISION, 0, BLOCK_D, BLOCK_N, BLOCK_P)
+            _forward_tile(U, V, WT, M, N_, Y, BITS, G, LOSS, PRED, b,
+                          tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D), count, count, 0, 0, p, side, width,
+                          inv_keep, stride_ub, stride_up, stride_vb, stride_vp, stride_tb, stride_tp, stride_ib,
+                          stride_gb, stride_gd, ACT, LOSS_KIND, TRAIN, DROPOUT, PRECISION, 0, BLOCK_D, BLOCK_N, BLOCK_P)
 
 
 @triton.jit
-def _forward_tile(U, V, WT, M, N_, Y, G, LOSS, PRED, b, offs_d, end, count, row_m, row_n, p, side, width, step_key,
-                  seed, threshold, inv_keep, stride_ub, stride_up, stride_vb, stride_vp, stride_tb, stride_tp, stride_ib,
+def _forward_tile(U, V, WT, M, N_, Y, BITS, G, LOSS, PRED, b, offs_d, end, count, row_m, row_n, p, side, width,
+                  inv_keep, stride_ub, stride_up, stride_vb, stride_vp, stride_tb, stride_tp, stride_ib,
                   stride_gb, stride_gd, ACT: tl.constexpr, LOSS_KIND: tl.constexpr, TRAIN: tl.constexpr,
                   DROPOUT: tl.constexpr, PRECISION: tl.constexpr, WINDOW: tl.constexpr, BLOCK_D: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr):
@@ -105,8 +104,8 @@ def _forward_tile(U, V, WT, M, N_, Y, G, LOSS, PRED, b, offs_d, end, count, row_
             pre = preactivation(U + b * stride_ub, V + b * stride_vb, m[:, None], n[:, None], offs_k[None, :], mask,
                                 stride_up, stride_vp)
         if DROPOUT:
-            pre = pre * dropout_scale((m * p + n)[:, None], offs_k[None, :], width, seed, step_key, threshold,
-                                      inv_keep)
+            pre = pre * dropout_scale(BITS, offs_d[:, None], offs_k[None, :], k0, mask_d[:, None], width, stride_ib,
+                                      inv_keep, BLOCK_N)
         h = activation(pre, ACT)
         # W[b, k, q] for the chunk, from the transposed copy; its padding is zero, so no mask on k < width
         w_t = tl.load(WT + b * stride_tb + offs_p[:, None] * stride_tp + offs_k[None, :],
@@ -184,15 +183,15 @@ def transposed_weights(W: torch.Tensor, precision: str) -> torch.Tensor:
 
 
 def forward(U, V, W, m, n, y, count, *, act: int, loss: int, precision: str, train: bool,
-            dropout: tuple | None = None, step: int = 0, blocks: torch.Tensor | None = None,
+            dropout: tuple | None = None, blocks: torch.Tensor | None = None,
             block_d: int = TILES["block_d"], block_n: int = TILES["block_n"], num_warps: int = TILES["num_warps"]):
     """Launch over (cdiv(Dmax, block_d), B), or with `blocks` over (blocks of the (m, n) table, B). Returns
     (loss (B, Dmax), G (B, Dmax, p) or None, pred or None). The tiles are those for p <= 128; a larger p shrinks
     them (`fit`). blocks: the offsets of block_order (kernels/backward.py), whose example order m, n, y are in.
 
     G is a view of rows padded to g_row(p, precision) with zeros (the backward reads the padding), of type
-    g_dtype(precision): bf16 in bf16, fp32 otherwise. dropout: None, or
-    (seed (B,) int64, threshold (B,) int64, inv_keep (B,) fp32) for training."""
+    g_dtype(precision): bf16 in bf16, fp32 otherwise. dropout: None, or the step's masks for training
+    (kernels/dropout.py masks: bits drawn for these m, n)."""
     B, p, width = U.shape
     d_max = m.shape[1]
     assert V.shape == U.shape and W.shape == (B, width, p), "U, V: (B, p, N); W: (B, N, p)"
@@ -204,7 +203,8 @@ def forward(U, V, W, m, n, y, count, *, act: int, loss: int, precision: str, tra
     G = torch.empty(B, d_max, g_row(p, precision), device=U.device, dtype=g_dtype(precision)) if train else None
     pred = None if train else torch.empty(B, d_max, device=U.device, dtype=torch.int32)
     use_dropout = train and dropout is not None
-    seed, threshold, inv_keep = dropout if use_dropout else (count, count, count)  # unused placeholders
+    bits, inv_keep = dropout if use_dropout else (count, count)  # unused placeholders
+    assert not use_dropout or bits.shape == (B, triton.cdiv(width, 32), d_max), "kernels/dropout.py masks"
     align_p = alignment(G.stride(0), G.stride(1)) if train else 1
     blocked = blocks is not None
     if blocked:
@@ -215,9 +215,9 @@ def forward(U, V, W, m, n, y, count, *, act: int, loss: int, precision: str, tra
     for lo in range(0, B, MAX_GRID_Y):  # CUDA caps the grid's second axis at 65535
         sl = slice(lo, min(B, lo + MAX_GRID_Y))
         _forward_kernel[(tiles, sl.stop - lo)](
-            U[sl], V[sl], w_t[sl], m[sl], n[sl], y[sl], count[sl], blocks[sl], seed[sl], threshold[sl], inv_keep[sl],
+            U[sl], V[sl], w_t[sl], m[sl], n[sl], y[sl], count[sl], blocks[sl], bits[sl], inv_keep[sl],
             G[sl] if train else losses, losses[sl], pred[sl] if pred is not None else losses,
-            p, width, block_side(p), step << 32,
+            p, width, block_side(p),
             U.stride(0), U.stride(1), V.stride(0), V.stride(1), w_t.stride(0), w_t.stride(1), m.stride(0),
             blocks.stride(0), G.stride(0) if train else 0, G.stride(1) if train else 0,
             ACT=act, LOSS_KIND=loss, TRAIN=train, DROPOUT=use_dropout, PRECISION=precision, BLOCKED=blocked,

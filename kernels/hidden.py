@@ -2,12 +2,11 @@
 
     pre[d, k] = U[b, m_d, k] + V[b, n_d, k]                  one-hot first layer = two row gathers (from memory,
                                                              or from a block's rows on chip: gathered_preactivation)
-    pre       = pre * keep[d, k] / (1 - rate)                 dropout, keep = philox(seed_b, step)[pair_d N + k] >= rate 2^32
+    pre       = pre * keep[d, k] / (1 - rate)                 dropout, keep: the step's mask bits (kernels/dropout.py)
     h         = pre^2 (quad) or max(pre, 0) (relu)
 
-The dropout mask is a pure function of (model seed, step, pair m_d p + n_d, neuron k), so the forward and both
-backward kernels draw the same mask without storing it, a model draws the same masks in any population, and the
-order in which a kernel visits the examples does not matter.
+The dropout mask is a pure function of (model seed, step, pair m_d p + n_d, neuron k), drawn once a step into bits
+that the forward and the backward read (kernels/dropout.py).
 """
 
 import triton
@@ -61,13 +60,19 @@ def dot(a, b, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def dropout_scale(pair, k, width, seed, step_key, threshold, inv_keep):
-    """Inverted-dropout factors, 0 or 1 / (1 - rate), of pairs `pair` and neurons `k` (broadcast against each
-    other: (D, 1) and (1, K) for a (D, K) tile, or transposed). step_key = step << 32, shifted on the host (a
-    scalar argument may arrive as int32, or as a constant when it equals 1)."""
-    key = step_key | (seed & 0xFFFFFFFF)
-    r = tl.randint(key, pair * width + k)
-    return tl.where(r.to(tl.uint32) >= threshold.to(tl.uint32), inv_keep, 0.0)
+def dropout_scale(BITS, d, k, k0, mask_d, width, stride, inv_keep, BLOCK_N: tl.constexpr):
+    """Inverted-dropout factors, 0 or 1 / (1 - rate), of slots d and neurons k, broadcast against each other:
+    (D, 1) and (1, K) for a (D, K) tile, or transposed. k: a chunk of BLOCK_N neurons from k0 (a multiple of
+    BLOCK_N); BITS: one model's mask bits (kernels/dropout.py: word w of slot d at BITS + w stride + d); mask_d:
+    d's valid slots, shaped as d. A chunk spans BLOCK_N / 32 words (one below 32 neurons): one load of each per
+    slot, and a shift per element."""
+    word = d * 0 + k * 0
+    for j in tl.static_range((BLOCK_N + 31) // 32):
+        w = k0 // 32 + j
+        # a word past the last one holds only neurons past N, which the tiles mask: read the last one instead
+        column = tl.load(BITS + tl.minimum(w, tl.cdiv(width, 32) - 1) * stride + d, mask=mask_d, other=0)
+        word = tl.where(k // 32 == w, column, word)
+    return tl.where(((word >> (k % 32)) & 1) != 0, inv_keep, 0.0)
 
 
 @triton.jit
@@ -126,6 +131,7 @@ def activation(pre, ACT: tl.constexpr):
 
 @triton.jit
 def activation_grad(pre, ACT: tl.constexpr):
+    """phi'(pre); 0 at pre 0 for both activations, which the backward's dropout relies on (kernels/backward.py)."""
     if ACT == 0:
         return 2.0 * pre
     else:

@@ -146,13 +146,13 @@ def test_bf16_backward_reads_g_stored_in_bf16_as_it_would_round_fp32_g(scatter):
 
     pop = Population(grid(models=64), Settings(p=P), "cuda")
     engine = TritonBackend("bf16", scatter=scatter)
-    data = engine._data(pop)
+    data = engine.step_data(pop)
     G = engine.forward(pop, data)[1]
     assert G.dtype == torch.bfloat16 and G.stride(1) == g_row(P, "bf16") == 104
     g32 = torch.randn(G.shape, device="cuda", generator=torch.Generator("cuda").manual_seed(0)) * 1e-3
     g16 = torch.zeros(*G.shape[:2], g_row(P, "bf16"), device="cuda", dtype=torch.bfloat16)
     g16[..., :P] = g32
-    kw = dict(act=0, precision="bf16", dropout=data["dropout"], step=3, fused=engine.fused, scatter=scatter,
+    kw = dict(act=0, precision="bf16", dropout=data["masks"], fused=engine.fused, scatter=scatter,
               blocks=data["blocks"], **engine.backward_tiles)
     args = (*pop.params, data["m"], data["n"], data["count"])
     for name, a, b in zip(("dU", "dV", "dW"), backward(*args, g32, **kw), backward(*args, g16[..., :P], **kw)):
@@ -170,8 +170,8 @@ def test_p_above_128_launches_in_every_precision(precision, p):
 
 def assert_gradients_by_the_error_ratio_rule(pop, engine):
     precision = engine.precision
-    data = engine._data(pop)
-    data["dropout"] = None  # the reference below has no dropout
+    data = engine.step_data(pop)
+    data["masks"] = None  # the reference below has no dropout
     ours = engine.backward(pop, data, engine.forward(pop, data)[1])
     args = (pop.train_m, pop.train_n, pop.train_y, pop.valid, data["D"].double(), None, "quad", "mse")
     ref64 = _grads(*(t.double() for t in pop.params), *args)[1:]

@@ -23,6 +23,7 @@ def test_kernels_compile_for_sm90_without_spills_and_fit_shared_memory_at_any_p(
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     # at P 128: 4 precisions x 7 kernels (the block forward and both block-scatter launches among them), the fused
-    # windowed backward of tf32 and bf16, the optimizer; at P 256 and 512 each precision's step and evaluation
-    # (fp32, tf32x3: forward, evaluation, two backward launches; tf32, bf16: forward, evaluation, one fused backward)
-    assert result.stdout.count("regs") == 59
+    # windowed backward of tf32 and bf16, the optimizer, the dropout masks; at P 256 and 512 each precision's step
+    # and evaluation (fp32, tf32x3: forward, evaluation, two backward launches; tf32, bf16: forward, evaluation,
+    # one fused backward)
+    assert result.stdout.count("regs") == 60

@@ -60,13 +60,13 @@ def test_one_step_matches_reference(act, loss, optimizer):
     pop = Population(hypers(), Settings(p=P, act=act, loss=loss, optimizer=optimizer), DEVICE)
     ref = Reference(pop)
     engine = TritonBackend("fp32")
-    data = engine._data(pop)
+    data = engine.step_data(pop)
     example_loss, G, _ = forward(*pop.params, data["m"], data["n"], data["y"], data["count"], act=ACT_CODES[act],
-                                 loss=LOSS_CODES[loss], precision="fp32", train=True, dropout=data["dropout"], step=0)
+                                 loss=LOSS_CODES[loss], precision="fp32", train=True, dropout=data["masks"])
     grads = {"window": backward(*pop.params, data["m"], data["n"], data["count"], G, act=ACT_CODES[act],
-                                precision="fp32", dropout=data["dropout"], step=0)}
+                                precision="fp32", dropout=data["masks"])}
     block = TritonBackend("fp32", scatter="block")  # its own example order, so its own forward
-    block_data = block._data(pop)
+    block_data = block.step_data(pop)
     grads["block"] = block.backward(pop, block_data, block.forward(pop, block_data)[1])
     for b, (mlp, opt, m, n, y) in enumerate(ref.models):
         mlp.train()
@@ -184,13 +184,13 @@ def test_tile_sizes_do_not_change_the_gradients(block_d, block_n):
     from fastgrok.kernels.forward import forward
 
     pop = Population(hypers(), Settings(p=P), DEVICE)
-    data = TritonBackend("fp32")._data(pop)
+    data = TritonBackend("fp32").step_data(pop)
 
     def grads(**tiles):
         loss, G, _ = forward(*pop.params, data["m"], data["n"], data["y"], data["count"], act=0, loss=0,
-                             precision="fp32", train=True, dropout=data["dropout"], step=3, **tiles)
+                             precision="fp32", train=True, dropout=data["masks"], **tiles)
         return (loss, *backward(*pop.params, data["m"], data["n"], data["count"], G, act=0, precision="fp32",
-                                dropout=data["dropout"], step=3, **tiles))
+                                dropout=data["masks"], **tiles))
 
     for name, ours, default in zip(("loss", "dU", "dV", "dW"), grads(block_d=block_d, block_n=block_n), grads()):
         valid = pop.valid if name == "loss" else slice(None)
@@ -220,6 +220,7 @@ def test_p_above_128_shrinks_the_tiles_and_still_matches_reference():
     DEVICE == "cpu", reason="the interpreter has no bf16 dots"))])
 def test_memory_estimate_covers_what_a_triton_step_holds(precision):
     from fastgrok.data import task_table
+    from fastgrok.kernels.dropout import words
     from fastgrok.kernels.forward import forward, g_row, transposed_weights
     from fastgrok.population import bytes_per_model
 
@@ -228,23 +229,27 @@ def test_memory_estimate_covers_what_a_triton_step_holds(precision):
     engine.step(pop)
     held = [t for t in vars(pop).values() if isinstance(t, torch.Tensor)]
     held += [t for lst in (pop.exp_avg, pop.exp_avg_sq) for t in lst]  # (the pair table is shared, not per model)
-    data = engine._data(pop)
-    held += [t for t in data.values() if isinstance(t, torch.Tensor)]
+    data = engine.step_data(pop)
+    held += [t for t in data.values() if isinstance(t, torch.Tensor)] + [data["masks"][0]]  # one model has dropout
     loss, G, _ = forward(*pop.params, data["m"], data["n"], data["y"], data["count"], act=0, loss=0,
                          precision=precision, train=True)
     # the step's losses, G (a view of padded rows: its whole storage), the forward's copy of W and the gradients
     transient = [loss, transposed_weights(pop.W, precision), *(torch.empty_like(t) for t in pop.params)]
     used = (sum(t.numel() * t.element_size() for t in held + transient) + G.untyped_storage().nbytes()) / len(pop)
     num_pairs = task_table("add", P)[2].numel()
-    estimate = bytes_per_model(P, WIDTH, pop.train_m.shape[1], num_pairs, engine.name)
+    estimate = bytes_per_model(P, WIDTH, pop.train_m.shape[1], num_pairs, engine.name, dropout=True)
     assert used <= estimate <= 1.5 * used, (used, estimate)
     # one more example costs its row of G as the kernels pad it (population.py writes g_row out: no triton there),
-    # its loss and three int32 indices (4 x 4 B), and its int64 training indices, label and valid flag (25 B)
+    # its loss and three int32 indices (4 x 4 B), and its int64 training indices, label and valid flag (25 B);
+    # with dropout its mask bits, a 4-byte word per 32 neurons (kernels/dropout.py)
     for p in (13, 97, 131):
         for precision, size in (("fp32", 4), ("bf16", 2)):
             name = f"triton-{precision}"
             per_example = bytes_per_model(p, 8, 1, 0, name) - bytes_per_model(p, 8, 0, 0, name)
             assert per_example == size * g_row(p, precision) + 4 * 4 + 25, (p, precision)
+    masks = [bytes_per_model(P, width, 1, 0, "triton-fp32", dropout=True) - bytes_per_model(P, width, 1, 0, "triton-fp32")
+             for width in (8, 32, 70)]
+    assert masks == [4 * words(8), 4 * words(32), 4 * words(70)] == [4, 4, 12]
 
 
 def test_rows_in_memory_are_padded_to_16_bytes_with_zeros():
@@ -263,9 +268,9 @@ def test_rows_in_memory_are_padded_to_16_bytes_with_zeros():
         assert torch.equal(w_t[..., :WIDTH], W.transpose(1, 2).to(dtype)) and not w_t[..., WIDTH:].any()
     for loss in ("mse", "ce"):
         pop = Population(hypers(), Settings(p=P, loss=loss), DEVICE)
-        data = TritonBackend("fp32")._data(pop)
+        data = TritonBackend("fp32").step_data(pop)
         _, G, _ = forward(*pop.params, data["m"], data["n"], data["y"], data["count"], act=0, loss=LOSS_CODES[loss],
-                          precision="fp32", train=True, dropout=data["dropout"])
+                          precision="fp32", train=True, dropout=data["masks"])
         assert G.shape[-1] == P and G.stride(1) == g_row(P) == 16
         rows = G.as_strided((*G.shape[:2], g_row(P)), G.stride())
         for b, count in enumerate(data["count"].tolist()):
@@ -312,7 +317,7 @@ def test_windowed_scatter_matches_reference_over_many_windows(in_tile_order):
     p = 37
     pop = Population(hypers(width=8)[:2], Settings(p=p), DEVICE)
     ref = Reference(pop)
-    data = TritonBackend("fp32")._data(pop)
+    data = TritonBackend("fp32").step_data(pop)
     m, n, y = (data[k] if in_tile_order else getattr(pop, f"train_{k}").int() for k in ("m", "n", "y"))
     _, G, _ = forward(*pop.params, m, n, y, data["count"], act=0, loss=0, precision="fp32", train=True)
     dU, dV, _ = backward(*pop.params, m, n, data["count"], G, act=0, precision="fp32")
@@ -327,6 +332,7 @@ def test_block_scatter_and_forward_match_over_many_and_empty_blocks():
     in the first block (three blocks empty), model 2 none; dropout on, 23 neurons in chunks of 16 (some masked).
     The block scatter against the windowed one, the block forward against the per-example one."""
     from fastgrok.kernels.backward import backward, block_count, block_order, block_side
+    from fastgrok.kernels.dropout import masks
 
     p, width, d_max = 37, 23, 300
     assert (block_side(p), block_count(p)) == (19, 2)
@@ -348,18 +354,18 @@ def test_block_scatter_and_forward_match_over_many_and_empty_blocks():
             assert ((m[b, lo:hi] // 19 == j // 2) & (n[b, lo:hi] // 19 == j % 2)).all()
     U, V, W = (torch.randn(3, *s, generator=gen).to(DEVICE) for s in ((p, width), (p, width), (width, p)))
     G = torch.randn(3, d_max, p, generator=gen).to(DEVICE)
-    dropout = (torch.tensor([5, 6, 7]), torch.full((3,), 2**30), torch.full((3,), 4 / 3))
+    constants = (torch.tensor([5, 6, 7]), torch.full((3,), 2**30), torch.full((3,), 4 / 3))
     count, blocks = count.int().to(DEVICE), blocks.to(DEVICE)
-    dropout = tuple(t.to(DEVICE) for t in dropout)
+    dropout = masks(m, n, count, tuple(t.to(DEVICE) for t in constants), p=p, width=width, step=2)
     tiles = dict(block_d=16, block_n=16)
-    expected = backward(U, V, W, m, n, count, G, act=1, precision="fp32", dropout=dropout, step=2, **tiles)
+    expected = backward(U, V, W, m, n, count, G, act=1, precision="fp32", dropout=dropout, **tiles)
     # the interpreter computes tf32 dots exactly, so on the CPU it also checks tf32's own code (the fused kernel
     # reads G a second time, transposed, unless told to read it once); on a GPU tests/test_gpu.py holds tf32 to the
     # error-ratio rule
     runs = [("fp32", False, True), ("fp32", True, True)]
     runs += [("tf32", True, True), ("tf32", True, False)] if DEVICE == "cpu" else []
     for precision, fused, g_twice in runs:
-        ours = backward(U, V, W, m, n, count, G, act=1, precision=precision, dropout=dropout, step=2,
+        ours = backward(U, V, W, m, n, count, G, act=1, precision=precision, dropout=dropout,
                         scatter="block", blocks=blocks, fused=fused, g_twice=g_twice, **tiles)
         for name, a, b in zip(("dU", "dV", "dW"), ours, expected):
             # the same sums in another order: rounding relative to the largest terms
@@ -374,8 +380,32 @@ def test_block_scatter_and_forward_match_over_many_and_empty_blocks():
     y = torch.randint(0, p, m.shape, generator=gen).int().to(DEVICE)
     valid = valid.to(DEVICE)
     for train, loss in ((True, 0), (True, 1), (False, 0)):
-        kw = dict(act=0, loss=loss, precision="fp32", train=train, dropout=dropout if train else None, step=2, **tiles)
+        kw = dict(act=0, loss=loss, precision="fp32", train=train, dropout=dropout if train else None, **tiles)
         for name, a, b in zip(("loss", "G", "pred"), forward(U, V, W, m, n, y, count, blocks=blocks, **kw),
                               forward(U, V, W, m, n, y, count, **kw)):
             if b is not None:
                 assert_close(f"{name} (block forward, train {train}, loss {loss})", a[valid], b[valid], atol=1e-6)
+
+
+@pytest.mark.parametrize("width", [23, 64, 70])
+def test_dropout_masks_are_the_philox_draws_of_each_pair_and_neuron(width):
+    """The step's masks, drawn once into bits (kernels/dropout.py): bit k % 32 of word k // 32 of slot d is
+    tests/philox.py's draw for pair m_d p + n_d and neuron k, at widths that end inside a word (23, 70) or on one
+    (64), for rates 0 (all kept), 0.25 and 0.9, on every slot a model has."""
+    from fastgrok.kernels.dropout import masks, words
+
+    gen = torch.Generator().manual_seed(width)
+    p, d_max, count = 11, 40, torch.tensor([40, 7, 0])
+    m, n = (torch.randint(0, p, (3, d_max), generator=gen, dtype=torch.int32) for _ in range(2))
+    rates = [0.0, 0.25, 0.9]
+    constants = (torch.tensor([3, 2**32 + 5, 11]), torch.tensor([round(r * 2**32) for r in rates]),
+                 torch.tensor([1 / (1 - r) for r in rates]))
+    bits, inv_keep = masks(m.to(DEVICE), n.to(DEVICE), count.int().to(DEVICE), tuple(t.to(DEVICE) for t in constants),
+                           p=p, width=width, step=5)
+    assert bits.shape == (3, words(width), d_max) and torch.equal(inv_keep.cpu(), constants[2])
+    k = torch.arange(width)
+    for b, rate in enumerate(rates):
+        d = int(count[b])
+        kept = (bits[b, k // 32, :d].cpu().T >> (k % 32)) & 1  # (d, width)
+        expected = dropout_mask(int(constants[0][b]) & 0xFFFFFFFF, 5, rate, m[b, :d] * p + n[b, :d], width) > 0
+        assert torch.equal(kept.bool(), expected), b

@@ -36,6 +36,12 @@ STAGES = [{"block_d": d, "block_n": 64, "num_warps": w, "num_stages": s}
 # shared memory (64 x 64 x 4: two programs an SM instead of one; Triton 3.6, sm_90). Which wins is this sweep's.
 G_ONCE = [{"block_d": d, "block_n": 64, "num_warps": w, "num_stages": 2, "g_twice": False}
           for d, w in itertools.product((32, 64), (4, 8))]
+# the fused block backward on chunks of 128 neurons: G (its main stream of bytes) and the blocks' U, V rows read half
+# as often as at 64, for a d_w accumulator twice as large. Compiled (Triton 3.6, sm_90, 8 warps, 2 stages, tf32):
+# 32 x 128 spills 232 B (G twice, 144 KB of shared memory) or 224 B (once, 112 KB), one program an SM
+# (bench/NOTES.md, session 11); 4 warps spill 1.5 KB and are not swept.
+WIDE_N = [{"block_d": d, "block_n": 128, "num_warps": 8, "num_stages": 2, "g_twice": g}
+          for d, g in itertools.product((32, 64), (True, False))]
 
 
 def best(results: list[dict]) -> dict[str, dict]:
@@ -86,6 +92,9 @@ def main() -> None:
         configs += [{"backward_tiles": t, "scatter": "block", "fused": f} for t, f in itertools.product(STAGES, (False, True))]
     if args.precision in G_TWICE_PRECISIONS:
         configs += [{"backward_tiles": t, "scatter": "block", "fused": True} for t in G_ONCE]
+    if not args.backward_only:  # (g_twice matters in G_TWICE_PRECISIONS only: elsewhere one of each pair)
+        wide = WIDE_N if args.precision in G_TWICE_PRECISIONS else [t for t in WIDE_N if t["g_twice"]]
+        configs += [{"backward_tiles": t, "scatter": "block", "fused": True} for t in wide]
     results = []
     for config in configs:
         engine = TritonBackend(args.precision, **config)

@@ -63,6 +63,8 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=512)
     parser.add_argument("--models", type=int, default=1024)
     parser.add_argument("--precision", default="tf32")
+    parser.add_argument("--p", type=int, default=97)
+    parser.add_argument("--device", default="cuda", help="cpu: under TRITON_INTERPRET=1, to check the script")
     parser.add_argument("--backward-only", action="store_true",
                         help="only the backward with 64 neurons, both scatters, fused or not (one precision's default)")
     parser.add_argument("--out", default=None)
@@ -77,8 +79,8 @@ def main() -> None:
             tiles = r.get("forward_tiles", r.get("backward_tiles"))
             print(f"  {kind:>28}: {r['model_steps_per_s']:>10,.0f} model-steps/s  {tiles}")
         return
-    dev = torch.device("cuda")
-    settings = Settings()
+    dev = torch.device(args.device)
+    settings = Settings(p=args.p)
     pop = Population([Hyper(width=args.width, seed=i) for i in range(args.models)], settings, dev)
     flops = flops_per_model_step(settings.p, args.width, int(pop.D.max()))
     # forward tiles: the per-example forward, and the block forward (scatter "block": U, V rows from a window per

@@ -360,9 +360,12 @@ def plan(hypers: list[Hyper], settings: Settings, device: torch.device, budget: 
         by_width.setdefault(h.width, []).append(i)
     populations = []
     for width, ids in by_width.items():
-        # by training-set size, so that a population (and a CPU chunk of one) holds models of similar D
-        ids.sort(key=lambda i: train_size(num_pairs, hypers[i].alpha))
-        d_max = train_size(num_pairs, hypers[ids[-1]].alpha)
+        # by training-set size, so that a population (and a CPU chunk of one) holds models of similar D; largest
+        # first, because a GPU starts a launch's programs roughly in order and the backward's take time in
+        # proportion to D: the longest then start first and the shortest fill the end, instead of a last wave of
+        # the longest ones (the 1,156-model diagrams mix alpha 0.1 to 0.9 in one population)
+        ids.sort(key=lambda i: train_size(num_pairs, hypers[i].alpha), reverse=True)
+        d_max = train_size(num_pairs, hypers[ids[0]].alpha)
         need = bytes_per_model(settings.p, width, d_max, num_pairs, backend, settings.batch_size, settings.batchnorm,
                                any(hypers[i].dropout > 0 for i in ids))
         if need > budget:

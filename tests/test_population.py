@@ -254,3 +254,23 @@ def test_each_model_gets_the_weights_its_own_seed_draws():
     for b, h in enumerate(hypers):
         u, v, w = reference.init_weights(13, 24, generator(h.seed, "init"))
         assert torch.equal(pop.U[b], u.T) and torch.equal(pop.V[b], v.T) and torch.equal(pop.W[b], w.T), b
+
+
+def test_plan_groups_by_width_and_puts_the_largest_training_sets_first():
+    """Each population holds one width, as many models as the budget allows, largest training set first (a GPU
+    then starts the longest backward programs first); every model lands in exactly one population."""
+    from fastgrok.data import task_table, train_size
+    from fastgrok.population import bytes_per_model, plan
+
+    settings = Settings(p=13)
+    alphas = [0.3, 0.9, 0.1, 0.5, 0.7, 0.2]
+    hypers = [Hyper(alpha=a, width=w, seed=i) for i, (a, w) in enumerate((a, w) for w in (8, 16) for a in alphas)]
+    num_pairs = task_table("add", 13)[2].numel()
+    need = bytes_per_model(13, 16, train_size(num_pairs, 0.9), num_pairs)
+    populations = plan(hypers, settings, torch.device("cpu"), budget=4 * need)
+    assert sorted(i for ids in populations for i in ids) == list(range(len(hypers)))
+    for ids in populations:
+        assert len({hypers[i].width for i in ids}) == 1 and len(ids) <= 6
+        sizes = [train_size(num_pairs, hypers[i].alpha) for i in ids]
+        assert sizes == sorted(sizes, reverse=True)
+    assert [hypers[i].alpha for i in populations[-1]] == [0.2, 0.1]  # the 16-wide models: 4 a population

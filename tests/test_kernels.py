@@ -362,15 +362,16 @@ def test_block_scatter_and_forward_match_over_many_and_empty_blocks():
     # the interpreter computes tf32 dots exactly, so on the CPU it also checks tf32's own code (the fused kernel
     # reads G a second time, transposed, unless told to read it once); on a GPU tests/test_gpu.py holds tf32 to the
     # error-ratio rule
-    runs = [("fp32", False, True), ("fp32", True, True)]
-    runs += [("tf32", True, True), ("tf32", True, False)] if DEVICE == "cpu" else []
-    for precision, fused, g_twice in runs:
+    # (and a chunk of 128 neurons, 4 words of dropout bits of which the model has 1, as bench/sweep_blocks.py WIDE_N)
+    runs = [("fp32", False, True, 16), ("fp32", True, True, 16), ("fp32", True, True, 128)]
+    runs += [("tf32", True, True, 16), ("tf32", True, False, 16)] if DEVICE == "cpu" else []
+    for precision, fused, g_twice, block_n in runs:
         ours = backward(U, V, W, m, n, count, G, act=1, precision=precision, dropout=dropout,
-                        scatter="block", blocks=blocks, fused=fused, g_twice=g_twice, **tiles)
+                        scatter="block", blocks=blocks, fused=fused, g_twice=g_twice, **{**tiles, "block_n": block_n})
         for name, a, b in zip(("dU", "dV", "dW"), ours, expected):
             # the same sums in another order: rounding relative to the largest terms
-            assert_close(f"{name} (block scatter, {precision}, fused {fused}, G twice {g_twice})", a, b,
-                         atol=1e-6 * float(b.abs().max()), rtol=1e-5)
+            assert_close(f"{name} (block scatter, {precision}, fused {fused}, G twice {g_twice}, {block_n} neurons)",
+                         a, b, atol=1e-6 * float(b.abs().max()), rtol=1e-5)
     assert not ours[0][2].any() and ours[0][1, 19:].abs().sum() == 0  # no examples: no gradient
 
     # the forward walks the same blocks, reading U, V rows from a window per block: the same losses, G and

@@ -224,7 +224,7 @@ def main() -> None:
         rows += [r for block_p in (256, 512) for r in table(precisions, [FORWARD], backward_default, block_p, True)]
     else:
         rows = table(("tf32", "tf32x3", "bf16"), [(32, 32, 4), (32, 64, 4), (32, 64, 8), (64, 32, 4), (64, 64, 4),
-                                                  (64, 64, 8), (128, 64, 8)], variants=True)
+                                                  (64, 64, 8), (128, 64, 8), (32, 128, 8), (64, 128, 8)], variants=True)
     rows = compile_rows(rows)
     for r in rows:
         print(f"{r['kernel']:>18} {r['precision']:>7} P {r['P']:>3} tile {r['tile']}: {r['regs']:>3} regs, "

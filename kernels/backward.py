@@ -121,11 +121,11 @@ def _tile(U, V, M, N_, BITS, G, b, d0, end, k0, offs_k, mask_k, offs_p, w, d_w, 
           DROPOUT: tl.constexpr, WITH_W: tl.constexpr, WITH_UV: tl.constexpr, PRECISION: tl.constexpr,
           G_TWICE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, WINDOW: tl.constexpr):
     """One tile of examples [d0, d0 + BLOCK_D) (those before `end`) at neurons offs_k (BLOCK_N of them from k0):
-    its rows m, n and mask, d_w plus the tile's
-    dW, and its dS (zero on masked examples; unset without WITH_UV) as (BLOCK_D, BLOCK_N). WINDOW > 0 (the block
-    scatter): the tile lies in one block, whose rows of U and V from row_m, row_n are u, v (hidden.block_rows),
-    and it is transposed, dS (BLOCK_N, BLOCK_D): then every dot has BLOCK_N rows, so BLOCK_D may be 32 and the
-    dots stay on wgmma. G_TWICE (block scatter, fused, tf32): the dS dot reads G's tile again (below)."""
+    its rows m, n and mask, d_w plus the tile's dW, and its dS (zero on masked examples; unset without WITH_UV) as
+    (BLOCK_D, BLOCK_N). WINDOW > 0 (the block scatter): the tile lies in one block, whose rows of U and V from
+    row_m, row_n are u, v (hidden.block_rows), and it is transposed, dS (BLOCK_N, BLOCK_D): then every dot has
+    BLOCK_N rows, so BLOCK_D may be 32 and the dots stay on wgmma. G_TWICE (block scatter, fused, tf32): the dS
+    dot reads G's tile again (below). BITS: model b's dropout bits (kernels/dropout.py)."""
     offs_d = d0 + tl.arange(0, BLOCK_D)
     mask_d = offs_d < end
     m = tl.load(M + b * stride_ib + offs_d, mask=mask_d, other=0)

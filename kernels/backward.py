@@ -33,7 +33,7 @@ import triton.language as tl
 from fastgrok.kernels import forward as forward_module
 from fastgrok.kernels.hidden import (BLOCK_WINDOW, activation, activation_grad, aligned, alignment, block_count,
                                      block_rows, block_side, block_span, dot, dropout_scale,
-                                     gathered_preactivation, preactivation)
+                                     gathered_preactivation, preactivation, words)
 
 
 @triton.jit
@@ -256,7 +256,7 @@ def backward(U, V, W, m, n, count, G, *, act: int, precision: str, dropout: tupl
     dW = torch.empty_like(W)
     dU, dV = torch.zeros_like(U), torch.zeros_like(V)  # both scatters add into them
     bits, inv_keep = dropout if dropout is not None else (count, count)  # unused placeholders
-    assert dropout is None or bits.shape == (B, triton.cdiv(width, 32), m.shape[1]), "kernels/dropout.py masks"
+    assert dropout is None or bits.shape == (B, words(width), m.shape[1]), "kernels/dropout.py masks"
     passes = [(True, True)] if fused else [(True, False), (False, True)]
     block_d, block_n = forward_module.fit(block_d, block_n, p)
     stages = {} if num_stages is None else {"num_stages": num_stages}

@@ -21,11 +21,7 @@ import triton
 import triton.language as tl
 
 from fastgrok.kernels import forward
-
-
-def words(width: int) -> int:
-    """32-bit words of one example's mask."""
-    return triton.cdiv(width, 32)
+from fastgrok.kernels.hidden import words
 
 
 @triton.jit

@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from fastgrok.kernels.hidden import (BLOCK_WINDOW, activation, aligned, alignment, block_count, block_rows, block_side,
-                                     block_span, dot, dropout_scale, gathered_preactivation, preactivation)
+                                     block_span, dot, dropout_scale, gathered_preactivation, preactivation, words)
 
 
 WINDOW = tl.constexpr(BLOCK_WINDOW)  # as the kernels see it
@@ -204,7 +204,7 @@ def forward(U, V, W, m, n, y, count, *, act: int, loss: int, precision: str, tra
     pred = None if train else torch.empty(B, d_max, device=U.device, dtype=torch.int32)
     use_dropout = train and dropout is not None
     bits, inv_keep = dropout if use_dropout else (count, count)  # unused placeholders
-    assert not use_dropout or bits.shape == (B, triton.cdiv(width, 32), d_max), "kernels/dropout.py masks"
+    assert not use_dropout or bits.shape == (B, words(width), d_max), "kernels/dropout.py masks"
     align_p = alignment(G.stride(0), G.stride(1)) if train else 1
     blocked = blocks is not None
     if blocked:

@@ -59,6 +59,11 @@ def dot(a, b, PRECISION: tl.constexpr):
         return tl.dot(a, b, input_precision=PRECISION)
 
 
+def words(width: int) -> int:
+    """32-bit words of one example's dropout mask (kernels/dropout.py)."""
+    return triton.cdiv(width, 32)
+
+
 @triton.jit
 def dropout_scale(BITS, d, k, k0, mask_d, width, stride, inv_keep, BLOCK_N: tl.constexpr):
     """Inverted-dropout factors, 0 or 1 / (1 - rate), of slots d and neurons k, broadcast against each other:

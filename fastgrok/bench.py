@@ -141,9 +141,21 @@ def max_models(settings: Settings, width: int, alpha: float, device: torch.devic
     return max(1, memory_budget(device) // need)
 
 
+class Interrupted(Exception):
+    """Ctrl-C (or the SIGINT of a time limit) during a benchmark; `report` holds every result measured before it."""
+
+    def __init__(self, report: dict):
+        super().__init__("benchmark interrupted")
+        self.report = report
+
+
 def run(widths=(128, 500), models=("1", "16"), p: int = 97, alpha: float = 0.5, device: str = "cpu",
-        variants: tuple[str, ...] | None = None, log=print) -> dict:
-    """models: population sizes; "max" is the largest that the memory planner fits for each variant."""
+        variants: tuple[str, ...] | None = None, log=print, save=None) -> dict:
+    """models: population sizes; "max" is the largest that the memory planner fits for each variant.
+
+    save(report), if given, is called with the report after every result, so that a benchmark cut short (a
+    time limit, Ctrl-C) keeps what it measured; Ctrl-C raises Interrupted with the partial report, marked
+    "interrupted", after saving it."""
     dev = torch.device(device)
     variants = variants or DEFAULT_VARIANTS[dev.type]
     unknown = [v for v in variants if v not in VARIANTS]
@@ -152,8 +164,31 @@ def run(widths=(128, 500), models=("1", "16"), p: int = 97, alpha: float = 0.5, 
     if dev.type == "cpu" and any(v.startswith("triton") or v == "torch-compile" for v in variants):
         raise ConfigError("the triton and torch-compile variants are GPU benchmarks; on a CPU use torch")
     settings = Settings(p=p)
-    d = train_size(p * p, alpha)
-    failed = {}
+    report = {
+        "date": datetime.date.today().isoformat(),
+        "device": device_name(dev),
+        "versions": versions(),
+        "threads": torch.get_num_threads(),
+        "peaks_tflops": {},
+        "failed": {},
+        "setting": {"p": p, "alpha": alpha, "train_examples": train_size(p * p, alpha), "loss": settings.loss,
+                    "optimizer": settings.optimizer, "flops_per_model_step": "6 D N p"},
+        "results": [],
+    }
+    save = save or (lambda report: None)
+    try:
+        _measure(report, widths, models, variants, settings, alpha, dev, log, save)
+    except KeyboardInterrupt:
+        report["interrupted"] = True
+        save(report)
+        raise Interrupted(report) from None
+    return report
+
+
+def _measure(report, widths, models, variants, settings, alpha, dev, log, save) -> None:
+    """Check every variant against reference.py, measure the peaks, then time every (width, variant, population
+    size) into report["results"], saved after each."""
+    p, d, failed = settings.p, report["setting"]["train_examples"], report["failed"]
     for name in variants:
         try:
             err = check_variant(name, settings, min(widths), alpha, dev)
@@ -163,14 +198,15 @@ def run(widths=(128, 500), models=("1", "16"), p: int = 97, alpha: float = 0.5, 
             log(f"{name}: NOT TIMED, {failed[name]}")
     variants = [v for v in variants if v not in failed]
     log("All results match. Starting benchmarks." if not failed else "The others match. Starting benchmarks.")
-    peaks = measure_peaks(dev)
+    peaks = report["peaks_tflops"] = measure_peaks(dev)
     if peaks:
         log("measured peaks (TFLOP/s): " + ", ".join(f"{k} {v:.0f}" for k, v in peaks.items()))
-    results = []
 
     def add(result: Result) -> None:
-        results.append(result)
-        log(_line(result))
+        report["results"].append(asdict(result))
+        save(report)
+        if result.model_steps_per_s > 0:
+            log(_line(result))
 
     for width in widths:
         flops = flops_per_model_step(p, width, d)
@@ -192,24 +228,13 @@ def run(widths=(128, 500), models=("1", "16"), p: int = 97, alpha: float = 0.5, 
                                sec, "max" if b == limit else ""))
                 except torch.cuda.OutOfMemoryError:
                     log(f"{name} N {width} B {b}: out of memory")
-                    results.append(Result(name, width, b, 0.0, 0.0, None, math.inf, "out of memory"))
+                    add(Result(name, width, b, 0.0, 0.0, None, math.inf, "out of memory"))
                 except Exception as e:  # e.g. a compile failure at one size: record it, keep measuring
                     log(f"{name} N {width} B {b}: {type(e).__name__}: {e}")
-                    results.append(Result(name, width, b, 0.0, 0.0, None, math.inf, f"{type(e).__name__}: {e}"[:300]))
+                    add(Result(name, width, b, 0.0, 0.0, None, math.inf, f"{type(e).__name__}: {e}"[:300]))
                 del pop
                 if dev.type == "cuda":
                     torch.cuda.empty_cache()
-    return {
-        "date": datetime.date.today().isoformat(),
-        "device": device_name(dev),
-        "versions": versions(),
-        "threads": torch.get_num_threads(),
-        "peaks_tflops": peaks,
-        "failed": failed,
-        "setting": {"p": p, "alpha": alpha, "train_examples": d, "loss": settings.loss, "optimizer": settings.optimizer,
-                    "flops_per_model_step": "6 D N p"},
-        "results": [asdict(r) for r in results],
-    }
 
 
 def _percent(flops_per_s: float, peaks: dict, precision: str) -> float | None:

@@ -248,7 +248,7 @@ def bench(
     p: Annotated[int, typer.Option("--p", help="Modulus")] = 97,
     alpha: Annotated[float, typer.Option(help="Training fraction")] = 0.5,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:K")] = "auto",
-    out: Annotated[Optional[Path], typer.Option(help="Write the results as JSON here")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Write the results as JSON here (rewritten after every result)")] = None,
 ) -> None:
     """Model-steps/s of the reference.py loop and the population backends, side by side, checked first."""
     import json
@@ -269,12 +269,24 @@ def bench(
         if not 0 < alpha < 1:
             raise ConfigError(f"--alpha must be in (0, 1), got {alpha}")
         chosen = tuple(v.strip() for v in variants.split(",")) if variants else None
-        report = benchmark.run(widths, sizes, p=p, alpha=alpha, device=str(dev), variants=chosen)
+        if out is not None:
+            out.parent.mkdir(parents=True, exist_ok=True)
+
+        def save(report: dict) -> None:  # after every result, so that a run cut short keeps what it measured
+            if out is not None:
+                partial = out.with_name(out.name + ".partial")
+                partial.write_text(json.dumps(report, indent=2) + "\n")
+                partial.replace(out)
+
+        benchmark.run(widths, sizes, p=p, alpha=alpha, device=str(dev), variants=chosen, save=save)
     except ConfigError as e:
         fail(str(e))
+    except benchmark.Interrupted as e:
+        done = len(e.report["results"])
+        kept = f", written to {out} (marked \"interrupted\")" if out is not None else ""
+        typer.echo(f"Interrupted after {done} result{'s' if done != 1 else ''}{kept}.", err=True)
+        raise typer.Exit(130) from None
     if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=2) + "\n")
         typer.echo(f"wrote {out}")
 
 

@@ -50,3 +50,24 @@ def test_sweep_summary_picks_the_defaults_the_h100_sweep_measured_fastest():
     from fastgrok.kernels import backward, forward
     assert forward.TILES == {"block_d": 64, "block_n": 32, "num_warps": 4}
     assert backward.default_step("tf32") == (True, {"block_d": 64, "block_n": 64, "num_warps": 4})
+
+
+def test_an_interrupted_benchmark_keeps_the_results_measured_before_it(tmp_path, monkeypatch):
+    """Ctrl-C (or a time limit's SIGINT) after the first result: the JSON holds it, marked interrupted; exit 130."""
+    real, calls = bench._timed, []
+
+    def timed(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # the reference loop is timed first, then the torch backend
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(bench, "_timed", timed)
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(app, ["bench", "--p", "7", "--width", "8", "--models", "2", "--out", str(out)])
+    assert result.exit_code == 130, result.output
+    assert "Interrupted after 1 result" in result.output
+    report = json.loads(out.read_text())
+    assert report["interrupted"] is True
+    assert [(r["backend"], r["models"]) for r in report["results"]] == [("reference", 1)]
+    assert report["results"][0]["model_steps_per_s"] > 0

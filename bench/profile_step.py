@@ -52,11 +52,11 @@ def main() -> None:
         row["tflops"] = row["model_steps_per_s"] * flops / 1e12
         rows.append(row)
         print("  ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
+        if args.out:  # after every width: a profile cut short by its time limit keeps what it measured
+            with open(args.out, "w") as f:
+                json.dump(rows, f, indent=2)
         del pop, data, G, grads
         torch.cuda.empty_cache()
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(rows, f, indent=2)
 
 
 if __name__ == "__main__":

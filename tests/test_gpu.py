@@ -26,17 +26,18 @@ def grid(width=WIDTH, models=B):
 
 
 @pytest.mark.parametrize("scatter", ["window", "block"])
-def test_one_step_at_real_size_matches_reference(scatter):
-    hypers = grid()
+@pytest.mark.parametrize("width, models", [(WIDTH, B), (8, 64), (4096, 16)])  # issue 3: widths 8 to 4096
+def test_one_step_at_real_size_matches_reference(scatter, width, models):
+    hypers = grid(width, models)
     pop = Population(hypers, Settings(p=P), "cuda")
-    picks = [0, 5, 511, 1023]
+    picks = [0, 7, models // 2 - 1, models - 1]  # 7 with dropout
     refs = {}
     for b in picks:
         mlp = pop.model(b)
         h, d = hypers[b], int(pop.D[b])
         opt = reference.make_optimizer(mlp, "adamw", h.lr, h.wd, (0.9, 0.98), 1e-8)
         pairs = pop.train_m[b, :d] * P + pop.train_n[b, :d]
-        mask = dropout_mask(int(pop.dropout_seed[b]), 0, h.dropout, pairs, WIDTH) if h.dropout else None
+        mask = dropout_mask(int(pop.dropout_seed[b]), 0, h.dropout, pairs, width) if h.dropout else None
         value = reference.train_step(mlp, opt, *(t[b, :d].cpu() for t in (pop.train_m, pop.train_n, pop.train_y)), "mse", mask)
         refs[b] = (mlp, value)
     losses = TritonBackend("fp32", scatter=scatter).step(pop)

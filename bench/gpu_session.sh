@@ -10,20 +10,20 @@
 #   bash bench/gpu_session.sh profile    forward, backward and optimizer of one step timed apart, N 128/512/2048
 #   bash bench/gpu_session.sh sweep      tile sizes and the two dU/dV scatters of the Triton step (N 512, B 1024, tf32)
 #   bash bench/gpu_session.sh ncu        Nsight Compute on the forward and backward kernels (N 512, B 1024)
-# PRECISION (profile, ncu, e2e), SCATTER (profile, ncu: window or block) and DROPOUT (profile: every model's rate;
-# the masks kernel is timed too) pick what they run.
+# PRECISION (profile, ncu, e2e), SCATTER (profile: a comma list, default window,block; ncu: one, default window),
+# DROPOUT (profile: every model's rate; the masks kernel is timed too) and WIDTHS (bench, profile) pick what they run.
 # e2e and dropout also make issue 4's paper-scale phase diagrams (phase, ipr); their PNGs, tables and logs
 # come back as $OUT/<stage>.tar.gz (no weights). Several stages go in one call, each with a time limit:
 #   bash bench/gpu_session.sh tests:230 sweep:150 precision:170
 # (a machine stays warm only 30 s after a call; a fresh one took about 30 s to start on 2026-11-22).
 # Measured 2026-11-22 on an H100 (bench/results/h100-2026-11-22): tests 110 s, sweep 95 s, precision 95 s,
 # profile 30 s, e2e 140 s, dropout 285 s, bench over 320 s for N 512 and 128 alone (WIDTHS=2048 for the rest).
-# Owed next (sessions 6-11 had no GPU): tests, sweep (window vs block order, wide forward tiles, the block
-# backward's stages, G read once or twice), defaults, then ncu and profile with SCATTER=block and window, bench
-# with WIDTHS=2048, compiled, e2e (its time split, and its peak memory with G's padded rows). Session 7's 16-byte
-# accesses, session 8's block windows, session 9's pipelined G (block backward, tf32) and session 10's bf16 G
-# change every kernel: re-measure before tuning. Session 11 drew dropout masks once a step (kernels/dropout.py):
-# `DROPOUT=0.2 bash bench/gpu_session.sh profile:60` and the dropout stage (8.9k model-steps/s in session 5).
+# Owed next (sessions 6-12 had no GPU), in three calls that fit the 30 minutes (bench/NOTES.md "Next"):
+#   1. bash bench/gpu_session.sh tests:230 profile:120 precision:150; DROPOUT=0.2 WIDTHS=500 bash bench/gpu_session.sh profile:60
+#   2. bash bench/gpu_session.sh sweep:590        (then set the defaults from its summary, commit)
+#   3. bash bench/gpu_session.sh e2e:160 dropout:300 and, if time is left, bench with WIDTHS=512,128,2048
+# Sessions 7-11 changed every kernel (16-byte accesses, block windows, pipelined G, bf16 G, dropout bits):
+# re-measure before tuning, and re-run the precision grid (tf32 is the default because it agreed in session 5).
 set -uo pipefail
 OUT=${OUT:-bench/results}
 mkdir -p "$OUT"
@@ -59,8 +59,9 @@ PY
   defaults) for precision in fp32 tf32x3 bf16; do
               python3 bench/sweep_blocks.py --backward-only --precision $precision
             done 2>&1 | tee "$OUT/defaults.log" ;;
-  profile) python3 bench/profile_step.py --precision "${PRECISION:-tf32}" --scatter "${SCATTER:-window}" \
-             --dropout "${DROPOUT:-0}" --out "$OUT/profile-${PRECISION:-tf32}-${SCATTER:-window}-dropout${DROPOUT:-0}.json" ;;
+  profile) python3 bench/profile_step.py --precision "${PRECISION:-tf32}" --scatter "${SCATTER:-window,block}" \
+             --width "${WIDTHS:-128,500,512,2048}" \
+             --dropout "${DROPOUT:-0}" --out "$OUT/profile-${PRECISION:-tf32}-dropout${DROPOUT:-0}.json" ;;
   ncu) name="${PRECISION:-tf32}-${SCATTER:-window}"
        ncu --set full -k regex:"_forward_kernel|_backward_kernel" -c 2 -o "$OUT/step-$name" \
          python3 bench/profile_step.py --precision "${PRECISION:-tf32}" --scatter "${SCATTER:-window}" --width 512 --models 1024 >/dev/null

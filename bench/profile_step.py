@@ -2,10 +2,11 @@
 alone at the backend's defaults, for a few widths (p 97, alpha 0.5, MSE, AdamW). With --dropout, every model
 drops that fraction of its hidden units, and the step's masks (kernels/dropout.py) are timed too.
 
-    python bench/profile_step.py --precision tf32 --models 1024 --width 128,512,2048 [--dropout 0.2]
+    python bench/profile_step.py --precision tf32 --models 1024 --width 128,512,2048 --scatter window,block [--dropout 0.2]
 """
 
 import argparse
+import itertools
 import json
 
 import torch
@@ -20,7 +21,8 @@ from fastgrok.population import Population
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--precision", default="tf32")
-    parser.add_argument("--scatter", default=None, help="the backward's scatter (kernels/backward.py SCATTERS)")
+    parser.add_argument("--scatter", default="window",
+                        help="the backward's scatter (kernels/backward.py SCATTERS), or a comma list to profile each")
     parser.add_argument("--models", type=int, default=1024)
     parser.add_argument("--dropout", type=float, default=0.0)
     parser.add_argument("--width", default="128,500,512,2048",
@@ -31,9 +33,9 @@ def main() -> None:
     args = parser.parse_args()
     dev, settings = torch.device(args.device), Settings(p=args.p)
     rows = []
-    for width in map(int, args.width.split(",")):
+    for width, scatter in itertools.product(map(int, args.width.split(",")), args.scatter.split(",")):
         pop = Population([Hyper(width=width, seed=i, dropout=args.dropout) for i in range(args.models)], settings, dev)
-        engine = TritonBackend(args.precision, **({"scatter": args.scatter} if args.scatter else {}))
+        engine = TritonBackend(args.precision, scatter=scatter)
         data = engine.step_data(pop)
         G = engine.forward(pop, data)[1]
         grads = engine.backward(pop, data, G)
@@ -43,7 +45,7 @@ def main() -> None:
                  "finite_check": lambda: _finish_step(pop, losses, grads, lambda *a, **k: None),
                  "finite_check+optimizer": lambda: _finish_step(pop, losses, grads, optimizer_step_),
                  "step": lambda: engine.step(pop)}
-        row = {"width": width, "models": args.models, "precision": args.precision, "scatter": engine.scatter,
+        row = {"width": width, "models": args.models, "precision": args.precision, "scatter": scatter,
                "dropout": args.dropout}
         for name, fn in parts.items():
             row[f"{name}_ms"] = 1e3 * _timed(fn, dev)
@@ -52,7 +54,7 @@ def main() -> None:
         row["tflops"] = row["model_steps_per_s"] * flops / 1e12
         rows.append(row)
         print("  ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
-        if args.out:  # after every width: a profile cut short by its time limit keeps what it measured
+        if args.out:  # after every row: a profile cut short by its time limit keeps what it measured
             with open(args.out, "w") as f:
                 json.dump(rows, f, indent=2)
         del pop, data, G, grads

@@ -48,7 +48,7 @@ class Result:
     model_steps_per_s: float
     tflops: float
     percent_of_peak: float | None
-    seconds_per_step: float
+    seconds_per_step: float | None  # None where it could not be timed (note says why)
     note: str = ""
 
 
@@ -228,10 +228,10 @@ def _measure(report, widths, models, variants, settings, alpha, dev, log, save) 
                                sec, "max" if b == limit else ""))
                 except torch.cuda.OutOfMemoryError:
                     log(f"{name} N {width} B {b}: out of memory")
-                    add(Result(name, width, b, 0.0, 0.0, None, math.inf, "out of memory"))
+                    add(Result(name, width, b, 0.0, 0.0, None, None, "out of memory"))
                 except Exception as e:  # e.g. a compile failure at one size: record it, keep measuring
                     log(f"{name} N {width} B {b}: {type(e).__name__}: {e}")
-                    add(Result(name, width, b, 0.0, 0.0, None, math.inf, f"{type(e).__name__}: {e}"[:300]))
+                    add(Result(name, width, b, 0.0, 0.0, None, None, f"{type(e).__name__}: {e}"[:300]))
                 del pop
                 if dev.type == "cuda":
                     torch.cuda.empty_cache()

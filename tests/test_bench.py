@@ -1,5 +1,6 @@
 import json
 
+import pytest
 from typer.testing import CliRunner
 
 from fastgrok import bench
@@ -71,3 +72,24 @@ def test_an_interrupted_benchmark_keeps_the_results_measured_before_it(tmp_path,
     assert report["interrupted"] is True
     assert [(r["backend"], r["models"]) for r in report["results"]] == [("reference", 1)]
     assert report["results"][0]["model_steps_per_s"] > 0
+
+
+def test_a_point_that_fails_is_recorded_in_strict_json_and_the_rest_measured(tmp_path, monkeypatch):
+    """A population size that cannot run (a compile failure, say) is kept with its reason and no time: null, not
+    Infinity, which strict JSON parsers refuse."""
+    real, calls = bench._timed, []
+
+    def timed(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # the torch backend's first population size
+            raise RuntimeError("planted failure")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(bench, "_timed", timed)
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(app, ["bench", "--p", "7", "--width", "8", "--models", "1,2", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text(), parse_constant=lambda name: pytest.fail(f"non-standard JSON: {name}"))
+    rows = {(r["backend"], r["models"]): r for r in report["results"]}
+    assert rows[("torch", 1)]["seconds_per_step"] is None and "planted failure" in rows[("torch", 1)]["note"]
+    assert rows[("torch", 2)]["model_steps_per_s"] > 0 and rows[("reference", 1)]["model_steps_per_s"] > 0

@@ -53,17 +53,23 @@ def test_sweep_summary_picks_the_defaults_the_h100_sweep_measured_fastest():
     assert backward.default_step("tf32") == (True, {"block_d": 64, "block_n": 64, "num_warps": 4})
 
 
-def test_an_interrupted_benchmark_keeps_the_results_measured_before_it(tmp_path, monkeypatch):
-    """Ctrl-C (or a time limit's SIGINT) after the first result: the JSON holds it, marked interrupted; exit 130."""
+def _second_timing_raises(monkeypatch, error: BaseException) -> None:
+    """Make the benchmark's second timed call raise `error`: the reference loop is timed first, then the torch
+    backend's first population size."""
     real, calls = bench._timed, []
 
     def timed(*args, **kwargs):
         calls.append(1)
-        if len(calls) == 2:  # the reference loop is timed first, then the torch backend
-            raise KeyboardInterrupt
+        if len(calls) == 2:
+            raise error
         return real(*args, **kwargs)
 
     monkeypatch.setattr(bench, "_timed", timed)
+
+
+def test_an_interrupted_benchmark_keeps_the_results_measured_before_it(tmp_path, monkeypatch):
+    """Ctrl-C (or a time limit's SIGINT) after the first result: the JSON holds it, marked interrupted; exit 130."""
+    _second_timing_raises(monkeypatch, KeyboardInterrupt())
     out = tmp_path / "bench.json"
     result = CliRunner().invoke(app, ["bench", "--p", "7", "--width", "8", "--models", "2", "--out", str(out)])
     assert result.exit_code == 130, result.output
@@ -77,15 +83,7 @@ def test_an_interrupted_benchmark_keeps_the_results_measured_before_it(tmp_path,
 def test_a_point_that_fails_is_recorded_in_strict_json_and_the_rest_measured(tmp_path, monkeypatch):
     """A population size that cannot run (a compile failure, say) is kept with its reason and no time: null, not
     Infinity, which strict JSON parsers refuse."""
-    real, calls = bench._timed, []
-
-    def timed(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:  # the torch backend's first population size
-            raise RuntimeError("planted failure")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(bench, "_timed", timed)
+    _second_timing_raises(monkeypatch, RuntimeError("planted failure"))
     out = tmp_path / "bench.json"
     result = CliRunner().invoke(app, ["bench", "--p", "7", "--width", "8", "--models", "1,2", "--out", str(out)])
     assert result.exit_code == 0, result.output

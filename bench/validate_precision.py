@@ -29,6 +29,7 @@ def main() -> None:
     report = {"device": device_name(torch.device("cuda")), "versions": versions(), "grid": grid.axes,
               "settings": {"p": settings.p, "steps": settings.steps}, "precisions": {}}
     phases = {}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     for precision in args.precisions.split(","):
         with tempfile.TemporaryDirectory() as tmp:
             start = time.perf_counter()
@@ -42,11 +43,12 @@ def main() -> None:
             "train_acc": [round(r["train_acc"], 4) for r in run.rows],
         }
         print(f"{precision}: {seconds:.1f} s")
+        # after every precision: a grid cut short by its time limit keeps the precisions it trained
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
     for precision, ph in phases.items():
         differ = [i for i, (a, b) in enumerate(zip(ph, phases["fp32"])) if a != b]
         report["precisions"][precision]["models_differing_from_fp32"] = differ
         print(f"{precision}: {len(differ)} of {len(ph)} phases differ from fp32 {differ}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
 
 

@@ -168,10 +168,8 @@ class TritonBackend:
                  forward_tiles: dict | None = None, backward_tiles: dict | None = None):
         from fastgrok.kernels import backward, forward
         from fastgrok.kernels.backward import SCATTERS
-        from fastgrok.kernels.hidden import PRECISIONS
 
-        if precision not in PRECISIONS:
-            raise ConfigError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+        check_precision(precision)
         if scatter not in SCATTERS:
             raise ConfigError(f"unknown scatter {scatter!r}; choose one of {', '.join(SCATTERS)}")
         # fused (one backward launch for dW, dU, dV) and the backward's tiles default per precision to what the
@@ -285,6 +283,8 @@ class TritonBackend:
 
 
 BACKENDS = ("auto", "torch", "triton")
+# The Triton kernels' dot precisions (kernels/hidden.py dot); the torch backend computes in fp32.
+PRECISIONS = ("fp32", "tf32", "tf32x3", "bf16")
 # The fastest Triton precision whose phases agree with fp32's on the validation grid (bench/validate_precision.py;
 # H100, 2026-11-22: all four precisions agree on all 39 models, and tf32 steps fastest, bench/results/h100-2026-11-22).
 DEFAULT_PRECISION = "tf32"
@@ -294,6 +294,7 @@ def make_backend(name: str, device: torch.device, precision: str | None = None, 
     """'auto': the Triton kernels on a CUDA device, batched PyTorch elsewhere and for BatchNorm `settings`.
     precision (Triton only): None is DEFAULT_PRECISION."""
     precision = DEFAULT_PRECISION if precision is None else precision
+    check_precision(precision)  # also where the torch backend ignores it: a typo is refused on every machine
     if name == "auto":
         kernels = device.type == "cuda" and _has_triton() and not (settings is not None and settings.batchnorm)
         name = "triton" if kernels else "torch"
@@ -306,6 +307,11 @@ def make_backend(name: str, device: torch.device, precision: str | None = None, 
             raise ConfigError("--backend triton on a CPU runs only under TRITON_INTERPRET=1 (slow; for tests and debugging)")
         return TritonBackend(precision)
     raise ConfigError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+
+
+def check_precision(precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise ConfigError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
 
 
 def _has_triton() -> bool:

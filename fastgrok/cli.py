@@ -117,6 +117,7 @@ def _run(axes, shared, betas, preset, dev, backend, precision, out) -> None:
     check_out_dir(out)
     engine = make_backend(backend, dev, precision, settings)
     engine.check(settings)
+    _note_precision(precision, engine)
     populations = plan(grid.models(), settings, dev, backend=engine.name)
     _train_with_progress(grid, settings, out, dev, engine, len(grid), populations=populations)
 
@@ -129,6 +130,7 @@ def _resume(run_dir: Path, dev, backend, precision) -> None:
     config = read_config(run_dir)
     grid, settings = Grid(config["grid"]), settings_of(config)
     trained_on = config.get("backend", "")
+    given = precision
     if precision is None and trained_on.startswith("triton-"):  # the precision the run was trained in
         precision = trained_on.removeprefix("triton-").split("-")[0]
     left = len(grid) - sum(r["steps"] == settings.steps for r in read_models(run_dir))
@@ -139,7 +141,15 @@ def _resume(run_dir: Path, dev, backend, precision) -> None:
     steps_done = sum(len(w["models"]) * w["steps"] for w in config.get("written", [])
                      if w.get("state") and w["steps"] < settings.steps)
     engine = make_backend(backend, dev, precision, settings)
+    _note_precision(given, engine)
     _train_with_progress(grid, settings, run_dir, dev, engine, left, resume=True, steps_done=steps_done)
+
+
+def _note_precision(given: str | None, engine) -> None:
+    """A --precision the chosen backend does not use is said, not silently dropped."""
+    if given is not None and engine.name == "torch":
+        typer.echo(f"Note: --precision {given} picks the Triton kernels' dot precision; the torch backend "
+                   "running here computes in fp32.", err=True)
 
 
 def _train_with_progress(grid, settings, out, dev, engine, models: int, populations=None, resume: bool = False,

@@ -17,7 +17,6 @@ ACT_CODES = {"quad": 0, "relu": 1}
 # (kernels/backward.py block_order) groups each model's examples by blocks of block_side(p) x block_side(p) pairs.
 BLOCK_WINDOW = 32
 LOSS_CODES = {"mse": 0, "ce": 1}
-PRECISIONS = ("fp32", "tf32", "tf32x3", "bf16")
 
 
 def alignment(*sizes: int, most: int = 16) -> int:

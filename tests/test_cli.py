@@ -121,6 +121,7 @@ def test_ctrl_c_keeps_what_was_done(tmp_path, monkeypatch):
         (["--preset", "nope"], "unknown preset"),
         (["--backend", "jax"], "unknown backend"),
         (["--backend", "triton", "--precision", "fp8"], "unknown precision"),
+        (["--precision", "fp8"], "unknown precision"),  # refused also where the torch backend would ignore it
         (["--backend", "triton", "--p", "521"], "p up to 512"),
         (["--width", "100000000"], "GiB"),
         (["--batch-size", "0"], "batch-size must be at least 1"),
@@ -166,6 +167,15 @@ def test_triton_backend_through_the_cli_matches_torch(tmp_path):
         for k in ("train_acc", "test_acc", "clean_acc", "phase"):
             assert a[k] == b[k]
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
+
+
+def test_a_precision_the_torch_backend_ignores_is_said(tmp_path):
+    result = run(*SMALL, "--backend", "torch", "--precision", "bf16", "--out", tmp_path / "run")
+    assert result.exit_code == 0, result.output
+    assert "--precision bf16 picks the Triton kernels' dot precision" in result.output
+    assert read_config(tmp_path / "run")["backend"] == "torch"
+    quiet = run(*SMALL, "--backend", "torch", "--out", tmp_path / "quiet")
+    assert quiet.exit_code == 0 and "Triton kernels" not in quiet.output
 
 
 def test_triton_on_a_cpu_without_the_interpreter_is_refused(tmp_path, monkeypatch):

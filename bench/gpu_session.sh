@@ -4,7 +4,8 @@
 #   bash bench/gpu_session.sh bench      fastgrok bench: every variant but torch.compile, N 128/512/2048, B 1..max
 #   bash bench/gpu_session.sh compiled   the torch.compile baseline alone (its compiles take minutes)
 #   bash bench/gpu_session.sh precision  validation grid in every precision (default-precision choice)
-#   bash bench/gpu_session.sh e2e        the 1,156-model wd diagram end to end, and 8192 models of N 512
+#   bash bench/gpu_session.sh e2e        the 1,156-model wd diagram end to end (after timing its kernels' compiles
+#                                        apart), and 8192 models of N 512
 #   bash bench/gpu_session.sh dropout    the 1,156-model dropout diagram
 #   bash bench/gpu_session.sh defaults   scatter, fused or not, tiles, for fp32, tf32x3, bf16 (kernels/backward.py STEP)
 #   bash bench/gpu_session.sh profile    forward, backward and optimizer of one step timed apart, N 128/512/2048
@@ -21,7 +22,7 @@
 # Owed next (sessions 6-12 had no GPU), in three calls that fit the 30 minutes (bench/NOTES.md "Next"):
 #   1. bash bench/gpu_session.sh tests:230 profile:120 precision:150; DROPOUT=0.2 WIDTHS=500 bash bench/gpu_session.sh profile:60
 #   2. bash bench/gpu_session.sh sweep:590        (then set the defaults from its summary, commit)
-#   3. bash bench/gpu_session.sh e2e:160 dropout:300 and, if time is left, bench with WIDTHS=512,128,2048
+#   3. bash bench/gpu_session.sh e2e:180 dropout:300 and, if time is left, bench with WIDTHS=512,128,2048
 # Sessions 7-11 changed every kernel (16-byte accesses, block windows, pipelined G, bf16 G, dropout bits):
 # re-measure before tuning, and re-run the precision grid (tf32 is the default because it agreed in session 5).
 set -uo pipefail

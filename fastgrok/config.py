@@ -70,6 +70,8 @@ class Settings:
         if self.batch_size is not None and self.batch_size < (2 if self.batchnorm else 1):
             need = "at least 2 with BatchNorm (batch statistics)" if self.batchnorm else "at least 1"
             raise ConfigError(f"batch-size must be {need}, got {self.batch_size}")
+        if self.data_seed is not None and self.data_seed < 0:  # as --seed, which it stands in for
+            raise ConfigError(f"data-seed must be non-negative, got {self.data_seed}")
         if not all(0.0 <= b < 1.0 for b in self.betas):
             raise ConfigError(f"betas must lie in [0, 1), got {self.betas}")
 

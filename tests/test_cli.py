@@ -119,6 +119,7 @@ def test_ctrl_c_keeps_what_was_done(tmp_path, monkeypatch):
         (["--betas", "0.9"], "two numbers"),
         (["--device", "tpu"], "device"),
         (["--preset", "nope"], "unknown preset"),
+        (["--data-seed", "-3"], "data-seed must be non-negative"),
         (["--backend", "jax"], "unknown backend"),
         (["--backend", "triton", "--precision", "fp8"], "unknown precision"),
         (["--precision", "fp8"], "unknown precision"),  # refused also where the torch backend would ignore it

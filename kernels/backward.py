@@ -33,7 +33,7 @@ import triton.language as tl
 from fastgrok.kernels import forward as forward_module
 from fastgrok.kernels.hidden import (BLOCK_WINDOW, activation, activation_grad, aligned, alignment, block_count,
                                      block_rows, block_side, block_span, dot, dropout_scale,
-                                     gathered_preactivation, preactivation, words)
+                                     gathered_preactivation, model_bits, preactivation, words)
 
 
 @triton.jit
@@ -66,7 +66,7 @@ def _backward_kernel(
     inv_keep = count  # unused without dropout
     if DROPOUT:
         inv_keep = tl.load(INV_KEEP + b)
-        BITS += b * tl.cdiv(width, 32) * stride_ib  # model b's mask bits (kernels/dropout.py)
+        BITS = model_bits(BITS, b, width, stride_ib)
     w = tl.zeros((BLOCK_N, BLOCK_P), dtype=tl.float32)
     if WITH_UV:
         w = tl.load(W + b * stride_wb + offs_k[:, None] * stride_wn + offs_p[None, :], mask=mask_kp, other=0.0)

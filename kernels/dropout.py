@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from fastgrok.kernels import forward
-from fastgrok.kernels.hidden import words
+from fastgrok.kernels.hidden import model_bits, words
 
 
 @triton.jit
@@ -47,13 +47,14 @@ def _mask_kernel(M, N_, COUNT, SEED, THRESHOLD, BITS, p, width, step_key, stride
         threshold = tl.load(THRESHOLD + b).to(tl.uint32)
         lane = tl.arange(0, 8)
         n_words = tl.cdiv(width, 32)
+        bits = model_bits(BITS, b, width, stride_ib)
         for w in range(0, n_words):
             # counters 8 w .. 8 w + 7 of each pair: neurons 32 w + 4 lane + i from output i
             r0, r1, r2, r3 = tl.randint4x(key, (m * p + n)[:, None] * (8 * n_words) + (8 * w + lane)[None, :])
             k = 32 * w + 4 * lane
             word = (_bits(r0, k, threshold, width) + _bits(r1, k + 1, threshold, width)
                     + _bits(r2, k + 2, threshold, width) + _bits(r3, k + 3, threshold, width))
-            tl.store(BITS + (b * n_words + w) * stride_ib + offs_d, word.to(tl.int32, bitcast=True), mask=mask_d)
+            tl.store(bits + w * stride_ib + offs_d, word.to(tl.int32, bitcast=True), mask=mask_d)
 
 
 BLOCK_D = 64

@@ -28,7 +28,8 @@ import triton
 import triton.language as tl
 
 from fastgrok.kernels.hidden import (BLOCK_WINDOW, activation, aligned, alignment, block_count, block_rows, block_side,
-                                     block_span, dot, dropout_scale, gathered_preactivation, preactivation, words)
+                                     block_span, dot, dropout_scale, gathered_preactivation, model_bits, preactivation,
+                                     words)
 
 
 WINDOW = tl.constexpr(BLOCK_WINDOW)  # as the kernels see it
@@ -56,7 +57,7 @@ def _forward_kernel(
     inv_keep = count  # unused without dropout
     if DROPOUT:
         inv_keep = tl.load(INV_KEEP + b)
-        BITS += b * tl.cdiv(width, 32) * stride_ib  # model b's mask bits (kernels/dropout.py)
+        BITS = model_bits(BITS, b, width, stride_ib)
     if BLOCKED:
         # Axis 0 walks the blocks of the (m, n) table: the examples come grouped by blocks of side x side pairs
         # (block_order), block j's from slot BLOCKS[b, j] to BLOCKS[b, j + 1], so every tile of a block reads

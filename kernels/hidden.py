@@ -64,10 +64,17 @@ def words(width: int) -> int:
 
 
 @triton.jit
+def model_bits(BITS, b, width, stride):
+    """Model b's dropout mask bits in BITS (B, words, Dmax): word w of its slot d at model_bits + w stride + d. The
+    one place that layout is written: the mask kernel stores through it, the forward and backward read."""
+    return BITS + b * tl.cdiv(width, 32) * stride
+
+
+@triton.jit
 def dropout_scale(BITS, d, k, k0, mask_d, width, stride, inv_keep, BLOCK_N: tl.constexpr):
     """Inverted-dropout factors, 0 or 1 / (1 - rate), of slots d and neurons k, broadcast against each other:
     (D, 1) and (1, K) for a (D, K) tile, or transposed. k: a chunk of BLOCK_N neurons from k0 (a multiple of
-    BLOCK_N); BITS: one model's mask bits (kernels/dropout.py: word w of slot d at BITS + w stride + d); mask_d:
+    BLOCK_N); BITS: one model's mask bits (model_bits); mask_d:
     d's valid slots, shaped as d. A chunk spans BLOCK_N / 32 words (one below 32 neurons): one load of each per
     slot, and a shift per element."""
     word = d * 0 + k * 0

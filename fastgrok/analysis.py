@@ -166,12 +166,24 @@ def prune(run: Path, order: str = "low", models: str | None = None, every: int |
     return curves
 
 
-def phase_diagram(run: Path, x: str = "xi", y: str = "alpha") -> list[dict]:
+def phase_axes(grid: dict, x: str | None = None, y: str | None = None) -> tuple[str, str]:
+    """The diagram's axes: those given, the rest from the axes the grid varies, xi and alpha first (the paper's
+    diagrams), then xi and alpha where fewer than two vary."""
+    varying = [a for a in ("xi", "alpha", *AXES) if a != "seed" and len(grid.get(a, ())) > 1]
+    choices = [a for a in dict.fromkeys([*varying, "xi", "alpha"]) if a not in (x, y)]
+    x = x if x is not None else choices.pop(0)
+    y = y if y is not None else next(a for a in choices if a != x)
+    return x, y
+
+
+def phase_diagram(run: Path, x: str | None = None, y: str | None = None) -> list[dict]:
     """Phase of every (x, y) cell, one panel per combination of the other varying axes; seeds aggregated by
-    majority, with the fraction agreeing. -> phase-Y-vs-X.csv and .png."""
+    majority, with the fraction agreeing. x, y: grid axes, by default as phase_axes picks them.
+    -> phase-Y-vs-X.csv and .png."""
     run = Path(run)
     config = read_config(run)
     grid = config["grid"]
+    x, y = phase_axes(grid, x, y)
     for name in (x, y):
         if name not in AXES:
             raise ConfigError(f"unknown axis {name!r}; axes are {', '.join(AXES)}")

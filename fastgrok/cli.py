@@ -375,14 +375,16 @@ def prune(
 @app.command()
 def phase(
     run: RunArg,
-    x: Annotated[str, typer.Option("--x", help="Grid axis on the horizontal")] = "xi",
-    y: Annotated[str, typer.Option("--y", help="Grid axis on the vertical")] = "alpha",
+    x: Annotated[Optional[str], typer.Option("--x", help="Grid axis on the horizontal \\[default: the first the grid varies of xi, alpha, width, wd, dropout, lr]")] = None,
+    y: Annotated[Optional[str], typer.Option("--y", help="Grid axis on the vertical \\[default: the next one]")] = None,
 ) -> None:
     """Phase-diagram heatmaps over two grid axes (a panel per value of the others; seeds by majority)."""
     from collections import Counter
 
     from fastgrok import analysis
+    from fastgrok.results import read_config
 
+    x, y = analysis.phase_axes(_analysis(read_config, run)["grid"], x, y)
     table = _analysis(analysis.phase_diagram, run, x=x, y=y)
     counts = Counter(r["phase"] for r in table)
     split = sum(r["agreement"] < 1 for r in table)

@@ -162,6 +162,22 @@ def test_phase_diagram_table_equals_models_csv(tmp_path, monkeypatch):
     assert titles == [recipe(read_config(out))]  # the figure says how its models were trained
 
 
+def test_phase_defaults_to_the_axes_the_grid_varies(tmp_path):
+    out = tmp_path / "xi-wd"
+    args = ["train", "--p", "11", "--width", "8", "--steps", "10", "--log-every", "10", "--xi", "0,0.5",
+            "--wd", "0,1,2", "--seed", "0,1", "--out", str(out)]
+    assert runner.invoke(app, args).exit_code == 0
+    result = runner.invoke(app, ["phase", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "6 cells of wd x xi" in result.output and (out / "phase-wd-vs-xi.png").is_file()
+    grid = {"xi": [0.0], "alpha": [0.5], "width": [16, 32], "wd": [0.0, 1.0], "dropout": [0.0], "lr": [0.01],
+            "seed": [0, 1]}
+    assert analysis.phase_axes(grid) == ("width", "wd")
+    assert analysis.phase_axes(grid, y="width") == ("wd", "width")
+    assert analysis.phase_axes({**grid, "width": [16]}) == ("wd", "xi")  # one varying axis: xi fills in
+    assert analysis.phase_axes({**grid, "xi": [0.0, 0.5], "alpha": [0.3, 0.5]}) == ("xi", "alpha")
+
+
 def test_seeds_are_aggregated_by_majority(tmp_path):
     out = tmp_path / "seeds"
     args = ["train", "--p", "11", "--width", "8", "--steps", "10", "--log-every", "10", "--xi", "0,0.5",

@@ -169,12 +169,11 @@ def _train_with_progress(grid, settings, out, dev, engine, models: int, populati
     console.print(f"{verb} ({grid.describe()}) on {dev} ({engine.name}), p {settings.p}, op {settings.op}, "
                   f"{settings.steps} steps, {settings.batching}"
                   + (f", {len(populations)} population(s)" if populations else "") + f" -> {out}")
-    with Progress(TextColumn("[bold]train"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
-                  TextColumn("step {task.fields[step]}"),
-                  TextColumn("{task.fields[models]}"), Rate(), TimeElapsedColumn(), TextColumn("eta"),
+    # one line of an 80-column terminal (the line above says what trains)
+    with Progress(BarColumn(bar_width=15), TextColumn("{task.percentage:>3.0f}%"),
+                  TextColumn("step {task.fields[step]}"), Rate(), TimeElapsedColumn(), TextColumn("eta"),
                   TimeRemainingColumn(), console=console) as bar:
-        task = bar.add_task("train", total=models * settings.steps - steps_done, models=_models(models),
-                            step=f"0/{settings.steps}")
+        task = bar.add_task("train", total=models * settings.steps - steps_done, step=f"0/{settings.steps}")
         printed_at, plain = time.monotonic(), not console.is_terminal
 
         def on_step(k: int, step: int) -> None:

@@ -17,7 +17,11 @@ def trained():
             Hyper(xi=0.0, alpha=0.7, width=64, wd=5.0, seed=0),  # clean data: generalises
             Hyper(xi=XI, alpha=0.7, width=64, wd=5.0, seed=0),  # corrupted + weight decay: full inversion
         ],
-        [Hyper(xi=XI, alpha=0.5, width=128, wd=0.0, seed=0)],  # corrupted, no regularisation, wider: memorisation
+        [
+            Hyper(xi=XI, alpha=0.5, width=128, wd=0.0, seed=0),  # corrupted, no regularisation, wider: memorisation
+            Hyper(xi=XI, alpha=0.7, width=128, wd=0.0, seed=0),  # more data: memorises half the corrupted labels
+            Hyper(xi=XI, alpha=0.7, width=128, dropout=0.3, seed=0),  # the same with dropout: inverts more of them
+        ],
     ]
     out = []
     for hypers in populations:
@@ -52,6 +56,16 @@ def test_without_regularisation_the_network_memorises(trained):
     assert m["corrupted_acc"] >= 0.95 and m["train_acc"] >= 0.95
     assert m["test_acc"] < 0.5
     assert m["phase"] == "memorization"
+
+
+def test_dropout_acts_like_weight_decay_and_inverts_what_it_would_memorise(trained):
+    """The paper: dropout on the pre-activation, like weight decay, turns memorised corrupted labels into inverted
+    ones (their true values), without costing the clean ones."""
+    plain, dropout = trained[3], trained[4]
+    assert plain["phase"] == dropout["phase"] == "partial_inversion"
+    assert dropout["corrupted_acc"] <= plain["corrupted_acc"] - 0.1
+    assert dropout["inverted_acc"] >= plain["inverted_acc"] + 0.1
+    assert dropout["clean_acc"] >= 0.99 and dropout["test_acc"] >= plain["test_acc"] - 0.01
 
 
 def test_batchnorm_on_minibatches_generalises_through_periodic_neurons():

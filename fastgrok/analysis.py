@@ -169,11 +169,10 @@ def prune(run: Path, order: str = "low", models: str | None = None, every: int |
 def phase_axes(grid: dict, x: str | None = None, y: str | None = None) -> tuple[str, str]:
     """The diagram's axes: those given, the rest from the axes the grid varies, xi and alpha first (the paper's
     diagrams), then xi and alpha where fewer than two vary."""
-    varying = [a for a in ("xi", "alpha", *AXES) if a != "seed" and len(grid.get(a, ())) > 1]
-    choices = [a for a in dict.fromkeys([*varying, "xi", "alpha"]) if a not in (x, y)]
+    varying = [a for a in dict.fromkeys(("xi", "alpha", *AXES)) if a != "seed" and len(grid.get(a, ())) > 1]
+    choices = [a for a in dict.fromkeys([*varying, "xi", "alpha"]) if a not in (x, y)]  # xi or alpha always left
     x = x if x is not None else choices.pop(0)
-    y = y if y is not None else next(a for a in choices if a != x)
-    return x, y
+    return x, y if y is not None else choices[0]
 
 
 def phase_diagram(run: Path, x: str | None = None, y: str | None = None) -> list[dict]:

@@ -36,6 +36,11 @@ def fail(message: str) -> None:
     raise typer.Exit(2)
 
 
+def fail_os(e: OSError) -> None:
+    """A path that cannot be written or read (a missing or read-only directory, a full disk): one line, no traceback."""
+    fail(f"{e.filename}: {e.strerror}" if e.filename is not None and e.strerror else str(e))
+
+
 @app.command()
 def train(
     xi: Annotated[Optional[str], typer.Option(help="Corrupted fraction of training labels \\[default: 0]", rich_help_panel=GRID)] = None,
@@ -90,6 +95,8 @@ def train(
         _run(axes, shared, betas, chosen, dev, backend, precision, out)
     except ConfigError as e:
         fail(str(e))
+    except OSError as e:
+        fail_os(e)
 
 
 def _run(axes, shared, betas, preset, dev, backend, precision, out) -> None:
@@ -119,6 +126,7 @@ def _run(axes, shared, betas, preset, dev, backend, precision, out) -> None:
     engine.check(settings)
     _note_precision(precision, engine)
     populations = plan(grid.models(), settings, dev, backend=engine.name)
+    out.mkdir(parents=True, exist_ok=True)  # an unwritable --out fails here, before the progress bar
     _train_with_progress(grid, settings, out, dev, engine, len(grid), populations=populations)
 
 
@@ -290,6 +298,8 @@ def bench(
         benchmark.run(widths, sizes, p=p, alpha=alpha, device=str(dev), variants=chosen, save=save)
     except ConfigError as e:
         fail(str(e))
+    except OSError as e:
+        fail_os(e)
     except benchmark.Interrupted as e:
         done = len(e.report["results"])
         kept = f", written to {out} (marked \"interrupted\")" if out is not None else ""
@@ -315,6 +325,8 @@ def _analysis(fn, *args, **kwargs):
         return fn(*args, **kwargs)
     except ConfigError as e:
         fail(str(e))
+    except OSError as e:
+        fail_os(e)
 
 
 def _table(title: str, columns: list[str], rows: list[list]) -> None:

@@ -148,6 +148,20 @@ def test_existing_nonempty_out_is_refused(tmp_path):
     assert (tmp_path / "keep.txt").read_text() == "mine"
 
 
+@pytest.mark.parametrize("command", [
+    ["train", *SMALL, "--out"],
+    ["analytic", "--p", "7", "--width", "8", "--out"],
+    ["bench", "--p", "7", "--width", "8", "--models", "1", "--out"],
+])
+def test_an_unwritable_out_is_one_line_and_nonzero(tmp_path, command):
+    (tmp_path / "file").write_text("a file, not a directory")
+    out = tmp_path / "file" / "run"
+    result = runner.invoke(app, [*map(str, command), str(out)])
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {out.parent}"), result.output
+
+
 def test_version_presets_and_shim():
     assert "fastgrok" in runner.invoke(app, ["--version"]).output
     result = runner.invoke(app, ["presets"])

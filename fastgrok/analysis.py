@@ -23,7 +23,7 @@ from fastgrok.errors import ConfigError
 from fastgrok.ipr import FFTS, HIGH_IPR, neuron_ipr
 from fastgrok.phases import PHASES
 from fastgrok.population import METRICS
-from fastgrok.results import load_populations, read_config, read_history, read_models, recipe
+from fastgrok.results import csv_cell, load_populations, read_config, read_history, read_models, recipe
 
 ORDERS = ("low", "high", "random")
 
@@ -175,10 +175,10 @@ def phase_axes(grid: dict, x: str | None = None, y: str | None = None) -> tuple[
     return x, y if y is not None else choices[0]
 
 
-def phase_diagram(run: Path, x: str | None = None, y: str | None = None) -> list[dict]:
-    """Phase of every (x, y) cell, one panel per combination of the other varying axes; seeds aggregated by
-    majority, with the fraction agreeing. x, y: grid axes, by default as phase_axes picks them.
-    -> phase-Y-vs-X.csv and .png."""
+def _cells(run: Path, x: str | None, y: str | None, column: str = "phase"):
+    """What a diagram of a models.csv `column` needs: the run's config, its axes (phase_axes), the other axes the
+    grid varies, and one panel per combination of those: (its values, its title, {(i, j): the models of cell
+    x_j, y_i})."""
     run = Path(run)
     config = read_config(run)
     grid = config["grid"]
@@ -189,34 +189,83 @@ def phase_diagram(run: Path, x: str | None = None, y: str | None = None) -> list
     if x == y:
         raise ConfigError("--x and --y must be different axes")
     rows = read_models(run)
+    if rows and column not in rows[0]:
+        raise ConfigError(f"models.csv has no {column} column; `fastgrok ipr RUN` adds it")
     others = [a for a in AXES if a not in (x, y, "seed") and len(grid[a]) > 1]
-    xs, ys = grid[x], grid[y]
-    cells: dict[tuple, list[str]] = {}
+    by_cell: dict[tuple, list[dict]] = {}
     for r in rows:
-        cells.setdefault((*(r[a] for a in others), r[x], r[y]), []).append(r["phase"])
-    table, panels = [], []
+        by_cell.setdefault((*(r[a] for a in others), r[x], r[y]), []).append(r)
+    panels = []
     for combo in itertools.product(*(grid[a] for a in others)):
+        cells = {}
+        for (j, xv), (i, yv) in itertools.product(enumerate(grid[x]), enumerate(grid[y])):
+            if (*combo, xv, yv) in by_cell:
+                cells[i, j] = by_cell[(*combo, xv, yv)]
+        title = ", ".join(f"{a} {v:g}" for a, v in zip(others, combo)) or f"{len(rows):,} models"
+        panels.append((combo, title, cells))
+    return config, x, y, others, panels
+
+
+def phase_diagram(run: Path, x: str | None = None, y: str | None = None) -> list[dict]:
+    """Phase of every (x, y) cell, one panel per combination of the other varying axes; seeds aggregated by
+    majority, with the fraction agreeing. x, y: grid axes, by default as phase_axes picks them.
+    -> phase-Y-vs-X.csv and .png."""
+    config, x, y, others, panels = _cells(run, x, y)
+    xs, ys = config["grid"][x], config["grid"][y]
+    table, drawn = [], []
+    for combo, title, cells in panels:
         index = np.full((len(ys), len(xs)), -1)
         agreement = np.ones((len(ys), len(xs)))
-        for (j, xv), (i, yv) in itertools.product(enumerate(xs), enumerate(ys)):
-            phases = cells.get((*combo, xv, yv))
-            if not phases:
-                continue
-            counts = Counter(phases)
+        for (i, j), models in cells.items():
+            counts = Counter(r["phase"] for r in models)
             majority = max(counts, key=lambda p: (counts[p], -_rank(p)))
             index[i, j] = _rank(majority)
-            agreement[i, j] = counts[majority] / len(phases)
-            table.append({**dict(zip(others, combo)), x: xv, y: yv, "phase": majority,
-                          "agreement": agreement[i, j], "seeds": len(phases)})
-        title = ", ".join(f"{a} {v:g}" for a, v in zip(others, combo)) or f"{len(rows):,} models"
-        panels.append((title, index, agreement))
-    stem = run / f"phase-{y}-vs-{x}"
-    with open(stem.with_suffix(".csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, [*others, x, y, "phase", "agreement", "seeds"])
-        writer.writeheader()
-        writer.writerows(table)
-    plots.phase_heatmaps(panels, x, xs, y, ys, stem.with_suffix(".png"), recipe(config))
+            agreement[i, j] = counts[majority] / len(models)
+            table.append({**dict(zip(others, combo)), x: xs[j], y: ys[i], "phase": majority,
+                          "agreement": agreement[i, j], "seeds": len(models)})
+        drawn.append((title, index, agreement))
+    stem = Path(run) / f"phase-{y}-vs-{x}"
+    _write_csv(stem.with_suffix(".csv"), [*others, x, y, "phase", "agreement", "seeds"], table)
+    plots.phase_heatmaps(drawn, x, xs, y, ys, stem.with_suffix(".png"), recipe(config))
     return table
+
+
+# models.csv columns a metric diagram can draw; those in [0, 1] share one colour scale across runs
+DIAGRAM_METRICS = ("train_acc", "test_acc", "clean_acc", "corrupted_acc", "inverted_acc", "train_loss", "test_loss",
+                   "mean_ipr", "high_ipr_fraction", "dead_neurons")
+UNIT_METRICS = ("train_acc", "test_acc", "clean_acc", "corrupted_acc", "inverted_acc", "mean_ipr", "high_ipr_fraction")
+
+
+def metric_diagram(run: Path, metric: str, x: str | None = None, y: str | None = None) -> list[dict]:
+    """Mean over seeds of a models.csv column in every (x, y) cell, panels as in phase_diagram. Diverged models
+    and empty subsets (the corrupted set at xi 0) are left out; a cell with none left is blank.
+    -> METRIC-Y-vs-X.csv and .png."""
+    if metric not in DIAGRAM_METRICS:
+        raise ConfigError(f"unknown --metric {metric!r}; choose one of {', '.join(DIAGRAM_METRICS)}")
+    config, x, y, others, panels = _cells(run, x, y, metric)
+    xs, ys = config["grid"][x], config["grid"][y]
+    table, drawn = [], []
+    for combo, title, cells in panels:
+        mean = np.full((len(ys), len(xs)), np.nan)
+        for (i, j), models in cells.items():
+            values = [r[metric] for r in models if not r["diverged"] and r[metric] == r[metric]]
+            if values:
+                mean[i, j] = np.mean(values)
+            table.append({**dict(zip(others, combo)), x: xs[j], y: ys[i], metric: mean[i, j],
+                          "std": np.std(values) if values else np.nan, "models": len(values)})
+        drawn.append((title, mean))
+    stem = Path(run) / f"{metric}-{y}-vs-{x}"
+    _write_csv(stem.with_suffix(".csv"), [*others, x, y, metric, "std", "models"], table)
+    limits = (0.0, 1.0) if metric in UNIT_METRICS else None
+    plots.metric_heatmaps(drawn, x, xs, y, ys, metric, limits, stem.with_suffix(".png"), recipe(config))
+    return table
+
+
+def _write_csv(path: Path, columns: list[str], table: list[dict]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, columns)
+        writer.writeheader()
+        writer.writerows({k: csv_cell(v) for k, v in r.items()} for r in table)
 
 
 def _rank(phase: str) -> int:

@@ -388,14 +388,22 @@ def phase(
     run: RunArg,
     x: Annotated[Optional[str], typer.Option("--x", help="Grid axis on the horizontal \\[default: the first the grid varies of xi, alpha, width, wd, dropout, lr]")] = None,
     y: Annotated[Optional[str], typer.Option("--y", help="Grid axis on the vertical \\[default: the next one]")] = None,
+    metric: Annotated[Optional[str], typer.Option(help="Draw this models.csv column (mean over seeds) instead of the phase: train_acc, test_acc, clean_acc, corrupted_acc (memorised), inverted_acc, train_loss, test_loss, or after `fastgrok ipr` mean_ipr, high_ipr_fraction, dead_neurons")] = None,
 ) -> None:
-    """Phase-diagram heatmaps over two grid axes (a panel per value of the others; seeds by majority)."""
+    """Phase-diagram heatmaps over two grid axes (a panel per value of the others; seeds by majority), or of one metric."""
     from collections import Counter
 
     from fastgrok import analysis
     from fastgrok.results import read_config
 
     x, y = analysis.phase_axes(_analysis(read_config, run)["grid"], x, y)
+    if metric is not None:
+        table = _analysis(analysis.metric_diagram, run, metric, x=x, y=y)
+        values = [r[metric] for r in table if r[metric] == r[metric]]
+        span = f"{min(values):.3g} to {max(values):.3g}" if values else "no values"
+        typer.echo(f"{len(table)} cells of {y} x {x}: {metric} (mean over seeds, diverged models left out) {span}")
+        typer.echo(f"wrote {run / f'{metric}-{y}-vs-{x}.png'} and .csv")
+        return
     table = _analysis(analysis.phase_diagram, run, x=x, y=y)
     counts = Counter(r["phase"] for r in table)
     split = sum(r["agreement"] < 1 for r in table)

@@ -71,22 +71,13 @@ def prune_curves(curves: dict[int, dict[str, np.ndarray]], path: Path, title: st
     return _save(fig, path)
 
 
-def phase_heatmaps(panels: list[tuple[str, np.ndarray, np.ndarray]], x_name: str, x_values, y_name: str, y_values,
-                   path: Path, title: str | None = None) -> Path:
-    """panels: (title, phase index grid (len(y), len(x)) with -1 for missing, agreement grid in [0, 1]);
-    title: the whole figure's (the run's recipe)."""
-    names = [*PHASES, "diverged"]
-    cmap = ListedColormap([PHASE_COLORS[p] for p in names])
-    n = len(panels)
+def _heatmap_panels(titles: list[str], x_name: str, x_values, y_name: str, y_values, title: str | None):
+    """A figure of labelled heatmap axes, four to a row; returns it and one axis per title."""
+    n = len(titles)
     cols = min(n, 4)
     rows = (n + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.3 * rows), squeeze=False, layout="constrained")
-    for ax, (panel_title, grid, agreement) in zip(axes.flat, panels):
-        shown = np.ma.masked_less(grid, 0)
-        ax.imshow(shown, origin="lower", aspect="auto", cmap=cmap, vmin=-0.5, vmax=len(names) - 0.5, interpolation="nearest")
-        for (i, j), a in np.ndenumerate(agreement):
-            if grid[i, j] >= 0 and a < 1:
-                ax.text(j, i, "x", ha="center", va="center", fontsize=7, color="white")  # seeds disagree
+    for ax, panel_title in zip(axes.flat, titles):
         ax.set_title(panel_title, fontsize=9)
         _ticks(ax.set_xticks, ax.set_xticklabels, x_values)
         _ticks(ax.set_yticks, ax.set_yticklabels, y_values)
@@ -94,10 +85,41 @@ def phase_heatmaps(panels: list[tuple[str, np.ndarray, np.ndarray]], x_name: str
         ax.set_ylabel(y_name)
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
-    handles = [Patch(color=PHASE_COLORS[p], label=p.replace("_", " ")) for p in names[:-1]]
-    fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=8)
     if title:
         fig.suptitle(title, fontsize=10)
+    return fig, list(axes.flat)[:n]
+
+
+def phase_heatmaps(panels: list[tuple[str, np.ndarray, np.ndarray]], x_name: str, x_values, y_name: str, y_values,
+                   path: Path, title: str | None = None) -> Path:
+    """panels: (title, phase index grid (len(y), len(x)) with -1 for missing, agreement grid in [0, 1]);
+    title: the whole figure's (the run's recipe)."""
+    names = [*PHASES, "diverged"]
+    cmap = ListedColormap([PHASE_COLORS[p] for p in names])
+    fig, axes = _heatmap_panels([t for t, _, _ in panels], x_name, x_values, y_name, y_values, title)
+    for ax, (_, grid, agreement) in zip(axes, panels):
+        shown = np.ma.masked_less(grid, 0)
+        ax.imshow(shown, origin="lower", aspect="auto", cmap=cmap, vmin=-0.5, vmax=len(names) - 0.5, interpolation="nearest")
+        for (i, j), a in np.ndenumerate(agreement):
+            if grid[i, j] >= 0 and a < 1:
+                ax.text(j, i, "x", ha="center", va="center", fontsize=7, color="white")  # seeds disagree
+    handles = [Patch(color=PHASE_COLORS[p], label=p.replace("_", " ")) for p in names[:-1]]
+    fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=8)
+    return _save(fig, path)
+
+
+def metric_heatmaps(panels: list[tuple[str, np.ndarray]], x_name: str, x_values, y_name: str, y_values, metric: str,
+                    limits: tuple[float, float] | None, path: Path, title: str | None = None) -> Path:
+    """panels: (title, values (len(y), len(x)), NaN where blank); one colour scale for every panel: `limits`, or
+    the values' range."""
+    finite = np.concatenate([v.ravel() for _, v in panels])
+    finite = finite[np.isfinite(finite)]
+    vmin, vmax = limits if limits is not None else (finite.min(), finite.max()) if finite.size else (0.0, 1.0)
+    fig, axes = _heatmap_panels([t for t, _ in panels], x_name, x_values, y_name, y_values, title)
+    for ax, (_, grid) in zip(axes, panels):
+        image = ax.imshow(np.ma.masked_invalid(grid), origin="lower", aspect="auto", cmap="viridis", vmin=vmin,
+                          vmax=vmax, interpolation="nearest")
+    fig.colorbar(image, ax=axes, label=f"{metric} (mean over seeds)", shrink=0.9)
     return _save(fig, path)
 
 

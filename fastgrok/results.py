@@ -86,7 +86,7 @@ def versions() -> dict:
     return out
 
 
-def _cell(v):
+def csv_cell(v):
     if isinstance(v, float):
         return "" if math.isnan(v) else f"{v:.6g}"
     return v
@@ -180,7 +180,7 @@ class RunWriter:
         with open(self.out / "models.csv", "a", newline="") as f:
             writer = csv.writer(f)
             for row in rows:
-                writer.writerow([_cell(row[c]) for c in MODEL_COLUMNS])
+                writer.writerow([csv_cell(row[c]) for c in MODEL_COLUMNS])
         entry = {"name": name, "models": ids, "steps": int(rows[0]["steps"]) if rows else 0, "state": state is not None}
         self.config["written"] = [w for w in self.config["written"] if w["name"] != name] + [entry]
         self.write_config()

@@ -192,9 +192,35 @@ def test_seeds_are_aggregated_by_majority(tmp_path):
         assert cell["agreement"] == pytest.approx(phases.count(cell["phase"]) / 3)
 
 
+def test_metric_diagram_is_the_seed_mean_of_models_csv_without_diverged_models(tmp_path):
+    out = tmp_path / "metric"
+    args = ["train", "--p", "11", "--width", "8", "--steps", "20", "--log-every", "10", "--xi", "0,0.5",
+            "--wd", "0,1", "--lr", "0.01,1e6", "--seed", "0,1", "--out", str(out)]
+    assert runner.invoke(app, args).exit_code == 0
+    rows = read_models(out)
+    assert all(r["diverged"] for r in rows if r["lr"] == 1e6) and not any(r["diverged"] for r in rows if r["lr"] == 0.01)
+    result = runner.invoke(app, ["phase", str(out), "--metric", "corrupted_acc", "--x", "xi", "--y", "wd"])
+    assert result.exit_code == 0, result.output
+    assert "8 cells of wd x xi: corrupted_acc" in result.output
+    table = analysis.metric_diagram(out, "corrupted_acc", "xi", "wd")
+    assert len(table) == 8
+    for cell in table:
+        kept = [r["corrupted_acc"] for r in rows if (r["lr"], r["xi"], r["wd"]) == (cell["lr"], cell["xi"], cell["wd"])
+                and not r["diverged"] and not math.isnan(r["corrupted_acc"])]
+        assert cell["models"] == len(kept) == (2 if cell["lr"] == 0.01 and cell["xi"] == 0.5 else 0)
+        assert cell["corrupted_acc"] == pytest.approx(np.mean(kept)) if kept else math.isnan(cell["corrupted_acc"])
+    with open(out / "corrupted_acc-wd-vs-xi.csv") as f:
+        lines = f.read().splitlines()
+    assert lines[0] == "lr,xi,wd,corrupted_acc,std,models" and len(lines) == 9
+    assert lines[1] == "0.01,0,0,,,0"  # no corrupted labels at xi 0: blank, not 0
+    assert (out / "corrupted_acc-wd-vs-xi.png").stat().st_size > 5000
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
+        (["phase", "{run}", "--metric", "beta"], "unknown --metric"),
+        (["phase", "{run}", "--metric", "mean_ipr"], "`fastgrok ipr RUN` adds it"),
         (["phase", "{run}", "--x", "beta"], "unknown axis"),
         (["phase", "{run}", "--x", "xi", "--y", "xi"], "different axes"),
         (["prune", "{run}", "--order", "middle"], "unknown --order"),

@@ -79,6 +79,7 @@ def train(
                   data_seed=data_seed, log_every=log_every, batch_size=batch_size, batchnorm=batchnorm)
     try:
         dev = resolve_device(device)
+        betas = _betas(betas)
         if resume is not None:
             given = [k for k, v in {**axes, **shared, "betas": betas, "preset": preset, "out": out}.items() if v is not None]
             if given:
@@ -99,6 +100,20 @@ def train(
         fail_os(e)
 
 
+def _betas(text: str | None) -> tuple[float, float] | None:
+    from fastgrok.errors import ConfigError
+
+    if text is None:
+        return None
+    try:
+        betas = tuple(float(b) for b in text.split(","))
+    except ValueError:
+        raise ConfigError(f"--betas: cannot read {text!r}; give two numbers like 0.9,0.98") from None
+    if len(betas) != 2:
+        raise ConfigError(f"--betas takes two numbers, got {text!r}")
+    return betas
+
+
 def _run(axes, shared, betas, preset, dev, backend, precision, out) -> None:
     from fastgrok.backends import make_backend
     from fastgrok.config import Grid, Settings
@@ -111,12 +126,7 @@ def _run(axes, shared, betas, preset, dev, backend, precision, out) -> None:
         shared = {k: v if v is not None else preset.settings.get(k) for k, v in shared.items()}
     settings_kwargs = {k: v for k, v in shared.items() if v is not None}
     if betas is not None:
-        try:
-            settings_kwargs["betas"] = tuple(float(b) for b in betas.split(","))
-        except ValueError:
-            raise ConfigError(f"--betas: cannot read {betas!r}; give two numbers like 0.9,0.98") from None
-        if len(settings_kwargs["betas"]) != 2:
-            raise ConfigError(f"--betas takes two numbers, got {betas!r}")
+        settings_kwargs["betas"] = betas
     settings = Settings(**settings_kwargs)
     settings.check()
     grid = Grid.parse(axes)
@@ -236,7 +246,7 @@ def _print_summary(run, grid, console) -> None:
             if counts.get(name):
                 table.add_row(name, f"{counts[name]:,}")
     console.print(table)
-    console.print(f"{run.model_steps:,} model-steps in {run.seconds:.1f} s "
+    console.print(f"{run.model_steps:,} model-step{'s' if run.model_steps != 1 else ''} in {run.seconds:.1f} s "
                   f"({run.model_steps / max(run.seconds, 1e-9):,.0f} model-steps/s). Results: {run.out}")
 
 

@@ -141,6 +141,11 @@ def test_bad_input_is_one_line_and_nonzero(tmp_path, args, message):
     assert not (tmp_path / "run").exists(), "bad input must be refused before the run writes anything"
 
 
+def test_bad_input_is_refused_before_the_default_preset_is_announced(tmp_path):
+    result = runner.invoke(app, ["train", "--betas", "0.9", "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2 and result.output == "error: --betas takes two numbers, got '0.9'\n", result.output
+
+
 def test_existing_nonempty_out_is_refused(tmp_path):
     (tmp_path / "keep.txt").write_text("mine")
     result = run(*SMALL, "--out", tmp_path)

@@ -51,7 +51,7 @@ case "$1" in
     { time fastgrok train --preset $preset --log-every 100 --precision "${PRECISION:-tf32}" --out /tmp/$1
       python3 -c "import json; c = json.load(open('/tmp/$1/config.json')); print('time split (s):', c['time_split'])"
       fastgrok phase /tmp/$1 --x xi --y alpha && fastgrok ipr /tmp/$1
-      fastgrok phase /tmp/$1 --x xi --y alpha --metric inverted_acc; } 2>&1 | tee -a "$OUT/$1.log"
+      fastgrok phase /tmp/$1 --x xi --y alpha --metric inverted_acc && fastgrok plot /tmp/$1 --models all; } 2>&1 | tee -a "$OUT/$1.log"
     tar -czf "$OUT/$1.tar.gz" -C /tmp/$1 --exclude='*.safetensors' --exclude=ipr.parquet .  # under 16 MB
     [ "$1" = e2e ] && python3 - <<'PY' 2>&1 | tee -a "$OUT/e2e.log"
 import torch

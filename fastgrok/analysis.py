@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import itertools
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -274,24 +275,54 @@ def _rank(phase: str) -> int:
 
 
 def curves(run: Path, models: str | None = None) -> list[Path]:
-    """Training curves of the selected models (default: the first model of each phase)."""
+    """Training curves. Model ids: one figure per model (curves-modelM.png); a phase name, or "all" for every
+    phase: one figure per phase with the mean over its models and the band of their 10th to 90th percentiles
+    (curves-PHASE.png); default: one figure for the first model of each phase."""
     run = Path(run)
     rows = read_models(run)
+    history = read_history(run).to_pydict()
+    model_col = np.asarray(history["model"])
+    steps = np.unique(history["step"])
+
+    def curve(m: int) -> dict[str, np.ndarray]:  # one model's history on the run's logged steps (NaN: not reached)
+        sel = model_col == m
+        at = np.searchsorted(steps, np.asarray(history["step"])[sel])
+        out = {k: np.full(len(steps), np.nan) for k in history if k not in ("model", "step")}
+        for k in out:
+            out[k][at] = np.asarray(history[k], dtype=np.float64)[sel]
+        return {"step": steps, **out}
+
+    if models is not None and (models == "all" or models in (*PHASES, "diverged")):
+        groups: dict[str, list[int]] = {}
+        for r in rows:
+            if models in ("all", r["phase"]):
+                groups.setdefault(r["phase"], []).append(r["model"])
+        if not groups:
+            raise ConfigError(f"no model of this run is in phase {models!r}")
+        paths = []
+        for phase, ids in sorted(groups.items(), key=lambda g: _rank(g[0])):
+            per_model = [curve(m) for m in ids]
+            stacked = {k: np.stack([c[k] for c in per_model]) for k in per_model[0] if k != "step"}
+            with warnings.catch_warnings():  # a step no model reached (or an empty subset) is NaN, and stays so
+                warnings.simplefilter("ignore", RuntimeWarning)
+                mean = {k: np.nanmean(v, axis=0) for k, v in stacked.items()}
+                band = {k: np.nanquantile(v, (0.1, 0.9), axis=0) for k, v in stacked.items()}
+            title = f"{phase}: mean of {_plural(len(ids), 'model')}, band 10th-90th percentile; {recipe(read_config(run))}"
+            paths.append(plots.training_curves({"step": steps, **mean}, run / f"curves-{phase}.png", title, band))
+        return paths
     chosen = select_models(rows, models)
     if chosen is None:
         seen: dict[str, int] = {}
         for r in rows:
             seen.setdefault(r["phase"], r["model"])
         chosen = list(seen.values())
-    history = read_history(run).to_pydict()
-    model_col = np.asarray(history["model"])
     paths = []
     for m in chosen:
-        sel = model_col == m
-        h = {k: np.asarray(v)[sel] for k, v in history.items()}
-        order = np.argsort(h["step"])
-        h = {k: v[order] for k, v in h.items()}
         row = next(r for r in rows if r["model"] == m)
         axes = ", ".join(f"{a} {row[a]:g}" for a in AXES)
-        paths.append(plots.training_curves(h, run / f"curves-model{m}.png", f"model {m}: {axes} -> {row['phase']}"))
+        paths.append(plots.training_curves(curve(m), run / f"curves-model{m}.png", f"model {m}: {axes} -> {row['phase']}"))
     return paths
+
+
+def _plural(n: int, noun: str) -> str:
+    return f"{n:,} {noun}" + ("s" if n != 1 else "")

@@ -423,7 +423,7 @@ def phase(
 
 
 @app.command()
-def plot(run: RunArg, models: ModelsOpt = None) -> None:
+def plot(run: RunArg, models: Annotated[Optional[str], typer.Option(help="Model ids (0,4,9): a figure per model; a phase name, or all for each phase: the mean over its models with a band from the 10th to the 90th percentile \\[default: the first model of each phase]")] = None) -> None:
     """Training curves: accuracies (train, test, clean, memorised, inverted), losses and mean IPR against step."""
     from fastgrok import analysis
 

@@ -130,25 +130,34 @@ def _ticks(set_ticks, set_labels, values) -> None:
     set_labels([f"{values[i]:g}" for i in idx], fontsize=7)
 
 
-def training_curves(history: dict[str, np.ndarray], path: Path, title: str) -> Path:
-    """Accuracies, losses and mean IPR of one model against the training step."""
+def training_curves(history: dict[str, np.ndarray], path: Path, title: str,
+                    band: dict[str, np.ndarray] | None = None) -> Path:
+    """Accuracies, losses and mean IPR against the training step: one model's, or with `band` ((2, steps) per
+    key: lower and upper curves) a group's mean with a shaded band."""
     fig, (acc, loss, ipr) = plt.subplots(1, 3, figsize=(14, 3.4), layout="constrained")
     step = history["step"]
+
+    def draw(ax, key, **kwargs):
+        (line,) = ax.plot(step, history[key], **kwargs)
+        if band is not None:
+            ax.fill_between(step, band[key][0], band[key][1], color=line.get_color(), alpha=0.2, linewidth=0)
+
     for key, label in ACCURACIES.items():
         if np.isfinite(history[key]).any():
-            acc.plot(step, history[key], label=label)
+            draw(acc, key, label=label)
     acc.set_ylim(-0.02, 1.02)
     acc.set_ylabel("accuracy")
     acc.legend(fontsize=7)
-    loss.semilogy(step, history["train_loss"], label="train")
-    loss.semilogy(step, history["test_loss"], label="test")
+    draw(loss, "train_loss", label="train")
+    draw(loss, "test_loss", label="test")
+    loss.set_yscale("log")
     loss.set_ylabel("loss")
     loss.legend(fontsize=7)
-    ipr.plot(step, history["ipr"], color="purple")
+    draw(ipr, "ipr", color="purple")
     ipr.set_ylabel("mean neuron IPR")
     for ax in (acc, loss, ipr):
         ax.set_xlabel("step")
-    fig.suptitle(title)
+    fig.suptitle(title, fontsize=10 if band is not None else None)
     return _save(fig, path)
 
 

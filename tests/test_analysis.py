@@ -216,6 +216,37 @@ def test_metric_diagram_is_the_seed_mean_of_models_csv_without_diverged_models(t
     assert (out / "corrupted_acc-wd-vs-xi.png").stat().st_size > 5000
 
 
+def test_plot_of_a_phase_draws_its_models_mean_and_percentile_band(tmp_path, monkeypatch):
+    out = tmp_path / "curves"
+    args = ["train", "--p", "11", "--width", "16", "--steps", "60", "--log-every", "20", "--xi", "0,0.5",
+            "--wd", "0,50", "--seed", "0,1,2", "--out", str(out)]
+    assert runner.invoke(app, args).exit_code == 0
+    drawn = {}
+    draw = plots.training_curves
+    monkeypatch.setattr(plots, "training_curves",
+                        lambda h, path, title, band=None: (drawn.__setitem__(path.name, (h, band)), draw(h, path, title, band))[1])
+    result = runner.invoke(app, ["plot", str(out), "--models", "all"])
+    assert result.exit_code == 0, result.output
+    rows = read_models(out)
+    phases = {r["phase"] for r in rows}
+    assert phases == {"memorization", "forgetting"}  # wd 0 memorises, wd 50 forgets
+    assert set(drawn) == {f"curves-{p}.png" for p in phases}
+    history = {k: np.asarray(v) for k, v in pq.read_table(out / "history").to_pydict().items()}
+    for phase in phases:
+        ids = [r["model"] for r in rows if r["phase"] == phase]
+        mean, band = drawn[f"curves-{phase}.png"]
+        assert list(mean["step"]) == [0, 20, 40, 60]
+        for step_index, step in enumerate(mean["step"]):
+            at = (history["step"] == step) & np.isin(history["model"], ids)
+            assert at.sum() == len(ids)
+            for key in ("test_acc", "train_loss", "ipr"):
+                assert mean[key][step_index] == pytest.approx(history[key][at].mean())
+                assert band[key][:, step_index] == pytest.approx(np.quantile(history[key][at], (0.1, 0.9)))
+    assert (out / f"curves-{rows[0]['phase']}.png").stat().st_size > 5000
+    assert runner.invoke(app, ["plot", str(out), "--models", rows[0]["phase"]]).output.strip() == \
+        f"wrote {out / ('curves-' + rows[0]['phase'] + '.png')}"
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

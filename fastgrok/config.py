@@ -136,6 +136,13 @@ class Grid:
             check_hyper(h)
         return grid
 
+    @classmethod
+    def of(cls, **axes) -> "Grid":
+        """From Python: Grid.of(xi=np.linspace(0, 0.6, 13), wd=[0, 5, 15], seed=range(3)); a number is one value.
+        Checked as the command line's --xi, --wd, ... are."""
+        return cls.parse({a: ",".join(str(v) for v in np.atleast_1d(np.asarray(values)).tolist())
+                          for a, values in axes.items()})
+
     def models(self) -> list[Hyper]:
         return [Hyper(**dict(zip(AXES, values))) for values in itertools.product(*(self.axes[a] for a in AXES))]
 

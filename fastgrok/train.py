@@ -97,7 +97,7 @@ def model_rows(pop: Population, metrics: dict[str, torch.Tensor]) -> list[dict]:
     return rows
 
 
-def train(grid: Grid, settings: Settings, out: Path, *, device: str = "auto", backend="auto",
+def train(grid: Grid, settings: Settings, out: str | Path, *, device: str = "auto", backend="auto",
           precision: str | None = None,
           on_step: Callable[[int, int], None] | None = None, budget: int | None = None,
           populations: list[list[int]] | None = None, resume: bool = False) -> Run:
@@ -111,6 +111,7 @@ def train(grid: Grid, settings: Settings, out: Path, *, device: str = "auto", ba
     checkpoint every CHECKPOINT_SECONDS) continues from it, the rest trains again from its seeds; the results
     are those of an uninterrupted run."""
     settings.check()
+    out = Path(out)
     dev = resolve_device(device)
     hypers = grid.models()
     check_training_sets(hypers, settings)

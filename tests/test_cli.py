@@ -167,6 +167,35 @@ def test_an_unwritable_out_is_one_line_and_nonzero(tmp_path, command):
     assert len(lines) == 1 and lines[0].startswith(f"error: {out.parent}"), result.output
 
 
+def test_the_readme_python_example_runs_as_written(tmp_path, monkeypatch):
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    code = readme.split("## From Python", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    monkeypatch.chdir(tmp_path)
+    scope = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    run = scope["run"]
+    assert run.status == "complete" and len(run.rows) == 16 and scope["history"].num_rows == 16 * 6
+    assert {r["phase"] for r in run.rows if r["xi"] == 0 and r["wd"] == 5} == {"coexistence"}
+    assert (tmp_path / "runs/python/phase-wd-vs-xi.png").is_file()
+    assert (tmp_path / "runs/python/inverted_acc-wd-vs-xi.png").is_file()
+
+
+def test_grid_of_reads_python_values_as_the_command_line_reads_its_options():
+    import numpy as np
+
+    from fastgrok.config import Grid
+    from fastgrok.errors import ConfigError
+
+    assert Grid.of(xi=np.linspace(0, 0.6, 13), wd=[0, 5, 15], seed=range(3), width=128) == \
+        Grid.parse({"xi": "0:0.6:13", "wd": "0,5,15", "seed": "0:2:3", "width": "128"})
+    assert Grid.of(xi=0.3).axes["xi"] == [0.3] and len(Grid.of(xi=[0, 0.3], lr=[1e-3, 1e-2])) == 4
+    for bad, message in [({"xi": [0, 1.5]}, "--xi must be in [0, 1]"), ({"width": [64.5]}, "whole numbers"),
+                         ({"beta": [1]}, "unknown grid axis"), ({"wd": []}, "cannot read")]:
+        with pytest.raises(ConfigError) as error:
+            Grid.of(**bad)
+        assert message in str(error.value)
+
+
 def test_version_presets_and_shim():
     assert "fastgrok" in runner.invoke(app, ["--version"]).output
     result = runner.invoke(app, ["presets"])

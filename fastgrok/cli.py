@@ -248,6 +248,8 @@ def _print_summary(run, grid, console) -> None:
     console.print(table)
     console.print(f"{run.model_steps:,} model-step{'s' if run.model_steps != 1 else ''} in {run.seconds:.1f} s "
                   f"({run.model_steps / max(run.seconds, 1e-9):,.0f} model-steps/s). Results: {run.out}")
+    console.print(f"Next: fastgrok phase {run.out}; fastgrok plot {run.out} --models all; fastgrok ipr {run.out}",
+                  soft_wrap=True, highlight=False)
 
 
 @app.command()

@@ -196,6 +196,17 @@ def test_grid_of_reads_python_values_as_the_command_line_reads_its_options():
         assert message in str(error.value)
 
 
+def test_the_commands_train_suggests_next_run(tmp_path):
+    result = run(*SMALL, "--xi", "0,0.5", "--out", tmp_path / "run")
+    assert result.exit_code == 0, result.output
+    suggested = next(line for line in result.output.splitlines() if line.startswith("Next: "))
+    for command in suggested.removeprefix("Next: ").split("; "):
+        words = command.split()
+        assert words[0] == "fastgrok"
+        outcome = runner.invoke(app, words[1:])
+        assert outcome.exit_code == 0, (command, outcome.output)
+
+
 def test_version_presets_and_shim():
     assert "fastgrok" in runner.invoke(app, ["--version"]).output
     result = runner.invoke(app, ["presets"])

@@ -4,6 +4,7 @@ import pytest
 
 from fastgrok.backends import TorchBackend
 from fastgrok.config import Hyper, Settings
+from fastgrok.ipr import neuron_ipr
 from fastgrok.phases import phase
 from fastgrok.population import Population
 
@@ -21,6 +22,7 @@ def trained():
             Hyper(xi=XI, alpha=0.5, width=128, wd=0.0, seed=0),  # corrupted, no regularisation, wider: memorisation
             Hyper(xi=XI, alpha=0.7, width=128, wd=0.0, seed=0),  # more data: memorises half the corrupted labels
             Hyper(xi=XI, alpha=0.7, width=128, dropout=0.3, seed=0),  # the same with dropout: inverts more of them
+            Hyper(xi=XI, alpha=0.7, width=128, wd=15.0, seed=0),  # too much weight decay: forgets
         ],
     ]
     out = []
@@ -30,8 +32,10 @@ def trained():
         for _ in range(1000):
             engine.step(pop)
         metrics = pop.evaluate()
+        ipr = neuron_ipr(*pop.params).model_mean()
         out += [{k: v[b].item() for k, v in metrics.items()}
-                | {"phase": phase(metrics["train_acc"][b].item(), metrics["test_acc"][b].item(), h.xi)}
+                | {"phase": phase(metrics["train_acc"][b].item(), metrics["test_acc"][b].item(), h.xi),
+                   "ipr": ipr[b].item()}
                 for b, h in enumerate(hypers)]
     return out
 
@@ -68,11 +72,27 @@ def test_dropout_acts_like_weight_decay_and_inverts_what_it_would_memorise(train
     assert dropout["clean_acc"] >= 0.99 and dropout["test_acc"] >= plain["test_acc"] - 0.01
 
 
+def test_too_much_weight_decay_forgets(trained):
+    """The paper's forgetting phase: weight decay strong enough to keep the network from fitting what it saw,
+    so neither train nor test accuracy reaches 90% (here the corrupted labels are neither memorised nor all
+    inverted, and test accuracy falls well short)."""
+    m = trained[5]
+    assert m["phase"] == "forgetting"
+    assert m["test_acc"] < 0.8 and m["train_acc"] < 0.8
+
+
+def test_memorising_networks_have_aperiodic_neurons_and_inverting_ones_periodic(trained):
+    """The paper's neuron-level picture: generalisation lives in near-single-frequency (high-IPR) neurons,
+    memorisation in aperiodic (low-IPR) ones."""
+    memorising, inverting = trained[2], [trained[1], trained[3], trained[4]]
+    assert memorising["phase"] == "memorization" and all("inversion" in m["phase"] for m in inverting)
+    assert memorising["ipr"] < 0.25
+    assert all(m["ipr"] > 2 * memorising["ipr"] for m in inverting)
+
+
 def test_batchnorm_on_minibatches_generalises_through_periodic_neurons():
     """BatchNorm after the activation, minibatches of 128 (the paper's BatchNorm setting, shrunk): clean data
     is learnt and generalises, and the neurons become near-single-frequency as without BatchNorm."""
-    from fastgrok.ipr import neuron_ipr
-
     pop = Population([Hyper(xi=0.0, alpha=0.5, width=64, seed=0)], Settings(p=P, batch_size=128, batchnorm=True))
     at_init = neuron_ipr(*pop.params).model_mean().item()
     engine = TorchBackend()

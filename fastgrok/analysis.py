@@ -11,6 +11,7 @@ import itertools
 import warnings
 from collections import Counter
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -128,20 +129,24 @@ def _prune_order(score: torch.Tensor, order: str, model_ids: list[int], seed: in
 
 @torch.no_grad()
 def prune(run: Path, order: str = "low", models: str | None = None, every: int | None = None, seed: int = 0,
-          device: str = "cpu") -> dict[int, dict[str, np.ndarray]]:
+          device: str = "cpu", progress: Callable[[int, int], None] | None = None) -> dict[int, dict[str, np.ndarray]]:
     """Cumulative pruning by neuron IPR, no retraining: zero neuron k's U row, V row and W column (the same
     as dropping it: phi(0) = 0), and measure every metric after every `every`-th pruned neuron (default 1). All selected
-    models of a population are evaluated together at each level. -> prune-ORDER.parquet, prune-ORDER.png."""
+    models of a population are evaluated together at each level. progress(done, total) is called after each
+    level, counting model-levels. -> prune-ORDER.parquet, prune-ORDER.png."""
     if order not in ORDERS:
         raise ConfigError(f"unknown --order {order!r}; choose one of {', '.join(ORDERS)}")
     run = Path(run)
     rows = read_models(run)
     chosen = select_models(rows, models)
+    step = every or 1
+    levels_of = lambda N: sorted(set(range(0, N + 1, step)) | {N})  # noqa: E731
+    total = sum(len(levels_of(r["width"])) for r in rows if chosen is None or r["model"] in chosen)
+    done = 0
     curves: dict[int, dict[str, np.ndarray]] = {}
     for pop in load_populations(run, device, set(chosen) if chosen is not None else None):
         N = pop.width
-        step = every or 1
-        levels = sorted(set(range(0, N + 1, step)) | {N})
+        levels = levels_of(N)
         ranking = _prune_order(neuron_ipr(pop.U, pop.V, pop.W).mean, order, pop.model_ids, seed)
         position = torch.empty_like(ranking)
         position.scatter_(1, ranking, torch.arange(N, device=ranking.device).expand_as(ranking))
@@ -151,6 +156,9 @@ def prune(run: Path, order: str = "low", models: str | None = None, every: int |
             keep = (position >= level).to(full_W.dtype)
             pop.W = full_W * keep[:, :, None]  # a dropped neuron contributes nothing to any output
             results.append(pop.evaluate())
+            done += len(pop)
+            if progress is not None:
+                progress(done, total)
         pop.W = full_W
         stacked = {k: torch.stack([r[k] for r in results], 1).numpy() for k in METRICS}  # (B, levels)
         for b, m in enumerate(pop.model_ids):

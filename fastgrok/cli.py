@@ -326,15 +326,24 @@ ModelsOpt = Annotated[Optional[str], typer.Option(help="Model ids (0,4,9), a pha
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:K")]
 
 
-def _analysis(fn, *args, **kwargs):
-    """Run an analysis function; bad input becomes a one-line error."""
+def _analysis(fn, *args, progress: str | None = None, **kwargs):
+    """Run an analysis function; bad input becomes a one-line error. With `progress` (what the units are), fn
+    reports progress(done, total) and a bar shows it while it runs."""
     from fastgrok.errors import ConfigError
     from fastgrok.train import resolve_device
 
     try:
         if "device" in kwargs:
             kwargs["device"] = str(resolve_device(kwargs["device"]))
-        return fn(*args, **kwargs)
+        if progress is None:
+            return fn(*args, **kwargs)
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        with Progress(BarColumn(bar_width=15), MofNCompleteColumn(), TextColumn(progress), TextColumn("eta"),
+                      TimeRemainingColumn(), console=Console(stderr=True), transient=True) as bar:
+            task = bar.add_task(progress, total=None)
+            return fn(*args, progress=lambda done, total: bar.update(task, completed=done, total=total), **kwargs)
     except ConfigError as e:
         fail(str(e))
     except OSError as e:
@@ -384,7 +393,8 @@ def prune(
 
     if every is not None and every < 1:
         fail("--every must be at least 1")
-    curves = _analysis(analysis.prune, run, order=order, models=models, every=every, seed=seed, device=device)
+    curves = _analysis(analysis.prune, run, order=order, models=models, every=every, seed=seed, device=device,
+                       progress="model-levels")
     rows = []
     for m, c in list(curves.items())[:40]:
         half = int(len(c["fraction"]) // 2)

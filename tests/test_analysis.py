@@ -107,7 +107,9 @@ def coexistence_run(tmp_path_factory):
 
 
 def test_pruning_low_ipr_neurons_removes_memorisation_and_keeps_generalisation(coexistence_run):
-    curve = analysis.prune(coexistence_run, order="low", every=4)[0]
+    reported = []
+    curve = analysis.prune(coexistence_run, order="low", every=4, progress=lambda *p: reported.append(p))[0]
+    assert reported == [(k, 33) for k in range(1, 34)]  # 0, 4, ..., 128 neurons pruned: 33 levels of one model
     half = np.searchsorted(curve["fraction"], 0.5)
     assert curve["corrupted_acc"][0] > 0.7
     assert curve["corrupted_acc"][half] < 0.15

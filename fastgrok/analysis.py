@@ -184,7 +184,7 @@ def phase_axes(grid: dict, x: str | None = None, y: str | None = None) -> tuple[
     return x, y if y is not None else choices[0]
 
 
-def _cells(run: Path, x: str | None, y: str | None, column: str = "phase"):
+def _cells(run: Path, x: str | None, y: str | None, column: str | None = None):
     """What a diagram of a models.csv `column` needs: the run's config, its axes (phase_axes), the other axes the
     grid varies, and one panel per combination of those: (its values, its title, {(i, j): the models of cell
     x_j, y_i})."""
@@ -198,7 +198,7 @@ def _cells(run: Path, x: str | None, y: str | None, column: str = "phase"):
     if x == y:
         raise ConfigError("--x and --y must be different axes")
     rows = read_models(run)
-    if rows and column not in rows[0]:
+    if column is not None and rows and column not in rows[0]:
         raise ConfigError(f"models.csv has no {column} column; `fastgrok ipr RUN` adds it")
     others = [a for a in AXES if a not in (x, y, "seed") and len(grid[a]) > 1]
     by_cell: dict[tuple, list[dict]] = {}
@@ -288,16 +288,16 @@ def curves(run: Path, models: str | None = None) -> list[Path]:
     (curves-PHASE.png); default: one figure for the first model of each phase."""
     run = Path(run)
     rows = read_models(run)
-    history = read_history(run).to_pydict()
-    model_col = np.asarray(history["model"])
+    logged = read_history(run)
+    history = {name: logged.column(name).to_numpy() for name in logged.column_names}
     steps = np.unique(history["step"])
 
     def curve(m: int) -> dict[str, np.ndarray]:  # one model's history on the run's logged steps (NaN: not reached)
-        sel = model_col == m
-        at = np.searchsorted(steps, np.asarray(history["step"])[sel])
+        sel = history["model"] == m
+        at = np.searchsorted(steps, history["step"][sel])
         out = {k: np.full(len(steps), np.nan) for k in history if k not in ("model", "step")}
         for k in out:
-            out[k][at] = np.asarray(history[k], dtype=np.float64)[sel]
+            out[k][at] = history[k][sel]
         return {"step": steps, **out}
 
     if models is not None and (models == "all" or models in (*PHASES, "diverged")):
@@ -307,7 +307,7 @@ def curves(run: Path, models: str | None = None) -> list[Path]:
                 groups.setdefault(r["phase"], []).append(r["model"])
         if not groups:
             raise ConfigError(f"no model of this run is in phase {models!r}")
-        paths = []
+        paths, how = [], recipe(read_config(run))
         for phase, ids in sorted(groups.items(), key=lambda g: _rank(g[0])):
             per_model = [curve(m) for m in ids]
             stacked = {k: np.stack([c[k] for c in per_model]) for k in per_model[0] if k != "step"}
@@ -315,7 +315,7 @@ def curves(run: Path, models: str | None = None) -> list[Path]:
                 warnings.simplefilter("ignore", RuntimeWarning)
                 mean = {k: np.nanmean(v, axis=0) for k, v in stacked.items()}
                 band = {k: np.nanquantile(v, (0.1, 0.9), axis=0) for k, v in stacked.items()}
-            title = f"{phase}: mean of {_plural(len(ids), 'model')}, band 10th-90th percentile; {recipe(read_config(run))}"
+            title = f"{phase}: mean of {_plural(len(ids), 'model')}, band 10th-90th percentile; {how}"
             paths.append(plots.training_curves({"step": steps, **mean}, run / f"curves-{phase}.png", title, band))
         return paths
     chosen = select_models(rows, models)

@@ -1,6 +1,8 @@
 """IPR, the analytic solution, pruning by IPR, phase diagrams and curves (CPU, small sizes)."""
 
 import math
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -247,6 +249,24 @@ def test_plot_of_a_phase_draws_its_models_mean_and_percentile_band(tmp_path, mon
     assert (out / f"curves-{rows[0]['phase']}.png").stat().st_size > 5000
     assert runner.invoke(app, ["plot", str(out), "--models", rows[0]["phase"]]).output.strip() == \
         f"wrote {out / ('curves-' + rows[0]['phase'] + '.png')}"
+
+
+@pytest.mark.parametrize("metric, name", [("inverted_acc", "inverted"), ("high_ipr_fraction", "high-ipr")])
+def test_the_gallery_metric_diagrams_come_from_the_h100_run(tmp_path, metric, name):
+    """docs/gallery's heatmaps were drawn from session 5's H100 models.csv; the code draws the same table."""
+    root = Path(__file__).resolve().parent.parent
+    results = root / "bench/results/h100-2026-11-22"
+    run = tmp_path / "wd"
+    run.mkdir()
+    shutil.copy(results / "wd-diagram-config.json", run / "config.json")
+    shutil.copy(results / "wd-diagram-models.csv", run / "models.csv")
+    table = analysis.metric_diagram(run, metric, "xi", "alpha")
+    assert len(table) == 1156
+    if metric == "inverted_acc":  # the README's reading: only weight decay 5 and 15 invert (nearly) everything
+        inverting = [r["wd"] for r in table if r[metric] >= 0.9]
+        assert {wd: inverting.count(wd) for wd in set(inverting)} == {5.0: 88, 15.0: 127}
+    written = (run / f"{metric}-alpha-vs-xi.csv").read_text()
+    assert written == (root / f"docs/gallery/paper-{name}-wd-17x17.csv").read_text()
 
 
 @pytest.mark.parametrize(

@@ -185,7 +185,7 @@ def _train_with_progress(grid, settings, out, dev, engine, models: int, populati
     console = Console(stderr=True)
     verb = f"Resuming: {_models(models)} of {len(grid):,} left" if resume else f"Training {_models(models)}"
     console.print(f"{verb} ({grid.describe()}) on {dev} ({engine.name}), p {settings.p}, op {settings.op}, "
-                  f"{settings.steps} steps, {settings.batching}"
+                  f"{settings.steps} step{'s' if settings.steps != 1 else ''}, {settings.batching}"
                   + (f", {len(populations)} population(s)" if populations else "") + f" -> {out}")
     # one line of an 80-column terminal (the line above says what trains)
     with Progress(BarColumn(bar_width=15), TextColumn("{task.percentage:>3.0f}%"),

@@ -274,7 +274,7 @@ def _write_csv(path: Path, columns: list[str], table: list[dict]) -> None:
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, columns)
         writer.writeheader()
-        writer.writerows({k: csv_cell(v) for k, v in r.items()} for r in table)
+        writer.writerows({k: csv_cell(v, 12 if k in AXES else 6) for k, v in r.items()} for r in table)
 
 
 def _rank(phase: str) -> int:

@@ -86,9 +86,9 @@ def versions() -> dict:
     return out
 
 
-def csv_cell(v):
+def csv_cell(v, digits: int = 6):
     if isinstance(v, float):
-        return "" if math.isnan(v) else f"{v:.6g}"
+        return "" if math.isnan(v) else f"{v:.{digits}g}"
     return v
 
 
@@ -180,7 +180,8 @@ class RunWriter:
         with open(self.out / "models.csv", "a", newline="") as f:
             writer = csv.writer(f)
             for row in rows:
-                writer.writerow([csv_cell(row[c]) for c in MODEL_COLUMNS])
+                # grid values in full (config.json's 12 digits: 1/30 is not 0.0333333), metrics to 6 digits
+                writer.writerow([csv_cell(row[c], 12 if c in AXES else 6) for c in MODEL_COLUMNS])
         entry = {"name": name, "models": ids, "steps": int(rows[0]["steps"]) if rows else 0, "state": state is not None}
         self.config["written"] = [w for w in self.config["written"] if w["name"] != name] + [entry]
         self.write_config()
@@ -215,10 +216,14 @@ def read_config(run: Path) -> dict:
 
 
 def read_models(run: Path) -> list[dict]:
-    """models.csv as a list of dicts with numbers parsed (empty cells are NaN)."""
+    """models.csv as a list of dicts with numbers parsed (empty cells are NaN), and each model's grid values
+    exactly as config.json's grid has them: runs written before 2026-11-23 rounded them to 6 digits in models.csv,
+    which split a diagram's cells (xi 0.0333333 is not the grid's 0.0333333333333) and could rebuild a training
+    split other than the one trained on."""
     path = Path(run) / "models.csv"
     if not path.is_file():
         raise ConfigError(f"{run} is not a fastgrok run directory (no models.csv)")
+    hypers = Grid(read_config(run)["grid"]).models()
     rows = []
     with open(path, newline="") as f:
         for row in csv.DictReader(f):
@@ -232,6 +237,10 @@ def read_models(run: Path) -> list[dict]:
                     out[k] = int(v)
                 else:
                     out[k] = float(v) if v != "" else math.nan
+            exact = asdict(hypers[out["model"]]) if 0 <= out["model"] < len(hypers) else None
+            if exact is None or not all(math.isclose(out[a], exact[a], rel_tol=1e-5) for a in AXES):
+                raise ConfigError(f"{path}: model {out['model']} is not the grid's model {out['model']} in config.json")
+            out.update(exact)
             rows.append(out)
     return rows
 

@@ -182,6 +182,24 @@ def test_phase_defaults_to_the_axes_the_grid_varies(tmp_path):
     assert analysis.phase_axes({**grid, "xi": [0.0, 0.5], "alpha": [0.3, 0.5]}) == ("xi", "alpha")
 
 
+def test_grid_values_six_digits_cannot_hold_keep_their_cells(tmp_path):
+    """xi 0:0.1:4 is 0, 1/30, 2/30, 0.1: models.csv once rounded 1/30 to 0.0333333, which matched no grid value,
+    so the diagram silently lost those cells. Old runs read back exact too; a models.csv that is not the
+    config's grid is refused."""
+    out = tmp_path / "thirds"
+    args = ["train", "--p", "7", "--width", "4", "--steps", "2", "--xi", "0:0.1:4", "--out", str(out)]
+    assert runner.invoke(app, args).exit_code == 0
+    grid_xi = read_config(out)["grid"]["xi"]
+    assert [r["xi"] for r in read_models(out)] == grid_xi and "0.0333333333333" in (out / "models.csv").read_text()
+    text = (out / "models.csv").read_text()
+    (out / "models.csv").write_text(text.replace("0.0333333333333", "0.0333333").replace("0.0666666666667", "0.0666667"))
+    assert [r["xi"] for r in read_models(out)] == grid_xi  # a run written before the fix
+    assert sorted(r["xi"] for r in analysis.phase_diagram(out, "xi", "alpha")) == grid_xi
+    (out / "models.csv").write_text(text.replace("0.0333333333333", "0.5"))
+    result = runner.invoke(app, ["phase", str(out)])
+    assert result.exit_code == 2 and "not the grid's model 1" in result.output
+
+
 def test_seeds_are_aggregated_by_majority(tmp_path):
     out = tmp_path / "seeds"
     args = ["train", "--p", "11", "--width", "8", "--steps", "10", "--log-every", "10", "--xi", "0,0.5",

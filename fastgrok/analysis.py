@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import torch
 
 from fastgrok import plots
-from fastgrok.config import AXES
+from fastgrok.config import AXES, plural
 from fastgrok.data import generator
 from fastgrok.errors import ConfigError
 from fastgrok.ipr import FFTS, HIGH_IPR, neuron_ipr
@@ -274,7 +274,7 @@ def _write_csv(path: Path, columns: list[str], table: list[dict]) -> None:
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, columns)
         writer.writeheader()
-        writer.writerows({k: csv_cell(v, 12 if k in AXES else 6) for k, v in r.items()} for r in table)
+        writer.writerows({k: csv_cell(v, k) for k, v in r.items()} for r in table)
 
 
 def _rank(phase: str) -> int:
@@ -315,7 +315,7 @@ def curves(run: Path, models: str | None = None) -> list[Path]:
                 warnings.simplefilter("ignore", RuntimeWarning)
                 mean = {k: np.nanmean(v, axis=0) for k, v in stacked.items()}
                 band = {k: np.nanquantile(v, (0.1, 0.9), axis=0) for k, v in stacked.items()}
-            title = f"{phase}: mean of {_plural(len(ids), 'model')}, band 10th-90th percentile; {how}"
+            title = f"{phase}: mean of {len(ids):,} {plural('model', len(ids))}, band 10th-90th percentile; {how}"
             paths.append(plots.training_curves({"step": steps, **mean}, run / f"curves-{phase}.png", title, band))
         return paths
     chosen = select_models(rows, models)
@@ -330,7 +330,3 @@ def curves(run: Path, models: str | None = None) -> list[Path]:
         axes = ", ".join(f"{a} {row[a]:g}" for a in AXES)
         paths.append(plots.training_curves(curve(m), run / f"curves-model{m}.png", f"model {m}: {axes} -> {row['phase']}"))
     return paths
-
-
-def _plural(n: int, noun: str) -> str:
-    return f"{n:,} {noun}" + ("s" if n != 1 else "")

@@ -176,6 +176,7 @@ def _train_with_progress(grid, settings, out, dev, engine, models: int, populati
     from rich.progress import BarColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
     from rich.text import Text
 
+    from fastgrok.config import plural
     from fastgrok.train import Interrupted, train
 
     class Rate(ProgressColumn):
@@ -185,7 +186,7 @@ def _train_with_progress(grid, settings, out, dev, engine, models: int, populati
     console = Console(stderr=True)
     verb = f"Resuming: {_models(models)} of {len(grid):,} left" if resume else f"Training {_models(models)}"
     console.print(f"{verb} ({grid.describe()}) on {dev} ({engine.name}), p {settings.p}, op {settings.op}, "
-                  f"{settings.steps} step{'s' if settings.steps != 1 else ''}, {settings.batching}"
+                  f"{settings.steps} {plural('step', settings.steps)}, {settings.batching}"
                   + (f", {len(populations)} population(s)" if populations else "") + f" -> {out}")
     # one line of an 80-column terminal (the line above says what trains)
     with Progress(BarColumn(bar_width=15), TextColumn("{task.percentage:>3.0f}%"),
@@ -219,7 +220,9 @@ def _train_with_progress(grid, settings, out, dev, engine, models: int, populati
 
 
 def _models(n: int) -> str:
-    return f"{n:,} model" + ("s" if n != 1 else "")
+    from fastgrok.config import plural
+
+    return f"{n:,} {plural('model', n)}"
 
 
 def _print_summary(run, grid, console) -> None:
@@ -227,6 +230,7 @@ def _print_summary(run, grid, console) -> None:
 
     from rich.table import Table
 
+    from fastgrok.config import plural
     from fastgrok.phases import PHASES
 
     varying = [a for a, v in grid.axes.items() if len(v) > 1]
@@ -246,7 +250,7 @@ def _print_summary(run, grid, console) -> None:
             if counts.get(name):
                 table.add_row(name, f"{counts[name]:,}")
     console.print(table)
-    console.print(f"{run.model_steps:,} model-step{'s' if run.model_steps != 1 else ''} in {run.seconds:.1f} s "
+    console.print(f"{run.model_steps:,} {plural('model-step', run.model_steps)} in {run.seconds:.1f} s "
                   f"({run.model_steps / max(run.seconds, 1e-9):,.0f} model-steps/s). Results: {run.out}")
     console.print(f"Next: fastgrok phase {run.out}; fastgrok plot {run.out} --models all; fastgrok ipr {run.out}",
                   soft_wrap=True, highlight=False)
@@ -283,7 +287,7 @@ def bench(
     import json
 
     from fastgrok import bench as benchmark
-    from fastgrok.config import parse_axis
+    from fastgrok.config import parse_axis, plural
     from fastgrok.data import check_task
     from fastgrok.errors import ConfigError
     from fastgrok.train import resolve_device
@@ -315,7 +319,7 @@ def bench(
     except benchmark.Interrupted as e:
         done = len(e.report["results"])
         kept = f", written to {out} (marked \"interrupted\")" if out is not None else ""
-        typer.echo(f"Interrupted after {done} result{'s' if done != 1 else ''}{kept}.", err=True)
+        typer.echo(f"Interrupted after {done} {plural('result', done)}{kept}.", err=True)
         raise typer.Exit(130) from None
     if out is not None:
         typer.echo(f"wrote {out}")

@@ -153,6 +153,11 @@ class Grid:
         return " x ".join(f"{a} {_short(v)}" for a, v in self.axes.items() if len(v) > 1) or "one model"
 
 
+def plural(noun: str, n: int) -> str:
+    """The noun for n of it: "1 model", "2 models"."""
+    return noun if n == 1 else noun + "s"
+
+
 def _short(values: list) -> str:
     if len(values) <= 4:
         return ",".join(f"{v:g}" for v in values)

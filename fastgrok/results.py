@@ -86,9 +86,11 @@ def versions() -> dict:
     return out
 
 
-def csv_cell(v, digits: int = 6):
+def csv_cell(v, column: str = ""):
+    """A value as a csv cell: NaN empty, a grid value in full (config.json's 12 digits: 1/30 is not 0.0333333),
+    any other float to 6 digits."""
     if isinstance(v, float):
-        return "" if math.isnan(v) else f"{v:.{digits}g}"
+        return "" if math.isnan(v) else f"{v:.{12 if column in AXES else 6}g}"
     return v
 
 
@@ -180,8 +182,7 @@ class RunWriter:
         with open(self.out / "models.csv", "a", newline="") as f:
             writer = csv.writer(f)
             for row in rows:
-                # grid values in full (config.json's 12 digits: 1/30 is not 0.0333333), metrics to 6 digits
-                writer.writerow([csv_cell(row[c], 12 if c in AXES else 6) for c in MODEL_COLUMNS])
+                writer.writerow([csv_cell(row[c], c) for c in MODEL_COLUMNS])
         entry = {"name": name, "models": ids, "steps": int(rows[0]["steps"]) if rows else 0, "state": state is not None}
         self.config["written"] = [w for w in self.config["written"] if w["name"] != name] + [entry]
         self.write_config()

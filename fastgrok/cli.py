@@ -85,15 +85,13 @@ def train(
             if given:
                 raise ConfigError(f"--resume takes the grid and settings from the run; drop --{given[0].replace('_', '-')}")
             return _resume(resume, dev, backend, precision)
-        if preset is None and all(v is None for v in (*axes.values(), op, p, steps)):
+        by_default = preset is None and all(v is None for v in (*axes.values(), op, p, steps))
+        if by_default:
             preset = default_preset(dev.type)
-            typer.echo(f"No grid given: running preset {preset!r}, {PRESETS[preset].about}.")
-            if dev.type == "cpu":
-                typer.echo("(Smaller than the paper's p 97, N 500 because this is a CPU; `fastgrok presets` lists others.)")
         chosen = PRESETS.get(preset) if preset is not None else None
         if preset is not None and chosen is None:
             raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-        _run(axes, shared, betas, chosen, dev, backend, precision, out)
+        _run(axes, shared, betas, chosen, dev, backend, precision, out, announce=preset if by_default else None)
     except ConfigError as e:
         fail(str(e))
     except OSError as e:
@@ -114,7 +112,7 @@ def _betas(text: str | None) -> tuple[float, float] | None:
     return betas
 
 
-def _run(axes, shared, betas, preset, dev, backend, precision, out) -> None:
+def _run(axes, shared, betas, preset, dev, backend, precision, out, announce: str | None = None) -> None:
     from fastgrok.backends import make_backend
     from fastgrok.config import Grid, Settings
     from fastgrok.errors import ConfigError
@@ -137,6 +135,10 @@ def _run(axes, shared, betas, preset, dev, backend, precision, out) -> None:
     _note_precision(precision, engine)
     populations = plan(grid.models(), settings, dev, backend=engine.name)
     out.mkdir(parents=True, exist_ok=True)  # an unwritable --out fails here, before the progress bar
+    if announce is not None:  # the default preset, said once every option is known good: an error prints alone
+        typer.echo(f"No grid given: running preset {announce!r}, {preset.about}.")
+        if dev.type == "cpu":
+            typer.echo("(Smaller than the paper's p 97, N 500 because this is a CPU; `fastgrok presets` lists others.)")
     _train_with_progress(grid, settings, out, dev, engine, len(grid), populations=populations)
 
 
@@ -181,7 +183,7 @@ def _train_with_progress(grid, settings, out, dev, engine, models: int, populati
 
     class Rate(ProgressColumn):
         def render(self, task):
-            return Text(f"{task.speed or 0:,.0f} model-steps/s", style="cyan")
+            return Text(f"{_rate(task.speed or 0)} model-steps/s", style="cyan")
 
     console = Console(stderr=True)
     verb = f"Resuming: {_models(models)} of {len(grid):,} left" if resume else f"Training {_models(models)}"
@@ -204,7 +206,7 @@ def _train_with_progress(grid, settings, out, dev, engine, models: int, populati
                 t = bar.tasks[0]
                 eta = f"{datetime.timedelta(seconds=round(t.time_remaining))}" if t.time_remaining is not None else "?"
                 console.print(f"train {t.percentage:.0f}% step {step}/{settings.steps}, "
-                              f"{t.speed or 0:,.0f} model-steps/s, "
+                              f"{_rate(t.speed or 0)} model-steps/s, "
                               f"elapsed {datetime.timedelta(seconds=round(t.elapsed or 0))}, eta {eta}",
                               soft_wrap=True)
 
@@ -217,6 +219,11 @@ def _train_with_progress(grid, settings, out, dev, engine, models: int, populati
                        f"status 'interrupted'; `fastgrok train --resume {out}` continues).", err=True)
             raise typer.Exit(130) from None
     _print_summary(run, grid, Console(width=max(100, Console().width)))
+
+
+def _rate(per_s: float) -> str:
+    """Whole numbers with thousands separators, and slow rates (a big p on a CPU) to 2 digits rather than as 0."""
+    return f"{per_s:,.0f}" if per_s >= 10 else f"{per_s:.2g}"
 
 
 def _models(n: int) -> str:
@@ -251,7 +258,7 @@ def _print_summary(run, grid, console) -> None:
                 table.add_row(name, f"{counts[name]:,}")
     console.print(table)
     console.print(f"{run.model_steps:,} {plural('model-step', run.model_steps)} in {run.seconds:.1f} s "
-                  f"({run.model_steps / max(run.seconds, 1e-9):,.0f} model-steps/s). Results: {run.out}")
+                  f"({_rate(run.model_steps / max(run.seconds, 1e-9))} model-steps/s). Results: {run.out}")
     console.print(f"Next: fastgrok phase {run.out}; fastgrok plot {run.out} --models all; fastgrok ipr {run.out}",
                   soft_wrap=True, highlight=False)
 

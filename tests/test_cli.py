@@ -31,6 +31,12 @@ def test_a_log_file_gets_progress_lines(tmp_path, monkeypatch):
     assert "step 30/30" in lines[-1] and "model-steps/s" in lines[-1]
 
 
+def test_a_slow_rate_is_shown_not_rounded_to_zero():
+    from fastgrok.cli import _rate
+
+    assert [_rate(r) for r in (0.098, 3.456, 12.5, 37312.4)] == ["0.098", "3.5", "12", "37,312"]
+
+
 def test_train_writes_a_complete_run_directory(tmp_path):
     out = tmp_path / "run"
     result = run(*SMALL, "--xi", "0,0.3", "--wd", "0,1", "--out", out)
@@ -141,9 +147,15 @@ def test_bad_input_is_one_line_and_nonzero(tmp_path, args, message):
     assert not (tmp_path / "run").exists(), "bad input must be refused before the run writes anything"
 
 
-def test_bad_input_is_refused_before_the_default_preset_is_announced(tmp_path):
-    result = runner.invoke(app, ["train", "--betas", "0.9", "--out", str(tmp_path / "run")])
-    assert result.exit_code == 2 and result.output == "error: --betas takes two numbers, got '0.9'\n", result.output
+@pytest.mark.parametrize("args, error", [
+    (["--betas", "0.9"], "--betas takes two numbers, got '0.9'"),
+    (["--log-every", "0"], "log-every must be at least 1, got 0"),
+    (["--precision", "tf33"], "unknown precision"),
+])
+def test_bad_input_is_refused_before_the_default_preset_is_announced(tmp_path, args, error):
+    result = runner.invoke(app, ["train", *args, "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2 and result.output.startswith(f"error: {error}"), result.output
+    assert len(result.output.splitlines()) == 1, result.output
 
 
 def test_existing_nonempty_out_is_refused(tmp_path):

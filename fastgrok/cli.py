@@ -427,6 +427,7 @@ def phase(
     from collections import Counter
 
     from fastgrok import analysis
+    from fastgrok.config import plural
     from fastgrok.results import read_config
 
     x, y = analysis.phase_axes(_analysis(read_config, run)["grid"], x, y)
@@ -434,13 +435,13 @@ def phase(
         table = _analysis(analysis.metric_diagram, run, metric, x=x, y=y)
         values = [r[metric] for r in table if r[metric] == r[metric]]
         span = f"{min(values):.3g} to {max(values):.3g}" if values else "no values"
-        typer.echo(f"{len(table)} cells of {y} x {x}: {metric} (mean over seeds, diverged models left out) {span}")
+        typer.echo(f"{len(table)} {plural('cell', len(table))} of {y} x {x}: {metric} (mean over seeds, diverged models left out) {span}")
         typer.echo(f"wrote {run / f'{metric}-{y}-vs-{x}.png'} and .csv")
         return
     table = _analysis(analysis.phase_diagram, run, x=x, y=y)
     counts = Counter(r["phase"] for r in table)
     split = sum(r["agreement"] < 1 for r in table)
-    _table(f"{len(table)} cells of {y} x {x}" + (f" ({split} with seeds disagreeing)" if split else ""),
+    _table(f"{len(table)} {plural('cell', len(table))} of {y} x {x}" + (f" ({split} with seeds disagreeing)" if split else ""),
            ["phase", "cells"], [[p, n] for p, n in counts.most_common()])
     typer.echo(f"wrote {run / f'phase-{y}-vs-{x}.png'} and .csv")
 

@@ -25,7 +25,8 @@ from fastgrok.errors import ConfigError
 from fastgrok.ipr import FFTS, HIGH_IPR, neuron_ipr
 from fastgrok.phases import PHASES
 from fastgrok.population import METRICS
-from fastgrok.results import csv_cell, load_populations, read_config, read_history, read_models, recipe
+from fastgrok.results import (csv_cell, load_populations, read_config, read_history, read_models, recipe,
+                              write_atomic)
 
 ORDERS = ("low", "high", "random")
 
@@ -62,10 +63,7 @@ def _update_models_csv(run: Path, columns: dict[str, dict[int, object]]) -> None
         for row in rows:
             value = values.get(int(row["model"]), row.get(name, ""))
             row[name] = f"{value:.6g}" if isinstance(value, float) else value
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fields)
-        writer.writeheader()
-        writer.writerows(rows)
+    _write_dicts(path, fields, rows)  # models.csv holds the training results: never torn
 
 
 def ipr(run: Path, fft: str = "rfft", threshold: float = HIGH_IPR, models: str | None = None,
@@ -97,7 +95,8 @@ def ipr(run: Path, fft: str = "rfft", threshold: float = HIGH_IPR, models: str |
             values[m] = neuron_mean[b][~dead[b]]
     columns = {k: np.concatenate(v) for k, v in table.items()}
     arrays = {k: pa.array(v, mask=np.isnan(v)) if v.dtype.kind == "f" else pa.array(v) for k, v in columns.items()}
-    pq.write_table(pa.table(arrays), run / "ipr.parquet")  # missing IPR (zero vectors) are nulls, not NaN
+    # missing IPR (zero vectors) are nulls, not NaN
+    write_atomic(run / "ipr.parquet", lambda tmp: pq.write_table(pa.table(arrays), tmp))
     _update_models_csv(run, per_model)
     if chosen is not None and len(chosen) <= 9:
         groups = {f"model {m} ({phase_of[m]})": values[m] for m in chosen}
@@ -169,7 +168,8 @@ def prune(run: Path, order: str = "low", models: str | None = None, every: int |
         table["model"].append(np.full(len(curve["pruned"]), m))
         for k in ("pruned", "fraction", *METRICS):
             table[k].append(curve[k])
-    pq.write_table(pa.table({k: np.concatenate(v) for k, v in table.items()}), run / f"prune-{order}.parquet")
+    columns = pa.table({k: np.concatenate(v) for k, v in table.items()})
+    write_atomic(run / f"prune-{order}.parquet", lambda tmp: pq.write_table(columns, tmp))
     shown = dict(itertools.islice(curves.items(), 9))
     plots.prune_curves(shown, run / f"prune-{order}.png", f"pruning {order}-IPR neurons first, no retraining")
     return curves
@@ -271,10 +271,17 @@ def metric_diagram(run: Path, metric: str, x: str | None = None, y: str | None =
 
 
 def _write_csv(path: Path, columns: list[str], table: list[dict]) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, columns)
-        writer.writeheader()
-        writer.writerows({k: csv_cell(v, k) for k, v in r.items()} for r in table)
+    _write_dicts(path, columns, [{k: csv_cell(v, k) for k, v in r.items()} for r in table])
+
+
+def _write_dicts(path: Path, columns: list[str], rows: list[dict]) -> None:
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, columns)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    write_atomic(path, write)
 
 
 def _rank(phase: str) -> int:

@@ -215,8 +215,10 @@ def _train_with_progress(grid, settings, out, dev, engine, models: int, populati
                         on_step=on_step)
         except Interrupted as e:
             bar.stop()
-            typer.echo(f"Interrupted: {len(e.run.rows)} of {len(grid)} models written to {out} (config.json says "
-                       f"status 'interrupted'; `fastgrok train --resume {out}` continues).", err=True)
+            finished = sum(r["steps"] == settings.steps for r in e.run.rows)
+            typer.echo(f"Interrupted: {finished} of {len(grid)} models finished, {len(e.run.rows) - finished} saved "
+                       f"part-trained, in {out} (config.json says status 'interrupted'; "
+                       f"`fastgrok train --resume {out}` continues).", err=True)
             raise typer.Exit(130) from None
     _print_summary(run, grid, Console(width=max(100, Console().width)))
 

@@ -190,20 +190,21 @@ class Population:
                 getattr(self, name).copy_(weights[name] if index is None else weights[name][index])
 
     def state(self) -> dict[str, torch.Tensor]:
-        """What continuing training needs beyond U, V, W: Adam moments, step, diverged flags, dropout streams."""
-        out = {f"{kind}.{name}": t for kind, ts in (("exp_avg", self.exp_avg), ("exp_avg_sq", self.exp_avg_sq))
-               for name, t in zip(self.optimized_names, ts)}
-        out["step"], out["diverged"] = torch.tensor([self.step]), self.diverged
+        """What continuing training needs, all of one step: weights(), Adam moments, step, diverged flags,
+        dropout streams."""
+        moments = {f"{kind}.{name}": t for kind, ts in (("exp_avg", self.exp_avg), ("exp_avg_sq", self.exp_avg_sq))
+                   for name, t in zip(self.optimized_names, ts)}
+        out = {**self.weights(), **moments, "step": torch.tensor([self.step]), "diverged": self.diverged}
         streams = [g.get_state() for g in self._dropout_gens if g is not None]
         if streams:
             out["dropout_streams"] = torch.stack(streams)
         return out
 
-    def load_state(self, weights: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> None:
-        """Continue from weights() and state() saved by a population of the same models."""
-        if weights["model"].tolist() != self.model_ids:
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Continue from state() saved by a population of the same models."""
+        if state["model"].tolist() != self.model_ids:
             raise ValueError("saved weights belong to other models")
-        self.load_weights(weights)
+        self.load_weights(state)
         for i, name in enumerate(self.optimized_names):
             self.exp_avg[i].copy_(state[f"exp_avg.{name}"])
             self.exp_avg_sq[i].copy_(state[f"exp_avg_sq.{name}"])

@@ -6,12 +6,15 @@
     weights/pop000.safetensors   U (B, p, N), V (B, p, N), W (B, N, p) and the model ids of each population
                                  (and with BatchNorm its weight, bias and running statistics, (B, N) each)
 
-    weights/pop000.state.safetensors   optimizer moments, step and dropout streams of a population that has not
-                                 finished (interrupted, or checkpointed during a long run); deleted when it finishes
+    weights/pop000.state.safetensors   what continuing a population that has not finished needs (interrupted,
+                                 or checkpointed during a long run): its weights, optimizer moments, step and dropout
+                                 streams, all of one step; deleted when it finishes
 
 Each population's files are written when it finishes, when the run is interrupted (Ctrl-C, SIGTERM) and every
 few minutes while it trains, so an interrupted or killed run keeps its work; config.json lists the files written
 ("written") and `RunWriter.reopen` continues from them (--resume), an unfinished population from its last state.
+Every file is written beside its place under a hidden temporary name and then renamed over it, so a run killed
+mid-write keeps the previous whole file, never a torn one.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import platform
 import subprocess
 import sys
 from dataclasses import asdict
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -94,6 +98,22 @@ def csv_cell(v, column: str = ""):
     return v
 
 
+def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """write(tmp) into a hidden file beside `path`, then rename it over `path`: readers (and a run killed
+    mid-write) see the old file or the new one. The '.' keeps pyarrow's dataset discovery and our globs off it."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    tmp.replace(path)
+
+
+def _write_csv_rows(path: Path, rows: list[list]) -> None:
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as f:
+            csv.writer(f).writerows(rows)
+
+    write_atomic(path, write)
+
+
 class RunWriter:
     def __init__(self, out: Path, grid: Grid, settings: Settings, device: torch.device, backend: str,
                  extra: dict | None = None):
@@ -117,8 +137,7 @@ class RunWriter:
         self.config["written"] = []  # one entry per population file, in the order they were written
         self.populations = 0
         self.write_config()
-        with open(out / "models.csv", "w", newline="") as f:
-            csv.writer(f).writerow(MODEL_COLUMNS)
+        _write_csv_rows(out / "models.csv", [MODEL_COLUMNS])
 
     @classmethod
     def reopen(cls, out: Path, steps: int) -> tuple["RunWriter", set[int], list[dict]]:
@@ -127,6 +146,8 @@ class RunWriter:
         of the models done, and the "written" entries of the populations to continue."""
         self = cls.__new__(cls)
         self.out, self.config = Path(out), read_config(out)
+        for tmp in (*self.out.glob(".*.tmp"), *self.out.glob("*/.*.tmp")):  # a write the kill cut short
+            tmp.unlink()
         written = self.config.get("written", [])
         partial = [w for w in written if w["steps"] < steps and w.get("state") and self._state_path(w["name"]).is_file()]
         kept = [w for w in written if w["steps"] == steps] + partial
@@ -144,9 +165,7 @@ class RunWriter:
         return self, done, partial
 
     def write_config(self) -> None:
-        tmp = self.out / "config.json.tmp"
-        tmp.write_text(json.dumps(self.config, indent=2) + "\n")
-        tmp.replace(self.out / "config.json")
+        write_atomic(self.out / "config.json", lambda tmp: tmp.write_text(json.dumps(self.config, indent=2) + "\n"))
 
     def _state_path(self, name: str) -> Path:
         return self.out / "weights" / f"{name}.state.safetensors"
@@ -157,8 +176,7 @@ class RunWriter:
         path = self.out / "models.csv"
         with open(path, newline="") as f:
             rows = [r for r in csv.DictReader(f) if int(r["model"]) in models]
-        with open(path, "w", newline="") as f:
-            csv.writer(f).writerows([MODEL_COLUMNS, *([r[c] for c in MODEL_COLUMNS] for r in rows)])
+        _write_csv_rows(path, [MODEL_COLUMNS, *([r[c] for c in MODEL_COLUMNS] for r in rows)])
 
     def new_name(self) -> str:
         self.populations += 1
@@ -167,22 +185,21 @@ class RunWriter:
     def add_population(self, rows: list[dict], history: dict[str, np.ndarray], weights: dict[str, torch.Tensor],
                        state: dict[str, torch.Tensor] | None = None, name: str | None = None) -> str:
         """Write a population's history, weights and (unfinished) state, then its models.csv rows, then its entry
-        in config.json: a run killed in between is repaired by `reopen`, which trusts config.json's entries
-        alone. Writing under a `name` already written replaces that population's files, rows and entry."""
+        in config.json, each file whole (`write_atomic`): a run killed in between is repaired by `reopen`, which
+        trusts config.json's entries alone, and continues from a state file, which holds everything of one step.
+        Writing under a `name` already written replaces that population's files, rows and entry."""
         name = name or self.new_name()
         ids = [int(r["model"]) for r in rows]
-        pq.write_table(pa.table(history), self.out / "history" / f"{name}.parquet")
-        save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()},
-                  str(self.out / "weights" / f"{name}.safetensors"))
-        if state is not None:
-            save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(self._state_path(name)))
-        before = [w for w in self.config["written"] if w["name"] == name]
-        if before:
-            self._keep_rows(self._models() - set(ids))
-        with open(self.out / "models.csv", "a", newline="") as f:
-            writer = csv.writer(f)
-            for row in rows:
-                writer.writerow([csv_cell(row[c], c) for c in MODEL_COLUMNS])
+        write_atomic(self.out / "history" / f"{name}.parquet", lambda tmp: pq.write_table(pa.table(history), tmp))
+        for tensors, path in ((weights, self.out / "weights" / f"{name}.safetensors"), (state, self._state_path(name))):
+            if tensors is not None:
+                cpu = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+                write_atomic(path, lambda tmp: save_file(cpu, str(tmp)))  # noqa: B023 (called at once)
+        path = self.out / "models.csv"
+        with open(path, newline="") as f:
+            kept = [r for r in csv.reader(f)][1:]
+        kept = [r for r in kept if int(r[0]) not in set(ids)]  # a population written before under this name
+        _write_csv_rows(path, [MODEL_COLUMNS, *kept, *([csv_cell(row[c], c) for c in MODEL_COLUMNS] for row in rows)])
         entry = {"name": name, "models": ids, "steps": int(rows[0]["steps"]) if rows else 0, "state": state is not None}
         self.config["written"] = [w for w in self.config["written"] if w["name"] != name] + [entry]
         self.write_config()
@@ -190,18 +207,13 @@ class RunWriter:
             self._state_path(name).unlink(missing_ok=True)
         return name
 
-    def _models(self) -> set[int]:
-        with open(self.out / "models.csv", newline="") as f:
-            return {int(r["model"]) for r in csv.DictReader(f)}
-
     def finish(self, status: str, **extra) -> None:
         """Mark the run finished (or interrupted); models.csv is rewritten in model order."""
         path = self.out / "models.csv"
         with open(path, newline="") as f:
             header, *rows = list(csv.reader(f))
         rows.sort(key=lambda r: int(r[0]))
-        with open(path, "w", newline="") as f:
-            csv.writer(f).writerows([header, *rows])
+        _write_csv_rows(path, [header, *rows])
         self.config.update(status=status, finished=datetime.datetime.now().isoformat(timespec="seconds"), **extra)
         self.write_config()
 
@@ -256,11 +268,14 @@ def read_weights(run: Path) -> list[dict[str, torch.Tensor]]:
             if not f.name.endswith(".state.safetensors")]
 
 
-def read_population(run: Path, name: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], pa.Table]:
-    """An unfinished population's weights, state and history, to continue it."""
+def read_population(run: Path, name: str) -> tuple[dict[str, torch.Tensor], pa.Table]:
+    """An unfinished population's state (Population.state()) and history, to continue it. A state file written
+    before states held the weights (fastgrok 0.1.0 before 2026-11-23) takes them from the weights file."""
     weights = Path(run) / "weights"
-    return (load_file(str(weights / f"{name}.safetensors")), load_file(str(weights / f"{name}.state.safetensors")),
-            pq.read_table(Path(run) / "history" / f"{name}.parquet"))
+    state = load_file(str(weights / f"{name}.state.safetensors"))
+    if "U" not in state:
+        state = {**load_file(str(weights / f"{name}.safetensors")), **state}
+    return state, pq.read_table(Path(run) / "history" / f"{name}.parquet")
 
 
 def settings_of(config: dict) -> Settings:

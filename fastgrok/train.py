@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import sys
 import threading
 import time
+import types
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +39,7 @@ def resolve_device(device: str) -> torch.device:
 
 
 class Interrupted(Exception):
-    """Raised after Ctrl-C once everything trained so far is written."""
+    """Raised after Ctrl-C (or SIGTERM) once everything trained so far is written."""
 
     def __init__(self, run: "Run"):
         super().__init__(f"interrupted; partial results in {run.out}")
@@ -167,8 +169,10 @@ def train(grid: Grid, settings: Settings, out: str | Path, *, device: str = "aut
         return metrics
 
     try:
-        with _sigterm_as_interrupt():
+        with _stop_requests() as stop:
             for ids, name in jobs:
+                if stop.asked:
+                    raise KeyboardInterrupt
                 lap("steps")
                 pop = Population([hypers[i] for i in ids], settings, dev, model_ids=ids)
                 if name is None:
@@ -177,8 +181,8 @@ def train(grid: Grid, settings: Settings, out: str | Path, *, device: str = "aut
                     lap("setup")
                     log(history, pop)
                 else:
-                    weights, state, saved = read_population(out, name)
-                    pop.load_state(weights, state)
+                    state, saved = read_population(out, name)
+                    pop.load_state(state)
                     history = _History(engine, saved, keep=lambda step: on_schedule(step) and step <= pop.step)
                     lap("setup")
                 saved_at, interrupted = time.perf_counter(), False
@@ -193,7 +197,12 @@ def train(grid: Grid, settings: Settings, out: str | Path, *, device: str = "aut
                                 saved_at = time.perf_counter()
                         if on_step is not None:
                             on_step(len(pop), pop.step)
-                except KeyboardInterrupt:
+                        if stop.asked:
+                            interrupted = True
+                            break
+                except _StopNow:
+                    raise  # mid-step: this population is not saved, it continues from its last save
+                except KeyboardInterrupt:  # raised by code between steps (on_step)
                     interrupted = True
                 if history.last is None or history.last[0] != pop.step:
                     log(history, pop)
@@ -205,18 +214,30 @@ def train(grid: Grid, settings: Settings, out: str | Path, *, device: str = "aut
     return summary("complete")
 
 
+class _StopNow(KeyboardInterrupt):
+    """A second Ctrl-C: stop at once, without saving the population in the middle of a step."""
+
+
 @contextlib.contextmanager
-def _sigterm_as_interrupt():
-    """A scheduler's SIGTERM (a job's time limit) saves the work like Ctrl-C does."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
+def _stop_requests():
+    """Ctrl-C, or a scheduler's SIGTERM (a job's time limit), while training. Python would raise between any two
+    operations, in the middle of an optimizer update (U updated, V not) whose state would then be saved; instead
+    the first signal asks the loop to stop after the step in flight, and a second stops at once (_StopNow)."""
+    stop = types.SimpleNamespace(asked=False)
+    if threading.current_thread() is not threading.main_thread():  # only the main thread gets signals
+        yield stop
         return
 
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
+    def ask(signum, frame):
+        if stop.asked:
+            raise _StopNow
+        stop.asked = True
+        print("\nStopping after the step in flight, then saving (Ctrl-C again: stop now, losing the population "
+              "training since its last save).", file=sys.stderr, flush=True)
 
-    previous = signal.signal(signal.SIGTERM, interrupt)
+    previous = {s: signal.signal(s, ask) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        yield
+        yield stop
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)

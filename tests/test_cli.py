@@ -327,7 +327,11 @@ def test_resume_finishes_an_interrupted_run_with_the_results_of_an_uninterrupted
     assert run("--resume", out).output.strip().endswith("nothing left to train.")
 
 
-def test_a_killed_run_resumes_from_its_last_checkpoint(tmp_path, monkeypatch):
+@pytest.mark.parametrize("old_state", [False, True])
+def test_a_killed_run_resumes_from_its_last_checkpoint(tmp_path, monkeypatch, old_state):
+    """old_state: the checkpoint as fastgrok wrote it before state files held the weights (in the weights file)."""
+    from safetensors.torch import load_file, save_file
+
     import fastgrok.train
 
     assert run(*RESUMABLE, "--out", tmp_path / "straight").exit_code == 0
@@ -341,6 +345,9 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(tmp_path, monkeypatch):
     assert run(*RESUMABLE, "--out", out).exit_code == 137
     assert read_config(out)["status"] == "running"
     assert [w["steps"] for w in read_config(out)["written"]] == [30, 20]
+    if old_state:
+        state = out / "weights" / "pop001.state.safetensors"
+        save_file({k: v for k, v in load_file(state).items() if k not in ("U", "V", "W", "model")}, state)
     assert runner.invoke(app, ["ipr", str(out)]).exit_code == 0  # the saved state is no population of its own
     calls = _stop_at(monkeypatch, 0, None)
     assert run("--resume", out).exit_code == 0
@@ -348,16 +355,82 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(tmp_path, monkeypatch):
     _same_results(out, tmp_path / "straight")
 
 
+@pytest.mark.parametrize("presses, saved", [(1, [30, 13, 30, 13]), (2, [30, 30])])
+def test_ctrl_c_during_an_optimizer_update_saves_no_half_updated_model(tmp_path, monkeypatch, presses, saved):
+    """A real Ctrl-C lands between any two Python operations: here after U's update and before V's and W's.
+    Pressed once, the step in flight finishes before the population is saved; twice, the run stops at once and
+    the population in flight is not saved (it trains again). Either way the run resumes to the uninterrupted
+    result."""
+    import os
+    import signal
+
+    import fastgrok.optim
+
+    assert run(*RESUMABLE, "--out", tmp_path / "straight").exit_code == 0
+    real, calls = fastgrok.optim.step_, {"n": 0}
+
+    def step_(name, params, grads, exp_avgs, exp_avg_sqs, *rest, **kwargs):
+        calls["n"] += 1
+        if calls["n"] != 43:  # the second population's 13th step
+            return real(name, params, grads, exp_avgs, exp_avg_sqs, *rest, **kwargs)
+        real(name, params[:1], grads[:1], exp_avgs[:1], exp_avg_sqs[:1], *rest, **kwargs)
+        for _ in range(presses):
+            os.kill(os.getpid(), signal.SIGINT)
+        real(name, params[1:], grads[1:], exp_avgs[1:], exp_avg_sqs[1:], *rest, **kwargs)
+
+    monkeypatch.setattr(fastgrok.optim, "step_", step_)
+    out = tmp_path / "resumed"
+    result = run(*RESUMABLE, "--out", out)
+    assert result.exit_code == 130 and "--resume" in result.output and "Stopping after the step" in result.output
+    assert [r["steps"] for r in read_models(out)] == saved
+    assert f"Interrupted: 2 of 4 models finished, {len(saved) - 2} saved part-trained" in result.output
+    monkeypatch.setattr(fastgrok.optim, "step_", real)
+    assert run("--resume", out).exit_code == 0
+    _same_results(out, tmp_path / "straight")
+
+
+def test_a_run_killed_while_writing_a_checkpoint_resumes_from_the_one_before(tmp_path, monkeypatch):
+    """Killed halfway through writing a population's files, the run keeps whole files only: the last
+    checkpoint's, whose weights and optimizer state belong to the same step."""
+    import fastgrok.results
+    import fastgrok.train
+
+    assert run(*RESUMABLE, "--out", tmp_path / "straight").exit_code == 0
+    monkeypatch.setattr(fastgrok.train, "CHECKPOINT_SECONDS", 0.0)  # save at every logged step
+    real, states = fastgrok.results.save_file, {"n": 0}
+
+    def save_file(tensors, path):
+        if "exp_avg.U" in tensors:
+            states["n"] += 1
+            if states["n"] == 4:  # the second population's second checkpoint (step 20): killed mid-write
+                with open(path, "wb") as f:
+                    f.write(b"\0" * 100)
+                raise SystemExit(137)
+        real(tensors, path)
+
+    monkeypatch.setattr(fastgrok.results, "save_file", save_file)
+    out = tmp_path / "killed"
+    assert run(*RESUMABLE, "--out", out).exit_code == 137
+    assert [w["steps"] for w in read_config(out)["written"]] == [30, 10]
+    monkeypatch.setattr(fastgrok.results, "save_file", real)
+    result = run("--resume", out)
+    assert result.exit_code == 0, result.output
+    _same_results(out, tmp_path / "straight")
+    assert not [f for f in out.rglob("*") if f.name.endswith(".tmp")]
+
+
 def test_sigterm_saves_like_ctrl_c(tmp_path, monkeypatch):
     import os
     import signal
 
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     _stop_at(monkeypatch, 5, lambda: os.kill(os.getpid(), signal.SIGTERM))
     out = tmp_path / "run"
     result = run(*SMALL, "--out", out)
     assert result.exit_code == 130 and "Interrupted" in result.output
-    assert read_config(out)["status"] == "interrupted" and [r["steps"] for r in read_models(out)] == [4]
-    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the handler is gone with the run
+    # the signal came as the 5th step began: that step finished, then the population was saved
+    assert read_config(out)["status"] == "interrupted" and [r["steps"] for r in read_models(out)] == [5]
+    assert {s: signal.getsignal(s) for s in handlers} == handlers  # the handlers are gone with the run
 
 
 @pytest.mark.parametrize("given, used", [([], "bf16"), (["--precision", "fp32"], "fp32")])

@@ -299,6 +299,7 @@ def bench(
     from fastgrok.config import parse_axis, plural
     from fastgrok.data import check_task
     from fastgrok.errors import ConfigError
+    from fastgrok.results import write_atomic
     from fastgrok.train import resolve_device
 
     try:
@@ -316,9 +317,7 @@ def bench(
 
         def save(report: dict) -> None:  # after every result, so that a run cut short keeps what it measured
             if out is not None:
-                partial = out.with_name(out.name + ".partial")
-                partial.write_text(json.dumps(report, indent=2) + "\n")
-                partial.replace(out)
+                write_atomic(out, lambda tmp: tmp.write_text(json.dumps(report, indent=2) + "\n"))
 
         benchmark.run(widths, sizes, p=p, alpha=alpha, device=str(dev), variants=chosen, save=save)
     except ConfigError as e:

@@ -136,8 +136,9 @@ class RunWriter:
         }
         self.config["written"] = []  # one entry per population file, in the order they were written
         self.populations = 0
+        self.rows: dict[int, list[str]] = {}  # models.csv, written whole from here: training owns the file
         self.write_config()
-        _write_csv_rows(out / "models.csv", [MODEL_COLUMNS])
+        self._write_models()
 
     @classmethod
     def reopen(cls, out: Path, steps: int) -> tuple["RunWriter", set[int], list[dict]]:
@@ -157,7 +158,12 @@ class RunWriter:
                              self.out / "weights" / f"{w['name']}.safetensors", self._state_path(w["name"])):
                     path.unlink(missing_ok=True)
         done = {m for w in kept if w["steps"] == steps for m in w["models"]}
-        self._keep_rows(done | {m for w in partial for m in w["models"]})
+        # only the training columns: what `fastgrok ipr` added describes weights that training is about to change
+        keep = done | {m for w in partial for m in w["models"]}
+        with open(self.out / "models.csv", newline="") as f:
+            self.rows = {int(r["model"]): [r[c] for c in MODEL_COLUMNS] for r in csv.DictReader(f)
+                         if int(r["model"]) in keep}
+        self._write_models()
         self.config.update(status="running", written=kept)
         self.config.setdefault("resumed", []).append(datetime.datetime.now().isoformat(timespec="seconds"))
         self.populations = 1 + max((int(w["name"][3:]) for w in kept), default=-1)
@@ -170,13 +176,10 @@ class RunWriter:
     def _state_path(self, name: str) -> Path:
         return self.out / "weights" / f"{name}.state.safetensors"
 
-    def _keep_rows(self, models: set[int]) -> None:
-        """Keep the models.csv rows of `models`, and only the training columns: what `fastgrok ipr` added to
-        an interrupted run describes weights that training is about to change."""
-        path = self.out / "models.csv"
-        with open(path, newline="") as f:
-            rows = [r for r in csv.DictReader(f) if int(r["model"]) in models]
-        _write_csv_rows(path, [MODEL_COLUMNS, *([r[c] for c in MODEL_COLUMNS] for r in rows)])
+    def _write_models(self) -> None:
+        """models.csv from the rows written so far, in model order. Never read back while training, so an
+        analysis command run on the run meanwhile (which rewrites models.csv with its columns) loses no row."""
+        _write_csv_rows(self.out / "models.csv", [MODEL_COLUMNS, *(self.rows[m] for m in sorted(self.rows))])
 
     def new_name(self) -> str:
         self.populations += 1
@@ -195,11 +198,8 @@ class RunWriter:
             if tensors is not None:
                 cpu = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
                 write_atomic(path, lambda tmp: save_file(cpu, str(tmp)))  # noqa: B023 (called at once)
-        path = self.out / "models.csv"
-        with open(path, newline="") as f:
-            kept = [r for r in csv.reader(f)][1:]
-        kept = [r for r in kept if int(r[0]) not in set(ids)]  # a population written before under this name
-        _write_csv_rows(path, [MODEL_COLUMNS, *kept, *([csv_cell(row[c], c) for c in MODEL_COLUMNS] for row in rows)])
+        self.rows |= {int(row["model"]): [csv_cell(row[c], c) for c in MODEL_COLUMNS] for row in rows}
+        self._write_models()
         entry = {"name": name, "models": ids, "steps": int(rows[0]["steps"]) if rows else 0, "state": state is not None}
         self.config["written"] = [w for w in self.config["written"] if w["name"] != name] + [entry]
         self.write_config()
@@ -208,12 +208,8 @@ class RunWriter:
         return name
 
     def finish(self, status: str, **extra) -> None:
-        """Mark the run finished (or interrupted); models.csv is rewritten in model order."""
-        path = self.out / "models.csv"
-        with open(path, newline="") as f:
-            header, *rows = list(csv.reader(f))
-        rows.sort(key=lambda r: int(r[0]))
-        _write_csv_rows(path, [header, *rows])
+        """Mark the run finished (or interrupted), models.csv written once more whole."""
+        self._write_models()
         self.config.update(status=status, finished=datetime.datetime.now().isoformat(timespec="seconds"), **extra)
         self.write_config()
 

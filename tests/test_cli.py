@@ -355,6 +355,28 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(tmp_path, monkeypatch, ol
     _same_results(out, tmp_path / "straight")
 
 
+def test_an_analysis_rewriting_models_csv_during_training_loses_no_row(tmp_path, monkeypatch):
+    """`fastgrok ipr RUN` on a run still training reads models.csv, and writes it back with its columns later,
+    perhaps after training added a population's rows: the finished run must still hold every row."""
+    from fastgrok.analysis import _update_models_csv
+    from fastgrok.results import RunWriter
+
+    assert run(*RESUMABLE, "--out", tmp_path / "straight").exit_code == 0
+    real = RunWriter.add_population
+
+    def add_population(self, rows, *args, **kwargs):
+        stale = (self.out / "models.csv").read_text()  # the analysis reads...
+        name = real(self, rows, *args, **kwargs)
+        (self.out / "models.csv").write_text(stale)  # ...and writes after training did
+        _update_models_csv(self.out, {"mean_ipr": {0: 0.5}})
+        return name
+
+    monkeypatch.setattr(RunWriter, "add_population", add_population)
+    out = tmp_path / "run"
+    assert run(*RESUMABLE, "--out", out).exit_code == 0
+    _same_results(out, tmp_path / "straight")
+
+
 @pytest.mark.parametrize("presses, saved", [(1, [30, 13, 30, 13]), (2, [30, 30])])
 def test_ctrl_c_during_an_optimizer_update_saves_no_half_updated_model(tmp_path, monkeypatch, presses, saved):
     """A real Ctrl-C lands between any two Python operations: here after U's update and before V's and W's.

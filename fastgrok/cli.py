@@ -128,12 +128,14 @@ def _run(axes, shared, betas, preset, dev, backend, precision, out, announce: st
     settings = Settings(**settings_kwargs)
     settings.check()
     grid = Grid.parse(axes)
-    out = out if out is not None else default_out_dir()
-    check_out_dir(out)
+    if out is not None:
+        check_out_dir(out)
     engine = make_backend(backend, dev, precision, settings)
     engine.check(settings)
     _note_precision(precision, engine)
     populations = plan(grid.models(), settings, dev, backend=engine.name)
+    if out is None:
+        out = default_out_dir()  # once every option is known good, so a refused run leaves no empty directory
     out.mkdir(parents=True, exist_ok=True)  # an unwritable --out fails here, before the progress bar
     if announce is not None:  # the default preset, said once every option is known good: an error prints alone
         typer.echo(f"No grid given: running preset {announce!r}, {preset.about}.")
@@ -467,13 +469,15 @@ def analytic(
     device: DeviceOpt = "auto",
 ) -> None:
     """The analytic solution (Gromov 2023) at each width: its accuracy, saved as a run for ipr and prune."""
-    from fastgrok.analytic import analytic_run
-    from fastgrok.results import default_out_dir
+    from fastgrok.analytic import analytic_grid, analytic_run
     from fastgrok.plots import accuracy_vs_width
+    from fastgrok.results import default_out_dir
 
     if op != "add":
         fail(f"the analytic solution is known for add only, got --op {op}")
-    out = out if out is not None else default_out_dir()
+    if out is None:
+        _analysis(analytic_grid, p, width, seed)  # bad input is refused before a run directory is made
+        out = _analysis(default_out_dir)
     rows = _analysis(analytic_run, out, p=p, widths=width, seed=seed, device=device)
     _table(f"analytic solution, p {p}", ["width", "accuracy (all pairs)", "phase"],
            [[r["width"], r["all_acc"], r["phase"]] for r in rows])

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import csv
 import datetime
+import itertools
 import json
 import math
 import platform
@@ -46,11 +47,17 @@ MODEL_COLUMNS = ("model", *AXES, "train_acc", "test_acc", "clean_acc", "corrupte
 
 
 def default_out_dir(root: Path = Path("runs")) -> Path:
+    """A new directory runs/<timestamp>, made here: runs started in the same second (a job array) each get their
+    own (-1, -2, ...), where checking names first and creating later would give two of them the same."""
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    out, k = root / stamp, 1
-    while out.exists():
-        out, k = root / f"{stamp}-{k}", k + 1
-    return out
+    root.mkdir(parents=True, exist_ok=True)
+    for k in itertools.count():
+        out = root / (f"{stamp}-{k}" if k else stamp)
+        try:
+            out.mkdir()
+            return out
+        except FileExistsError:
+            continue
 
 
 def check_out_dir(out: Path) -> None:

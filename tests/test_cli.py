@@ -258,6 +258,32 @@ def test_triton_on_a_cpu_without_the_interpreter_is_refused(tmp_path, monkeypatc
     assert result.exit_code == 2 and "TRITON_INTERPRET=1" in result.output
 
 
+def test_runs_started_in_the_same_second_get_their_own_directories(tmp_path, monkeypatch):
+    import datetime
+
+    from fastgrok.results import default_out_dir
+
+    class Frozen(datetime.datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return cls(2026, 11, 23, 12, 0, 0)
+
+    monkeypatch.setattr(datetime, "datetime", Frozen)
+    monkeypatch.chdir(tmp_path)
+    first = default_out_dir()
+    assert first == Path("runs/20261123-120000") and first.is_dir()  # made, not only named
+    assert [default_out_dir(), default_out_dir()] == [Path("runs/20261123-120000-1"), Path("runs/20261123-120000-2")]
+
+
+@pytest.mark.parametrize("args", [["train", "--xi", "2"], ["train", "--p", "7", "--width", "10000000000"],
+                                  ["analytic", "--p", "2"], ["analytic", "--width", "x"]])
+def test_a_refused_run_leaves_no_directory_behind(tmp_path, monkeypatch, args):
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2 and result.output.startswith("error: "), result.output
+    assert not (tmp_path / "runs").exists()
+
+
 def test_no_option_runs_the_cpu_preset_and_says_so(tmp_path, monkeypatch):
     from fastgrok import presets
 

@@ -25,7 +25,8 @@ import torch
 
 from fastgrok import optim, reference
 from fastgrok.errors import ConfigError
-from fastgrok.population import BN_EPS, Population, torch_eval_bytes, torch_outputs
+from fastgrok.population import (BN_EPS, Population, flat_rows, pre_activation, torch_eval_bytes,
+                                 torch_outputs)
 
 
 def _grads(U, V, W, m, n, y, valid, D, mask, act: str, loss: str, bn=None):
@@ -35,8 +36,7 @@ def _grads(U, V, W, m, n, y, valid, D, mask, act: str, loss: str, bn=None):
     # In-place where a tensor is not needed again: on a CPU, fresh (B, D, N) buffers cost page faults.
     B, Dm = m.shape
     p = W.shape[-1]
-    rows = torch.arange(B, device=U.device)[:, None]
-    pre = U[rows, m] + V[rows, n]
+    pre = pre_activation(U, V, m, n)
     if mask is not None:
         pre.mul_(mask)
     h = reference.ACTIVATIONS[act](pre)
@@ -77,9 +77,9 @@ def _grads(U, V, W, m, n, y, valid, D, mask, act: str, loss: str, bn=None):
     if mask is not None:
         dS.mul_(mask)
     dS = dS.to(U.dtype)  # under autocast (the bf16 comparison in tests/test_gpu.py) bmm returns bf16
-    flat = lambda idx: (rows * U.shape[1] + idx).reshape(-1)  # noqa: E731
-    dU = torch.zeros_like(U).view(-1, U.shape[-1]).index_add_(0, flat(m), dS.reshape(B * Dm, -1)).view_as(U)
-    dV = torch.zeros_like(V).view(-1, V.shape[-1]).index_add_(0, flat(n), dS.reshape(B * Dm, -1)).view_as(V)
+    dS = dS.reshape(B * Dm, -1)
+    dU = torch.zeros_like(U).view(-1, U.shape[-1]).index_add_(0, flat_rows(m, U.shape[1]), dS).view_as(U)
+    dV = torch.zeros_like(V).view(-1, V.shape[-1]).index_add_(0, flat_rows(n, V.shape[1]), dS).view_as(V)
     if bn is None:
         return losses, dU, dV, dW
     unbiased = var * (count / (count - 1))

@@ -26,11 +26,25 @@ BN_BUFFERS = ("running_mean", "running_var")  # BatchNorm1d's running statistics
 BN_EPS, BN_MOMENTUM = 1e-5, 0.1               # BatchNorm1d's defaults
 
 
+def flat_rows(idx: torch.Tensor, p: int) -> torch.Tensor:
+    """(B, D) residues -> (B D,) row indices into a (B p, N) view of U or V."""
+    return (torch.arange(idx.shape[0], device=idx.device)[:, None] * p + idx).reshape(-1)
+
+
+def pre_activation(U, V, m, n) -> torch.Tensor:
+    """U[b, m[b, d]] + V[b, n[b, d]], (B, D, N): the one-hot first layer is a gather. index_select on the
+    flattened rows, where advanced indexing U[rows, m] took 8 times longer on a CPU (2 cores, B 20, D 1104,
+    N 128: 2.7 against 0.32 ms); the same numbers."""
+    B, p, N = U.shape
+    pre = U.reshape(B * p, N).index_select(0, flat_rows(m, p))
+    pre += V.reshape(B * p, N).index_select(0, flat_rows(n, p))
+    return pre.view(B, m.shape[1], N)
+
+
 def forward(U, V, W, m, n, act: str, mask=None, bn=None) -> torch.Tensor:
     """Batched reference forward: m, n (B, D) -> (B, D, p). bn: BatchNorm at evaluation as an affine map of the
     activation, (scale, shift), (B, N) each (Population.bn_affine)."""
-    rows = torch.arange(U.shape[0], device=U.device)[:, None]
-    pre = U[rows, m] + V[rows, n]  # (B, D, N): the one-hot first layer is a gather
+    pre = pre_activation(U, V, m, n)
     if mask is not None:
         pre = pre * mask
     h = reference.ACTIVATIONS[act](pre)

@@ -147,9 +147,10 @@ def _run(axes, shared, betas, preset, dev, backend, precision, out, announce: st
 def _resume(run_dir: Path, dev, backend, precision) -> None:
     from fastgrok.backends import make_backend
     from fastgrok.config import Grid
-    from fastgrok.results import read_config, read_models, settings_of
+    from fastgrok.results import check_not_busy, read_config, read_models, settings_of
 
     config = read_config(run_dir)
+    check_not_busy(run_dir)
     grid, settings = Grid(config["grid"]), settings_of(config)
     trained_on = config.get("backend", "")
     given = precision

@@ -14,7 +14,7 @@ Each population's files are written when it finishes, when the run is interrupte
 few minutes while it trains, so an interrupted or killed run keeps its work; config.json lists the files written
 ("written") and `RunWriter.reopen` continues from them (--resume), an unfinished population from its last state.
 Every file is written beside its place under a hidden temporary name and then renamed over it, so a run killed
-mid-write keeps the previous whole file, never a torn one.
+mid-write keeps the previous whole file, never a torn one. A writing process holds a lock on .lock.
 """
 
 from __future__ import annotations
@@ -121,11 +121,35 @@ def _write_csv_rows(path: Path, rows: list[list]) -> None:
     write_atomic(path, write)
 
 
+def _lock(out: Path):
+    """An exclusive lock on out/.lock, held while a process writes the run: a second writer (a --resume of a run
+    still training, two runs given one --out) is refused instead of writing over the same files. Where the
+    filesystem has no locks (some network mounts), or the OS no fcntl, nothing is locked."""
+    handle = open(out / ".lock", "w")
+    try:
+        import fcntl
+
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise ConfigError(f"{out} is being written by another fastgrok process; let it finish or stop it first") from None
+    except (ImportError, OSError):
+        pass
+    return handle
+
+
+def check_not_busy(run: Path) -> None:
+    """Refuse a run another process is writing before anything is printed (RunWriter.reopen locks it for good)."""
+    _lock(run).close()
+
+
 class RunWriter:
     def __init__(self, out: Path, grid: Grid, settings: Settings, device: torch.device, backend: str,
                  extra: dict | None = None):
         check_out_dir(out)
         self.out = out
+        out.mkdir(parents=True, exist_ok=True)
+        self.lock = _lock(out)
         (out / "history").mkdir(parents=True, exist_ok=True)
         (out / "weights").mkdir(exist_ok=True)
         self.config = {
@@ -154,6 +178,7 @@ class RunWriter:
         of the models done, and the "written" entries of the populations to continue."""
         self = cls.__new__(cls)
         self.out, self.config = Path(out), read_config(out)
+        self.lock = _lock(self.out)
         for tmp in (*self.out.glob(".*.tmp"), *self.out.glob("*/.*.tmp")):  # a write the kill cut short
             tmp.unlink()
         written = self.config.get("written", [])
@@ -219,6 +244,11 @@ class RunWriter:
         self._write_models()
         self.config.update(status=status, finished=datetime.datetime.now().isoformat(timespec="seconds"), **extra)
         self.write_config()
+        self.close()
+
+    def close(self) -> None:
+        """Let another process write the run (the lock goes with the process too, however it ends)."""
+        self.lock.close()
 
 
 # ---- reading a run back ---------------------------------------------------------------------------------

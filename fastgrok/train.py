@@ -209,9 +209,11 @@ def train(grid: Grid, settings: Settings, out: str | Path, *, device: str = "aut
                 rows += save(pop, name, history, history.last[1])
                 if interrupted:
                     raise KeyboardInterrupt
+        return summary("complete")
     except KeyboardInterrupt:
         raise Interrupted(summary("interrupted")) from None
-    return summary("complete")
+    finally:
+        writer.close()  # also when an error ends the run, so a --resume in this process may write it
 
 
 class _StopNow(KeyboardInterrupt):

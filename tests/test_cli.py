@@ -353,6 +353,23 @@ def test_resume_finishes_an_interrupted_run_with_the_results_of_an_uninterrupted
     assert run("--resume", out).output.strip().endswith("nothing left to train.")
 
 
+def test_a_run_being_written_is_refused_to_a_second_process(tmp_path, monkeypatch):
+    from fastgrok.results import _lock
+
+    def ctrl_c():
+        raise KeyboardInterrupt
+
+    _stop_at(monkeypatch, 5, ctrl_c)
+    out = tmp_path / "run"
+    assert run(*SMALL, "--out", out).exit_code == 130
+    held = _lock(out)  # as a process still training it would (flock: per open file, so this process too)
+    result = run("--resume", out)
+    assert result.exit_code == 2 and result.output.startswith("error: ") and "being written by another" in result.output
+    held.close()
+    _stop_at(monkeypatch, 0, None)
+    assert run("--resume", out).exit_code == 0
+
+
 @pytest.mark.parametrize("old_state", [False, True])
 def test_a_killed_run_resumes_from_its_last_checkpoint(tmp_path, monkeypatch, old_state):
     """old_state: the checkpoint as fastgrok wrote it before state files held the weights (in the weights file)."""

@@ -26,7 +26,7 @@ from fastgrok.ipr import FFTS, HIGH_IPR, neuron_ipr
 from fastgrok.phases import PHASES
 from fastgrok.population import METRICS
 from fastgrok.results import (csv_cell, load_populations, read_config, read_history, read_models, recipe,
-                              write_atomic)
+                              write_atomic, write_csv)
 
 ORDERS = ("low", "high", "random")
 
@@ -63,7 +63,7 @@ def _update_models_csv(run: Path, columns: dict[str, dict[int, object]]) -> None
         for row in rows:
             value = values.get(int(row["model"]), row.get(name, ""))
             row[name] = f"{value:.6g}" if isinstance(value, float) else value
-    _write_dicts(path, fields, rows)  # models.csv holds the training results: never torn
+    write_csv(path, [fields, *([r.get(c, "") for c in fields] for r in rows)])  # holds the training results: never torn
 
 
 def ipr(run: Path, fft: str = "rfft", threshold: float = HIGH_IPR, models: str | None = None,
@@ -271,17 +271,7 @@ def metric_diagram(run: Path, metric: str, x: str | None = None, y: str | None =
 
 
 def _write_csv(path: Path, columns: list[str], table: list[dict]) -> None:
-    _write_dicts(path, columns, [{k: csv_cell(v, k) for k, v in r.items()} for r in table])
-
-
-def _write_dicts(path: Path, columns: list[str], rows: list[dict]) -> None:
-    def write(tmp: Path) -> None:
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, columns)
-            writer.writeheader()
-            writer.writerows(rows)
-
-    write_atomic(path, write)
+    write_csv(path, [columns, *([csv_cell(r.get(c, ""), c) for c in columns] for r in table)])
 
 
 def _rank(phase: str) -> int:

@@ -27,8 +27,8 @@ import math
 import platform
 import subprocess
 import sys
-from dataclasses import asdict
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -113,7 +113,8 @@ def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
     tmp.replace(path)
 
 
-def _write_csv_rows(path: Path, rows: list[list]) -> None:
+def write_csv(path: Path, rows) -> None:
+    """A csv file (header first, then rows of cells), through write_atomic."""
     def write(tmp: Path) -> None:
         with open(tmp, "w", newline="") as f:
             csv.writer(f).writerows(rows)
@@ -211,7 +212,7 @@ class RunWriter:
     def _write_models(self) -> None:
         """models.csv from the rows written so far, in model order. Never read back while training, so an
         analysis command run on the run meanwhile (which rewrites models.csv with its columns) loses no row."""
-        _write_csv_rows(self.out / "models.csv", [MODEL_COLUMNS, *(self.rows[m] for m in sorted(self.rows))])
+        write_csv(self.out / "models.csv", [MODEL_COLUMNS, *(self.rows[m] for m in sorted(self.rows))])
 
     def new_name(self) -> str:
         self.populations += 1
@@ -226,10 +227,11 @@ class RunWriter:
         name = name or self.new_name()
         ids = [int(r["model"]) for r in rows]
         write_atomic(self.out / "history" / f"{name}.parquet", lambda tmp: pq.write_table(pa.table(history), tmp))
+        # a state holds the weights too: each tensor is copied to the host once
+        host = {k: v.detach().cpu().contiguous() for k, v in {**weights, **(state or {})}.items()}
         for tensors, path in ((weights, self.out / "weights" / f"{name}.safetensors"), (state, self._state_path(name))):
             if tensors is not None:
-                cpu = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-                write_atomic(path, lambda tmp: save_file(cpu, str(tmp)))  # noqa: B023 (called at once)
+                write_atomic(path, lambda tmp: save_file({k: host[k] for k in tensors}, str(tmp)))  # noqa: B023
         self.rows |= {int(row["model"]): [csv_cell(row[c], c) for c in MODEL_COLUMNS] for row in rows}
         self._write_models()
         entry = {"name": name, "models": ids, "steps": int(rows[0]["steps"]) if rows else 0, "state": state is not None}

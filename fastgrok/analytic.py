@@ -33,14 +33,20 @@ def analytic_weights(p: int, width: int, seed: int = 0) -> tuple[torch.Tensor, t
     return U.float(), V.float(), W.float()
 
 
-def analytic_grid(p: int, widths: str, seed: int = 0, alpha: float = 0.5):
-    """The run's grid (a model per width); bad input raises ConfigError."""
-    from fastgrok.config import Grid
+def analytic_grid(p: int, widths: str, seed: int = 0, alpha: float = 0.5, device: str = "cpu"):
+    """The run's grid (a model per width), its settings and device; bad input, or a model too large for the
+    device, raises ConfigError."""
+    from fastgrok.config import Grid, Settings
     from fastgrok.errors import ConfigError
+    from fastgrok.population import plan
+    from fastgrok.train import resolve_device
 
     if p < 3:
         raise ConfigError(f"the analytic solution needs p >= 3, got {p}")
-    return Grid.parse({"width": widths, "seed": str(seed), "alpha": str(alpha)})
+    grid = Grid.parse({"width": widths, "seed": str(seed), "alpha": str(alpha)})
+    settings, dev = Settings(op="add", p=p, steps=0, act="quad"), resolve_device(device)
+    plan(grid.models(), settings, dev)
+    return grid, settings, dev
 
 
 def analytic_run(out, p: int = 97, widths: str = "500", seed: int = 0, alpha: float = 0.5,
@@ -50,15 +56,12 @@ def analytic_run(out, p: int = 97, widths: str = "500", seed: int = 0, alpha: fl
     is the accuracy over all p^2 pairs."""
     from pathlib import Path
 
-    from fastgrok.config import Settings
     from fastgrok.ipr import neuron_ipr
     from fastgrok.population import Population, torch_outputs
     from fastgrok.results import RunWriter
-    from fastgrok.train import model_rows, resolve_device
+    from fastgrok.train import model_rows
 
-    grid = analytic_grid(p, widths, seed, alpha)
-    dev = resolve_device(device)
-    settings = Settings(op="add", p=p, steps=0, act="quad")
+    grid, settings, dev = analytic_grid(p, widths, seed, alpha, device)
     writer = RunWriter(Path(out), grid, settings, dev, "analytic", extra={"analytic": "Gromov 2023, A = (2/N)^(1/3)"})
     rows = []
     for model, h in enumerate(grid.models()):

@@ -25,8 +25,8 @@ import torch
 
 from fastgrok import optim, reference
 from fastgrok.errors import ConfigError
-from fastgrok.population import (BN_EPS, Population, flat_rows, pre_activation, torch_eval_bytes,
-                                 torch_outputs)
+from fastgrok.population import (BN_EPS, Population, flat_rows, pair_eval_bytes, pre_activation,
+                                 torch_eval_bytes, torch_outputs)
 
 
 def _grads(U, V, W, m, n, y, valid, D, mask, act: str, loss: str, bn=None):
@@ -267,7 +267,7 @@ class TritonBackend:
     @staticmethod
     def eval_bytes(width: int, p: int) -> int:
         """Per example: int64 indices and labels built by Population.evaluate, their int32 copies, pred and loss."""
-        return 6 * 8 + 3 * 4 + 8 + 4
+        return pair_eval_bytes(width, p, "triton")
 
     def outputs(self, U, V, W, m, n, y, act: str, loss: str):
         """The evaluation kernel: predictions and per-example losses for a chunk of models (all examples valid)."""

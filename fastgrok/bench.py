@@ -18,9 +18,9 @@ import torch
 from fastgrok import reference
 from fastgrok.backends import TorchBackend, TritonBackend
 from fastgrok.config import Hyper, Settings
-from fastgrok.data import task_table, train_size
+from fastgrok.data import pair_count, train_size
 from fastgrok.errors import ConfigError
-from fastgrok.population import Population, bytes_per_model, memory_budget
+from fastgrok.population import Population, memory_budget, models_that_fit
 from fastgrok.results import device_name, versions
 
 # name -> (precision of its matmuls, whether torch may use TF32, how to build it)
@@ -136,9 +136,9 @@ def check_variant(name: str, settings: Settings, width: int, alpha: float, devic
 
 
 def max_models(settings: Settings, width: int, alpha: float, device: torch.device, backend: str) -> int:
-    num_pairs = task_table(settings.op, settings.p)[2].numel()
-    need = bytes_per_model(settings.p, width, train_size(num_pairs, alpha), num_pairs, backend)
-    return max(1, memory_budget(device) // need)
+    num_pairs = pair_count(settings.op, settings.p)
+    return models_that_fit(settings, width, train_size(num_pairs, alpha), num_pairs, device, memory_budget(device),
+                           backend)
 
 
 class Interrupted(Exception):
@@ -164,6 +164,8 @@ def run(widths=(128, 500), models=("1", "16"), p: int = 97, alpha: float = 0.5, 
     if dev.type == "cpu" and any(v.startswith("triton") or v == "torch-compile" for v in variants):
         raise ConfigError("the triton and torch-compile variants are GPU benchmarks; on a CPU use torch")
     settings = Settings(p=p)
+    for width in widths:  # the least demanding variant asked for must fit one model of every width
+        max_models(settings, width, alpha, dev, "triton" if any(v.startswith("triton") for v in variants) else "torch")
     report = {
         "date": datetime.date.today().isoformat(),
         "device": device_name(dev),
@@ -216,7 +218,12 @@ def _measure(report, widths, models, variants, settings, alpha, dev, log, save) 
             precision, tf32, make = VARIANTS[name]
             engine = make()
             # the planner's name for the backend: a bf16 Triton step holds G in bf16 (kernels/forward.py g_dtype)
-            limit = max_models(settings, width, alpha, dev, engine.name if name.startswith("triton") else "torch")
+            try:
+                limit = max_models(settings, width, alpha, dev, engine.name if name.startswith("triton") else "torch")
+            except ConfigError as e:
+                log(f"{name} N {width}: {e}")
+                add(Result(name, width, 1, 0.0, 0.0, None, None, "does not fit"))
+                continue
             sizes = sorted({limit if str(b) == "max" else min(int(b), limit) for b in models})
             for b in sizes:
                 pop = None

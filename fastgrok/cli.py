@@ -477,7 +477,7 @@ def analytic(
     if op != "add":
         fail(f"the analytic solution is known for add only, got --op {op}")
     if out is None:
-        _analysis(analytic_grid, p, width, seed)  # bad input is refused before a run directory is made
+        _analysis(analytic_grid, p, width, seed, device=device)  # bad input is refused before a run directory is made
         out = _analysis(default_out_dir)
     rows = _analysis(analytic_run, out, p=p, widths=width, seed=seed, device=device)
     _table(f"analytic solution, p {p}", ["width", "accuracy (all pairs)", "phase"],

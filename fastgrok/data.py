@@ -44,6 +44,12 @@ def check_task(op: str, p: int) -> None:
         raise ConfigError(f"div needs a prime p (every nonzero n invertible); {p} is not prime")
 
 
+def pair_count(op: str, p: int) -> int:
+    """The number of valid pairs of a task, without building its table: p^2, or p (p - 1) for div."""
+    check_task(op, p)
+    return p * (p - 1) if op == "div" else p * p
+
+
 def task_table(op: str, p: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """All valid pairs in canonical order (m major): m, n, z as int64 tensors of length P."""
     check_task(op, p)

@@ -17,7 +17,8 @@ import torch
 
 from fastgrok import reference
 from fastgrok.config import Hyper, Settings
-from fastgrok.data import checked_train_size, epoch_order, generator, make_split, task_table, train_size
+from fastgrok.data import (checked_train_size, epoch_order, generator, make_split, pair_count, task_table,
+                           train_size)
 from fastgrok.errors import ConfigError
 
 METRICS = ("train_loss", "test_loss", "train_acc", "test_acc", "clean_acc", "corrupted_acc", "inverted_acc")
@@ -308,7 +309,7 @@ def torch_outputs(U, V, W, m, n, y, act: str, loss: str, bn=None) -> tuple[torch
 def check_training_sets(hypers: list[Hyper], settings: Settings) -> None:
     """Every model's alpha leaves at least one training and one test pair, and its training set holds at least
     one batch: checked before a run writes anything."""
-    num_pairs = task_table(settings.op, settings.p)[2].numel()
+    num_pairs = pair_count(settings.op, settings.p)
     for alpha in sorted({h.alpha for h in hypers}):
         d = checked_train_size(num_pairs, alpha)
         if settings.batch_size is not None and d < settings.batch_size:
@@ -351,6 +352,27 @@ def bytes_per_model(p: int, width: int, d_max: int, num_pairs: int, backend: str
     return 4 * params + work + data
 
 
+def pair_eval_bytes(width: int, p: int, backend: str = "torch") -> int:
+    """Working memory per pair of Population.evaluate's forward pass (torch_outputs, or the Triton evaluation
+    kernel's TritonBackend.eval_bytes, written out here: this module must not need triton)."""
+    return 6 * 8 + 3 * 4 + 8 + 4 if backend.startswith("triton") else torch_eval_bytes(width, p)
+
+
+def models_that_fit(settings: Settings, width: int, d_max: int, num_pairs: int, device: torch.device, budget: int,
+                    backend: str = "torch", dropout: bool = False) -> int:
+    """How many models of this width one population can hold in `budget` bytes, next to the evaluation of one
+    model on all pairs; ConfigError if not even one fits."""
+    need = bytes_per_model(settings.p, width, d_max, num_pairs, backend, settings.batch_size, settings.batchnorm,
+                           dropout)
+    evaluation = num_pairs * pair_eval_bytes(width, settings.p, backend)
+    if need + evaluation > budget:
+        raise ConfigError(
+            f"one model of width {width} (p {settings.p}) needs about {(need + evaluation) / 2**30:,.1f} GiB, more "
+            f"than the {budget / 2**30:.1f} GiB this {device.type} device can give a population"
+        )
+    return (budget - evaluation) // need
+
+
 def memory_budget(device: torch.device) -> int:
     """Bytes a population may use: 80% of free GPU memory, or half of the available host memory."""
     if device.type == "cuda":
@@ -369,7 +391,7 @@ def plan(hypers: list[Hyper], settings: Settings, device: torch.device, budget: 
     """Split a grid into populations: one width each, as many models as fit the memory budget."""
     check_training_sets(hypers, settings)
     budget = memory_budget(device) if budget is None else budget
-    num_pairs = task_table(settings.op, settings.p)[2].numel()
+    num_pairs = pair_count(settings.op, settings.p)
     by_width: dict[int, list[int]] = {}
     for i, h in enumerate(hypers):
         by_width.setdefault(h.width, []).append(i)
@@ -381,14 +403,8 @@ def plan(hypers: list[Hyper], settings: Settings, device: torch.device, budget: 
         # the longest ones (the 1,156-model diagrams mix alpha 0.1 to 0.9 in one population)
         ids.sort(key=lambda i: train_size(num_pairs, hypers[i].alpha), reverse=True)
         d_max = train_size(num_pairs, hypers[ids[0]].alpha)
-        need = bytes_per_model(settings.p, width, d_max, num_pairs, backend, settings.batch_size, settings.batchnorm,
-                               any(hypers[i].dropout > 0 for i in ids))
-        if need > budget:
-            raise ConfigError(
-                f"one model of width {width} needs about {need / 2**30:.1f} GiB, more than the "
-                f"{budget / 2**30:.1f} GiB this {device.type} device can give a population"
-            )
-        per_pop = max(1, budget // need)
+        per_pop = models_that_fit(settings, width, d_max, num_pairs, device, budget, backend,
+                                  any(hypers[i].dropout > 0 for i in ids))
         populations += [ids[i : i + per_pop] for i in range(0, len(ids), per_pop)]
     return populations
 

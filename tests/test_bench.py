@@ -5,6 +5,7 @@ from typer.testing import CliRunner
 
 from fastgrok import bench
 from fastgrok.cli import app
+from fastgrok.errors import ConfigError
 
 
 def test_bench_checks_then_times_and_writes_json(tmp_path):
@@ -31,6 +32,24 @@ def test_a_failing_variant_is_reported_and_the_rest_still_measured(monkeypatch):
     report = bench.run(widths=[8], models=["2"], p=7, variants=("torch", "torch-tf32"), log=lambda *_: None)
     assert "planted" in report["failed"]["torch-tf32"]
     assert {r["backend"] for r in report["results"]} == {"reference", "torch"}
+
+
+def test_a_variant_that_does_not_fit_is_reported_and_the_rest_still_measured(monkeypatch):
+    """On a GPU a Triton variant can fit a width whose torch population does not: that variant is recorded as
+    not fitting, not the whole benchmark lost. Here the planner refuses the second variant's population."""
+    real, calls = bench.max_models, []
+
+    def max_models(*args):
+        calls.append(args)
+        if len(calls) == 3:  # 1: the upfront check of width 8; 2: torch; 3: torch-tf32
+            raise ConfigError("planted: does not fit")
+        return real(*args)
+
+    monkeypatch.setattr(bench, "max_models", max_models)
+    report = bench.run(widths=[8], models=["2"], p=7, variants=("torch", "torch-tf32"), log=lambda *_: None)
+    rows = {r["backend"]: r for r in report["results"]}
+    assert rows["torch"]["model_steps_per_s"] > 0
+    assert rows["torch-tf32"]["note"] == "does not fit" and rows["torch-tf32"]["model_steps_per_s"] == 0
 
 
 def test_sweep_summary_picks_the_defaults_the_h100_sweep_measured_fastest():

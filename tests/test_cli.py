@@ -276,11 +276,16 @@ def test_runs_started_in_the_same_second_get_their_own_directories(tmp_path, mon
 
 
 @pytest.mark.parametrize("args", [["train", "--xi", "2"], ["train", "--p", "7", "--width", "10000000000"],
-                                  ["analytic", "--p", "2"], ["analytic", "--width", "x"]])
+                                  ["analytic", "--p", "2"], ["analytic", "--width", "x"],
+                                  ["train", "--p", "100000"], ["analytic", "--p", "100000"],
+                                  ["bench", "--p", "100000"]])
 def test_a_refused_run_leaves_no_directory_behind(tmp_path, monkeypatch, args):
+    """Refused before anything is allocated or written: a p of 100,000 (10^10 pairs, 80 GB of indices alone) is
+    measured by the planner, not built."""
     monkeypatch.chdir(tmp_path)
     result = runner.invoke(app, args)
     assert result.exit_code == 2 and result.output.startswith("error: "), result.output
+    assert len(result.output.strip().splitlines()) == 1, result.output
     assert not (tmp_path / "runs").exists()
 
 

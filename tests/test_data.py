@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from fastgrok.data import OPS, check_task, make_split, task_table
+from fastgrok.data import OPS, check_task, make_split, pair_count, task_table
 from fastgrok.errors import ConfigError
 
 
@@ -24,6 +24,7 @@ def brute(op, p):
 def test_every_op_matches_brute_force(op, p):
     m, n, z = task_table(op, p)
     assert list(zip(m.tolist(), n.tolist(), z.tolist())) == brute(op, p)
+    assert pair_count(op, p) == len(z)  # what the memory planner counts without building the table
 
 
 def test_composite_p_refused_for_div_and_small_p_everywhere():

@@ -259,15 +259,16 @@ def test_each_model_gets_the_weights_its_own_seed_draws():
 def test_plan_groups_by_width_and_puts_the_largest_training_sets_first():
     """Each population holds one width, as many models as the budget allows, largest training set first (a GPU
     then starts the longest backward programs first); every model lands in exactly one population."""
-    from fastgrok.data import task_table, train_size
-    from fastgrok.population import bytes_per_model, plan
+    from fastgrok.data import pair_count, train_size
+    from fastgrok.population import bytes_per_model, pair_eval_bytes, plan
 
     settings = Settings(p=13)
     alphas = [0.3, 0.9, 0.1, 0.5, 0.7, 0.2]
     hypers = [Hyper(alpha=a, width=w, seed=i) for i, (a, w) in enumerate((a, w) for w in (8, 16) for a in alphas)]
-    num_pairs = task_table("add", 13)[2].numel()
+    num_pairs = pair_count("add", 13)
     need = bytes_per_model(13, 16, train_size(num_pairs, 0.9), num_pairs)
-    populations = plan(hypers, settings, torch.device("cpu"), budget=4 * need)
+    evaluation = num_pairs * pair_eval_bytes(16, 13)  # one model evaluated on all pairs, beside the population
+    populations = plan(hypers, settings, torch.device("cpu"), budget=4 * need + evaluation)
     assert sorted(i for ids in populations for i in ids) == list(range(len(hypers)))
     for ids in populations:
         assert len({hypers[i].width for i in ids}) == 1 and len(ids) <= 6

@@ -41,7 +41,7 @@ def select_models(rows: list[dict], spec: str | None) -> list[int] | None:
             raise ConfigError(f"no model of this run is in phase {spec!r}")
         return chosen
     try:
-        chosen = [int(v) for v in spec.split(",")]
+        chosen = list(dict.fromkeys(int(v) for v in spec.split(",")))  # in the order given, each once
     except ValueError:
         raise ConfigError(f"--models: give model ids like 0,4,9, a phase name, or all; got {spec!r}") from None
     known = {r["model"] for r in rows}

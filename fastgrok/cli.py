@@ -355,8 +355,9 @@ def _analysis(fn, *args, progress: str | None = None, **kwargs):
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+        console = Console(stderr=True)  # a bar only on a terminal: a log file would get its last frame or a blank line
         with Progress(BarColumn(bar_width=15), MofNCompleteColumn(), TextColumn(progress), TextColumn("eta"),
-                      TimeRemainingColumn(), console=Console(stderr=True), transient=True) as bar:
+                      TimeRemainingColumn(), console=console, transient=True, disable=not console.is_terminal) as bar:
             task = bar.add_task(progress, total=None)
             return fn(*args, progress=lambda done, total: bar.update(task, completed=done, total=total), **kwargs)
     except ConfigError as e:

@@ -14,6 +14,7 @@ from fastgrok import analysis, plots
 from fastgrok.analytic import analytic_weights
 from fastgrok.cli import app
 from fastgrok.data import task_table
+from fastgrok.errors import ConfigError
 from fastgrok.ipr import neuron_ipr, vector_ipr
 from fastgrok.population import forward
 from fastgrok.results import read_config, read_models, recipe
@@ -308,5 +309,14 @@ def test_analysis_bad_input_is_one_line(tmp_path, args, message):
     args = [a.format(run=out, missing=tmp_path / "nothing") for a in args]
     result = runner.invoke(app, args)
     assert result.exit_code == 2, result.output
-    lines = result.output.strip().splitlines()
+    lines = result.output.rstrip().splitlines()  # no blank line left by a progress bar either
     assert len(lines) == 1 and message in lines[0] and "Traceback" not in result.output
+
+
+def test_model_selection_by_ids_phase_or_all():
+    rows = [{"model": i, "phase": phase} for i, phase in enumerate(["coexistence", "memorization", "coexistence"])]
+    assert analysis.select_models(rows, "2,0,2") == [2, 0]  # in the order given, a repeated id once
+    assert analysis.select_models(rows, "coexistence") == [0, 2]
+    assert analysis.select_models(rows, "all") is None and analysis.select_models(rows, None) is None
+    with pytest.raises(ConfigError, match="no model of this run is in phase 'forgetting'"):
+        analysis.select_models(rows, "forgetting")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import numbers
 from dataclasses import asdict, dataclass, fields
 
 import numpy as np
@@ -51,6 +52,14 @@ class Settings:
     batch_size: int | None = None  # examples per step (minibatches reshuffled every epoch); None: full batch
     batchnorm: bool = False        # BatchNorm1d after the activation (torch backend)
 
+    def __post_init__(self):
+        # numpy scalars (a value taken from an array) as Python numbers, so that config.json can hold them
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, (list, tuple, np.ndarray)):
+                value = tuple(v.item() if isinstance(v, np.generic) else v for v in value)
+            object.__setattr__(self, f.name, value.item() if isinstance(value, np.generic) else value)
+
     @property
     def batching(self) -> str:
         """'full batch', or 'minibatches of B' (and ', BatchNorm'): for summaries and figure titles."""
@@ -58,6 +67,17 @@ class Settings:
         return batches + (", BatchNorm" if self.batchnorm else "")
 
     def check(self, training: bool = True) -> None:
+        # from Python, a wrong type must read as a clear error too, not as a TypeError deep inside a step
+        for name in ("p", "steps", "log_every", "batch_size", "data_seed"):
+            value = getattr(self, name)
+            if (value is not None or name in ("p", "steps", "log_every")) and (
+                    isinstance(value, bool) or not isinstance(value, numbers.Integral)):
+                raise ConfigError(f"{name.replace('_', '-')} must be a whole number, got {value!r}")
+        betas = tuple(self.betas) if isinstance(self.betas, (tuple, list)) else ()
+        if len(betas) != 2 or not all(isinstance(b, numbers.Real) and math.isfinite(b) for b in betas):
+            raise ConfigError(f"betas must be two numbers, got {self.betas!r}")
+        if not (isinstance(self.eps, numbers.Real) and 0.0 < self.eps < 1.0):
+            raise ConfigError(f"eps must be a number in (0, 1), got {self.eps!r}")
         check_task(self.op, self.p)
         check_choice("activation", self.act, ACTIVATIONS)
         check_choice("loss", self.loss, LOSSES)

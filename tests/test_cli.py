@@ -1,4 +1,5 @@
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -206,6 +207,29 @@ def test_grid_of_reads_python_values_as_the_command_line_reads_its_options():
         with pytest.raises(ConfigError) as error:
             Grid.of(**bad)
         assert message in str(error.value)
+
+
+def test_settings_from_python_take_numpy_numbers_and_refuse_wrong_types(tmp_path):
+    """Settings built in a notebook: numpy scalars train and are saved as numbers; a value of the wrong type is a
+    ConfigError before anything is written, not a TypeError from inside the run."""
+    import numpy as np
+
+    from fastgrok.config import Grid, Settings
+    from fastgrok.errors import ConfigError
+    from fastgrok.results import read_config
+    from fastgrok.train import train
+
+    grid = Grid.of(xi=[0, 0.5], width=8)
+    settings = Settings(p=np.int64(7), steps=np.int32(3), betas=np.array([0.9, 0.98]), data_seed=np.int64(1))
+    assert train(grid, settings, tmp_path / "numpy", device="cpu").status == "complete"
+    saved = read_config(tmp_path / "numpy")["settings"]
+    assert (saved["p"], saved["steps"], saved["betas"], saved["data_seed"]) == (7, 3, [0.9, 0.98], 1)
+    for bad, message in [({"p": "7"}, "p must be a whole number, got '7'"), ({"steps": 2.5}, "steps must be a whole"),
+                         ({"batch_size": 4.0}, "batch-size must be a whole"), ({"betas": (0.9,)}, "two numbers"),
+                         ({"eps": 0}, "eps must be a number in (0, 1)")]:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            train(grid, Settings(**{"p": 7, **bad}), tmp_path / "bad", device="cpu")
+        assert not (tmp_path / "bad").exists()
 
 
 def test_the_commands_train_suggests_next_run(tmp_path):

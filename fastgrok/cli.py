@@ -316,6 +316,8 @@ def bench(
             raise ConfigError(f"--alpha must be in (0, 1), got {alpha}")
         chosen = tuple(v.strip() for v in variants.split(",")) if variants else None
         if out is not None:
+            if out.is_dir():
+                raise ConfigError(f"--out {out} is a directory; give a file name such as {out / 'bench.json'}")
             out.parent.mkdir(parents=True, exist_ok=True)
 
         def save(report: dict) -> None:  # after every result, so that a run cut short keeps what it measured

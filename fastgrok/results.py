@@ -109,8 +109,12 @@ def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
     """write(tmp) into a hidden file beside `path`, then rename it over `path`: readers (and a run killed
     mid-write) see the old file or the new one. The '.' keeps pyarrow's dataset discovery and our globs off it."""
     tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    tmp.replace(path)
+    try:
+        write(tmp)
+        tmp.replace(path)
+    except Exception:  # a write that failed (disk full, path a directory...) leaves nothing behind; a kill
+        tmp.unlink(missing_ok=True)  # does, and reopening the run deletes it
+        raise
 
 
 def write_csv(path: Path, rows) -> None:

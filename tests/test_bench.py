@@ -20,6 +20,17 @@ def test_bench_checks_then_times_and_writes_json(tmp_path):
     assert report["setting"]["train_examples"] == int(0.5 * 13 * 13) and report["versions"]["torch"]
 
 
+def test_bench_out_must_be_a_file_and_a_failed_write_leaves_no_temporary(tmp_path):
+    from fastgrok.results import write_atomic
+
+    result = CliRunner().invoke(app, ["bench", "--p", "7", "--width", "8", "--models", "1", "--out", str(tmp_path)])
+    assert result.exit_code == 2 and result.output.startswith("error: --out") and "is a directory" in result.output
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(OSError):  # renaming a file over a directory fails after the write
+        write_atomic(tmp_path / "taken", lambda tmp: tmp.write_text("{}"))
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["taken"]
+
+
 def test_a_failing_variant_is_reported_and_the_rest_still_measured(monkeypatch):
     real = bench.check_variant
 

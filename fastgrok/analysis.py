@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import torch
 
 from fastgrok import plots
-from fastgrok.config import AXES, plural
+from fastgrok.config import AXES, Grid, plural
 from fastgrok.data import generator
 from fastgrok.errors import ConfigError
 from fastgrok.ipr import FFTS, HIGH_IPR, neuron_ipr
@@ -29,6 +29,23 @@ from fastgrok.results import (csv_cell, load_populations, read_config, read_hist
                               write_atomic, write_csv)
 
 ORDERS = ("low", "high", "random")
+
+
+def unfinished(run: Path) -> str | None:
+    """None for a complete run; otherwise what of it is not trained yet (an interrupted run, or one still
+    training): its part-trained models are analysed at the step they reached, and its unstarted ones not at all."""
+    config = read_config(run)
+    if config.get("status") == "complete":
+        return None
+    rows, steps = read_models(run) if (Path(run) / "models.csv").is_file() else [], config["settings"]["steps"]
+    total = len(Grid(config["grid"]))
+    short, missing = sum(r["steps"] < steps for r in rows), total - len(rows)
+    if not short and not missing:
+        return None
+    parts = [f"{short} part-trained (analysed at the step they reached)"] * bool(short)
+    parts += [f"{missing} not started (left out)"] * bool(missing)
+    return (f"this run is {config.get('status')}: of its {total} {plural('model', total)}, {' and '.join(parts)}; "
+            f"`fastgrok train --resume {run}` finishes it")
 
 
 def select_models(rows: list[dict], spec: str | None) -> list[int] | None:

@@ -368,6 +368,15 @@ def _analysis(fn, *args, progress: str | None = None, **kwargs):
         fail_os(e)
 
 
+def _note_unfinished(run: Path) -> None:
+    """After an analysis of a run that is not complete, say so (stderr): its results are not the final ones."""
+    from fastgrok import analysis
+
+    note = _analysis(analysis.unfinished, run)
+    if note:
+        typer.echo(f"note: {note}", err=True)
+
+
 def _table(title: str, columns: list[str], rows: list[list]) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -395,6 +404,7 @@ def ipr(
     _table(f"neuron IPR by phase (|{fft}|, high = IPR > {threshold:g})", ["phase", "models", "mean IPR", "high-IPR fraction"],
            [[p, s["models"], s["mean_ipr"], s["high_ipr_fraction"]] for p, s in summary.items()])
     typer.echo(f"wrote {run / 'ipr.parquet'}, {run / 'ipr-hist.png'}; models.csv has mean_ipr, high_ipr_fraction, dead_neurons")
+    _note_unfinished(run)
 
 
 @app.command()
@@ -421,6 +431,7 @@ def prune(
     _table(f"pruning {order}-IPR first ({len(curves)} models)", ["model", "test before", "memorised before",
            "test at half", "memorised at half", "fraction"], rows)
     typer.echo(f"wrote {run / f'prune-{order}.parquet'}, {run / f'prune-{order}.png'}")
+    _note_unfinished(run)
 
 
 @app.command()
@@ -444,6 +455,7 @@ def phase(
         span = f"{min(values):.3g} to {max(values):.3g}" if values else "no values"
         typer.echo(f"{len(table)} {plural('cell', len(table))} of {y} x {x}: {metric} (mean over seeds, diverged models left out) {span}")
         typer.echo(f"wrote {run / f'{metric}-{y}-vs-{x}.png'} and .csv")
+        _note_unfinished(run)
         return
     table = _analysis(analysis.phase_diagram, run, x=x, y=y)
     counts = Counter(r["phase"] for r in table)
@@ -451,6 +463,7 @@ def phase(
     _table(f"{len(table)} {plural('cell', len(table))} of {y} x {x}" + (f" ({split} with seeds disagreeing)" if split else ""),
            ["phase", "cells"], [[p, n] for p, n in counts.most_common()])
     typer.echo(f"wrote {run / f'phase-{y}-vs-{x}.png'} and .csv")
+    _note_unfinished(run)
 
 
 @app.command()
@@ -461,6 +474,7 @@ def plot(run: RunArg, models: Annotated[Optional[str], typer.Option(help="Model 
     paths = _analysis(analysis.curves, run, models=models)
     for path in paths:
         typer.echo(f"wrote {path}")
+    _note_unfinished(run)
 
 
 @app.command()

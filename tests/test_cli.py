@@ -382,6 +382,27 @@ def test_resume_finishes_an_interrupted_run_with_the_results_of_an_uninterrupted
     assert run("--resume", out).output.strip().endswith("nothing left to train.")
 
 
+def test_analysing_an_unfinished_run_says_what_is_not_trained_yet(tmp_path, monkeypatch):
+    """Phases of an interrupted run are those of the step each model reached: the analysis says so, and how many
+    models it left out because they never started; once the run is finished, nothing is said."""
+    def ctrl_c():
+        raise KeyboardInterrupt
+
+    _stop_at(monkeypatch, 43, ctrl_c)  # widths 8 done, 12 at step 12, 16 not started
+    out = tmp_path / "run"
+    assert run(*SMALL, "--xi", "0,0.3", "--width", "8,12,16", "--out", out).exit_code == 130
+    note = (f"note: this run is interrupted: of its 6 models, 2 part-trained (analysed at the step they reached) "
+            f"and 2 not started (left out); `fastgrok train --resume {out}` finishes it")
+    for command in (["phase", out], ["phase", out, "--metric", "test_acc"], ["plot", out, "--models", "0"],
+                    ["ipr", out], ["prune", out, "--models", "0", "--every", "4"]):
+        result = runner.invoke(app, list(map(str, command)))
+        assert result.exit_code == 0 and result.output.rstrip().splitlines()[-1] == note, result.output
+    _stop_at(monkeypatch, 0, None)
+    assert run("--resume", out).exit_code == 0
+    result = runner.invoke(app, ["phase", str(out)])
+    assert result.exit_code == 0 and "note:" not in result.output
+
+
 def test_a_run_being_written_is_refused_to_a_second_process(tmp_path, monkeypatch):
     from fastgrok.results import _lock
 

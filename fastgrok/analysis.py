@@ -37,8 +37,7 @@ def unfinished(run: Path) -> str | None:
     config = read_config(run)
     if config.get("status") == "complete":
         return None
-    rows, steps = read_models(run) if (Path(run) / "models.csv").is_file() else [], config["settings"]["steps"]
-    total = len(Grid(config["grid"]))
+    rows, steps, total = read_models(run), config["settings"]["steps"], len(Grid(config["grid"]))
     short, missing = sum(r["steps"] < steps for r in rows), total - len(rows)
     if not short and not missing:
         return None

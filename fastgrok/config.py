@@ -70,12 +70,14 @@ class Settings:
         # from Python, a wrong type must read as a clear error too, not as a TypeError deep inside a step
         for name in ("p", "steps", "log_every", "batch_size", "data_seed"):
             value = getattr(self, name)
-            if (value is not None or name in ("p", "steps", "log_every")) and (
-                    isinstance(value, bool) or not isinstance(value, numbers.Integral)):
+            if value is None and name in ("batch_size", "data_seed"):  # optional
+                continue
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
                 raise ConfigError(f"{name.replace('_', '-')} must be a whole number, got {value!r}")
-        betas = tuple(self.betas) if isinstance(self.betas, (tuple, list)) else ()
-        if len(betas) != 2 or not all(isinstance(b, numbers.Real) and math.isfinite(b) for b in betas):
-            raise ConfigError(f"betas must be two numbers, got {self.betas!r}")
+        betas = self.betas  # a tuple for any sequence given (__post_init__)
+        if not (isinstance(betas, tuple) and len(betas) == 2
+                and all(isinstance(b, numbers.Real) and math.isfinite(b) for b in betas)):
+            raise ConfigError(f"betas must be two numbers, got {betas!r}")
         if not (isinstance(self.eps, numbers.Real) and 0.0 < self.eps < 1.0):
             raise ConfigError(f"eps must be a number in (0, 1), got {self.eps!r}")
         check_task(self.op, self.p)

@@ -384,8 +384,8 @@ def _table(title: str, columns: list[str], rows: list[list]) -> None:
     table = Table(title=title)
     for c in columns:
         table.add_column(c, justify="left" if c in ("phase", "model") else "right", no_wrap=True)
-    for row in rows:
-        table.add_row(*(f"{v:.3f}" if isinstance(v, float) else str(v) for v in row))
+    for row in rows:  # an empty subset's metric (memorised at xi 0) is NaN: shown as "-", as train's table does
+        table.add_row(*((f"{v:.3f}" if v == v else "-") if isinstance(v, float) else str(v) for v in row))
     Console(width=max(100, Console().width)).print(table)
 
 

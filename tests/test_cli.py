@@ -403,6 +403,19 @@ def test_analysing_an_unfinished_run_says_what_is_not_trained_yet(tmp_path, monk
     assert result.exit_code == 0 and "note:" not in result.output
 
 
+def test_the_prune_table_shows_an_empty_subsets_metric_as_a_dash(tmp_path):
+    """At xi 0 there is no corrupted example to have memorised: prune's table says "-", as train's does, not nan."""
+    out = tmp_path / "run"
+    assert run(*SMALL, "--xi", "0,0.3", "--out", out).exit_code == 0
+    result = runner.invoke(app, ["prune", str(out), "--every", "4"])
+    assert result.exit_code == 0, result.output
+    cells = [[c.strip() for c in line.strip("│ ").split("│")] for line in result.output.splitlines()
+             if re.match(r"│ [01] ", line)]
+    rows = {c[0]: c[1:5] for c in cells}  # test before, memorised before, test at half, memorised at half
+    assert rows["0"][1] == rows["0"][3] == "-" and "nan" not in result.output
+    assert all(re.fullmatch(r"\d\.\d{3}", v) for v in rows["0"][::2] + rows["1"])
+
+
 def test_a_run_being_written_is_refused_to_a_second_process(tmp_path, monkeypatch):
     from fastgrok.results import _lock
 

@@ -291,12 +291,13 @@ DEFAULT_PRECISION = "tf32"
 
 
 def make_backend(name: str, device: torch.device, precision: str | None = None, settings=None):
-    """'auto': the Triton kernels on a CUDA device, batched PyTorch elsewhere and for BatchNorm `settings`.
-    precision (Triton only): None is DEFAULT_PRECISION."""
+    """'auto': the Triton kernels on a CUDA device, batched PyTorch elsewhere and for `settings` the kernels do
+    not run (BatchNorm, p above TritonBackend.MAX_P). precision (Triton only): None is DEFAULT_PRECISION."""
     precision = DEFAULT_PRECISION if precision is None else precision
     check_precision(precision)  # also where the torch backend ignores it: a typo is refused on every machine
     if name == "auto":
-        kernels = device.type == "cuda" and _has_triton() and not (settings is not None and settings.batchnorm)
+        runs = settings is None or not (settings.batchnorm or settings.p > TritonBackend.MAX_P)
+        kernels = device.type == "cuda" and _has_triton() and runs
         name = "triton" if kernels else "torch"
     if name == "torch":
         return TorchBackend()

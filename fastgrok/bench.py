@@ -117,6 +117,7 @@ def check_variant(name: str, settings: Settings, width: int, alpha: float, devic
     """Largest relative loss error against reference.py over two steps of three models."""
     precision, tf32, make = VARIANTS[name]
     engine = make()
+    engine.check(settings)  # a p the kernels do not take is said as such, not as a compile failure
     hypers = [Hyper(width=width, alpha=alpha, xi=xi, seed=s) for s, xi in enumerate((0.0, 0.3, 0.6))]
     pop = Population(hypers, settings, device)
     refs = [pop.model(b) for b in range(len(hypers))]

@@ -144,6 +144,20 @@ def test_minibatch_and_batchnorm_settings_are_checked():
     assert make_backend("auto", torch.device("cuda"), settings=Settings(batchnorm=True)).name == "torch"
 
 
+def test_auto_takes_torch_for_a_p_the_kernels_do_not_take():
+    """The kernels take p up to TritonBackend.MAX_P; above it auto trains on torch (any p), triton is refused."""
+    from fastgrok.backends import TritonBackend, make_backend
+    from fastgrok.bench import check_variant
+
+    cuda, big = torch.device("cuda"), Settings(p=TritonBackend.MAX_P + 1)
+    assert make_backend("auto", cuda, settings=big).name == "torch"
+    assert make_backend("auto", cuda, settings=Settings(p=TritonBackend.MAX_P)).name.startswith("triton")
+    with pytest.raises(ConfigError, match="the triton backend handles p up to 512"):
+        TritonBackend().check(big)
+    with pytest.raises(ConfigError, match="handles p up to 512"):  # bench says so before building anything
+        check_variant("triton-tf32", big, 8, 0.5, torch.device("cpu"))
+
+
 def train(pop, steps):
     engine = TorchBackend()
     for _ in range(steps):

@@ -192,7 +192,7 @@ def _train_with_progress(grid, settings, out, dev, engine, models: int, populati
     verb = f"Resuming: {_models(models)} of {len(grid):,} left" if resume else f"Training {_models(models)}"
     console.print(f"{verb} ({grid.describe()}) on {dev} ({engine.name}), p {settings.p}, op {settings.op}, "
                   f"{settings.steps} {plural('step', settings.steps)}, {settings.batching}"
-                  + (f", {len(populations)} population(s)" if populations else "") + f" -> {out}")
+                  + (f", {len(populations)} population(s)" if populations else "") + f" -> {out}", soft_wrap=True)
     # one line of an 80-column terminal (the line above says what trains)
     with Progress(BarColumn(bar_width=15), TextColumn("{task.percentage:>3.0f}%"),
                   TextColumn("step {task.fields[step]}"), Rate(), TimeElapsedColumn(), TextColumn("eta"),
@@ -263,7 +263,8 @@ def _print_summary(run, grid, console) -> None:
                 table.add_row(name, f"{counts[name]:,}")
     console.print(table)
     console.print(f"{run.model_steps:,} {plural('model-step', run.model_steps)} in {run.seconds:.1f} s "
-                  f"({_rate(run.model_steps / max(run.seconds, 1e-9))} model-steps/s). Results: {run.out}")
+                  f"({_rate(run.model_steps / max(run.seconds, 1e-9))} model-steps/s). Results: {run.out}",
+                  soft_wrap=True)
     console.print(f"Next: fastgrok phase {run.out}; fastgrok plot {run.out} --models all; fastgrok ipr {run.out}",
                   soft_wrap=True, highlight=False)
 

@@ -23,10 +23,13 @@ def run(*args):
 
 
 def test_a_log_file_gets_progress_lines(tmp_path, monkeypatch):
-    """Redirected to a file (a batch job), the bar is drawn only at the end: plain progress lines come instead."""
+    """Redirected to a file (a batch job), the bar is drawn only at the end: plain progress lines come instead,
+    and the line saying what trains is one line (a log is not wrapped at 80 columns, as rich wraps by default)."""
     monkeypatch.setattr("fastgrok.cli.PLAIN_PROGRESS_SECONDS", 0.0)
-    result = run(*SMALL, "--xi", "0,0.3", "--out", tmp_path / "run")
+    result = run(*SMALL, "--xi", "0,0.3", "--wd", "0,5", "--out", tmp_path / "run")
     assert result.exit_code == 0, result.output
+    assert re.search(r"^Training 4 models \(.*\) on .*, 30 steps, full batch.* -> .*run$", result.output, re.M), result.output
+    assert re.search(r"^120 model-steps in .* s \(.*\)\. Results: .*run$", result.output, re.M), result.output
     lines = [line for line in result.output.splitlines() if line.startswith("train ") and "elapsed" in line]
     assert [line.split()[3] for line in lines[:3]] == ["1/30,", "2/30,", "3/30,"]
     assert "step 30/30" in lines[-1] and "model-steps/s" in lines[-1]

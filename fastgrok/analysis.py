@@ -22,7 +22,7 @@ from fastgrok import plots
 from fastgrok.config import AXES, Grid, plural
 from fastgrok.data import generator
 from fastgrok.errors import ConfigError
-from fastgrok.ipr import FFTS, HIGH_IPR, neuron_ipr
+from fastgrok.ipr import FFTS, HIGH_IPR, neuron_ipr, neuron_spectra
 from fastgrok.phases import PHASES
 from fastgrok.population import METRICS
 from fastgrok.results import (csv_cell, load_populations, read_config, read_history, read_models, recipe,
@@ -84,7 +84,8 @@ def _update_models_csv(run: Path, columns: dict[str, dict[int, object]]) -> None
 
 def ipr(run: Path, fft: str = "rfft", threshold: float = HIGH_IPR, models: str | None = None,
         device: str = "cpu") -> dict:
-    """Per-neuron IPR of every (selected) model -> ipr.parquet, IPR columns in models.csv, ipr-hist.png."""
+    """Per-neuron IPR of every (selected) model -> ipr.parquet, IPR columns in models.csv, ipr-hist.png, and
+    ipr-spectra.png (the neurons' power spectra of the selected models, up to 9, or of a model per phase)."""
     if fft not in FFTS:
         raise ConfigError(f"unknown --fft {fft!r}; choose one of {', '.join(FFTS)}")
     run = Path(run)
@@ -123,6 +124,17 @@ def ipr(run: Path, fft: str = "rfft", threshold: float = HIGH_IPR, models: str |
             if ids:
                 groups[phase] = np.concatenate([values[m] for m in ids])
     plots.ipr_histograms(groups, run / "ipr-hist.png", f"neuron IPR (|{fft}|), {len(values):,} models")
+    shown = chosen if chosen is not None and len(chosen) <= 9 else representatives(per_model["mean_ipr"], phase_of)
+    panels = {}
+    for pop in load_populations(run, device, set(shown)):  # a second read, of these few models only
+        spectra = neuron_spectra(pop.U, pop.V, pop.W, fft).cpu().numpy()
+        for b, m in enumerate(pop.model_ids):
+            live = spectra[b][~np.isnan(spectra[b]).all(1)]  # the neurons neuron_ipr calls live, in order
+            panels[m] = live[np.argsort(-values[m], kind="stable")]
+    panels = {f"model {m} ({phase_of[m]}), mean IPR {per_model['mean_ipr'][m]:.2f}": panels[m]
+              for m in shown if len(panels.get(m, ()))}  # in the order chosen; a model with no live neuron has none
+    if panels:
+        plots.neuron_spectra(panels, run / "ipr-spectra.png", f"neurons' power spectra (|{fft}|^2), highest IPR on top")
     summary = {}
     for phase in (*PHASES, "diverged"):
         ids = [m for m in values if phase_of[m] == phase]
@@ -131,6 +143,18 @@ def ipr(run: Path, fft: str = "rfft", threshold: float = HIGH_IPR, models: str |
                               "mean_ipr": float(np.mean([per_model["mean_ipr"][m] for m in ids])),
                               "high_ipr_fraction": float(np.mean([per_model["high_ipr_fraction"][m] for m in ids]))}
     return summary
+
+
+def representatives(mean_ipr: dict[int, float], phase_of: dict[int, str]) -> list[int]:
+    """A model per phase, in the phases' order: the one of median mean IPR among that phase's models (a diverged
+    model, or one without live neurons, is none)."""
+    shown = []
+    for phase in PHASES:
+        ids = sorted((m for m, v in mean_ipr.items() if phase_of[m] == phase and np.isfinite(v)),
+                     key=lambda m: (mean_ipr[m], m))
+        if ids:
+            shown.append(ids[(len(ids) - 1) // 2])
+    return shown
 
 
 def _prune_order(score: torch.Tensor, order: str, model_ids: list[int], seed: int) -> torch.Tensor:

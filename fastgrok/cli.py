@@ -398,13 +398,14 @@ def ipr(
     threshold: Annotated[float, typer.Option(help="IPR above which a neuron counts as high-IPR (periodic)")] = 0.5,
     device: DeviceOpt = "auto",
 ) -> None:
-    """Per-neuron IPR of U, V, W and their mean: ipr.parquet, ipr-hist.png, IPR columns in models.csv."""
+    """Per-neuron IPR of U, V, W and their mean: ipr.parquet, ipr-hist.png, ipr-spectra.png, IPR columns in models.csv."""
     from fastgrok import analysis
 
     summary = _analysis(analysis.ipr, run, fft=fft, threshold=threshold, models=models, device=device)
     _table(f"neuron IPR by phase (|{fft}|, high = IPR > {threshold:g})", ["phase", "models", "mean IPR", "high-IPR fraction"],
            [[p, s["models"], s["mean_ipr"], s["high_ipr_fraction"]] for p, s in summary.items()])
-    typer.echo(f"wrote {run / 'ipr.parquet'}, {run / 'ipr-hist.png'}; models.csv has mean_ipr, high_ipr_fraction, dead_neurons")
+    typer.echo(f"wrote {run / 'ipr.parquet'}, {run / 'ipr-hist.png'}, {run / 'ipr-spectra.png'}; models.csv has "
+               "mean_ipr, high_ipr_fraction, dead_neurons")
     _note_unfinished(run)
 
 

@@ -22,11 +22,17 @@ FFTS = ("rfft", "full")
 HIGH_IPR = 0.5  # default threshold for "high-IPR" (periodic, generalising) neurons
 
 
+def power_fraction(x: torch.Tensor, dim: int = -1, fft: str = "rfft") -> torch.Tensor:
+    """Each frequency's share of the vector's power along `dim`, x~_k^2 / sum_k x~_k^2 (fp64); NaN where the
+    vector is all zero."""
+    power = (torch.fft.rfft if fft == "rfft" else torch.fft.fft)(x.double(), dim=dim).abs().square()
+    return power / power.sum(dim, keepdim=True)
+
+
 def vector_ipr(x: torch.Tensor, dim: int = -1, fft: str = "rfft") -> torch.Tensor:
-    """IPR along `dim`; NaN where the vector is all zero (callers turn that into 'missing')."""
-    spectrum = (torch.fft.rfft if fft == "rfft" else torch.fft.fft)(x.double(), dim=dim).abs()
-    power = spectrum.square()
-    return power.square().sum(dim) / power.sum(dim).square()
+    """IPR along `dim` (the sum of the squared power fractions); NaN where the vector is all zero (callers turn
+    that into 'missing')."""
+    return power_fraction(x, dim, fft).square().sum(dim)
 
 
 @dataclass
@@ -59,3 +65,13 @@ def neuron_ipr(U: torch.Tensor, V: torch.Tensor, W: torch.Tensor, fft: str = "rf
     dead = parts.isnan().all(0)
     mean = torch.where(dead, torch.nan, torch.nanmean(parts, dim=0))
     return NeuronIPR(u, v, w, mean, dead)
+
+
+@torch.no_grad()
+def neuron_spectra(U: torch.Tensor, V: torch.Tensor, W: torch.Tensor, fft: str = "rfft") -> torch.Tensor:
+    """(B, N, F) each neuron's power fractions over the F frequencies, averaged over those of its U row, V row
+    and W column that are not zero, as its IPR is; NaN rows for dead neurons. A periodic neuron of frequency s
+    has its power at bin min(s, p - s) under rfft."""
+    parts = torch.stack([power_fraction(U, 1, fft).transpose(1, 2), power_fraction(V, 1, fft).transpose(1, 2),
+                         power_fraction(W, 2, fft)])
+    return torch.nanmean(parts, dim=0)

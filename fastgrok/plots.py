@@ -32,30 +32,50 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def ipr_histograms(groups: dict[str, np.ndarray], path: Path, title: str) -> Path:
-    """One panel per group (a model or a phase) of the neuron IPR distribution."""
-    n = len(groups)
+def _panels(n: int, width: float, height: float):
+    """A figure of n panels of width x height inches, three to a row, the spare ones blank."""
     cols = min(n, 3)
     rows = (n + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False, layout="constrained")
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False, layout="constrained")
+    for ax in axes.flat[n:]:
+        ax.axis("off")
+    return fig, axes
+
+
+def ipr_histograms(groups: dict[str, np.ndarray], path: Path, title: str) -> Path:
+    """One panel per group (a model or a phase) of the neuron IPR distribution."""
+    fig, axes = _panels(len(groups), 4, 3)
     bins = np.linspace(0, 1, 41)
     for ax, (label, values) in zip(axes.flat, groups.items()):
         ax.hist(values, bins=bins, color=PHASE_COLORS.get(label, "#555555"))
         ax.set_title(f"{label} ({len(values):,} neurons)", fontsize=9)
         ax.set_xlabel("neuron IPR")
         ax.set_ylabel("neurons")
-    for ax in list(axes.flat)[n:]:
-        ax.axis("off")
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
+def neuron_spectra(panels: dict[str, np.ndarray], path: Path, title: str) -> Path:
+    """One panel per model: its live neurons' power fractions (neurons x frequencies), sorted by IPR, highest
+    first. A periodic neuron is one bright cell; a memorising one a smeared row."""
+    rows = max(len(power) for power in panels.values())
+    fig, axes = _panels(len(panels), 4, min(max(3.4, rows / 100), 7))  # about a pixel a neuron up to N 700
+    image = None
+    for ax, (label, power) in zip(axes.flat, panels.items()):
+        # antialiased: where neurons outnumber pixels, a row is averaged in, never dropped as "nearest" would
+        image = ax.imshow(power, aspect="auto", cmap="magma", vmin=0, vmax=1, interpolation="antialiased")
+        ax.set_title(label, fontsize=9)
+        ax.set_xlabel("frequency k")
+        ax.set_ylabel(f"neuron, by IPR ({len(power):,})")
+    if image is not None:
+        fig.colorbar(image, ax=axes, label="share of the neuron's power", shrink=0.9)
     fig.suptitle(title)
     return _save(fig, path)
 
 
 def prune_curves(curves: dict[int, dict[str, np.ndarray]], path: Path, title: str) -> Path:
     """One panel per model: accuracies against the fraction of neurons pruned."""
-    n = len(curves)
-    cols = min(n, 3)
-    rows = (n + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.2 * rows), squeeze=False, layout="constrained")
+    fig, axes = _panels(len(curves), 4.5, 3.2)
     for ax, (model, curve) in zip(axes.flat, curves.items()):
         for key, label in ACCURACIES.items():
             if np.isfinite(curve[key]).any():
@@ -64,8 +84,6 @@ def prune_curves(curves: dict[int, dict[str, np.ndarray]], path: Path, title: st
         ax.set_xlabel("fraction of neurons pruned")
         ax.set_ylabel("accuracy")
         ax.set_ylim(-0.02, 1.02)
-    for ax in list(axes.flat)[n:]:
-        ax.axis("off")
     axes.flat[0].legend(fontsize=7)
     fig.suptitle(title)
     return _save(fig, path)

@@ -15,7 +15,7 @@ from fastgrok.analytic import analytic_weights
 from fastgrok.cli import app
 from fastgrok.data import task_table
 from fastgrok.errors import ConfigError
-from fastgrok.ipr import neuron_ipr, vector_ipr
+from fastgrok.ipr import neuron_ipr, neuron_spectra, vector_ipr
 from fastgrok.population import forward
 from fastgrok.results import read_config, read_models, recipe
 
@@ -66,6 +66,30 @@ def test_dead_neurons_are_flagged_not_nan():
     assert not result.model_mean().isnan().any()
     assert result.mean[0, 3].item() == pytest.approx((result.v[0, 3] + result.w[0, 3]).item() / 2)
     assert result.high_fraction(0.0)[0].item() == pytest.approx(1.0)  # 3 live neurons, all above 0
+
+
+def test_a_periodic_neurons_spectrum_is_one_frequency_and_a_dead_one_has_none():
+    s = torch.tensor([1, 7, 48, 60, 90, 5])  # rfft bins min(s, p - s): 1, 7, 48, 37, 7, 5
+    theta = 2 * math.pi * torch.arange(P)[:, None] * s / P  # (p, N)
+    U, V, W = torch.cos(theta + 0.3), torch.cos(theta - 1.1), torch.cos(-theta - 0.8).T
+    U[:, 4] = V[:, 4] = W[4] = 0  # dead
+    # noise in U alone: V and W keep their frequency, U's third of the power spreads
+    U[:, 5] = torch.randn(P, generator=torch.Generator().manual_seed(0))
+    spectra = neuron_spectra(U[None], V[None], W[None])[0]
+    assert spectra.shape == (6, P // 2 + 1)
+    assert spectra.argmax(1)[:4].tolist() == [1, 7, 48, 37]
+    assert spectra[:4].max(1).values.min().item() > 0.999
+    assert spectra[4].isnan().all() and torch.allclose(spectra[[0, 1, 2, 3, 5]].sum(1), torch.ones(5, dtype=torch.float64))
+    assert 0.66 < spectra[5, 5].item() < 0.75  # V's and W's all, U's share of bin 5 (about 1/49)
+    full = neuron_spectra(U[None], V[None], W[None], fft="full")[0]
+    assert full[1, 7].item() == pytest.approx(0.5) and full[1, P - 7].item() == pytest.approx(0.5)  # mirror peaks
+
+
+def test_the_spectra_show_one_model_per_phase_the_median_by_ipr():
+    mean_ipr = {0: 0.9, 1: 0.7, 2: 0.8, 3: 0.1, 4: float("nan"), 5: 0.2, 6: 0.05}
+    phase_of = {0: "coexistence", 1: "coexistence", 2: "coexistence", 3: "memorization", 4: "diverged",
+                5: "memorization", 6: "forgetting"}
+    assert analysis.representatives(mean_ipr, phase_of) == [2, 3, 6]  # coexistence, memorization, forgetting
 
 
 def analytic_accuracy(width, seed):
@@ -136,6 +160,7 @@ def test_ipr_command_writes_table_histogram_and_columns(coexistence_run):
     row = read_models(coexistence_run)[0]
     assert 0 < row["high_ipr_fraction"] < 1 and row["dead_neurons"] == 0
     assert (coexistence_run / "ipr-hist.png").stat().st_size > 5000
+    assert (coexistence_run / "ipr-spectra.png").stat().st_size > 5000 and "ipr-spectra.png" in result.output
 
 
 def test_training_logs_mean_ipr_and_plot_draws_it(coexistence_run):

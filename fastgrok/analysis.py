@@ -239,7 +239,8 @@ def _cells(run: Path, x: str | None, y: str | None, column: str | None = None):
         raise ConfigError("--x and --y must be different axes")
     rows = read_models(run)
     if column is not None and rows and column not in rows[0]:
-        raise ConfigError(f"models.csv has no {column} column; `fastgrok ipr RUN` adds it")
+        raise ConfigError(f"models.csv has no {column} column; " + ("`fastgrok ipr RUN` adds it" if column in IPR_COLUMNS
+                          else "this run was trained by a fastgrok that did not write it"))
     others = [a for a in AXES if a not in (x, y, "seed") and len(grid[a]) > 1]
     by_cell: dict[tuple, list[dict]] = {}
     for r in rows:
@@ -281,7 +282,8 @@ def phase_diagram(run: Path, x: str | None = None, y: str | None = None) -> list
 
 # models.csv columns a metric diagram can draw; those in [0, 1] share one colour scale across runs
 DIAGRAM_METRICS = ("train_acc", "test_acc", "clean_acc", "corrupted_acc", "inverted_acc", "train_loss", "test_loss",
-                   "mean_ipr", "high_ipr_fraction", "dead_neurons")
+                   "train90_step", "test90_step", "mean_ipr", "high_ipr_fraction", "dead_neurons")
+IPR_COLUMNS = ("mean_ipr", "high_ipr_fraction", "dead_neurons")  # added by `fastgrok ipr`
 UNIT_METRICS = ("train_acc", "test_acc", "clean_acc", "corrupted_acc", "inverted_acc", "mean_ipr", "high_ipr_fraction")
 
 

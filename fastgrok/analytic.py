@@ -71,11 +71,11 @@ def analytic_run(out, p: int = 97, widths: str = "500", seed: int = 0, alpha: fl
         metrics = pop.evaluate()
         m_all, n_all, z_all = pop.pairs
         pred, _ = torch_outputs(pop.U, pop.V, pop.W, m_all[None], n_all[None], z_all[None], "quad", "mse")
-        row = model_rows(pop, metrics)[0]
-        row["all_acc"] = (pred[0] == z_all).double().mean().item()
-        rows.append(row)
         history = {"model": [model], "step": [0], **{k: [v[0].item()] for k, v in metrics.items()}}
         history["ipr"] = [neuron_ipr(*pop.params).model_mean()[0].item()]
+        row = model_rows(pop, metrics, history)[0]
+        row["all_acc"] = (pred[0] == z_all).double().mean().item()
+        rows.append(row)
         writer.add_population([row], history, {"U": pop.U, "V": pop.V, "W": pop.W, "model": torch.tensor([model])})
     writer.finish("complete")
     return rows

@@ -441,7 +441,7 @@ def phase(
     run: RunArg,
     x: Annotated[Optional[str], typer.Option("--x", help="Grid axis on the horizontal \\[default: the first the grid varies of xi, alpha, width, wd, dropout, lr]")] = None,
     y: Annotated[Optional[str], typer.Option("--y", help="Grid axis on the vertical \\[default: the next one]")] = None,
-    metric: Annotated[Optional[str], typer.Option(help="Draw this models.csv column (mean over seeds) instead of the phase: train_acc, test_acc, clean_acc, corrupted_acc (memorised), inverted_acc, train_loss, test_loss, or after `fastgrok ipr` mean_ipr, high_ipr_fraction, dead_neurons")] = None,
+    metric: Annotated[Optional[str], typer.Option(help="Draw this models.csv column (mean over seeds) instead of the phase: train_acc, test_acc, clean_acc, corrupted_acc (memorised), inverted_acc, train_loss, test_loss, train90_step, test90_step (first logged step at 90%; models that never got there left out), or after `fastgrok ipr` mean_ipr, high_ipr_fraction, dead_neurons")] = None,
 ) -> None:
     """Phase-diagram heatmaps over two grid axes (a panel per value of the others; seeds by majority), or of one metric."""
     from collections import Counter
@@ -455,7 +455,8 @@ def phase(
         table = _analysis(analysis.metric_diagram, run, metric, x=x, y=y)
         values = [r[metric] for r in table if r[metric] == r[metric]]
         span = f"{min(values):.3g} to {max(values):.3g}" if values else "no values"
-        typer.echo(f"{len(table)} {plural('cell', len(table))} of {y} x {x}: {metric} (mean over seeds, diverged models left out) {span}")
+        left_out = "diverged models" + (" and those never at 90%" if metric.endswith("90_step") else "")
+        typer.echo(f"{len(table)} {plural('cell', len(table))} of {y} x {x}: {metric} (mean over seeds, {left_out} left out) {span}")
         typer.echo(f"wrote {run / f'{metric}-{y}-vs-{x}.png'} and .csv")
         _note_unfinished(run)
         return

@@ -14,16 +14,16 @@ import math
 
 PHASES = ("coexistence", "partial_inversion", "full_inversion", "memorization", "forgetting")
 THRESHOLD = 0.9
-_TOL = 1e-9  # accuracies are ratios of counts; 1.05 - 0.35 is 0.7000000000000001 in floating point
+TOL = 1e-9  # accuracies are ratios of counts; 1.05 - 0.35 is 0.7000000000000001 in floating point
 
 
 def phase(train_acc: float, test_acc: float, xi: float, diverged: bool = False) -> str:
     if diverged or not (math.isfinite(train_acc) and math.isfinite(test_acc)):
         return "diverged"
-    if test_acc >= THRESHOLD - _TOL:
-        if train_acc >= THRESHOLD - _TOL:
+    if test_acc >= THRESHOLD - TOL:
+        if train_acc >= THRESHOLD - TOL:
             return "coexistence"
-        if train_acc >= 1.05 - xi - _TOL:
+        if train_acc >= 1.05 - xi - TOL:
             return "partial_inversion"
         return "full_inversion"
-    return "memorization" if train_acc >= THRESHOLD - _TOL else "forgetting"
+    return "memorization" if train_acc >= THRESHOLD - TOL else "forgetting"

@@ -43,7 +43,7 @@ from fastgrok.errors import ConfigError
 from fastgrok.population import METRICS
 
 MODEL_COLUMNS = ("model", *AXES, "train_acc", "test_acc", "clean_acc", "corrupted_acc", "inverted_acc",
-                 "train_loss", "phase", "test_loss", "diverged", "steps")
+                 "train_loss", "phase", "test_loss", "diverged", "steps", "train90_step", "test90_step")
 
 
 def default_out_dir(root: Path = Path("runs")) -> Path:
@@ -198,8 +198,8 @@ class RunWriter:
         # only the training columns: what `fastgrok ipr` added describes weights that training is about to change
         keep = done | {m for w in partial for m in w["models"]}
         with open(self.out / "models.csv", newline="") as f:
-            self.rows = {int(r["model"]): [r[c] for c in MODEL_COLUMNS] for r in csv.DictReader(f)
-                         if int(r["model"]) in keep}
+            self.rows = {int(r["model"]): [r.get(c, "") for c in MODEL_COLUMNS] for r in csv.DictReader(f)
+                         if int(r["model"]) in keep}  # .get: a run written before a column was added
         self._write_models()
         self.config.update(status="running", written=kept)
         self.config.setdefault("resumed", []).append(datetime.datetime.now().isoformat(timespec="seconds"))

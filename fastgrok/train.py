@@ -19,7 +19,7 @@ from fastgrok.backends import make_backend
 from fastgrok.config import AXES, Grid, Settings
 from fastgrok.errors import ConfigError
 from fastgrok.ipr import neuron_ipr
-from fastgrok.phases import phase
+from fastgrok.phases import THRESHOLD, TOL, phase
 from fastgrok.population import METRICS, Population, check_training_sets, plan
 from fastgrok.results import HISTORY_COLUMNS, RunWriter, read_models, read_population
 
@@ -86,8 +86,21 @@ class _History:
         return {k: np.concatenate(v) for k, v in self.columns.items()}
 
 
-def model_rows(pop: Population, metrics: dict[str, torch.Tensor]) -> list[dict]:
-    """models.csv rows of a population: grid axes, final metrics, phase."""
+def first_reached(history: dict, metric: str, level: float = THRESHOLD) -> dict[int, int]:
+    """{model: the first logged step at which `metric` was >= level (the phases' 90%)} for the models of a
+    history table that reached it."""
+    models, steps = np.asarray(history["model"]), np.asarray(history["step"])
+    hit = np.asarray(history[metric]) >= level - TOL
+    first: dict[int, int] = {}
+    for m, step in zip(models[hit].tolist(), steps[hit].tolist()):
+        first[m] = min(first.get(m, step), step)
+    return first
+
+
+def model_rows(pop: Population, metrics: dict[str, torch.Tensor], history: dict) -> list[dict]:
+    """models.csv rows of a population: grid axes, final metrics, phase, and from its history (the table of
+    every logged step) when train and test accuracy first reached 90% (blank if never)."""
+    reached = {f"{k}90_step": first_reached(history, f"{k}_acc") for k in ("train", "test")}
     rows = []
     for b, h in enumerate(pop.hypers):
         row = {"model": pop.model_ids[b], **{a: getattr(h, a) for a in AXES}}
@@ -95,6 +108,7 @@ def model_rows(pop: Population, metrics: dict[str, torch.Tensor]) -> list[dict]:
         row["diverged"] = bool(pop.diverged[b])
         row["steps"] = pop.step
         row["phase"] = phase(row["train_acc"], row["test_acc"], h.xi, row["diverged"])
+        row.update({column: first.get(row["model"], "") for column, first in reached.items()})
         rows.append(row)
     return rows
 
@@ -156,8 +170,9 @@ def train(grid: Grid, settings: Settings, out: str | Path, *, device: str = "aut
 
     def save(pop, name, history, metrics) -> list[dict]:
         lap("steps")
-        new_rows = model_rows(pop, metrics)
-        writer.add_population(new_rows, history.table(), pop.weights(),
+        table = history.table()
+        new_rows = model_rows(pop, metrics, table)
+        writer.add_population(new_rows, table, pop.weights(),
                               state=pop.state() if pop.step < settings.steps else None, name=name)
         lap("saving")
         return new_rows

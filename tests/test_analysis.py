@@ -18,6 +18,7 @@ from fastgrok.errors import ConfigError
 from fastgrok.ipr import neuron_ipr, neuron_spectra, vector_ipr
 from fastgrok.population import forward
 from fastgrok.results import read_config, read_models, recipe
+from fastgrok.train import first_reached
 
 runner = CliRunner()
 P = 97
@@ -171,6 +172,26 @@ def test_training_logs_mean_ipr_and_plot_draws_it(coexistence_run):
     assert result.exit_code == 0 and (coexistence_run / "curves-model0.png").stat().st_size > 5000
 
 
+def test_a_coexistence_model_memorises_before_it_generalises_and_models_csv_says_when(coexistence_run):
+    """train90_step / test90_step: the first logged step at which train / test accuracy reached 90%, read from
+    the history; the corrupted labels are fitted before the rule is found (the grokking delay)."""
+    history = pq.read_table(coexistence_run / "history").to_pydict()
+    row = read_models(coexistence_run)[0]
+    for kind in ("train", "test"):
+        first = next(step for step, acc in zip(history["step"], history[f"{kind}_acc"]) if acc >= 0.9)
+        assert row[f"{kind}90_step"] == first
+    assert row["train90_step"] < row["test90_step"]
+    result = runner.invoke(app, ["phase", str(coexistence_run), "--metric", "test90_step"])
+    assert result.exit_code == 0 and (coexistence_run / "test90_step-alpha-vs-xi.png").is_file(), result.output
+    assert f"test90_step (mean over seeds, diverged models and those never at 90% left out) {row['test90_step']:g} to" in result.output
+
+
+def test_first_reached_is_the_earliest_logged_step_at_90_percent():
+    history = {"model": [3, 5, 3, 5, 3, 5], "step": [20, 20, 10, 10, 0, 0],  # logged in any order
+               "test_acc": [0.95, 0.5, 0.9 - 1e-12, 0.89, 0.2, float("nan")]}
+    assert first_reached(history, "test_acc") == {3: 10}  # 0.9 up to rounding counts, as in the phases
+
+
 def test_phase_diagram_table_equals_models_csv(tmp_path, monkeypatch):
     out = tmp_path / "grid"
     args = ["train", "--p", "11", "--width", "8", "--steps", "20", "--log-every", "10", "--xi", "0,0.3,0.6",
@@ -311,6 +332,8 @@ def test_the_gallery_metric_diagrams_come_from_the_h100_run(tmp_path, metric, na
         assert {wd: inverting.count(wd) for wd in set(inverting)} == {5.0: 88, 15.0: 127}
     written = (run / f"{metric}-alpha-vs-xi.csv").read_text()
     assert written == (root / f"docs/gallery/paper-{name}-wd-17x17.csv").read_text()
+    with pytest.raises(ConfigError, match="trained by a fastgrok that did not write it"):  # before train90_step
+        analysis.metric_diagram(run, "test90_step", "xi", "alpha")
 
 
 @pytest.mark.parametrize(

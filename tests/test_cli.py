@@ -372,6 +372,11 @@ def test_resume_finishes_an_interrupted_run_with_the_results_of_an_uninterrupted
     assert result.exit_code == 130 and "--resume" in result.output
     assert [r["steps"] for r in read_models(out)] == [30, 12, 30, 12]
     assert run("--resume", out, "--xi", "0.5").exit_code == 2  # the grid comes from the run
+    # as a run written before models.csv had its last two columns (blank here: no model reaches 90% in 30 steps)
+    assert MODEL_COLUMNS[-2:] == ("train90_step", "test90_step")
+    lines = (out / "models.csv").read_text().splitlines()
+    assert all(line.endswith(",,") for line in lines[1:])
+    (out / "models.csv").write_text("".join(line.rsplit(",", 2)[0] + "\n" for line in lines))
     calls = _stop_at(monkeypatch, 0, None)
     result = run("--resume", out)
     assert result.exit_code == 0, result.output

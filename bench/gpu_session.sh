@@ -13,13 +13,13 @@
 #   bash bench/gpu_session.sh ncu        Nsight Compute on the forward and backward kernels (N 512, B 1024)
 # PRECISION (profile, ncu, e2e), SCATTER (profile: a comma list, default window,block; ncu: one, default window),
 # DROPOUT (profile: every model's rate; the masks kernel is timed too) and WIDTHS (bench, profile) pick what they run.
-# e2e and dropout also make issue 4's paper-scale phase diagrams (phase, ipr); their PNGs, tables and logs
+# e2e and dropout also make issue 4's paper-scale phase diagrams (phase, ipr with its spectra, test90_step); their PNGs, tables and logs
 # come back as $OUT/<stage>.tar.gz (no weights). Several stages go in one call, each with a time limit:
 #   bash bench/gpu_session.sh tests:230 sweep:150 precision:170
 # (a machine stays warm only 30 s after a call; a fresh one took about 30 s to start on 2026-11-22).
 # Measured 2026-11-22 on an H100 (bench/results/h100-2026-11-22): tests 110 s, sweep 95 s, precision 95 s,
 # profile 30 s, e2e 140 s, dropout 285 s, bench over 320 s for N 512 and 128 alone (WIDTHS=2048 for the rest).
-# Owed next (sessions 6-18 had no GPU), in three calls that fit the 30 minutes (bench/NOTES.md "Next"):
+# Owed next (sessions 6-19 had no GPU), in three calls that fit the 30 minutes (bench/NOTES.md "Next"):
 #   1. bash bench/gpu_session.sh tests:230 profile:120 precision:150; DROPOUT=0.2 WIDTHS=500 bash bench/gpu_session.sh profile:60
 #   2. bash bench/gpu_session.sh sweep:590        (then set the defaults from its summary, commit)
 #   3. bash bench/gpu_session.sh e2e:180 dropout:300 and, if time is left, bench with WIDTHS=512,128,2048
@@ -51,7 +51,8 @@ case "$1" in
     { time fastgrok train --preset $preset --log-every 100 --precision "${PRECISION:-tf32}" --out /tmp/$1
       python3 -c "import json; c = json.load(open('/tmp/$1/config.json')); print('time split (s):', c['time_split'])"
       fastgrok phase /tmp/$1 --x xi --y alpha && fastgrok ipr /tmp/$1
-      fastgrok phase /tmp/$1 --x xi --y alpha --metric inverted_acc && fastgrok plot /tmp/$1 --models all; } 2>&1 | tee -a "$OUT/$1.log"
+      fastgrok phase /tmp/$1 --x xi --y alpha --metric inverted_acc && fastgrok plot /tmp/$1 --models all
+      fastgrok phase /tmp/$1 --x xi --y alpha --metric test90_step; } 2>&1 | tee -a "$OUT/$1.log"
     tar -czf "$OUT/$1.tar.gz" -C /tmp/$1 --exclude='*.safetensors' --exclude=ipr.parquet .  # under 16 MB
     [ "$1" = e2e ] && python3 - <<'PY' 2>&1 | tee -a "$OUT/e2e.log"
 import torch

@@ -135,6 +135,8 @@ def ipr(run: Path, fft: str = "rfft", threshold: float = HIGH_IPR, models: str |
               for m in shown if len(panels.get(m, ()))}  # in the order chosen; a model with no live neuron has none
     if panels:
         plots.neuron_spectra(panels, run / "ipr-spectra.png", f"neurons' power spectra (|{fft}|^2), highest IPR on top")
+    else:  # nothing to draw: no picture of an earlier selection is left to be taken for this one
+        (run / "ipr-spectra.png").unlink(missing_ok=True)
     summary = {}
     for phase in (*PHASES, "diverged"):
         ids = [m for m in values if phase_of[m] == phase]

@@ -404,8 +404,9 @@ def ipr(
     summary = _analysis(analysis.ipr, run, fft=fft, threshold=threshold, models=models, device=device)
     _table(f"neuron IPR by phase (|{fft}|, high = IPR > {threshold:g})", ["phase", "models", "mean IPR", "high-IPR fraction"],
            [[p, s["models"], s["mean_ipr"], s["high_ipr_fraction"]] for p, s in summary.items()])
-    typer.echo(f"wrote {run / 'ipr.parquet'}, {run / 'ipr-hist.png'}, {run / 'ipr-spectra.png'}; models.csv has "
-               "mean_ipr, high_ipr_fraction, dead_neurons")
+    spectra = run / "ipr-spectra.png"  # not drawn when no model shown has a live neuron
+    typer.echo(f"wrote {run / 'ipr.parquet'}, {run / 'ipr-hist.png'}" + (f", {spectra}" if spectra.is_file() else "")
+               + "; models.csv has mean_ipr, high_ipr_fraction, dead_neurons")
     _note_unfinished(run)
 
 

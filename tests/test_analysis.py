@@ -8,6 +8,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from fastgrok import analysis, plots
@@ -119,6 +120,12 @@ def test_analytic_run_is_accepted_by_ipr_and_prune(tmp_path):
     assert read_models(out)[1]["mean_ipr"] > 0.999
     assert runner.invoke(app, ["prune", str(out), "--models", "1", "--every", "10"]).exit_code == 0
     assert (out / "prune-low.png").stat().st_size > 5000
+    # a model whose neurons are all dead has no spectra to draw: none is claimed, and no older picture is left
+    assert (out / "ipr-spectra.png").is_file()
+    path = next(path for path in (out / "weights").glob("*.safetensors") if load_file(path)["model"].tolist() == [0])
+    save_file({k: v if k == "model" else torch.zeros_like(v) for k, v in load_file(path).items()}, path)
+    result = runner.invoke(app, ["ipr", str(out), "--models", "0"])
+    assert result.exit_code == 0 and "ipr-spectra" not in result.output and not (out / "ipr-spectra.png").exists()
 
 
 @pytest.fixture(scope="module")

@@ -93,7 +93,7 @@ def ipr(run: Path, fft: str = "rfft", threshold: float = HIGH_IPR, models: str |
     chosen = select_models(rows, models)
     phase_of = {r["model"]: r["phase"] for r in rows}
     table = {k: [] for k in ("model", "neuron", "ipr_u", "ipr_v", "ipr_w", "ipr", "dead")}
-    per_model = {"mean_ipr": {}, "high_ipr_fraction": {}, "dead_neurons": {}}
+    per_model = {column: {} for column in IPR_COLUMNS}
     values: dict[int, np.ndarray] = {}
     for pop in load_populations(run, device, set(chosen) if chosen is not None else None):
         result = neuron_ipr(pop.U, pop.V, pop.W, fft)

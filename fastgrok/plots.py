@@ -32,9 +32,9 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def _panels(n: int, width: float, height: float):
-    """A figure of n panels of width x height inches, three to a row, the spare ones blank."""
-    cols = min(n, 3)
+def _panels(n: int, width: float, height: float, per_row: int = 3):
+    """A figure of n panels of width x height inches, `per_row` to a row, the spare ones blank."""
+    cols = min(n, per_row)
     rows = (n + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False, layout="constrained")
     for ax in axes.flat[n:]:
@@ -60,15 +60,13 @@ def neuron_spectra(panels: dict[str, np.ndarray], path: Path, title: str) -> Pat
     first. A periodic neuron is one bright cell; a memorising one a smeared row."""
     rows = max(len(power) for power in panels.values())
     fig, axes = _panels(len(panels), 4, min(max(3.4, rows / 100), 7))  # about a pixel a neuron up to N 700
-    image = None
     for ax, (label, power) in zip(axes.flat, panels.items()):
         # antialiased: where neurons outnumber pixels, a row is averaged in, never dropped as "nearest" would
         image = ax.imshow(power, aspect="auto", cmap="magma", vmin=0, vmax=1, interpolation="antialiased")
         ax.set_title(label, fontsize=9)
         ax.set_xlabel("frequency k")
         ax.set_ylabel(f"neuron, by IPR ({len(power):,})")
-    if image is not None:
-        fig.colorbar(image, ax=axes, label="share of the neuron's power", shrink=0.9)
+    fig.colorbar(image, ax=axes, label="share of the neuron's power", shrink=0.9)
     fig.suptitle(title)
     return _save(fig, path)
 
@@ -91,21 +89,16 @@ def prune_curves(curves: dict[int, dict[str, np.ndarray]], path: Path, title: st
 
 def _heatmap_panels(titles: list[str], x_name: str, x_values, y_name: str, y_values, title: str | None):
     """A figure of labelled heatmap axes, four to a row; returns it and one axis per title."""
-    n = len(titles)
-    cols = min(n, 4)
-    rows = (n + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.3 * rows), squeeze=False, layout="constrained")
+    fig, axes = _panels(len(titles), 3.6, 3.3, per_row=4)
     for ax, panel_title in zip(axes.flat, titles):
         ax.set_title(panel_title, fontsize=9)
         _ticks(ax.set_xticks, ax.set_xticklabels, x_values)
         _ticks(ax.set_yticks, ax.set_yticklabels, y_values)
         ax.set_xlabel(x_name)
         ax.set_ylabel(y_name)
-    for ax in list(axes.flat)[n:]:
-        ax.axis("off")
     if title:
         fig.suptitle(title, fontsize=10)
-    return fig, list(axes.flat)[:n]
+    return fig, list(axes.flat)[:len(titles)]
 
 
 def phase_heatmaps(panels: list[tuple[str, np.ndarray, np.ndarray]], x_name: str, x_values, y_name: str, y_values,

@@ -248,11 +248,13 @@ def _print_summary(run, grid, console) -> None:
     varying = [a for a, v in grid.axes.items() if len(v) > 1]
     if len(run.rows) <= 40:
         table = Table(title=_models(len(run.rows)))
-        for c in ("model", *varying, "train", "test", "clean", "memorised", "inverted", "phase"):
+        for c in ("model", *varying, "train", "test", "clean", "memorised", "inverted", "test 90%\nat step", "phase"):
             table.add_column(c, justify="right" if c != "phase" else "left", no_wrap=True)
         for r in run.rows:
             acc = [f"{r[k]:.3f}" if r[k] == r[k] else "-" for k in ("train_acc", "test_acc", "clean_acc", "corrupted_acc", "inverted_acc")]
-            table.add_row(str(r["model"]), *(f"{r[a]:g}" for a in varying), *acc, r["phase"])
+            grokked = r.get("test90_step", "")  # blank in a new row, NaN read back from models.csv: never
+            grokked = f"{int(grokked):,}" if grokked != "" and grokked == grokked else "-"
+            table.add_row(str(r["model"]), *(f"{r[a]:g}" for a in varying), *acc, grokked, r["phase"])
     else:
         counts = Counter(r["phase"] for r in run.rows)
         table = Table(title=f"{len(run.rows):,} models by phase")

@@ -41,6 +41,24 @@ def test_a_slow_rate_is_shown_not_rounded_to_zero():
     assert [_rate(r) for r in (0.098, 3.456, 12.5, 37312.4)] == ["0.098", "3.5", "12", "37,312"]
 
 
+def test_the_summary_table_says_when_each_model_first_reached_90_percent_test_accuracy():
+    """The step column comes from models.csv's test90_step: a new row has the step or a blank, a row read back
+    from models.csv (a resumed run) a float or NaN; never reached is a dash either way."""
+    from rich.console import Console
+
+    from fastgrok.cli import _print_summary
+    from fastgrok.config import Grid
+    from fastgrok.train import Run
+
+    accs = {k: 0.5 for k in ("train_acc", "test_acc", "clean_acc", "corrupted_acc", "inverted_acc")}
+    steps = [1200, "", 12000.0, float("nan")]
+    rows = [{"model": i, "xi": 0.1 * i, **accs, "phase": "forgetting", "test90_step": s} for i, s in enumerate(steps)]
+    console = Console(width=100, record=True)
+    _print_summary(Run(Path("r"), rows, "complete", 1.0, 4), Grid.parse({"xi": "0,0.1,0.2,0.3"}), console)
+    lines = [line for line in console.export_text().splitlines() if "forgetting" in line]
+    assert [line.split("│")[-3].strip() for line in lines] == ["1,200", "-", "12,000", "-"]
+
+
 def test_train_writes_a_complete_run_directory(tmp_path):
     out = tmp_path / "run"
     result = run(*SMALL, "--xi", "0,0.3", "--wd", "0,1", "--out", out)

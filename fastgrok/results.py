@@ -27,7 +27,7 @@ import math
 import platform
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 
@@ -35,6 +35,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from fastgrok import __version__
@@ -301,10 +302,25 @@ def read_history(run: Path) -> pa.Table:
     return pq.read_table(Path(run) / "history")
 
 
-def read_weights(run: Path) -> list[dict[str, torch.Tensor]]:
-    """One dict per population: U, V, W, model (and BatchNorm's tensors)."""
-    return [load_file(str(f)) for f in sorted((Path(run) / "weights").glob("pop*.safetensors"))
-            if not f.name.endswith(".state.safetensors")]
+def read_weights(run: Path, models: set[int] | None = None) -> Iterator[dict[str, torch.Tensor]]:
+    """One dict per population, read when asked for: U, V, W, model (and BatchNorm's tensors). With `models`,
+    only their rows are read, a run of consecutive rows at a time, and a population file holding none of them
+    no further than its model ids (a model per phase of a 1,156-model run at N 500: 3 MB, not 670)."""
+    for f in sorted((Path(run) / "weights").glob("pop*.safetensors")):
+        if f.name.endswith(".state.safetensors"):
+            continue
+        with safe_open(str(f), framework="pt") as saved:
+            ids = saved.get_tensor("model")
+            if models is None:
+                yield {name: saved.get_tensor(name) for name in saved.keys()}
+                continue
+            rows = torch.tensor([m in models for m in ids.tolist()], dtype=torch.bool).nonzero().flatten()
+            if len(rows) == 0:
+                continue
+            runs = torch.tensor_split(rows, (rows.diff() != 1).nonzero().flatten() + 1)
+            yield {name: ids[rows] if name == "model" else
+                   torch.cat([saved.get_slice(name)[int(r[0]):int(r[-1]) + 1] for r in runs])
+                   for name in saved.keys()}
 
 
 def read_population(run: Path, name: str) -> tuple[dict[str, torch.Tensor], pa.Table]:
@@ -348,11 +364,9 @@ def load_populations(run: Path, device: str | torch.device = "cpu", models: set[
 
     settings = settings_of(read_config(run))
     rows = {r["model"]: r for r in read_models(run)}
-    for weights in read_weights(run):
+    wanted = set(rows) if models is None else set(models) & set(rows)
+    for weights in read_weights(run, wanted):
         ids = weights["model"].tolist()
-        keep = [i for i, m in enumerate(ids) if (models is None or m in models) and m in rows]
-        if not keep:
-            continue
-        pop = Population([hyper_of(rows[ids[i]]) for i in keep], settings, device, model_ids=[ids[i] for i in keep])
-        pop.load_weights(weights, torch.tensor(keep))
+        pop = Population([hyper_of(rows[m]) for m in ids], settings, device, model_ids=ids)
+        pop.load_weights(weights)
         yield pop

@@ -128,6 +128,50 @@ def test_analytic_run_is_accepted_by_ipr_and_prune(tmp_path):
     assert result.exit_code == 0 and "ipr-spectra" not in result.output and not (out / "ipr-spectra.png").exists()
 
 
+def test_a_few_models_are_read_without_reading_the_populations_around_them(tmp_path, monkeypatch):
+    """load_populations(models=...) gives exactly those models' weights (as the full read has them), reads a
+    population holding none of them no further than its model ids, and of one that does only their rows."""
+    import safetensors
+
+    from fastgrok.results import load_populations, read_weights
+
+    out = tmp_path / "run"
+    args = ["train", "--p", "7", "--width", "8,12", "--xi", "0:0.5:6", "--steps", "3", "--out", str(out)]
+    assert runner.invoke(app, args).exit_code == 0  # two populations of 6 models: N 8 even ids, N 12 odd
+    full = {int(m): (w["U"][i], w["V"][i], w["W"][i]) for w in read_weights(out) for i, m in enumerate(w["model"])}
+    spans = []
+    real_open = safetensors.safe_open
+
+    class Spy:
+        def __init__(self, *args, **kwargs):
+            self.file = real_open(*args, **kwargs)
+
+        def __enter__(self):
+            self.inner = self.file.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.file.__exit__(*exc)
+
+        def keys(self):
+            return self.inner.keys()
+
+        def get_tensor(self, name):
+            spans.append((name, "all"))
+            return self.inner.get_tensor(name)
+
+        def get_slice(self, name):
+            inner = self.inner.get_slice(name)
+            return type("Slice", (), {"__getitem__": lambda _, k: spans.append((name, (k.start, k.stop))) or inner[k]})()
+
+    monkeypatch.setattr("fastgrok.results.safe_open", Spy)
+    pops = list(load_populations(out, models={3, 5, 11}))
+    assert [pop.model_ids for pop in pops] == [[3, 5, 11]] and pops[0].width == 12
+    for b, m in enumerate(pops[0].model_ids):
+        assert all(torch.equal(got[b], want) for got, want in zip(pops[0].params, full[m]))
+    assert sorted(spans) == [(name, rows) for name in "UVW" for rows in [(1, 3), (5, 6)]] + [("model", "all")] * 2
+
+
 @pytest.fixture(scope="module")
 def coexistence_run(tmp_path_factory):
     """A model that memorises most corrupted labels and still generalises (p 47, N 128, 1000 steps: ~3 s)."""

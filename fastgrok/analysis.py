@@ -88,6 +88,8 @@ def ipr(run: Path, fft: str = "rfft", threshold: float = HIGH_IPR, models: str |
     ipr-spectra.png (the neurons' power spectra of the selected models, up to 9, or of a model per phase)."""
     if fft not in FFTS:
         raise ConfigError(f"unknown --fft {fft!r}; choose one of {', '.join(FFTS)}")
+    if not 0.0 < threshold < 1.0:  # an IPR lies in (0, 1]: outside, every neuron or none would count as high
+        raise ConfigError(f"--threshold must be in (0, 1), got {threshold:g}")
     run = Path(run)
     rows = read_models(run)
     chosen = select_models(rows, models)

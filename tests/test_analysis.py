@@ -397,6 +397,7 @@ def test_the_gallery_metric_diagrams_come_from_the_h100_run(tmp_path, metric, na
         (["prune", "{run}", "--order", "middle"], "unknown --order"),
         (["prune", "{run}", "--models", "99"], "not in this run"),
         (["ipr", "{run}", "--fft", "dct"], "unknown --fft"),
+        (["ipr", "{run}", "--threshold", "2"], "--threshold must be in (0, 1)"),  # no neuron would be high-IPR
         (["plot", "{run}", "--models", "x,y"], "--models"),
         (["ipr", "{missing}"], "not a fastgrok run"),
         (["analytic", "--op", "mul"], "add only"),

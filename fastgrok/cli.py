@@ -68,6 +68,7 @@ def train(
     precision: Annotated[Optional[str], typer.Option(help="Triton dot precision: fp32, tf32, tf32x3 or bf16 (parameters and moments stay fp32) \\[default: tf32, the fastest whose phases agree with fp32's on the validation grid; a resumed run keeps its own]")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Run directory (must be new or empty) \\[default: runs/<timestamp>]")] = None,
     resume: Annotated[Optional[Path], typer.Option(help="Continue an interrupted run directory from where it stopped (same results as an uninterrupted run)")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Check the options and print the plan (populations, their models and memory) without training or writing anything")] = False,
 ) -> None:
     """Train a grid of models (the product of the grid options) and write a run directory."""
     from fastgrok.errors import ConfigError
@@ -84,6 +85,8 @@ def train(
             given = [k for k, v in {**axes, **shared, "betas": betas, "preset": preset, "out": out}.items() if v is not None]
             if given:
                 raise ConfigError(f"--resume takes the grid and settings from the run; drop --{given[0].replace('_', '-')}")
+            if dry_run:
+                raise ConfigError("--dry-run plans a new run; drop --resume")
             return _resume(resume, dev, backend, precision)
         by_default = preset is None and all(v is None for v in (*axes.values(), op, p, steps))
         if by_default:
@@ -91,7 +94,8 @@ def train(
         chosen = PRESETS.get(preset) if preset is not None else None
         if preset is not None and chosen is None:
             raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-        _run(axes, shared, betas, chosen, dev, backend, precision, out, announce=preset if by_default else None)
+        _run(axes, shared, betas, chosen, dev, backend, precision, out, announce=preset if by_default else None,
+             dry_run=dry_run)
     except ConfigError as e:
         fail(str(e))
     except OSError as e:
@@ -112,7 +116,8 @@ def _betas(text: str | None) -> tuple[float, float] | None:
     return betas
 
 
-def _run(axes, shared, betas, preset, dev, backend, precision, out, announce: str | None = None) -> None:
+def _run(axes, shared, betas, preset, dev, backend, precision, out, announce: str | None = None,
+         dry_run: bool = False) -> None:
     from fastgrok.backends import make_backend
     from fastgrok.config import Grid, Settings
     from fastgrok.errors import ConfigError
@@ -134,14 +139,55 @@ def _run(axes, shared, betas, preset, dev, backend, precision, out, announce: st
     engine.check(settings)
     _note_precision(precision, engine)
     populations = plan(grid.models(), settings, dev, backend=engine.name)
-    if out is None:
-        out = default_out_dir()  # once every option is known good, so a refused run leaves no empty directory
-    out.mkdir(parents=True, exist_ok=True)  # an unwritable --out fails here, before the progress bar
+    if not dry_run:
+        if out is None:
+            out = default_out_dir()  # once every option is known good, so a refused run leaves no empty directory
+        out.mkdir(parents=True, exist_ok=True)  # an unwritable --out fails here, before the progress bar
     if announce is not None:  # the default preset, said once every option is known good: an error prints alone
-        typer.echo(f"No grid given: running preset {announce!r}, {preset.about}.")
+        typer.echo(f"No grid given: {'planning' if dry_run else 'running'} preset {announce!r}, {preset.about}.")
         if dev.type == "cpu":
             typer.echo("(Smaller than the paper's p 97, N 500 because this is a CPU; `fastgrok presets` lists others.)")
+    if dry_run:
+        return _print_plan(grid, settings, dev, engine, populations, out)
     _train_with_progress(grid, settings, out, dev, engine, len(grid), populations=populations)
+
+
+def _print_plan(grid, settings, dev, engine, populations, out) -> None:
+    """--dry-run: the populations `fastgrok train` would step one after another, each one width, its models, the
+    range of their training-set sizes and the device memory the planner reserves for it."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from fastgrok.data import pair_count, train_size
+    from fastgrok.population import memory_budget, population_bytes
+
+    hypers, pairs = grid.models(), pair_count(settings.op, settings.p)
+    steps = len(hypers) * settings.steps
+    console = Console(width=max(100, Console().width))
+    console.print(f"Plan, nothing trained (--dry-run): {_models(len(hypers))} ({grid.describe()}) on {dev} "
+                  f"({engine.name}), p {settings.p}, op {settings.op}, {settings.steps} steps, {settings.batching}: "
+                  f"{steps:,} model-steps" + (f" -> {out}" if out is not None else ""), soft_wrap=True)
+    table = Table(title=f"{len(populations)} population(s), trained one after another")
+    for c in ("population", "width", "models", "training set", "planned memory"):
+        table.add_column(c, justify="right")
+    for k, ids in enumerate(populations):
+        width = hypers[ids[0]].width
+        sizes = [train_size(pairs, hypers[i].alpha) for i in ids]
+        memory = population_bytes(settings, width, max(sizes), pairs, len(ids), engine.name,
+                                  any(hypers[i].dropout > 0 for i in ids))
+        span = f"{min(sizes):,}" if min(sizes) == max(sizes) else f"{min(sizes):,}-{max(sizes):,}"
+        table.add_row(str(k), str(width), f"{len(ids):,}", span, _size(memory))
+    console.print(table)
+    share = "80% of its free memory" if dev.type == "cuda" else "half the available host memory"
+    console.print(f"A population may take {_size(memory_budget(dev))} of this {dev.type} device ({share}).")
+
+
+def _size(nbytes: int) -> str:
+    """Bytes in the largest binary unit that leaves a whole part: 3.2 GiB, 940.5 MiB, 12.0 KiB."""
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if nbytes >= 1 << shift:
+            return f"{nbytes / (1 << shift):,.1f} {unit}"
+    return f"{nbytes} B"
 
 
 def _resume(run_dir: Path, dev, backend, precision) -> None:

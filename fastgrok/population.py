@@ -358,19 +358,26 @@ def pair_eval_bytes(width: int, p: int, backend: str = "torch") -> int:
     return 6 * 8 + 3 * 4 + 8 + 4 if backend.startswith("triton") else torch_eval_bytes(width, p)
 
 
-def models_that_fit(settings: Settings, width: int, d_max: int, num_pairs: int, device: torch.device, budget: int,
-                    backend: str = "torch", dropout: bool = False) -> int:
-    """How many models of this width one population can hold in `budget` bytes, next to the evaluation of one
-    model on all pairs; ConfigError if not even one fits."""
+def population_bytes(settings: Settings, width: int, d_max: int, num_pairs: int, models: int, backend: str = "torch",
+                     dropout: bool = False) -> int:
+    """Device memory of a population of `models` models of this width and largest training set, next to the
+    evaluation of one model on all pairs."""
     need = bytes_per_model(settings.p, width, d_max, num_pairs, backend, settings.batch_size, settings.batchnorm,
                            dropout)
-    evaluation = num_pairs * pair_eval_bytes(width, settings.p, backend)
-    if need + evaluation > budget:
+    return models * need + num_pairs * pair_eval_bytes(width, settings.p, backend)
+
+
+def models_that_fit(settings: Settings, width: int, d_max: int, num_pairs: int, device: torch.device, budget: int,
+                    backend: str = "torch", dropout: bool = False) -> int:
+    """How many models of this width one population can hold in `budget` bytes (population_bytes); ConfigError
+    if not even one fits."""
+    evaluation, one = (population_bytes(settings, width, d_max, num_pairs, k, backend, dropout) for k in (0, 1))
+    if one > budget:
         raise ConfigError(
-            f"one model of width {width} (p {settings.p}) needs about {(need + evaluation) / 2**30:,.1f} GiB, more "
+            f"one model of width {width} (p {settings.p}) needs about {one / 2**30:,.1f} GiB, more "
             f"than the {budget / 2**30:.1f} GiB this {device.type} device can give a population"
         )
-    return (budget - evaluation) // need
+    return (budget - evaluation) // (one - evaluation)
 
 
 def memory_budget(device: torch.device) -> int:

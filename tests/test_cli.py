@@ -59,6 +59,27 @@ def test_the_summary_table_says_when_each_model_first_reached_90_percent_test_ac
     assert [line.split("│")[-3].strip() for line in lines] == ["1,200", "-", "12,000", "-"]
 
 
+def test_a_dry_run_prints_the_plan_a_run_then_follows_and_writes_nothing(tmp_path, monkeypatch):
+    from fastgrok.population import bytes_per_model
+
+    one = bytes_per_model(11, 12, int(0.6 * 121), 121)  # a model of the wider population with the larger set
+    monkeypatch.setattr("fastgrok.population.memory_budget", lambda device: 5 * one)  # the planner splits
+    monkeypatch.chdir(tmp_path)
+    grid = [*SMALL, "--width", "8,12", "--xi", "0:0.5:6", "--alpha", "0.3,0.6"]
+    result = run(*grid, "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert not any(tmp_path.iterdir())  # no runs/ directory, nothing written
+    assert "24 models" in result.output and "720 model-steps" in result.output
+    rows = [[c.strip() for c in line.split("│")[1:-1]] for line in result.output.splitlines() if line.startswith("│")]
+    assert [r[1] for r in rows].count("8") >= 1 and sum(int(r[2]) for r in rows) == 24
+    units = {"GiB": 2**30, "MiB": 2**20, "KiB": 2**10}
+    assert all(float(r[4].split()[0]) * units[r[4].split()[1]] <= 5 * one * 1.001 for r in rows)  # within the budget
+    assert run(*grid, "--out", tmp_path / "run").exit_code == 0
+    assert read_config(tmp_path / "run")["populations"] == [int(r[2]) for r in rows]  # the plan shown is the plan run
+    result = runner.invoke(app, ["train", "--resume", str(tmp_path / "run"), "--dry-run"])
+    assert result.exit_code == 2 and "--dry-run plans a new run" in result.output
+
+
 def test_train_writes_a_complete_run_directory(tmp_path):
     out = tmp_path / "run"
     result = run(*SMALL, "--xi", "0,0.3", "--wd", "0,1", "--out", out)

@@ -86,10 +86,15 @@ def _grads(U, V, W, m, n, y, valid, D, mask, act: str, loss: str, bn=None):
     return losses, dU, dV, dW, dgamma, dbeta, mean.squeeze(1), unbiased.squeeze(1)
 
 
-# On a CPU, glibc returns allocations above 32 MB to the OS at every free, and touching fresh pages costs more
-# than the arithmetic (2 cores, 16 models of N 500: 30 model-steps/s in one batch, 49 in chunks of this size).
-# So the CPU path works through models in chunks whose (D, N) activations stay under it.
-CPU_CHUNK_BYTES = 24 << 20
+# On a CPU the step is bound by memory traffic, not arithmetic: the path below works through the population in
+# pieces whose (examples, N) activations take at most this many bytes, so that the few such tensors a pass holds
+# stay in the last-level cache: chunks of models, and a model whose own activations are larger in spans of its
+# examples (their losses and gradients summed). bench/cpu_chunks.py times sizes side by side; on the 2-core
+# development machine (AMD EPYC, 32 MB L3; bench/results/cpu-2core-chunks.json and a repeat) 4 MiB against the
+# 24 MiB used before: the cpu-demo population 1.95-1.98x (1,012 against 519 model-steps/s), 16 models of p 97,
+# N 128 2.1-2.2x, 16 of N 500 1.2-1.6x, one model of N 500 (in spans) 1.03-1.06x (1.4x in a third run); no other
+# size was faster beyond the noise (about 10%), and spans also bound the memory of one wide model.
+CPU_CHUNK_BYTES = 4 << 20
 
 
 def finite_models(t: torch.Tensor) -> torch.Tensor:
@@ -135,19 +140,27 @@ class TorchBackend:
         m, n, y, valid, D = pop.batch()
         B, d_max = m.shape
         counts = pop.batch_counts
-        chunk = B
+        chunk, span = B, d_max
         if pop.device.type == "cpu":
-            chunk = max(1, CPU_CHUNK_BYTES // (4 * d_max * max(pop.width, s.p)))
+            row = 4 * max(pop.width, s.p)  # bytes of one example's activations
+            chunk = max(1, CPU_CHUNK_BYTES // (row * d_max))
+            if not pop.batchnorm:  # BatchNorm's statistics need all of a step's examples in one pass
+                span = max(16, CPU_CHUNK_BYTES // row)
         parts = []
         for lo in range(0, B, chunk):
             # a chunk's examples stop at its largest training set (with alpha varying, the padding of small
             # training sets up to the population's largest would be most of the work); its dropout masks are
             # drawn here, never (B, Dmax, N) at once
             sl, d = slice(lo, lo + chunk), int(counts[lo : lo + chunk].max())
-            ex = (sl, slice(0, d))
             bn = (pop.bn_weight[sl], pop.bn_bias[sl]) if pop.batchnorm else None
-            parts.append(self.grads(pop.U[sl], pop.V[sl], pop.W[sl], m[ex], n[ex], y[ex], valid[ex], D[sl],
-                                    pop.dropout_masks(sl, d), s.act, s.loss, bn))
+            masks = pop.dropout_masks(sl, d)
+            part = None
+            for start in range(0, d, span):  # losses (means over D, not over the span) and gradients add up
+                ex = (sl, slice(start, min(start + span, d)))
+                terms = self.grads(pop.U[sl], pop.V[sl], pop.W[sl], m[ex], n[ex], y[ex], valid[ex], D[sl],
+                                   None if masks is None else masks[:, ex[1]], s.act, s.loss, bn)
+                part = terms if part is None else [a.add_(t) for a, t in zip(part, terms)]
+            parts.append(part)
         losses, *rest = (torch.cat(t) for t in zip(*parts)) if len(parts) > 1 else parts[0]
         grads, stats = rest[: len(pop.optimized)], rest[len(pop.optimized) :]
         losses = _finish_step(pop, losses, grads, optim.step_)

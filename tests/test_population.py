@@ -195,14 +195,15 @@ def test_together_equals_alone(settings):
 
 def test_cpu_chunks_cut_to_their_own_training_sets_change_nothing(monkeypatch):
     """On a CPU the torch backend steps chunks of models, each only up to its largest training set and drawing
-    only its own dropout masks (model 2 has dropout): the same result as one chunk."""
+    only its own dropout masks (model 2 has dropout), in spans of examples whose losses and gradients add up: the
+    same result as one chunk in one pass."""
     import fastgrok.backends
 
     settings = Settings(p=P)
     hypers = mixed_hypers()
     assert len({h.alpha for h in hypers}) > 1
     whole = train(Population(hypers, settings), 10)
-    monkeypatch.setattr(fastgrok.backends, "CPU_CHUNK_BYTES", 1)  # one model per chunk
+    monkeypatch.setattr(fastgrok.backends, "CPU_CHUNK_BYTES", 1)  # one model per chunk, spans of 16 examples
     chunked = train(Population(hypers, settings), 10)
     for name in ("U", "V", "W"):
         assert_close(f"{name}, one model per chunk", getattr(chunked, name), getattr(whole, name), atol=1e-6, rtol=1e-6)

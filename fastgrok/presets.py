@@ -18,7 +18,7 @@ PRESETS = {
         axes={"xi": "0:0.6:13", "wd": "0,5,15"},
     ),
     "cpu-demo": Preset(
-        "the xi x wd panel shrunk to finish in 1.5-2.5 minutes on 2 CPU cores (p 47, N 128 instead of p 97, "
+        "the xi x wd panel shrunk to train in about 1.5 minutes on 2 CPU cores (p 47, N 128 instead of p 97, "
         "N 500): 13 xi x 3 weight decays = 39 models, 2000 steps",
         axes={"xi": "0:0.6:13", "wd": "0,5,15", "width": "128"},
         settings={"p": 47},

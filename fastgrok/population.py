@@ -253,11 +253,11 @@ class Population:
         is empty (corrupted_acc of a model with xi = 0).
 
         `engine` (a backend; default torch) runs the forward pass for chunks of models whose working memory,
-        engine.eval_bytes(width, p) per example, fits `max_bytes` (default: 2 GiB on a GPU, 256 MiB on a CPU).
+        engine.eval_bytes(width, p) per example, fits `max_bytes` (default: 2 GiB on a GPU, CPU_EVAL_BYTES on a CPU).
         BatchNorm models evaluate with their running statistics, in torch (the kernels have no BatchNorm).
         """
         if max_bytes is None:
-            max_bytes = 1 << 31 if self.device.type == "cuda" else 1 << 28
+            max_bytes = 1 << 31 if self.device.type == "cuda" else CPU_EVAL_BYTES
         bn = self.bn_affine()
         if bn is not None:
             engine = None
@@ -292,6 +292,12 @@ class Population:
             out["corrupted_acc"].append(mean(hit, corrupted))
             out["inverted_acc"].append(mean(hit_true, corrupted))
         return {k: torch.cat(v).cpu() for k, v in out.items()}
+
+
+# A CPU evaluates chunks of models whose working memory fits its last-level cache (as backends.CPU_CHUNK_BYTES
+# for training): on the 2-core development machine (32 MB L3) 16 MiB evaluated the cpu-demo population in 50 ms
+# and 16 models of p 97, N 500 in 270 ms, against 132 and 612 ms with the 256 MiB used before (4 MiB: 64, 285).
+CPU_EVAL_BYTES = 16 << 20
 
 
 def torch_eval_bytes(width: int, p: int) -> int:

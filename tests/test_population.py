@@ -209,6 +209,38 @@ def test_cpu_chunks_cut_to_their_own_training_sets_change_nothing(monkeypatch):
         assert_close(f"{name}, one model per chunk", getattr(chunked, name), getattr(whole, name), atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("name", ["adamw", "adam", "sgd"])
+def test_the_optimizer_leaves_a_frozen_model_exactly_as_it_was_and_moves_the_others_as_alone(name):
+    """optim.step_ updates in place, then puts back the models whose `active` flag is off: their parameters and
+    moments are bit for bit what they were (even with NaN gradients), and every other model's are bit for bit
+    what a step without the frozen one gives."""
+    from fastgrok import optim
+
+    gen = torch.Generator().manual_seed(0)
+    B, shape = 3, (5, 4)
+    hyper = {k: torch.tensor(v) for k, v in dict(lr=[1e-2, 3e-3, 2e-2], wd=[1.0, 0.0, 5.0], beta1=[0.9] * 3,
+                                                 beta2=[0.98, 0.99, 0.98], eps=[1e-8] * 3).items()}
+    start = [torch.randn(B, *shape, generator=gen) for _ in range(3)]  # param, exp_avg, exp_avg_sq (abs below)
+    grads = [torch.randn(B, *shape, generator=gen) for _ in range(3)]
+    grads[0][1] = float("nan")  # model 1 diverged
+
+    def run(models, active):
+        param, m, v = (t[models].clone() for t in start)
+        v.abs_()
+        for step in (1, 2, 3):
+            optim.step_(name, [param], [grads[step - 1][models]], [m], [v], step,
+                        *(hyper[k][models] for k in ("lr", "wd", "beta1", "beta2", "eps")), active=active)
+        return param, m, v
+
+    together = run([0, 1, 2], torch.tensor([True, False, True]))
+    alone = run([0, 2], torch.tensor([True, True]))
+    before = (start[0][1], start[1][1], start[2][1].abs())
+    for got, was in zip(together if name != "sgd" else together[:1], before):
+        assert torch.equal(got[1], was)
+    for got, want in zip(together, alone):
+        assert torch.equal(got[[0, 2]], want)
+
+
 def test_a_diverging_model_is_frozen_and_leaves_its_neighbours_alone():
     settings = Settings(p=P)
     hypers = mixed_hypers()

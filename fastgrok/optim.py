@@ -50,10 +50,10 @@ def step_(name: str, params, grads, exp_avgs, exp_avg_sqs, step: int, lr, wd, be
     for i, (param, grad) in enumerate(zip(params, grads)):
         col = lambda key: _col(c[key], param)  # noqa: E731
         state = (param,) if name == "sgd" else (param, exp_avgs[i], exp_avg_sqs[i])
-        # frozen models' rows are put back after the update: on a CPU 1.8-5x faster than computing every value out
-        # of place and selecting with torch.where (1.4-4 against 7-7.5 ms a step of the cpu-demo population's
-        # optimizer, bit-identical, on the shared 2-core machine);
-        # on a GPU finding them costs a host sync a step (the Triton backend has an optimizer kernel of its own)
+        # Frozen models' rows are put back after the update. On a CPU that is 1.8-5x faster than computing every
+        # value out of place and selecting with torch.where (the cpu-demo population's optimizer step: 1.4-4
+        # against 7-7.5 ms on the shared 2-core machine; bit-identical). On a GPU, finding them costs a host sync
+        # a step (the Triton backend has an optimizer kernel of its own).
         kept = [t[frozen] for t in state] if len(frozen) else None
         if name != "adamw":
             grad = grad + col("l2") * param

@@ -198,11 +198,11 @@ class Population:
         return {**{k: getattr(self, k) for k in names}, "model": torch.tensor(self.model_ids)}
 
     @torch.no_grad()
-    def load_weights(self, weights: dict[str, torch.Tensor], index: torch.Tensor | None = None) -> None:
-        """Copy saved weights (rows `index` of them; default all) into this population."""
+    def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        """Copy saved weights (results.read_weights, one row per model of this population) into it."""
         for name in self.weights():
             if name != "model":
-                getattr(self, name).copy_(weights[name] if index is None else weights[name][index])
+                getattr(self, name).copy_(weights[name])
 
     def state(self) -> dict[str, torch.Tensor]:
         """What continuing training needs, all of one step: weights(), Adam moments, step, diverged flags,

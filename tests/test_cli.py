@@ -9,6 +9,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from fastgrok import reference
 from fastgrok.backends import TorchBackend
 from fastgrok.cli import app
 from fastgrok.population import METRICS, Population
@@ -233,6 +234,11 @@ def test_the_readme_python_example_runs_as_written(tmp_path, monkeypatch):
     assert {r["phase"] for r in run.rows if r["xi"] == 0 and r["wd"] == 5} == {"coexistence"}
     assert (tmp_path / "runs/python/phase-wd-vs-xi.png").is_file()
     assert (tmp_path / "runs/python/inverted_acc-wd-vs-xi.png").is_file()
+    pop, mlp = scope["pop"], scope["mlp"]  # model 2 rebuilt: its metrics are models.csv's, its module is reference.py's
+    assert pop.model_ids == [2] and float(pop.evaluate()["test_acc"][0]) == pytest.approx(run.rows[2]["test_acc"]) == 1.0
+    assert isinstance(mlp, reference.MLP) and torch.equal(mlp.U.detach(), pop.U[0].T)
+    m, n, z = pop.pairs
+    assert (mlp(m, n).argmax(-1) == z).float().mean() > 0.95  # a generalising model: right on (nearly) every pair
 
 
 def test_grid_of_reads_python_values_as_the_command_line_reads_its_options():

@@ -285,6 +285,7 @@ def _models(n: int) -> str:
 
 def _print_summary(run, grid, console) -> None:
     from collections import Counter
+    from statistics import median
 
     from rich.table import Table
 
@@ -292,23 +293,29 @@ def _print_summary(run, grid, console) -> None:
     from fastgrok.phases import PHASES
 
     varying = [a for a, v in grid.axes.items() if len(v) > 1]
+    # the first logged step at 90% test accuracy (models.csv's test90_step): blank in a new row when never reached,
+    # NaN when read back from models.csv (a resumed run), missing in a run from before the column
+    reached = {r["model"]: int(r["test90_step"]) for r in run.rows if r.get("test90_step", "") not in ("", None)
+               and r["test90_step"] == r["test90_step"]}
     if len(run.rows) <= 40:
         table = Table(title=_models(len(run.rows)))
         for c in ("model", *varying, "train", "test", "clean", "memorised", "inverted", "test 90%\nat step", "phase"):
             table.add_column(c, justify="right" if c != "phase" else "left", no_wrap=True)
         for r in run.rows:
             acc = [f"{r[k]:.3f}" if r[k] == r[k] else "-" for k in ("train_acc", "test_acc", "clean_acc", "corrupted_acc", "inverted_acc")]
-            grokked = r.get("test90_step", "")  # blank in a new row, NaN read back from models.csv: never
-            grokked = f"{int(grokked):,}" if grokked != "" and grokked == grokked else "-"
-            table.add_row(str(r["model"]), *(f"{r[a]:g}" for a in varying), *acc, grokked, r["phase"])
+            step = reached.get(r["model"])
+            table.add_row(str(r["model"]), *(f"{r[a]:g}" for a in varying), *acc,
+                          f"{step:,}" if step is not None else "-", r["phase"])
     else:
         counts = Counter(r["phase"] for r in run.rows)
         table = Table(title=f"{len(run.rows):,} models by phase")
-        table.add_column("phase")
-        table.add_column("models", justify="right")
+        for c in ("phase", "models", "reached 90% test", "at step (median)"):
+            table.add_column(c, justify="left" if c == "phase" else "right")
         for name in (*PHASES, "diverged"):
             if counts.get(name):
-                table.add_row(name, f"{counts[name]:,}")
+                steps = [reached[r["model"]] for r in run.rows if r["phase"] == name and r["model"] in reached]
+                table.add_row(name, f"{counts[name]:,}", f"{len(steps):,}",
+                              f"{median(steps):,.0f}" if steps else "-")
     console.print(table)
     console.print(f"{run.model_steps:,} {plural('model-step', run.model_steps)} in {run.seconds:.1f} s "
                   f"({_rate(run.model_steps / max(run.seconds, 1e-9))} model-steps/s). Results: {run.out}",

@@ -58,6 +58,15 @@ def test_the_summary_table_says_when_each_model_first_reached_90_percent_test_ac
     _print_summary(Run(Path("r"), rows, "complete", 1.0, 4), Grid.parse({"xi": "0,0.1,0.2,0.3"}), console)
     lines = [line for line in console.export_text().splitlines() if "forgetting" in line]
     assert [line.split("│")[-3].strip() for line in lines] == ["1,200", "-", "12,000", "-"]
+    # above 40 models, a row per phase: how many of its models reached 90% test accuracy, and the median step
+    rows = [dict(rows[i % 4], model=i, xi=0.0, phase="forgetting" if i < 40 else "coexistence") for i in range(44)]
+    for r in rows[40:]:
+        r["test90_step"] = 300
+    console = Console(width=100, record=True)
+    _print_summary(Run(Path("r"), rows, "complete", 1.0, 44), Grid.parse({"xi": "0"}), console)
+    cells = {line.split("│")[1].strip(): [c.strip() for c in line.split("│")[2:-1]]
+             for line in console.export_text().splitlines() if line.count("│") == 5}
+    assert cells == {"coexistence": ["4", "4", "300"], "forgetting": ["40", "20", "6,600"]}  # median of 1,200, 12,000
 
 
 def test_a_dry_run_prints_the_plan_a_run_then_follows_and_writes_nothing(tmp_path, monkeypatch):

@@ -193,18 +193,21 @@ def test_together_equals_alone(settings):
             assert_close(f"{name}[{b}] together vs alone", getattr(together, name)[b], getattr(alone, name)[0], atol=1e-6, rtol=1e-6)
 
 
-def test_cpu_chunks_cut_to_their_own_training_sets_change_nothing(monkeypatch):
+@pytest.mark.parametrize("act, loss", [("quad", "mse"), ("relu", "ce")])
+def test_cpu_chunks_cut_to_their_own_training_sets_change_nothing(monkeypatch, act, loss):
     """On a CPU the torch backend steps chunks of models, each only up to its largest training set and drawing
     only its own dropout masks (model 2 has dropout), in spans of examples whose losses and gradients add up: the
     same result as one chunk in one pass."""
     import fastgrok.backends
 
-    settings = Settings(p=P)
+    settings = Settings(p=P, act=act, loss=loss)
     hypers = mixed_hypers()
     assert len({h.alpha for h in hypers}) > 1
     whole = train(Population(hypers, settings), 10)
+    whole_loss = TorchBackend().step(whole)  # the 11th step's losses
     monkeypatch.setattr(fastgrok.backends, "CPU_CHUNK_BYTES", 1)  # one model per chunk, spans of 16 examples
     chunked = train(Population(hypers, settings), 10)
+    assert_close("losses, one model per chunk", TorchBackend().step(chunked), whole_loss, atol=1e-6, rtol=1e-6)
     for name in ("U", "V", "W"):
         assert_close(f"{name}, one model per chunk", getattr(chunked, name), getattr(whole, name), atol=1e-6, rtol=1e-6)
 

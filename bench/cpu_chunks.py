@@ -1,4 +1,4 @@
-"""The torch backend's CPU working-set size (fastgrok.backends.CPU_CHUNK_BYTES) side by side, in one run.
+"""The torch backend's CPU working-set size (fastgrok.population.CPU_CHUNK_BYTES) side by side, in one run.
 
 On a CPU the step walks the population in chunks of models, and a large model in spans of its examples, so that
 a pass's (examples, N) activations take at most CPU_CHUNK_BYTES. This times full training steps (forward,
@@ -17,9 +17,9 @@ import time
 import torch
 
 import fastgrok.backends as backends
+import fastgrok.population as population
 from fastgrok.results import device_name, versions
 from fastgrok.config import Hyper, Settings
-from fastgrok.population import Population
 
 CASES = {
     "cpu-demo: p 47, N 128, 39 models": (Settings(p=47), [Hyper(width=128, xi=x / 20, wd=w) for x in range(13)
@@ -46,23 +46,23 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="steps per timed block")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    default = backends.CPU_CHUNK_BYTES
+    default = population.CPU_CHUNK_BYTES
     results = {}
     for name, (settings, hypers) in CASES.items():
-        pop = Population(hypers, settings, "cpu")
+        pop = population.Population(hypers, settings, "cpu")
         engine = backends.TorchBackend()
         engine.step(pop)
         best = dict.fromkeys(SIZES_MIB, float("inf"))
         for _ in range(args.repeats):
             for mib in SIZES_MIB:
-                backends.CPU_CHUNK_BYTES = mib << 20
+                population.CPU_CHUNK_BYTES = mib << 20
                 start = time.perf_counter()
                 for _ in range(args.steps):
                     engine.step(pop)
                 best[mib] = min(best[mib], (time.perf_counter() - start) / args.steps)
         results[name] = {f"{mib} MiB": round(len(hypers) / seconds, 1) for mib, seconds in best.items()}
         print(f"{name}: model-steps/s " + ", ".join(f"{k} {v}" for k, v in results[name].items()), flush=True)
-    backends.CPU_CHUNK_BYTES = default
+    population.CPU_CHUNK_BYTES = default
     if args.out:
         record = {"date": time.strftime("%Y-%m-%d"), "device": device_name(torch.device("cpu")), "cpu": cpu_model(),
                   "versions": versions(), "default_mib": default >> 20, "repeats": args.repeats,

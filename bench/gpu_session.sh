@@ -19,7 +19,7 @@
 # (a machine stays warm only 30 s after a call; a fresh one took about 30 s to start on 2026-11-22).
 # Measured 2026-11-22 on an H100 (bench/results/h100-2026-11-22): tests 110 s, sweep 95 s, precision 95 s,
 # profile 30 s, e2e 140 s, dropout 285 s, bench over 320 s for N 512 and 128 alone (WIDTHS=2048 for the rest).
-# Owed next (sessions 6-20 had no GPU), in three calls that fit the 30 minutes (bench/NOTES.md "Next"):
+# Owed next (sessions 6-21 had no GPU), in three calls that fit the 30 minutes (bench/NOTES.md "Next"):
 #   1. bash bench/gpu_session.sh tests:230 profile:120 precision:150; DROPOUT=0.2 WIDTHS=500 bash bench/gpu_session.sh profile:60
 #   2. bash bench/gpu_session.sh sweep:590        (then set the defaults from its summary, commit)
 #   3. bash bench/gpu_session.sh e2e:180 dropout:300 and, if time is left, bench with WIDTHS=512,128,2048

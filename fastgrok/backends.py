@@ -25,7 +25,7 @@ import torch
 
 from fastgrok import optim, reference
 from fastgrok.errors import ConfigError
-from fastgrok.population import (BN_EPS, Population, flat_rows, pair_eval_bytes, pre_activation,
+from fastgrok.population import (BN_EPS, Population, cpu_pieces, flat_rows, pair_eval_bytes, pre_activation,
                                  torch_eval_bytes, torch_outputs)
 
 
@@ -86,17 +86,6 @@ def _grads(U, V, W, m, n, y, valid, D, mask, act: str, loss: str, bn=None):
     return losses, dU, dV, dW, dgamma, dbeta, mean.squeeze(1), unbiased.squeeze(1)
 
 
-# On a CPU the step is bound by memory traffic, not arithmetic: the path below works through the population in
-# pieces whose (examples, N) activations take at most this many bytes, so that the few such tensors a pass holds
-# stay in the last-level cache: chunks of models, and a model whose own activations are larger in spans of its
-# examples (their losses and gradients summed). bench/cpu_chunks.py times sizes side by side; on the 2-core
-# development machine (AMD EPYC, 32 MB L3; bench/results/cpu-2core-chunks.json and a repeat) 4 MiB against the
-# 24 MiB used before: the cpu-demo population 1.95-1.98x (1,012 against 519 model-steps/s), 16 models of p 97,
-# N 128 2.1-2.2x, 16 of N 500 1.2-1.6x, one model of N 500 (in spans) 1.03-1.06x (1.4x in a third run); no other
-# size was faster beyond the noise (about 10%), and spans also bound the memory of one wide model.
-CPU_CHUNK_BYTES = 4 << 20
-
-
 def finite_models(t: torch.Tensor) -> torch.Tensor:
     """(B,) whether each model's slice of t (B, ...) holds no NaN or inf. Its largest |x| is finite exactly
     then (the max carries NaN and inf through): one read of t, where isfinite(t).all() writes a mask as
@@ -140,13 +129,8 @@ class TorchBackend:
         m, n, y, valid, D = pop.batch()
         B, d_max = m.shape
         counts = pop.batch_counts
-        chunk, span = B, d_max
-        if pop.device.type == "cpu":
-            row = 4 * max(pop.width, s.p)  # bytes of one example's activations
-            chunk = max(1, CPU_CHUNK_BYTES // (row * d_max))
-            if not pop.batchnorm:  # BatchNorm's statistics need all of a step's examples in one pass
-                span = max(16, CPU_CHUNK_BYTES // row)
-        parts = []
+        chunk, span = cpu_pieces(d_max, pop.width, s.p, pop.batchnorm) if pop.device.type == "cpu" else (B, d_max)
+        results = None
         for lo in range(0, B, chunk):
             # a chunk's examples stop at its largest training set (with alpha varying, the padding of small
             # training sets up to the population's largest would be most of the work); its dropout masks are
@@ -160,8 +144,13 @@ class TorchBackend:
                 terms = self.grads(pop.U[sl], pop.V[sl], pop.W[sl], m[ex], n[ex], y[ex], valid[ex], D[sl],
                                    None if masks is None else masks[:, ex[1]], s.act, s.loss, bn)
                 part = terms if part is None else [a.add_(t) for a, t in zip(part, terms)]
-            parts.append(part)
-        losses, *rest = (torch.cat(t) for t in zip(*parts)) if len(parts) > 1 else parts[0]
+            if chunk >= B:
+                results = part
+            else:  # into the population's tensors as they come, never a second copy of every gradient
+                results = results or [t.new_empty((B, *t.shape[1:])) for t in part]
+                for whole, t in zip(results, part):
+                    whole[sl] = t
+        losses, *rest = results
         grads, stats = rest[: len(pop.optimized)], rest[len(pop.optimized) :]
         losses = _finish_step(pop, losses, grads, optim.step_)
         if stats:

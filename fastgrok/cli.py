@@ -174,7 +174,7 @@ def _print_plan(grid, settings, dev, engine, populations, out) -> None:
         width = hypers[ids[0]].width
         sizes = [train_size(pairs, hypers[i].alpha) for i in ids]
         memory = population_bytes(settings, width, max(sizes), pairs, len(ids), engine.name,
-                                  any(hypers[i].dropout > 0 for i in ids))
+                                  any(hypers[i].dropout > 0 for i in ids), dev)
         span = f"{min(sizes):,}" if min(sizes) == max(sizes) else f"{min(sizes):,}-{max(sizes):,}"
         table.add_row(str(k), str(width), f"{len(ids):,}", span, _size(memory))
     console.print(table)
@@ -523,6 +523,7 @@ def phase(
            ["phase", "cells"], [[p, n] for p, n in counts.most_common()])
     typer.echo(f"wrote {run / f'phase-{y}-vs-{x}.png'} and .csv")
     _note_unfinished(run)
+
 
 
 @app.command()

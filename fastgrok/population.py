@@ -25,6 +25,10 @@ METRICS = ("train_loss", "test_loss", "train_acc", "test_acc", "clean_acc", "cor
 BN_PARAMS = ("bn_weight", "bn_bias")         # trained, like U, V, W
 BN_BUFFERS = ("running_mean", "running_var")  # BatchNorm1d's running statistics
 BN_EPS, BN_MOMENTUM = 1e-5, 0.1               # BatchNorm1d's defaults
+# each metric of Population.evaluate: (the per-example value it averages, the examples it averages over)
+_METRIC_PARTS = {"train_loss": ("loss", "train"), "test_loss": ("loss", "test"), "train_acc": ("hit", "train"),
+                 "test_acc": ("hit", "test"), "clean_acc": ("hit", "clean"), "corrupted_acc": ("hit", "corrupted"),
+                 "inverted_acc": ("hit_true", "corrupted")}
 
 
 def flat_rows(idx: torch.Tensor, p: int) -> torch.Tensor:
@@ -253,11 +257,11 @@ class Population:
         is empty (corrupted_acc of a model with xi = 0).
 
         `engine` (a backend; default torch) runs the forward pass for chunks of models whose working memory,
-        engine.eval_bytes(width, p) per example, fits `max_bytes` (default: 2 GiB on a GPU, CPU_EVAL_BYTES on a CPU).
-        BatchNorm models evaluate with their running statistics, in torch (the kernels have no BatchNorm).
+        engine.eval_bytes(width, p) per example, fits `max_bytes` (default: eval_limit(device)); a model whose
+        own evaluation does not fit goes through its pairs in spans that do. BatchNorm models evaluate with
+        their running statistics, in torch (the kernels have no BatchNorm).
         """
-        if max_bytes is None:
-            max_bytes = 1 << 31 if self.device.type == "cuda" else CPU_EVAL_BYTES
+        max_bytes = eval_limit(self.device) if max_bytes is None else max_bytes
         bn = self.bn_affine()
         if bn is not None:
             engine = None
@@ -266,38 +270,68 @@ class Population:
         m_all, n_all, z_all = self.pairs
         P, B, d_max = z_all.numel(), len(self), self.train_y.shape[1]
         chunk = max(1, min(B, max_bytes // (P * per_example)))
-        slot = torch.arange(P, device=self.device)
+        span = P if chunk > 1 else max(1, min(P, max_bytes // per_example))
+        # per model: (sum, count) of each metric's values over its subset of the pairs, added up span by span
         out = {k: [] for k in METRICS}
         for lo in range(0, B, chunk):
             sl = slice(lo, min(B, lo + chunk))
-            perm = self.perm[sl]
-            true = z_all[perm]  # (bc, P) in the model's order: training slots first
-            labels = true.clone()  # as trained on: corrupted labels on the training slots
-            labels[:, :d_max] = torch.where(self.valid[sl], self.train_y[sl], true[:, :d_max])
-            args = (self.U[sl], self.V[sl], self.W[sl], m_all[perm], n_all[perm], labels, self.settings.act,
-                    self.settings.loss)
-            pred, loss = outputs(*args) if bn is None else outputs(*args, bn=(bn[0][sl], bn[1][sl]))
             D, c = self.D[sl].to(self.device)[:, None], self.n_corrupt[sl].to(self.device)[:, None]
-            train, corrupted = slot < D, slot < c
-            hit, hit_true = pred == labels, pred == true
-
-            def mean(values, where):
-                return torch.where(where, values.double(), 0.0).sum(1) / where.sum(1)  # NaN (0/0) if empty
-
-            out["train_loss"].append(mean(loss, train))
-            out["test_loss"].append(mean(loss, ~train))
-            out["train_acc"].append(mean(hit, train))
-            out["test_acc"].append(mean(hit, ~train))
-            out["clean_acc"].append(mean(hit, train & ~corrupted))
-            out["corrupted_acc"].append(mean(hit, corrupted))
-            out["inverted_acc"].append(mean(hit_true, corrupted))
+            sums = dict.fromkeys(METRICS, 0)  # per model, over each metric's subset, added up span by span
+            counts = dict.fromkeys(("train", "test", "clean", "corrupted"), 0)
+            for start in range(0, P, span):
+                stop = min(P, start + span)
+                perm = self.perm[sl, start:stop]  # the model's slots in its order: training slots first
+                true = z_all[perm]
+                labels = true.clone()  # as trained on: corrupted labels on the training slots
+                t = max(0, min(stop, d_max) - start)
+                labels[:, :t] = torch.where(self.valid[sl, start : start + t], self.train_y[sl, start : start + t],
+                                            true[:, :t])
+                args = (self.U[sl], self.V[sl], self.W[sl], m_all[perm], n_all[perm], labels, self.settings.act,
+                        self.settings.loss)
+                pred, loss = outputs(*args) if bn is None else outputs(*args, bn=(bn[0][sl], bn[1][sl]))
+                slot = torch.arange(start, stop, device=self.device)
+                train, corrupted = slot < D, slot < c
+                where = {"train": train, "test": ~train, "clean": train & ~corrupted, "corrupted": corrupted}
+                values = {"loss": loss.double(), "hit": pred == labels, "hit_true": pred == true}
+                for k, (value, subset) in _METRIC_PARTS.items():
+                    v, w = values[value], where[subset]
+                    sums[k] = sums[k] + (torch.where(w, v, 0.0) if v.is_floating_point() else v & w).sum(1)
+                for subset, w in where.items():
+                    counts[subset] = counts[subset] + w.sum(1)
+            for k, (_, subset) in _METRIC_PARTS.items():
+                out[k].append(sums[k].double() / counts[subset])  # NaN (0/0) where the subset is empty
         return {k: torch.cat(v).cpu() for k, v in out.items()}
 
 
-# A CPU evaluates chunks of models whose working memory fits its last-level cache (as backends.CPU_CHUNK_BYTES
+# A CPU evaluates chunks of models whose working memory fits its last-level cache (as CPU_CHUNK_BYTES
 # for training): on the 2-core development machine (32 MB L3) 16 MiB evaluated the cpu-demo population in 50 ms
 # and 16 models of p 97, N 500 in 270 ms, against 132 and 612 ms with the 256 MiB used before (4 MiB: 64, 285).
 CPU_EVAL_BYTES = 16 << 20
+
+
+def eval_limit(device: torch.device | str) -> int:
+    """Bytes Population.evaluate works in at once: 2 GiB on a GPU, CPU_EVAL_BYTES on a CPU."""
+    return CPU_EVAL_BYTES if torch.device(device).type == "cpu" else 1 << 31
+
+
+# On a CPU the step is bound by memory traffic, not arithmetic: the torch backend works through a population in
+# pieces whose (examples, N) activations take at most this many bytes, so that the few such tensors a pass holds
+# stay in the last-level cache: chunks of models, and a model whose own activations are larger in spans of its
+# examples (their losses and gradients summed). bench/cpu_chunks.py times sizes side by side; on the 2-core
+# development machine (AMD EPYC, 32 MB L3; bench/results/cpu-2core-chunks.json and a repeat) 4 MiB against the
+# 24 MiB used before: the cpu-demo population 1.95-1.98x (1,012 against 519 model-steps/s), 16 models of p 97,
+# N 128 2.1-2.2x, 16 of N 500 1.2-1.6x, one model of N 500 (in spans) 1.03-1.06x (1.4x in a third run); no other
+# size was faster beyond the noise (about 10%), and spans also bound the memory of one wide model.
+CPU_CHUNK_BYTES = 4 << 20
+
+
+def cpu_pieces(d: int, width: int, p: int, batchnorm: bool = False) -> tuple[int, int]:
+    """The pieces a CPU step of the torch backend goes through: chunks of this many models, each in spans of
+    this many examples (d: the step's examples of the population's largest model)."""
+    row = 4 * max(width, p)  # bytes of one example's activations
+    chunk = max(1, CPU_CHUNK_BYTES // (row * d))
+    span = d if batchnorm else max(16, CPU_CHUNK_BYTES // row)  # BatchNorm's statistics need all examples at once
+    return chunk, span
 
 
 def torch_eval_bytes(width: int, p: int) -> int:
@@ -328,15 +362,14 @@ def bytes_per_model(p: int, width: int, d_max: int, num_pairs: int, backend: str
     """Device memory of one model in a population (fp32 parameters).
 
     Always: parameters, gradients and two Adam moments (4 x 3 p N); the data (int64 pair order, training
-    indices and labels, the valid mask). torch: the written-out backward's pre-activation, activation, mask
-    and dS with its temporary (5 d N), outputs, one-hot targets, difference, G and loss terms (5 d p). triton: G
+    indices and labels, the valid mask). torch: its step's working memory (torch_step_bytes). triton: G
     (d p', rows padded to 16 bytes), per-example losses and int32 copies of the indices in tile order (4 d), the
     forward's transposed copy of W (p N', N' = N padded to 16); G and that copy are fp32, bf16 in bf16 (backend
     "triton-bf16..."), and with dropout the step's mask bits (4 bytes per 32 neurons of an example,
     kernels/dropout.py); nothing of size d N is ever stored. d: the examples of a step (the training set or the
     batch size). Minibatches: the epoch order (int64,
-    D) and the batch's indices and labels (3 d int64). BatchNorm (torch): its weight, bias, their gradients and moments and
-    the running statistics (10 N), the normalised activation and the BatchNorm output (2 d N)."""
+    D) and the batch's indices and labels (3 d int64). BatchNorm (torch): its weight, bias, their gradients and
+    moments and the running statistics (10 N)."""
     params = 4 * 3 * p * width
     data = 8 * num_pairs + 8 * 3 * d_max + d_max + 256  # + per-model scalars (seeds, counts, hyper-parameters)
     d = d_max
@@ -351,11 +384,17 @@ def bytes_per_model(p: int, width: int, d_max: int, num_pairs: int, backend: str
         if dropout:
             work += 4 * -(-width // 32) * d
     else:
-        work = 4 * (5 * d * width + 5 * d * p)
+        work = torch_step_bytes(d, width, p, batchnorm)
     if batchnorm:
         params += 10 * width
-        work += 4 * 2 * d * width
     return 4 * params + work + data
+
+
+def torch_step_bytes(d: int, width: int, p: int, batchnorm: bool = False) -> int:
+    """Working memory of the torch backend's step on d examples (of one model or of several): the written-out
+    backward's pre-activation, activation, mask and dS with its temporary (5 d N), outputs, one-hot targets,
+    difference, G and loss terms (5 d p); BatchNorm's normalised activation and its output (2 d N)."""
+    return 4 * (5 * d * width + 5 * d * p + (2 * d * width if batchnorm else 0))
 
 
 def pair_eval_bytes(width: int, p: int, backend: str = "torch") -> int:
@@ -365,25 +404,44 @@ def pair_eval_bytes(width: int, p: int, backend: str = "torch") -> int:
 
 
 def population_bytes(settings: Settings, width: int, d_max: int, num_pairs: int, models: int, backend: str = "torch",
-                     dropout: bool = False) -> int:
-    """Device memory of a population of `models` models of this width and largest training set, next to the
-    evaluation of one model on all pairs."""
-    need = bytes_per_model(settings.p, width, d_max, num_pairs, backend, settings.batch_size, settings.batchnorm,
-                           dropout)
-    return models * need + num_pairs * pair_eval_bytes(width, settings.p, backend)
+                     dropout: bool = False, device: torch.device | str = "cuda") -> int:
+    """Device memory of a population of `models` models of this width and largest training set, beside its
+    evaluation (at most eval_limit: chunks of models, or spans of one model's pairs). On a CPU the torch
+    backend's step holds one piece of the population at a time (cpu_pieces): that piece's activations, its
+    gradients and their sum over spans, and its models' dropout masks (whole training sets), not every model's."""
+    s = settings
+    need = bytes_per_model(s.p, width, d_max, num_pairs, backend, s.batch_size, s.batchnorm, dropout)
+    shared = 0
+    if torch.device(device).type == "cpu" and not backend.startswith("triton"):
+        d = min(d_max, s.batch_size or d_max)
+        chunk, span = cpu_pieces(d, width, s.p, s.batchnorm)
+        held = min(models, chunk)
+        need -= torch_step_bytes(d, width, s.p, s.batchnorm)
+        shared = (torch_step_bytes(held * min(d, span), width, s.p, s.batchnorm) + 2 * held * 4 * 3 * s.p * width
+                  + (4 * held * d * width if dropout else 0))
+    evaluation = min(eval_limit(device), models * num_pairs * pair_eval_bytes(width, s.p, backend))
+    return models * need + shared + evaluation
 
 
 def models_that_fit(settings: Settings, width: int, d_max: int, num_pairs: int, device: torch.device, budget: int,
                     backend: str = "torch", dropout: bool = False) -> int:
-    """How many models of this width one population can hold in `budget` bytes (population_bytes); ConfigError
-    if not even one fits."""
-    evaluation, one = (population_bytes(settings, width, d_max, num_pairs, k, backend, dropout) for k in (0, 1))
-    if one > budget:
+    """The most models of this width one population can hold in `budget` bytes (population_bytes, which grows
+    with the models); ConfigError if not even one fits."""
+    def size(models: int) -> int:
+        return population_bytes(settings, width, d_max, num_pairs, models, backend, dropout, device)
+
+    if size(1) > budget:
         raise ConfigError(
-            f"one model of width {width} (p {settings.p}) needs about {one / 2**30:,.1f} GiB, more "
+            f"one model of width {width} (p {settings.p}) needs about {size(1) / 2**30:,.1f} GiB, more "
             f"than the {budget / 2**30:.1f} GiB this {device.type} device can give a population"
         )
-    return (budget - evaluation) // (one - evaluation)
+    fits, too_many = 1, 2
+    while size(too_many) <= budget:
+        fits, too_many = too_many, 2 * too_many
+    while too_many - fits > 1:
+        mid = (fits + too_many) // 2
+        fits, too_many = (mid, too_many) if size(mid) <= budget else (fits, mid)
+    return fits
 
 
 def memory_budget(device: torch.device) -> int:

@@ -198,14 +198,14 @@ def test_cpu_chunks_cut_to_their_own_training_sets_change_nothing(monkeypatch, a
     """On a CPU the torch backend steps chunks of models, each only up to its largest training set and drawing
     only its own dropout masks (model 2 has dropout), in spans of examples whose losses and gradients add up: the
     same result as one chunk in one pass."""
-    import fastgrok.backends
+    import fastgrok.population
 
     settings = Settings(p=P, act=act, loss=loss)
     hypers = mixed_hypers()
     assert len({h.alpha for h in hypers}) > 1
     whole = train(Population(hypers, settings), 10)
     whole_loss = TorchBackend().step(whole)  # the 11th step's losses
-    monkeypatch.setattr(fastgrok.backends, "CPU_CHUNK_BYTES", 1)  # one model per chunk, spans of 16 examples
+    monkeypatch.setattr(fastgrok.population, "CPU_CHUNK_BYTES", 1)  # one model per chunk, spans of 16 examples
     chunked = train(Population(hypers, settings), 10)
     assert_close("losses, one model per chunk", TorchBackend().step(chunked), whole_loss, atol=1e-6, rtol=1e-6)
     for name in ("U", "V", "W"):
@@ -310,18 +310,64 @@ def test_plan_groups_by_width_and_puts_the_largest_training_sets_first():
     """Each population holds one width, as many models as the budget allows, largest training set first (a GPU
     then starts the longest backward programs first); every model lands in exactly one population."""
     from fastgrok.data import pair_count, train_size
-    from fastgrok.population import bytes_per_model, pair_eval_bytes, plan
+    from fastgrok.population import plan, population_bytes
 
     settings = Settings(p=13)
     alphas = [0.3, 0.9, 0.1, 0.5, 0.7, 0.2]
     hypers = [Hyper(alpha=a, width=w, seed=i) for i, (a, w) in enumerate((a, w) for w in (8, 16) for a in alphas)]
     num_pairs = pair_count("add", 13)
-    need = bytes_per_model(13, 16, train_size(num_pairs, 0.9), num_pairs)
-    evaluation = num_pairs * pair_eval_bytes(16, 13)  # one model evaluated on all pairs, beside the population
-    populations = plan(hypers, settings, torch.device("cpu"), budget=4 * need + evaluation)
+    budget = population_bytes(settings, 16, train_size(num_pairs, 0.9), num_pairs, 4, device="cpu")
+    populations = plan(hypers, settings, torch.device("cpu"), budget=budget)
     assert sorted(i for ids in populations for i in ids) == list(range(len(hypers)))
+    assert [len(ids) for ids in populations][-2:] == [4, 2]  # the 16-wide models: 4 a population
     for ids in populations:
         assert len({hypers[i].width for i in ids}) == 1 and len(ids) <= 6
         sizes = [train_size(num_pairs, hypers[i].alpha) for i in ids]
         assert sizes == sorted(sizes, reverse=True)
-    assert [hypers[i].alpha for i in populations[-1]] == [0.2, 0.1]  # the 16-wide models: 4 a population
+    assert [hypers[i].alpha for i in populations[-1]] == [0.2, 0.1]
+
+
+def test_models_that_fit_is_the_most_models_within_the_budget():
+    """The planner's count for a budget is the largest k with population_bytes(k) <= budget, where
+    population_bytes grows by steps: on a CPU a wide model's activations are one piece's (cpu_pieces), shared by
+    the population, and the evaluation is capped (eval_limit)."""
+    from fastgrok.data import pair_count, train_size
+    from fastgrok.population import (bytes_per_model, eval_limit, models_that_fit, population_bytes,
+                                     torch_step_bytes)
+
+    settings, pairs = Settings(p=97), pair_count("add", 97)
+    d = train_size(pairs, 0.5)
+    for device, width in (("cpu", 4096), ("cpu", 128), ("cuda", 512)):
+        size = lambda k: population_bytes(settings, width, d, pairs, k, device=device)  # noqa: E731
+        for budget in (size(1), size(1) + 1, size(7) - 1, size(7), 3 * size(100) // 2):
+            k = models_that_fit(settings, width, d, pairs, torch.device(device), budget)
+            assert size(k) <= budget < size(k + 1), (device, width, budget)
+        with pytest.raises(ConfigError, match="one model of width"):
+            models_that_fit(settings, width, d, pairs, torch.device(device), size(1) - 1)
+    # one model of p 97, N 4096 on a CPU: a piece of its examples at a time, not its whole (D, N) activations
+    one = population_bytes(settings, 4096, d, pairs, 1, device="cpu")
+    assert one < bytes_per_model(97, 4096, d, pairs) - torch_step_bytes(d, 4096, 97) // 2
+    assert population_bytes(settings, 4096, d, pairs, 10**4, device="cuda") == (
+        10**4 * bytes_per_model(97, 4096, d, pairs) + eval_limit("cuda"))
+
+
+def test_evaluate_in_spans_of_pairs_gives_the_same_metrics(monkeypatch):
+    """A model whose evaluation on all pairs does not fit max_bytes goes through its pairs in spans that do
+    (each forward call within max_bytes); the metrics are those of one pass."""
+    import fastgrok.population as population
+
+    pop = train(Population(mixed_hypers(), Settings(p=P)), 30)
+    whole = pop.evaluate()
+    calls = []
+
+    def spy(U, V, W, m, *args, **kwargs):
+        calls.append(m.shape)
+        return original(U, V, W, m, *args, **kwargs)
+
+    original = population.torch_outputs
+    monkeypatch.setattr(population, "torch_outputs", spy)
+    per_example = population.torch_eval_bytes(pop.width, P)
+    spans = pop.evaluate(max_bytes=20 * per_example)
+    assert len(calls) == 3 * -(-P * P // 20) and all(models * pairs <= 20 for models, pairs in calls)
+    for k in whole:
+        assert_close(k, spans[k], whole[k], atol=1e-12, rtol=1e-12)  # NaN where whole has NaN

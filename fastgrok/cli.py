@@ -506,7 +506,8 @@ def phase(
     from fastgrok.config import plural
     from fastgrok.results import read_config
 
-    x, y = analysis.phase_axes(_analysis(read_config, run)["grid"], x, y)
+    grid = _analysis(read_config, run)["grid"]
+    x, y = analysis.phase_axes(grid, x, y)
     if metric is not None:
         table = _analysis(analysis.metric_diagram, run, metric, x=x, y=y)
         values = [r[metric] for r in table if r[metric] == r[metric]]
@@ -514,6 +515,7 @@ def phase(
         left_out = "diverged models" + (" and those never at 90%" if metric.endswith("90_step") else "")
         typer.echo(f"{len(table)} {plural('cell', len(table))} of {y} x {x}: {metric} (mean over seeds, {left_out} left out) {span}")
         typer.echo(f"wrote {run / f'{metric}-{y}-vs-{x}.png'} and .csv")
+        _note_flat_axes(grid, x, y)
         _note_unfinished(run)
         return
     table = _analysis(analysis.phase_diagram, run, x=x, y=y)
@@ -522,8 +524,16 @@ def phase(
     _table(f"{len(table)} {plural('cell', len(table))} of {y} x {x}" + (f" ({split} with seeds disagreeing)" if split else ""),
            ["phase", "cells"], [[p, n] for p, n in counts.most_common()])
     typer.echo(f"wrote {run / f'phase-{y}-vs-{x}.png'} and .csv")
+    _note_flat_axes(grid, x, y)
     _note_unfinished(run)
 
+
+def _note_flat_axes(grid: dict, x: str, y: str) -> None:
+    """Say which axis of a diagram the run did not vary (stderr): its diagram is one column or one row."""
+    for axis, line in ((x, "column"), (y, "row")):
+        if len(grid[axis]) == 1:
+            typer.echo(f"note: {axis} takes one value in this run ({grid[axis][0]:g}): the diagram is one {line}",
+                       err=True)
 
 
 @app.command()

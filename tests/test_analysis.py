@@ -272,6 +272,9 @@ def test_phase_defaults_to_the_axes_the_grid_varies(tmp_path):
     result = runner.invoke(app, ["phase", str(out)])
     assert result.exit_code == 0, result.output
     assert "6 cells of wd x xi" in result.output and (out / "phase-wd-vs-xi.png").is_file()
+    assert "one value" not in result.output
+    result = runner.invoke(app, ["phase", str(out), "--x", "lr", "--y", "xi"])  # asked for, not varied: said
+    assert result.exit_code == 0 and "note: lr takes one value in this run (0.01): the diagram is one column" in result.output
     grid = {"xi": [0.0], "alpha": [0.5], "width": [16, 32], "wd": [0.0, 1.0], "dropout": [0.0], "lr": [0.01],
             "seed": [0, 1]}
     assert analysis.phase_axes(grid) == ("width", "wd")

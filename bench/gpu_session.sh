@@ -58,11 +58,14 @@ case "$1" in
 import torch
 from fastgrok.backends import TritonBackend
 from fastgrok.config import Hyper, Settings
-from fastgrok.population import Population
-pop = Population([Hyper(width=512, seed=i) for i in range(8192)], Settings(), "cuda")
-TritonBackend("tf32").step(pop)
+from fastgrok.population import Population, population_bytes
+pop, engine = Population([Hyper(width=512, seed=i) for i in range(8192)], Settings(), "cuda"), TritonBackend("tf32")
+engine.step(pop)
+pop.evaluate(engine)  # a run evaluates every model at each logged step
 torch.cuda.synchronize()
-print(f"8192 models of N 512: peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+planned = population_bytes(Settings(), 512, pop.train_m.shape[1], pop.pairs[0].numel(), 8192, engine.name, device="cuda")
+print(f"8192 models of N 512: peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB "
+      f"(a step and an evaluation; the planner reserves {planned / 2**30:.1f} GiB)")
 PY
     ;;
   defaults) for precision in fp32 tf32x3 bf16; do

@@ -22,11 +22,19 @@ from __future__ import annotations
 import os
 
 import torch
+import torch.nn.functional as F
 
 from fastgrok import optim, reference
 from fastgrok.errors import ConfigError
 from fastgrok.population import (BN_EPS, Population, cpu_pieces, flat_rows, pair_eval_bytes, pre_activation,
                                  torch_eval_bytes, torch_outputs)
+
+
+# On a CPU, _grads pads the outputs of a p below this to a multiple of 8. bench/cpu_knobs.py --knob pad, two runs on
+# the 2-core development machine (AMD EPYC, AVX2; the second in bench/results/cpu-2core-pad.json): whole steps
+# 1.06-1.09x at p 23, 1.13-1.23x on the cpu-demo (p 47), 1.26-1.28x with cross-entropy, 1.10-1.37x at p 61, nothing
+# at p 13 (overhead-bound), and 0.94-0.99x at p 97 and 113, where the products gain nothing from it.
+CPU_PAD_BELOW = 64
 
 
 def _grads(U, V, W, m, n, y, valid, D, mask, act: str, loss: str, bn=None):
@@ -48,22 +56,28 @@ def _grads(U, V, W, m, n, y, valid, D, mask, act: str, loss: str, bn=None):
         inv_std = torch.rsqrt(var + BN_EPS)
         xhat.mul_(inv_std)
         h = torch.addcmul(bn[1][:, None], xhat, bn[0][:, None])
-    out = torch.bmm(h, W)
+    # On a CPU a p below 64 is padded to a multiple of 8 with zero columns of W (CPU_PAD_BELOW); the padded
+    # outputs are 0 and so is their target: MSE gets no term from them, cross-entropy sees them at -inf.
+    pad = (-p) % 8 if W.device.type == "cpu" and p < CPU_PAD_BELOW else 0
+    Wp = F.pad(W, (0, pad)) if pad else W
+    out = torch.bmm(h, Wp)
     label = y[..., None]
     minus_one = torch.full(label.shape, -1.0, dtype=out.dtype, device=out.device)
     scale = (valid.to(out.dtype) / D.to(out.dtype)[:, None])[..., None]  # 1/D on real examples, 0 on padding
     if loss == "mse":  # dL/dout = 2 (out - onehot) / (p D)
         diff = out.scatter_add_(-1, label, minus_one)
         # reference.per_example_loss, from the difference in hand: rebuilding the one-hot cost 25% at N 128 (CPU)
-        per_example = diff.square().mean(-1)
+        per_example = diff.square().sum(-1) / p
         G = diff.mul_(scale * (2.0 / p))
     else:  # dL/dout = (softmax(out) - onehot) / D
+        if pad:
+            out[..., p:] = -torch.inf
         per_example = reference.per_example_loss(out, y, loss)
         G = torch.softmax(out, -1).scatter_add_(-1, label, minus_one).mul_(scale)
     losses = torch.where(valid, per_example, 0.0).sum(1) / D
-    dW = torch.bmm(h.transpose(1, 2), G)
+    dW = torch.bmm(h.transpose(1, 2), G)[..., :p]
     del h
-    dS = torch.bmm(G, W.transpose(1, 2))
+    dS = torch.bmm(G, Wp.transpose(1, 2))
     if bn is not None:  # dS is dL/d(BN output) here; through BatchNorm to dL/dh (zero on padding)
         dgamma, dbeta = (dS * xhat).sum(1), dS.sum(1)
         dxhat = dS.mul_(bn[0][:, None])

@@ -212,6 +212,24 @@ def test_cpu_chunks_cut_to_their_own_training_sets_change_nothing(monkeypatch, a
         assert_close(f"{name}, one model per chunk", getattr(chunked, name), getattr(whole, name), atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("act, loss", [("quad", "mse"), ("relu", "ce")])
+def test_cpu_output_padding_changes_nothing(monkeypatch, act, loss):
+    """On a CPU a p below CPU_PAD_BELOW (P = 13 here) gets zero output columns up to a multiple of 8: the same
+    losses and parameters as without them (the path a GPU or a larger p takes)."""
+    import fastgrok.backends
+
+    settings = Settings(p=P, act=act, loss=loss)
+    assert P % 8 and P < fastgrok.backends.CPU_PAD_BELOW
+    padded = train(Population(mixed_hypers(), settings), 10)
+    padded_loss = TorchBackend().step(padded)
+    monkeypatch.setattr(fastgrok.backends, "CPU_PAD_BELOW", 0)
+    plain = train(Population(mixed_hypers(), settings), 10)
+    assert_close("losses", padded_loss, TorchBackend().step(plain), atol=1e-6, rtol=1e-6)
+    for name in ("U", "V", "W"):
+        assert_close(name, getattr(padded, name), getattr(plain, name), atol=1e-6, rtol=1e-6)
+    assert_close("W's second moment", padded.exp_avg_sq[2], plain.exp_avg_sq[2], atol=1e-9, rtol=1e-5)
+
+
 @pytest.mark.parametrize("name", ["adamw", "adam", "sgd"])
 def test_the_optimizer_leaves_a_frozen_model_exactly_as_it_was_and_moves_the_others_as_alone(name):
     """optim.step_ updates in place, then puts back the models whose `active` flag is off: their parameters and

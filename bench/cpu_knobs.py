@@ -1,0 +1,93 @@
+"""The torch backend's CPU settings side by side, in one run: each value of one knob on the same populations.
+
+`--knob chunk`: the working-set size, fastgrok.population.CPU_CHUNK_BYTES (the step walks the population in
+chunks of models, and a large model in spans of its examples, so that a pass's (examples, N) activations take
+at most that). `--knob pad`: fastgrok.backends.CPU_PAD_BELOW, the p below which the outputs are padded to a
+multiple of 8 (here: never, or at every p). Full training steps (forward, backward, optimizer), interleaved so
+that a busy machine slows all values alike, best of --repeats:
+
+    python bench/cpu_knobs.py --knob chunk --out bench/results/cpu-2core-chunks.json
+    python bench/cpu_knobs.py --knob pad --out bench/results/cpu-2core-pad.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+
+import torch
+
+import fastgrok.backends as backends
+import fastgrok.population as population
+from fastgrok.config import Hyper, Settings
+from fastgrok.results import device_name, versions
+
+DEMO = (Settings(p=47), [Hyper(width=128, xi=x / 20, wd=w) for x in range(13) for w in (0, 5, 15)])
+KNOBS = {  # module, setting, {label: value}, {case: (settings, models)}
+    "chunk": (population, "CPU_CHUNK_BYTES", {f"{mib} MiB": mib << 20 for mib in (24, 8, 4, 2, 1)}, {
+        "cpu-demo: p 47, N 128, 39 models": DEMO,
+        "p 97, N 128, 16 models": (Settings(), [Hyper(width=128, seed=i) for i in range(16)]),
+        "p 97, N 500, 1 model": (Settings(), [Hyper(width=500)]),
+        "p 97, N 500, 16 models": (Settings(), [Hyper(width=500, seed=i) for i in range(16)]),
+        "p 97, N 500, alpha 0.1..0.9, 9 models": (Settings(), [Hyper(width=500, alpha=k / 10) for k in range(1, 10)]),
+    }),
+    "pad": (backends, "CPU_PAD_BELOW", {"no padding": 0, "p padded to 8": 1 << 30}, {
+        "p 13, N 32, 64 models": (Settings(p=13), [Hyper(width=32, seed=i) for i in range(64)]),
+        "p 23, N 64, 32 models": (Settings(p=23), [Hyper(width=64, seed=i) for i in range(32)]),
+        "cpu-demo: p 47, N 128, 39 models": DEMO,
+        "cpu-demo with cross-entropy": (Settings(p=47, loss="ce"), DEMO[1]),
+        "p 61, N 256, 8 models": (Settings(p=61), [Hyper(width=256, seed=i) for i in range(8)]),
+        "p 97, N 128, 16 models": (Settings(), [Hyper(width=128, seed=i) for i in range(16)]),
+        "p 97, N 500, 4 models": (Settings(), [Hyper(width=500, seed=i) for i in range(4)]),
+        "p 113, N 128, 8 models": (Settings(p=113), [Hyper(width=128, seed=i) for i in range(8)]),
+    }),
+}
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--knob", choices=KNOBS, default="chunk")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=3, help="steps per timed block")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    module, setting, values, cases = KNOBS[args.knob]
+    default = getattr(module, setting)
+    results = {}
+    try:
+        for name, (settings, hypers) in cases.items():
+            pop = population.Population(hypers, settings, "cpu")
+            engine = backends.TorchBackend()
+            engine.step(pop)
+            best = dict.fromkeys(values, float("inf"))
+            for _ in range(args.repeats):
+                for label, value in values.items():
+                    setattr(module, setting, value)
+                    start = time.perf_counter()
+                    for _ in range(args.steps):
+                        engine.step(pop)
+                    best[label] = min(best[label], (time.perf_counter() - start) / args.steps)
+            results[name] = {label: round(len(hypers) / seconds, 1) for label, seconds in best.items()}
+            print(f"{name}: model-steps/s " + ", ".join(f"{k} {v}" for k, v in results[name].items()), flush=True)
+    finally:
+        setattr(module, setting, default)
+    if args.out:
+        record = {"date": time.strftime("%Y-%m-%d"), "device": device_name(torch.device("cpu")), "cpu": cpu_model(),
+                  "versions": versions(), "knob": setting, "default": default, "repeats": args.repeats,
+                  "model_steps_per_s": results}
+        with open(args.out, "w") as f:
+            json.dump(record, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

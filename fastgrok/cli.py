@@ -159,7 +159,7 @@ def _print_plan(grid, settings, dev, engine, populations, out) -> None:
     from rich.table import Table
 
     from fastgrok.data import pair_count, train_size
-    from fastgrok.population import memory_budget, population_bytes
+    from fastgrok.population import BUDGETS, memory_budget, population_bytes
 
     hypers, pairs = grid.models(), pair_count(settings.op, settings.p)
     steps = len(hypers) * settings.steps
@@ -178,8 +178,8 @@ def _print_plan(grid, settings, dev, engine, populations, out) -> None:
         span = f"{min(sizes):,}" if min(sizes) == max(sizes) else f"{min(sizes):,}-{max(sizes):,}"
         table.add_row(str(k), str(width), f"{len(ids):,}", span, _size(memory))
     console.print(table)
-    share = "80% of its free memory" if dev.type == "cuda" else "half the available host memory"
-    console.print(f"A population may take {_size(memory_budget(dev))} of this {dev.type} device ({share}).")
+    console.print(f"A population may take {_size(memory_budget(dev))} of this {dev.type} device "
+                  f"({BUDGETS[dev.type][1]}).")
 
 
 def _size(nbytes: int) -> str:

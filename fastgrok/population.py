@@ -443,15 +443,21 @@ def models_that_fit(settings: Settings, width: int, d_max: int, num_pairs: int, 
     return fits
 
 
+# The share of a device's memory a population may take, and how `fastgrok train --dry-run` says it
+BUDGETS = {"cuda": (0.8, "80% of its free memory"), "cpu": (0.5, "half the available host memory")}
+
+
 def memory_budget(device: torch.device) -> int:
-    """Bytes a population may use: 80% of free GPU memory, or half of the available host memory."""
+    """Bytes a population may use: BUDGETS's share of the free GPU memory or of the available host memory
+    (8 GiB where /proc/meminfo cannot tell)."""
+    share = BUDGETS[device.type][0]
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        return int(0.8 * free)
+        return int(share * free)
     try:
         with open("/proc/meminfo") as f:
             info = dict(line.split(":", 1) for line in f)
-        return int(info["MemAvailable"].split()[0]) * 1024 // 2
+        return int(share * int(info["MemAvailable"].split()[0]) * 1024)
     except (OSError, KeyError, ValueError):
         return 8 << 30
 

@@ -35,7 +35,8 @@ stage() {
 case "$1" in
   tests) python3 -m pytest -q --timeout 300 tests/test_gpu.py tests/test_kernels.py 2>&1 | tee "$OUT/gpu_tests.log" ;;
   bench) fastgrok bench --width "${WIDTHS:-512,128,2048}" --models 1,64,1024,max --variants torch,torch-tf32,triton-fp32,triton-tf32,triton-tf32x3,triton-bf16,triton-tf32-block,triton-bf16-block \
-           --out "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" ;;
+           --out "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"
+         python3 bench/plot_bench.py "$OUT/bench.json" ;;  # bench.png again, with issue 3's targets
   compiled) fastgrok bench --width 128,512,2048 --models 1024 --variants torch-compile --out "$OUT/bench-compiled.json" 2>&1 | tee "$OUT/bench-compiled.log" ;;
   precision) python3 bench/validate_precision.py --out "$OUT/precision.json" 2>&1 | tee "$OUT/precision.log" ;;
   e2e|dropout)

@@ -380,18 +380,25 @@ def bench(
             if out is not None:
                 write_atomic(out, lambda tmp: tmp.write_text(json.dumps(report, indent=2) + "\n"))
 
-        benchmark.run(widths, sizes, p=p, alpha=alpha, device=str(dev), variants=chosen, save=save)
+        report = benchmark.run(widths, sizes, p=p, alpha=alpha, device=str(dev), variants=chosen, save=save)
     except ConfigError as e:
         fail(str(e))
     except OSError as e:
         fail_os(e)
     except benchmark.Interrupted as e:
         done = len(e.report["results"])
-        kept = f", written to {out} (marked \"interrupted\")" if out is not None else ""
+        kept = f", written to {out} and {_bench_figure(e.report, out)} (marked \"interrupted\")" if out else ""
         typer.echo(f"Interrupted after {done} {plural('result', done)}{kept}.", err=True)
         raise typer.Exit(130) from None
     if out is not None:
-        typer.echo(f"wrote {out}")
+        typer.echo(f"wrote {out} and {_bench_figure(report, out)}")
+
+
+def _bench_figure(report: dict, out: Path) -> Path:
+    """The report's model-steps/s against population size, beside its JSON (bench.json -> bench.png)."""
+    from fastgrok.plots import bench_throughput
+
+    return bench_throughput(report, out.with_suffix(".png"))
 
 
 RunArg = Annotated[Path, typer.Argument(help="A run directory written by `fastgrok train` or `fastgrok analytic`")]

@@ -180,3 +180,37 @@ def accuracy_vs_width(widths, accuracies, path: Path, title: str) -> Path:
     ax.set_ylim(-0.02, 1.02)
     ax.set_title(title)
     return _save(fig, path)
+
+
+def bench_throughput(report: dict, path: Path, targets: dict[tuple[str, int], float] | None = None) -> Path:
+    """A `fastgrok bench` report: one panel per width, model-steps/s against the population size B (log-log), a
+    line per backend variant, the reference.py loop (one model at a time) dashed; `targets` ((variant, width) ->
+    model-steps/s) dotted in the variant's colour."""
+    results = [r for r in report["results"] if r["model_steps_per_s"] > 0]
+    widths = sorted({r["width"] for r in results})
+    variants = list(dict.fromkeys(r["backend"] for r in results if r["backend"] != "reference"))
+    colors = {v: f"C{i}" for i, v in enumerate(variants)}
+    fig, axes = _panels(max(1, len(widths)), 4.6, 3.6)
+    for ax, width in zip(axes.flat, widths):
+        rows = [r for r in results if r["width"] == width]
+        for v in variants:
+            points = sorted((r["models"], r["model_steps_per_s"]) for r in rows if r["backend"] == v)
+            if points:
+                ax.plot(*zip(*points), "o-", color=colors[v], label=v, markersize=4)
+        for r in rows:
+            if r["backend"] == "reference":
+                ax.axhline(r["model_steps_per_s"], color="black", linestyle="--", linewidth=1, label="reference.py loop")
+        for (v, w), value in (targets or {}).items():
+            if w == width:
+                ax.axhline(value, color=colors.get(v, "black"), linestyle=":", linewidth=1.5, label=f"{v} target")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_title(f"N {width}", fontsize=10)
+        ax.set_xlabel("models in the population (B)")
+        ax.set_ylabel("model-steps/s")
+        ax.grid(True, which="major", alpha=0.3)
+        ax.legend(fontsize=6)
+    s = report["setting"]
+    fig.suptitle(f"{report['device']}, p {s['p']}, alpha {s['alpha']}, {s['loss']}, {s['optimizer']}, "
+                 f"full batch ({report['date']})", fontsize=10)
+    return _save(fig, path)

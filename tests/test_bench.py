@@ -18,6 +18,8 @@ def test_bench_checks_then_times_and_writes_json(tmp_path):
     assert set(rows) == {("reference", 1), ("torch", 1), ("torch", 3)}
     assert all(r["model_steps_per_s"] > 0 and r["tflops"] > 0 for r in rows.values())
     assert report["setting"]["train_examples"] == int(0.5 * 13 * 13) and report["versions"]["torch"]
+    assert f"wrote {out} and {out.with_suffix('.png')}" in result.output
+    assert out.with_suffix(".png").stat().st_size > 10_000  # model-steps/s against B, a line per variant
 
 
 def test_bench_out_must_be_a_file_and_a_failed_write_leaves_no_temporary(tmp_path):

@@ -110,6 +110,7 @@ def test_an_interrupted_benchmark_keeps_the_results_measured_before_it(tmp_path,
     assert report["interrupted"] is True
     assert [(r["backend"], r["models"]) for r in report["results"]] == [("reference", 1)]
     assert report["results"][0]["model_steps_per_s"] > 0
+    assert out.with_suffix(".png").is_file()  # the figure of what was measured, too
 
 
 def test_a_point_that_fails_is_recorded_in_strict_json_and_the_rest_measured(tmp_path, monkeypatch):

@@ -21,7 +21,6 @@ from fastgrok.data import (checked_train_size, epoch_order, generator, make_spli
                            train_size)
 from fastgrok.errors import ConfigError
 
-METRICS = ("train_loss", "test_loss", "train_acc", "test_acc", "clean_acc", "corrupted_acc", "inverted_acc")
 BN_PARAMS = ("bn_weight", "bn_bias")         # trained, like U, V, W
 BN_BUFFERS = ("running_mean", "running_var")  # BatchNorm1d's running statistics
 BN_EPS, BN_MOMENTUM = 1e-5, 0.1               # BatchNorm1d's defaults
@@ -29,6 +28,7 @@ BN_EPS, BN_MOMENTUM = 1e-5, 0.1               # BatchNorm1d's defaults
 _METRIC_PARTS = {"train_loss": ("loss", "train"), "test_loss": ("loss", "test"), "train_acc": ("hit", "train"),
                  "test_acc": ("hit", "test"), "clean_acc": ("hit", "clean"), "corrupted_acc": ("hit", "corrupted"),
                  "inverted_acc": ("hit_true", "corrupted")}
+METRICS = tuple(_METRIC_PARTS)
 
 
 def flat_rows(idx: torch.Tensor, p: int) -> torch.Tensor:
@@ -275,8 +275,7 @@ class Population:
         for lo in range(0, B, chunk):
             sl = slice(lo, min(B, lo + chunk))
             D, c = self.D[sl].to(self.device)[:, None], self.n_corrupt[sl].to(self.device)[:, None]
-            sums = dict.fromkeys(METRICS, 0)  # per model, over each metric's subset, added up span by span
-            counts = dict.fromkeys(("train", "test", "clean", "corrupted"), 0)
+            sums, counts = {}, {}  # per model: each metric's sum and each subset's size, added up span by span
             for start in range(0, P, span):
                 stop = min(P, start + span)
                 perm = self.perm[sl, start:stop]  # the model's slots in its order: training slots first
@@ -294,9 +293,9 @@ class Population:
                 values = {"loss": loss.double(), "hit": pred == labels, "hit_true": pred == true}
                 for k, (value, subset) in _METRIC_PARTS.items():
                     v, w = values[value], where[subset]
-                    sums[k] = sums[k] + (torch.where(w, v, 0.0) if v.is_floating_point() else v & w).sum(1)
+                    sums[k] = sums.get(k, 0) + (torch.where(w, v, 0.0) if v.is_floating_point() else v & w).sum(1)
                 for subset, w in where.items():
-                    counts[subset] = counts[subset] + w.sum(1)
+                    counts[subset] = counts.get(subset, 0) + w.sum(1)
             for k, (_, subset) in _METRIC_PARTS.items():
                 out[k].append(sums[k].double() / counts[subset])  # NaN (0/0) where the subset is empty
         return {k: torch.cat(v).cpu() for k, v in out.items()}

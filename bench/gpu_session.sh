@@ -11,6 +11,7 @@
 #   bash bench/gpu_session.sh profile    forward, backward and optimizer of one step timed apart, N 128/512/2048
 #   bash bench/gpu_session.sh sweep      tile sizes and the two dU/dV scatters of the Triton step (N 512, B 1024, tf32)
 #   bash bench/gpu_session.sh ncu        Nsight Compute on the forward and backward kernels (N 512, B 1024)
+#   bash bench/gpu_session.sh torchpad   the torch baselines with p padded to 8 against unpadded, fp32 and TF32
 # PRECISION (profile, ncu, e2e), SCATTER (profile: a comma list, default window,block; ncu: one, default window),
 # DROPOUT (profile: every model's rate; the masks kernel is timed too) and WIDTHS (bench, profile) pick what they run.
 # e2e and dropout also make issue 4's paper-scale phase diagrams (phase, ipr with its spectra, test90_step); their PNGs, tables and logs
@@ -19,10 +20,10 @@
 # (a machine stays warm only 30 s after a call; a fresh one took about 30 s to start on 2026-11-22).
 # Measured 2026-11-22 on an H100 (bench/results/h100-2026-11-22): tests 110 s, sweep 95 s, precision 95 s,
 # profile 30 s, e2e 140 s, dropout 285 s, bench over 320 s for N 512 and 128 alone (WIDTHS=2048 for the rest).
-# Owed next (sessions 6-21 had no GPU), in three calls that fit the 30 minutes (bench/NOTES.md "Next"):
+# Owed next (sessions 6-22 had no GPU), in three calls that fit the 30 minutes (bench/NOTES.md "Next"):
 #   1. bash bench/gpu_session.sh tests:230 profile:120 precision:150; DROPOUT=0.2 WIDTHS=500 bash bench/gpu_session.sh profile:60
 #   2. bash bench/gpu_session.sh sweep:590        (then set the defaults from its summary, commit)
-#   3. bash bench/gpu_session.sh e2e:180 dropout:300 and, if time is left, bench with WIDTHS=512,128,2048
+#   3. bash bench/gpu_session.sh e2e:180 dropout:300 torchpad:90 and, if time is left, bench with WIDTHS=512,128,2048
 # Sessions 7-11 changed every kernel (16-byte accesses, block windows, pipelined G, bf16 G, dropout bits):
 # re-measure before tuning, and re-run the precision grid (tf32 is the default because it agreed in session 5).
 set -uo pipefail
@@ -80,9 +81,10 @@ PY
          python3 bench/profile_step.py --precision "${PRECISION:-tf32}" --scatter "${SCATTER:-window}" --width 512 --models 1024 >/dev/null
        ncu --import "$OUT/step-$name.ncu-rep" --page details > "$OUT/ncu-$name.txt"
        grep -E "^  [a-z_]+kernel|Duration|Throughput|Registers|Achieved Occupancy|Warp Cycles Per Issued|Stall|L2 Hit|DRAM" "$OUT/ncu-$name.txt" ;;
+  torchpad) python3 bench/torch_knobs.py --knob gpu-pad --out "$OUT/torch-pad.json" 2>&1 | tee "$OUT/torch-pad.log" ;;
   sweep) python3 bench/sweep_blocks.py --out "$OUT/sweep.json" 2>&1 | tee "$OUT/sweep.log"
          python3 bench/sweep_blocks.py --summary "$OUT/sweep.json" 2>&1 | tee -a "$OUT/sweep.log" ;;
-  *) echo "usage: $0 STAGE[:SECONDS] ... (stages: tests sweep defaults profile bench compiled precision e2e dropout ncu)"; return 2 ;;
+  *) echo "usage: $0 STAGE[:SECONDS] ... (stages: tests sweep defaults profile bench compiled precision e2e dropout ncu torchpad)"; return 2 ;;
 esac
 }
 # several stages in one call: `bash bench/gpu_session.sh tests:200 sweep:120 precision:200` gives each a limit

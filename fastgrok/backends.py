@@ -30,11 +30,13 @@ from fastgrok.population import (BN_EPS, Population, cpu_pieces, flat_rows, pair
                                  torch_eval_bytes, torch_outputs)
 
 
-# On a CPU, _grads pads the outputs of a p below this to a multiple of 8. bench/cpu_knobs.py --knob pad, two runs on
-# the 2-core development machine (AMD EPYC, AVX2; the second in bench/results/cpu-2core-pad.json): whole steps
+# _grads pads the outputs of a p below these to a multiple of 8. On a CPU, bench/torch_knobs.py --knob pad, two runs
+# on the 2-core development machine (AMD EPYC, AVX2; the second in bench/results/cpu-2core-pad.json): whole steps
 # 1.06-1.09x at p 23, 1.13-1.23x on the cpu-demo (p 47), 1.26-1.28x with cross-entropy, 1.10-1.37x at p 61, nothing
-# at p 13 (overhead-bound), and 0.94-0.99x at p 97 and 113, where the products gain nothing from it.
+# at p 13 (overhead-bound), and 0.94-0.99x at p 97 and 113, where the products gain nothing from it. On a GPU it is
+# off until measured (--knob gpu-pad: whether cuBLAS keeps p 97's TF32 products off the tensor cores, bench/NOTES.md).
 CPU_PAD_BELOW = 64
+GPU_PAD_BELOW = 0
 
 
 def _grads(U, V, W, m, n, y, valid, D, mask, act: str, loss: str, bn=None):
@@ -56,9 +58,9 @@ def _grads(U, V, W, m, n, y, valid, D, mask, act: str, loss: str, bn=None):
         inv_std = torch.rsqrt(var + BN_EPS)
         xhat.mul_(inv_std)
         h = torch.addcmul(bn[1][:, None], xhat, bn[0][:, None])
-    # On a CPU a p below 64 is padded to a multiple of 8 with zero columns of W (CPU_PAD_BELOW); the padded
+    # A p below CPU_PAD_BELOW (GPU_PAD_BELOW) is padded to a multiple of 8 with zero columns of W; the padded
     # outputs are 0 and so is their target: MSE gets no term from them, cross-entropy sees them at -inf.
-    pad = (-p) % 8 if W.device.type == "cpu" and p < CPU_PAD_BELOW else 0
+    pad = (-p) % 8 if p < (CPU_PAD_BELOW if W.device.type == "cpu" else GPU_PAD_BELOW) else 0
     Wp = F.pad(W, (0, pad)) if pad else W
     out = torch.bmm(h, Wp)
     label = y[..., None]

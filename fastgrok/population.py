@@ -315,7 +315,7 @@ def eval_limit(device: torch.device | str) -> int:
 # On a CPU the step is bound by memory traffic, not arithmetic: the torch backend works through a population in
 # pieces whose (examples, N) activations take at most this many bytes, so that the few such tensors a pass holds
 # stay in the last-level cache: chunks of models, and a model whose own activations are larger in spans of its
-# examples (their losses and gradients summed). bench/cpu_knobs.py times sizes side by side; on the 2-core
+# examples (their losses and gradients summed). bench/torch_knobs.py times sizes side by side; on the 2-core
 # development machine (AMD EPYC, 32 MB L3; bench/results/cpu-2core-chunks.json and a repeat) 4 MiB against the
 # 24 MiB used before: the cpu-demo population 1.95-1.98x (1,012 against 519 model-steps/s), 16 models of p 97,
 # N 128 2.1-2.2x, 16 of N 500 1.2-1.6x, one model of N 500 (in spans) 1.03-1.06x (1.4x in a third run); no other

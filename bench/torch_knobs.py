@@ -1,13 +1,15 @@
-"""The torch backend's CPU settings side by side, in one run: each value of one knob on the same populations.
+"""The torch backend's size settings side by side, in one run: each value of one knob on the same populations.
 
 `--knob chunk`: the working-set size, fastgrok.population.CPU_CHUNK_BYTES (the step walks the population in
 chunks of models, and a large model in spans of its examples, so that a pass's (examples, N) activations take
 at most that). `--knob pad`: fastgrok.backends.CPU_PAD_BELOW, the p below which the outputs are padded to a
-multiple of 8 (here: never, or at every p). Full training steps (forward, backward, optimizer), interleaved so
-that a busy machine slows all values alike, best of --repeats:
+multiple of 8 (here: never, or at every p). `--knob gpu-pad`: the same on a GPU (GPU_PAD_BELOW), each case in fp32
+and in TF32: whether p 97's products (no multiple of 4) keep cuBLAS's TF32 off the tensor cores. Full training
+steps (forward, backward, optimizer), interleaved so that a busy machine slows all values alike, best of --repeats:
 
-    python bench/cpu_knobs.py --knob chunk --out bench/results/cpu-2core-chunks.json
-    python bench/cpu_knobs.py --knob pad --out bench/results/cpu-2core-pad.json
+    python bench/torch_knobs.py --knob chunk --out bench/results/cpu-2core-chunks.json
+    python bench/torch_knobs.py --knob pad --out bench/results/cpu-2core-pad.json
+    python bench/torch_knobs.py --knob gpu-pad --out torch-pad.json      # on a GPU (bench/gpu_session.sh torchpad)
 """
 
 from __future__ import annotations
@@ -43,6 +45,10 @@ KNOBS = {  # module, setting, {label: value}, {case: (settings, models)}
         "p 97, N 500, 4 models": (Settings(), [Hyper(width=500, seed=i) for i in range(4)]),
         "p 113, N 128, 8 models": (Settings(p=113), [Hyper(width=128, seed=i) for i in range(8)]),
     }),
+    "gpu-pad": (backends, "GPU_PAD_BELOW", {"no padding": 0, "p padded to 8": 1 << 30}, {
+        f"p {p}, N {width}, {models} models": (Settings(p=p), [Hyper(width=width, seed=i) for i in range(models)])
+        for p, width, models in ((97, 128, 1024), (97, 512, 1024), (97, 2048, 128), (61, 512, 1024), (113, 512, 512))
+    }),
 }
 
 
@@ -62,27 +68,45 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     module, setting, values, cases = KNOBS[args.knob]
-    default = getattr(module, setting)
+    device = torch.device("cuda" if setting.startswith("GPU") else "cpu")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--knob {args.knob} needs a CUDA device")
+    # on a GPU every case in fp32 and in TF32 (the bench's torch and torch-tf32 baselines)
+    modes = {" (fp32)": False, " (TF32)": True} if device.type == "cuda" else {"": False}
+    default, default_tf32 = getattr(module, setting), torch.backends.cuda.matmul.allow_tf32
+
+    def timed(engine, pop) -> float:
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            engine.step(pop)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return (time.perf_counter() - start) / args.steps
+
     results = {}
     try:
-        for name, (settings, hypers) in cases.items():
-            pop = population.Population(hypers, settings, "cpu")
+        for case, (settings, hypers) in cases.items():
+            pop = population.Population(hypers, settings, device)
             engine = backends.TorchBackend()
-            engine.step(pop)
-            best = dict.fromkeys(values, float("inf"))
-            for _ in range(args.repeats):
-                for label, value in values.items():
+            for mode, tf32 in modes.items():
+                torch.backends.cuda.matmul.allow_tf32 = tf32
+                for value in values.values():  # warm-up, also of cuBLAS's choice for each shape
                     setattr(module, setting, value)
-                    start = time.perf_counter()
-                    for _ in range(args.steps):
-                        engine.step(pop)
-                    best[label] = min(best[label], (time.perf_counter() - start) / args.steps)
-            results[name] = {label: round(len(hypers) / seconds, 1) for label, seconds in best.items()}
-            print(f"{name}: model-steps/s " + ", ".join(f"{k} {v}" for k, v in results[name].items()), flush=True)
+                    timed(engine, pop)
+                best = dict.fromkeys(values, float("inf"))
+                for _ in range(args.repeats):
+                    for label, value in values.items():
+                        setattr(module, setting, value)
+                        best[label] = min(best[label], timed(engine, pop))
+                name = case + mode
+                results[name] = {label: round(len(hypers) / seconds, 1) for label, seconds in best.items()}
+                print(f"{name}: model-steps/s " + ", ".join(f"{k} {v}" for k, v in results[name].items()), flush=True)
+            del pop, engine
     finally:
         setattr(module, setting, default)
+        torch.backends.cuda.matmul.allow_tf32 = default_tf32
     if args.out:
-        record = {"date": time.strftime("%Y-%m-%d"), "device": device_name(torch.device("cpu")), "cpu": cpu_model(),
+        record = {"date": time.strftime("%Y-%m-%d"), "device": device_name(device), "cpu": cpu_model(),
                   "versions": versions(), "knob": setting, "default": default, "repeats": args.repeats,
                   "model_steps_per_s": results}
         with open(args.out, "w") as f:

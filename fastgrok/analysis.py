@@ -25,8 +25,8 @@ from fastgrok.errors import ConfigError
 from fastgrok.ipr import FFTS, HIGH_IPR, neuron_ipr, neuron_spectra
 from fastgrok.phases import PHASES
 from fastgrok.population import METRICS
-from fastgrok.results import (csv_cell, load_populations, read_config, read_history, read_models, recipe,
-                              write_atomic, write_csv)
+from fastgrok.results import (csv_cell, load_populations, read_config, read_history, read_models, read_weights,
+                              recipe, write_atomic, write_csv)
 
 ORDERS = ("low", "high", "random")
 
@@ -97,18 +97,19 @@ def ipr(run: Path, fft: str = "rfft", threshold: float = HIGH_IPR, models: str |
     table = {k: [] for k in ("model", "neuron", "ipr_u", "ipr_v", "ipr_w", "ipr", "dead")}
     per_model = {column: {} for column in IPR_COLUMNS}
     values: dict[int, np.ndarray] = {}
-    for pop in load_populations(run, device, set(chosen) if chosen is not None else None):
-        result = neuron_ipr(pop.U, pop.V, pop.W, fft)
+    for weights in read_weights(run, set(chosen) if chosen is not None else None):  # a piece at a time
+        ids = weights["model"].tolist()
+        result = neuron_ipr(*(weights[name].to(device) for name in "UVW"), fft)
         high, mean = result.high_fraction(threshold).tolist(), result.model_mean().tolist()
         dead_count = result.dead.sum(1).tolist()
         neuron_mean, dead = result.mean.cpu().numpy(), result.dead.cpu().numpy()
         B, N = neuron_mean.shape
-        table["model"].append(np.repeat(pop.model_ids, N))
+        table["model"].append(np.repeat(ids, N))
         table["neuron"].append(np.tile(np.arange(N), B))
         for key in ("u", "v", "w", "mean"):
             table["ipr" if key == "mean" else f"ipr_{key}"].append(getattr(result, key).cpu().numpy().ravel())
         table["dead"].append(dead.ravel())
-        for b, m in enumerate(pop.model_ids):  # bookkeeping only: the IPRs were computed above, batched
+        for b, m in enumerate(ids):  # bookkeeping only: the IPRs were computed above, batched
             per_model["mean_ipr"][m], per_model["high_ipr_fraction"][m] = mean[b], high[b]
             per_model["dead_neurons"][m] = dead_count[b]
             values[m] = neuron_mean[b][~dead[b]]
@@ -128,9 +129,9 @@ def ipr(run: Path, fft: str = "rfft", threshold: float = HIGH_IPR, models: str |
     plots.ipr_histograms(groups, run / "ipr-hist.png", f"neuron IPR (|{fft}|), {len(values):,} models")
     shown = chosen if chosen is not None and len(chosen) <= 9 else representatives(per_model["mean_ipr"], phase_of)
     panels = {}
-    for pop in load_populations(run, device, set(shown)):  # a second read, of these few models only
-        spectra = neuron_spectra(pop.U, pop.V, pop.W, fft).cpu().numpy()
-        for b, m in enumerate(pop.model_ids):
+    for weights in read_weights(run, set(shown)):  # a second read, of these few models only
+        spectra = neuron_spectra(*(weights[name].to(device) for name in "UVW"), fft).cpu().numpy()
+        for b, m in enumerate(weights["model"].tolist()):
             live = spectra[b][~np.isnan(spectra[b]).all(1)]  # the neurons neuron_ipr calls live, in order
             panels[m] = live[np.argsort(-values[m], kind="stable")]
     panels = {f"model {m} ({phase_of[m]}), mean IPR {per_model['mean_ipr'][m]:.2f}": panels[m]

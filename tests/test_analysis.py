@@ -162,7 +162,8 @@ def test_a_few_models_are_read_without_reading_the_populations_around_them(tmp_p
 
         def get_slice(self, name):
             inner = self.inner.get_slice(name)
-            return type("Slice", (), {"__getitem__": lambda _, k: spans.append((name, (k.start, k.stop))) or inner[k]})()
+            return type("Slice", (), {"__getitem__": lambda _, k: spans.append((name, (k.start, k.stop))) or inner[k],
+                                      "get_shape": lambda _: inner.get_shape()})()  # metadata, no read
 
     monkeypatch.setattr("fastgrok.results.safe_open", Spy)
     pops = list(load_populations(out, models={3, 5, 11}))
@@ -170,6 +171,38 @@ def test_a_few_models_are_read_without_reading_the_populations_around_them(tmp_p
     for b, m in enumerate(pops[0].model_ids):
         assert all(torch.equal(got[b], want) for got, want in zip(pops[0].params, full[m]))
     assert sorted(spans) == [(name, rows) for name in "UVW" for rows in [(1, 3), (5, 6)]] + [("model", "all")] * 2
+
+
+def test_analysis_reads_a_large_run_in_pieces_with_the_same_results(tmp_path, monkeypatch):
+    """With READ_BYTES room for two models, read_weights gives a population of five in pieces of at most two
+    (whole models, in order, as one read has them), and ipr and prune, reading so, write what they write reading
+    whole populations (prune's losses to fp32 rounding): their memory does not grow with the run."""
+    import fastgrok.results as results
+
+    out = tmp_path / "run"
+    args = ["train", "--p", "7", "--width", "8", "--xi", "0:0.4:5", "--steps", "30", "--out", str(out)]
+    assert runner.invoke(app, args).exit_code == 0
+    whole = list(results.read_weights(out))
+    assert len(whole) == 1 and whole[0]["model"].tolist() == list(range(5))
+    analysis.ipr(out, models="all")
+    analysis.prune(out, models="all", every=4)
+    expected = {name: pq.read_table(out / name) for name in ("ipr.parquet", "prune-low.parquet")}
+    monkeypatch.setattr(results, "READ_BYTES", 2 * 4 * 3 * 7 * 8)  # U, V, W of two models of p 7, N 8
+    pieces = list(results.read_weights(out))
+    assert [w["model"].tolist() for w in pieces] == [[0, 1], [2, 3], [4]]
+    for name in whole[0]:
+        assert torch.equal(torch.cat([w[name] for w in pieces]), whole[0][name]), name
+    assert [w["model"].tolist() for w in results.read_weights(out, {0, 2, 3, 4})] == [[0, 2], [3, 4]]
+    analysis.ipr(out, models="all")
+    analysis.prune(out, models="all", every=4)
+    for name, table in expected.items():
+        got = pq.read_table(out / name)
+        assert got.column_names == table.column_names, name
+        for column in table.column_names:  # NaN (an accuracy over no corrupted example) equals NaN here
+            # a loss is an fp32 sum, whose rounding may follow the number of models evaluated together
+            tol = 1e-6 if column.endswith("_loss") else 0
+            np.testing.assert_allclose(got[column].to_numpy(), table[column].to_numpy(), rtol=tol, atol=0,
+                                       err_msg=f"{name} {column}")
 
 
 @pytest.fixture(scope="module")

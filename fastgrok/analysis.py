@@ -83,9 +83,10 @@ def _update_models_csv(run: Path, columns: dict[str, dict[int, object]]) -> None
 
 
 def ipr(run: Path, fft: str = "rfft", threshold: float = HIGH_IPR, models: str | None = None,
-        device: str = "cpu") -> dict:
+        device: str = "cpu", progress: Callable[[int, int], None] | None = None) -> dict:
     """Per-neuron IPR of every (selected) model -> ipr.parquet, IPR columns in models.csv, ipr-hist.png, and
-    ipr-spectra.png (the neurons' power spectra of the selected models, up to 9, or of a model per phase)."""
+    ipr-spectra.png (the neurons' power spectra of the selected models, up to 9, or of a model per phase).
+    progress(done, total) is called after each piece of models read."""
     if fft not in FFTS:
         raise ConfigError(f"unknown --fft {fft!r}; choose one of {', '.join(FFTS)}")
     if not 0.0 < threshold < 1.0:  # an IPR lies in (0, 1]: outside, every neuron or none would count as high
@@ -113,6 +114,8 @@ def ipr(run: Path, fft: str = "rfft", threshold: float = HIGH_IPR, models: str |
             per_model["mean_ipr"][m], per_model["high_ipr_fraction"][m] = mean[b], high[b]
             per_model["dead_neurons"][m] = dead_count[b]
             values[m] = neuron_mean[b][~dead[b]]
+        if progress is not None:
+            progress(len(values), len(rows) if chosen is None else len(chosen))
     columns = {k: np.concatenate(v) for k, v in table.items()}
     arrays = {k: pa.array(v, mask=np.isnan(v)) if v.dtype.kind == "f" else pa.array(v) for k, v in columns.items()}
     # missing IPR (zero vectors) are nulls, not NaN

@@ -463,7 +463,7 @@ def ipr(
     """Per-neuron IPR of U, V, W and their mean: ipr.parquet, ipr-hist.png, ipr-spectra.png, IPR columns in models.csv."""
     from fastgrok import analysis
 
-    summary = _analysis(analysis.ipr, run, fft=fft, threshold=threshold, models=models, device=device)
+    summary = _analysis(analysis.ipr, run, fft=fft, threshold=threshold, models=models, device=device, progress="models")
     _table(f"neuron IPR by phase (|{fft}|, high = IPR > {threshold:g})", ["phase", "models", "mean IPR", "high-IPR fraction"],
            [[p, s["models"], s["mean_ipr"], s["high_ipr_fraction"]] for p, s in summary.items()])
     spectra = run / "ipr-spectra.png"  # not drawn when no model shown has a live neuron

@@ -193,7 +193,9 @@ def test_analysis_reads_a_large_run_in_pieces_with_the_same_results(tmp_path, mo
     for name in whole[0]:
         assert torch.equal(torch.cat([w[name] for w in pieces]), whole[0][name]), name
     assert [w["model"].tolist() for w in results.read_weights(out, {0, 2, 3, 4})] == [[0, 2], [3, 4]]
-    analysis.ipr(out, models="all")
+    reported = []
+    analysis.ipr(out, models="all", progress=lambda *done: reported.append(done))
+    assert reported == [(2, 5), (4, 5), (5, 5)]  # a piece at a time
     analysis.prune(out, models="all", every=4)
     for name, table in expected.items():
         got = pq.read_table(out / name)

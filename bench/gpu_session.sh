@@ -13,7 +13,8 @@
 #   bash bench/gpu_session.sh ncu        Nsight Compute on the forward and backward kernels (N 512, B 1024)
 #   bash bench/gpu_session.sh torchpad   the torch baselines with p padded to 8 against unpadded, fp32 and TF32
 # PRECISION (profile, ncu, e2e), SCATTER (profile: a comma list, default window,block; ncu: one, default window),
-# DROPOUT (profile: every model's rate; the masks kernel is timed too) and WIDTHS (bench, profile) pick what they run.
+# DROPOUT (profile: every model's rate; the masks kernel is timed too), WIDTHS (bench, profile), MODELS and VARIANTS
+# (bench) pick what they run.
 # e2e and dropout also make issue 4's paper-scale phase diagrams (phase, ipr with its spectra, test90_step); their PNGs, tables and logs
 # come back as $OUT/<stage>.tar.gz (no weights). Several stages go in one call, each with a time limit:
 #   bash bench/gpu_session.sh tests:230 sweep:150 precision:170
@@ -23,7 +24,9 @@
 # Owed next (sessions 6-22 had no GPU), in three calls that fit the 30 minutes (bench/NOTES.md "Next"):
 #   1. bash bench/gpu_session.sh tests:230 profile:120 precision:150; DROPOUT=0.2 WIDTHS=500 bash bench/gpu_session.sh profile:60
 #   2. bash bench/gpu_session.sh sweep:590        (then set the defaults from its summary, commit)
-#   3. bash bench/gpu_session.sh e2e:180 dropout:300 torchpad:90 and, if time is left, bench with WIDTHS=512,128,2048
+#   3. MODELS=1024 VARIANTS=torch,torch-tf32,triton-fp32,triton-tf32,triton-tf32x3,triton-bf16 \
+#      bash bench/gpu_session.sh e2e:180 bench:240 torchpad:90     (the headline numbers with the new defaults;
+#      B 1024 because every variant levels off there, session 5's bench.png; the dropout diagram waits)
 # Sessions 7-11 changed every kernel (16-byte accesses, block windows, pipelined G, bf16 G, dropout bits):
 # re-measure before tuning, and re-run the precision grid (tf32 is the default because it agreed in session 5).
 set -uo pipefail
@@ -35,7 +38,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
 stage() {
 case "$1" in
   tests) python3 -m pytest -q --timeout 300 tests/test_gpu.py tests/test_kernels.py 2>&1 | tee "$OUT/gpu_tests.log" ;;
-  bench) fastgrok bench --width "${WIDTHS:-512,128,2048}" --models 1,64,1024,max --variants torch,torch-tf32,triton-fp32,triton-tf32,triton-tf32x3,triton-bf16,triton-tf32-block,triton-bf16-block \
+  bench) fastgrok bench --width "${WIDTHS:-512,128,2048}" --models "${MODELS:-1,64,1024,max}" \
+           --variants "${VARIANTS:-torch,torch-tf32,triton-fp32,triton-tf32,triton-tf32x3,triton-bf16,triton-tf32-block,triton-bf16-block}" \
            --out "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"
          python3 bench/plot_bench.py "$OUT/bench.json" ;;  # bench.png again, with issue 3's targets
   compiled) fastgrok bench --width 128,512,2048 --models 1024 --variants torch-compile --out "$OUT/bench-compiled.json" 2>&1 | tee "$OUT/bench-compiled.log" ;;

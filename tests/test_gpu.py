@@ -90,14 +90,17 @@ def test_torch_backend_with_batchnorm_and_minibatches_at_real_size():
         assert_close(f"running_var[{b}]", pop.running_var[b], mlp.bn.running_var)
 
 
+@pytest.mark.parametrize("pad", [0, 1 << 30])
 @pytest.mark.parametrize("settings", [Settings(p=P), Settings(p=P, batch_size=256, batchnorm=True)])
-def test_torch_backend_peak_memory_is_within_the_planners_estimate(settings):
+def test_torch_backend_peak_memory_is_within_the_planners_estimate(monkeypatch, settings, pad):
     """The planner sizes torch populations with bytes_per_model: a step must not use more (64 models, a third
-    of them with dropout)."""
+    of them with dropout), also with the outputs padded to a multiple of 8 (GPU_PAD_BELOW, bench/torch_knobs.py)."""
+    import fastgrok.backends
     from fastgrok.backends import TorchBackend
     from fastgrok.data import task_table
     from fastgrok.population import bytes_per_model
 
+    monkeypatch.setattr(fastgrok.backends, "GPU_PAD_BELOW", pad)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
@@ -108,6 +111,25 @@ def test_torch_backend_peak_memory_is_within_the_planners_estimate(settings):
     num_pairs = task_table("add", P)[2].numel()
     estimate = bytes_per_model(P, WIDTH, pop.train_m.shape[1], num_pairs, "torch", settings.batch_size, settings.batchnorm)
     assert peak <= estimate, f"a step used {peak / 2**20:.1f} MiB per model, the planner assumes {estimate / 2**20:.1f}"
+
+
+@pytest.mark.parametrize("loss", ["mse", "ce"])
+def test_torch_backend_outputs_padded_to_8_change_nothing(monkeypatch, loss):
+    """With GPU_PAD_BELOW above p (what bench/torch_knobs.py --knob gpu-pad times), p 97's outputs are padded to
+    104 with zero columns of W: five fp32 steps of 64 models give the losses and weights of the unpadded step."""
+    import fastgrok.backends
+    from fastgrok.backends import TorchBackend
+
+    settings, engine = Settings(p=P, loss=loss), TorchBackend()
+    plain, padded = (Population(grid(models=64), settings, "cuda") for _ in range(2))
+    for _ in range(5):
+        plain_loss = engine.step(plain)
+    monkeypatch.setattr(fastgrok.backends, "GPU_PAD_BELOW", 1 << 30)
+    for _ in range(5):
+        padded_loss = engine.step(padded)
+    assert_close("losses", padded_loss, plain_loss, atol=1e-6, rtol=1e-5)
+    for name in ("U", "V", "W"):
+        assert_close(name, getattr(padded, name), getattr(plain, name), atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize("scatter", ["window", "block"])

@@ -41,7 +41,7 @@ case "$1" in
   bench) fastgrok bench --width "${WIDTHS:-512,128,2048}" --models "${MODELS:-1,64,1024,max}" \
            --variants "${VARIANTS:-torch,torch-tf32,triton-fp32,triton-tf32,triton-tf32x3,triton-bf16,triton-tf32-block,triton-bf16-block}" \
            --out "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"
-         python3 bench/plot_bench.py "$OUT/bench.json" ;;  # bench.png again, with issue 3's targets
+         python3 bench/plot_bench.py "$OUT/bench.json" | tee -a "$OUT/bench.log" ;;  # bench.png with issue 3's targets, their table
   compiled) fastgrok bench --width 128,512,2048 --models 1024 --variants torch-compile --out "$OUT/bench-compiled.json" 2>&1 | tee "$OUT/bench-compiled.log" ;;
   precision) python3 bench/validate_precision.py --out "$OUT/precision.json" 2>&1 | tee "$OUT/precision.log" ;;
   e2e|dropout)

@@ -85,6 +85,24 @@ def test_sweep_summary_picks_the_defaults_the_h100_sweep_measured_fastest():
     assert backward.default_step("tf32") == (True, {"block_d": 64, "block_n": 64, "num_warps": 4})
 
 
+def test_the_targets_table_reads_the_best_rate_of_each_variant_from_the_h100_bench():
+    """bench/plot_bench.py's tables on the committed H100 bench (2026-11-22): each target against the fastest
+    population size of its variant (N 512 tf32: 37.3k at B 14,810, 4.0x short), a target left unmeasured said so,
+    and per width the best Triton variant against the best PyTorch one (N 512: torch-tf32 7.5k at B 64)."""
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    spec = importlib.util.spec_from_file_location("plot_bench", root / "bench" / "plot_bench.py")
+    plot_bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plot_bench)
+    report = json.loads((root / "bench/results/h100-2026-11-22/bench.json").read_text())
+    lines = plot_bench.tables(report, plot_bench.TARGETS).splitlines()
+    assert "| N 512, triton-tf32: 150k | 37.3k (14810) | 4.0x |" in lines
+    assert "| N 2048, triton-tf32: 40k | not measured |  |" in lines  # the time limit cut that run before N 2048
+    assert "| 512 | triton-tf32 37.3k (14810) | torch-tf32 7.5k (64) | 5.0x | 466 |" in lines
+
+
 def _second_timing_raises(monkeypatch, error: BaseException) -> None:
     """Make the benchmark's second timed call raise `error`: the reference loop is timed first, then the torch
     backend's first population size."""

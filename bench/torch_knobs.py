@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 
 import torch
@@ -50,14 +49,6 @@ KNOBS = {  # module, setting, {label: value}, {case: (settings, models)}
         for p, width, models in ((97, 128, 1024), (97, 512, 1024), (97, 2048, 128), (61, 512, 1024), (113, 512, 512))
     }),
 }
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor()
 
 
 def main() -> None:
@@ -106,7 +97,7 @@ def main() -> None:
         setattr(module, setting, default)
         torch.backends.cuda.matmul.allow_tf32 = default_tf32
     if args.out:
-        record = {"date": time.strftime("%Y-%m-%d"), "device": device_name(device), "cpu": cpu_model(),
+        record = {"date": time.strftime("%Y-%m-%d"), "device": device_name(device),
                   "versions": versions(), "knob": setting, "default": default, "repeats": args.repeats,
                   "model_steps_per_s": results}
         with open(args.out, "w") as f:

@@ -79,11 +79,18 @@ def git_revision() -> str | None:
 
 
 def device_name(device: torch.device) -> str:
+    """What a benchmark ran on: the GPU's name, or the CPU's model and core count."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     import os
 
-    return f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:  # Linux: "model name : AMD EPYC 7B13" (platform gives only x86_64)
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"cpu: {model}, {os.cpu_count()} cores"
 
 
 def versions() -> dict:

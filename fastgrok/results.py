@@ -86,7 +86,7 @@ def device_name(device: torch.device) -> str:
 
     model = platform.processor() or platform.machine()
     try:
-        with open("/proc/cpuinfo") as f:  # Linux: "model name : AMD EPYC 7B13" (platform gives only x86_64)
+        with open("/proc/cpuinfo") as f:  # Linux: "model name : AMD EPYC" (platform gives only x86_64)
             model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass

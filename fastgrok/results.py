@@ -126,10 +126,11 @@ def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
 
 
 def write_csv(path: Path, rows) -> None:
-    """A csv file (header first, then rows of cells), through write_atomic."""
+    """A csv file (header first, then rows of cells), through write_atomic. Lines end in LF, not the csv module's
+    CRLF, so that cut and awk do not carry a carriage return in the last column."""
     def write(tmp: Path) -> None:
         with open(tmp, "w", newline="") as f:
-            csv.writer(f).writerows(rows)
+            csv.writer(f, lineterminator="\n").writerows(rows)
 
     write_atomic(path, write)
 

@@ -100,7 +100,7 @@ def test_train_writes_a_complete_run_directory(tmp_path):
     assert config["settings"]["p"] == 11 and config["grid"]["xi"] == [0.0, 0.3]
     assert {"torch", "python", "fastgrok"} <= set(config["versions"]) and config["device"].startswith("cpu")
     header = (out / "models.csv").read_text().splitlines()[0].split(",")
-    assert tuple(header) == MODEL_COLUMNS
+    assert tuple(header) == MODEL_COLUMNS and b"\r" not in (out / "models.csv").read_bytes()
     rows = read_models(out)
     assert [r["model"] for r in rows] == [0, 1, 2, 3]
     assert [(r["xi"], r["wd"]) for r in rows] == [(0.0, 0.0), (0.0, 1.0), (0.3, 0.0), (0.3, 1.0)]

@@ -306,6 +306,9 @@ def _print_summary(run, grid, console) -> None:
             step = reached.get(r["model"])
             table.add_row(str(r["model"]), *(f"{r[a]:g}" for a in varying), *acc,
                           f"{step:,}" if step is not None else "-", r["phase"])
+        # as wide as its cells need, past the terminal if it must: squeezed into 100 columns (a log file, or a grid
+        # of three axes) rich would cut the numbers to "0.1…" and the phases to "forgetti…"
+        console.width = max(console.width, console.measure(table, options=console.options.update_width(10_000)).maximum)
     else:
         counts = Counter(r["phase"] for r in run.rows)
         table = Table(title=f"{len(run.rows):,} models by phase")

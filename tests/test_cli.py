@@ -69,6 +69,22 @@ def test_the_summary_table_says_when_each_model_first_reached_90_percent_test_ac
     assert cells == {"coexistence": ["4", "4", "300"], "forgetting": ["40", "20", "6,600"]}  # median of 1,200, 12,000
 
 
+def test_the_summary_table_is_never_cut_to_fit_the_terminal(tmp_path, monkeypatch):
+    """A grid of four axes needs more than the 100 columns a log file gets: every accuracy and phase is printed
+    whole (rich squeezing the table cut them to "0.1…" and "forgetti…")."""
+    monkeypatch.setenv("COLUMNS", "80")
+    result = run(*SMALL, "--xi", "0,0.3", "--alpha", "0.3,0.7", "--dropout", "0,0.2", "--wd", "0,5",
+                 "--out", tmp_path / "run")
+    assert result.exit_code == 0, result.output
+    rows = [[c.strip() for c in line.strip("│ ").split("│")] for line in result.output.splitlines()
+            if re.match(r"│ +\d+ │", line)]
+    assert len(rows) == 16 and "…" not in result.output, result.output
+    models = {r["model"]: r for r in read_models(tmp_path / "run")}
+    for cells in rows:
+        m = models[int(cells[0])]
+        assert cells[-1] == m["phase"] and cells[5] == f"{m['train_acc']:.3f}" and cells[6] == f"{m['test_acc']:.3f}"
+
+
 def test_a_dry_run_prints_the_plan_a_run_then_follows_and_writes_nothing(tmp_path, monkeypatch):
     from fastgrok.population import bytes_per_model
 

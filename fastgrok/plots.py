@@ -10,6 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.colors import ListedColormap  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
 from fastgrok.phases import PHASES  # noqa: E402
@@ -114,7 +115,11 @@ def phase_heatmaps(panels: list[tuple[str, np.ndarray, np.ndarray]], x_name: str
         for (i, j), a in np.ndenumerate(agreement):
             if grid[i, j] >= 0 and a < 1:
                 ax.text(j, i, "x", ha="center", va="center", fontsize=7, color="white")  # seeds disagree
-    handles = [Patch(color=PHASE_COLORS[p], label=p.replace("_", " ")) for p in names[:-1]]
+    # the five phases always; diverged and the seeds' "x" only where a panel shows them
+    drawn = [p for k, p in enumerate(names) if k < len(PHASES) or any((g == k).any() for _, g, _ in panels)]
+    handles = [Patch(color=PHASE_COLORS[p], label=p.replace("_", " ")) for p in drawn]
+    if any(((g >= 0) & (a < 1)).any() for _, g, a in panels):
+        handles.append(Line2D([], [], color="black", marker="x", linestyle="none", label="seeds disagree (majority shown)"))
     fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=8)
     return _save(fig, path)
 

@@ -2,6 +2,7 @@
 
 import math
 import shutil
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ from fastgrok.cli import app
 from fastgrok.data import task_table
 from fastgrok.errors import ConfigError
 from fastgrok.ipr import neuron_ipr, neuron_spectra, vector_ipr
+from fastgrok.phases import PHASES
 from fastgrok.population import forward
 from fastgrok.results import read_config, read_models, recipe
 from fastgrok.train import first_reached
@@ -297,6 +299,24 @@ def test_phase_diagram_table_equals_models_csv(tmp_path, monkeypatch):
     monkeypatch.setattr(plots, "_save", lambda fig, path: (titles.append(fig.get_suptitle()), save(fig, path))[1])
     analysis.phase_diagram(out, "xi", "alpha")
     assert titles == [recipe(read_config(out))]  # the figure says how its models were trained
+
+
+def test_the_phase_legend_names_every_colour_and_mark_a_panel_shows(tmp_path, monkeypatch):
+    """Diverged cells are black and disagreeing seeds marked x: the legend once named neither."""
+    legends = []
+    save = plots._save
+    monkeypatch.setattr(plots, "_save", lambda fig, path: (legends.append(
+        [t.get_text() for t in fig.legends[0].get_texts()]), save(fig, path))[1])
+    five = [p.replace("_", " ") for p in PHASES]
+    grid, agree = np.array([[0, 1, 2], [3, 4, -1]]), np.ones((2, 3))
+    diverged, split = grid.copy(), agree.copy()
+    diverged[1, 2], split[0, 1] = len(PHASES), 2 / 3
+    draw = partial(plots.phase_heatmaps, x_name="xi", x_values=[0, 0.1, 0.2], y_name="alpha", y_values=[0.3, 0.5],
+                   path=tmp_path / "phases.png")
+    draw([("wd 0", grid, agree)])
+    draw([("wd 0", grid, agree), ("wd 5", diverged, agree)])
+    draw([("wd 0", grid, split)])
+    assert legends == [five, [*five, "diverged"], [*five, "seeds disagree (majority shown)"]]
 
 
 def test_phase_defaults_to_the_axes_the_grid_varies(tmp_path):

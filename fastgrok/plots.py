@@ -150,7 +150,7 @@ def training_curves(history: dict[str, np.ndarray], path: Path, title: str,
                     band: dict[str, np.ndarray] | None = None) -> Path:
     """Accuracies, losses and mean IPR against the training step: one model's, or with `band` ((2, steps) per
     key: lower and upper curves) a group's mean with a shaded band."""
-    fig, (acc, loss, ipr) = plt.subplots(1, 3, figsize=(14, 3.4), layout="constrained")
+    fig, (acc, loss, ipr) = plt.subplots(1, 3, figsize=(14, 3.4), layout="constrained", sharex=True)
     step = history["step"]
 
     def draw(ax, key, **kwargs):
@@ -164,8 +164,12 @@ def training_curves(history: dict[str, np.ndarray], path: Path, title: str,
     acc.set_ylim(-0.02, 1.02)
     acc.set_ylabel("accuracy")
     acc.legend(fontsize=7)
-    draw(loss, "train_loss", label="train")
-    draw(loss, "test_loss", label="test")
+    for key in ("train_loss", "test_loss"):  # a diverged model's loss ends in inf, which a log axis leaves out
+        label, bad = key.removesuffix("_loss"), ~np.isfinite(history[key])
+        if bad.any():  # with markers: the finite points before may be too few for a line
+            draw(loss, key, label=f"{label} (not finite from step {step[bad.argmax()]:g})", marker="o", markersize=3)
+        else:
+            draw(loss, key, label=label)
     loss.set_yscale("log")
     loss.set_ylabel("loss")
     loss.legend(fontsize=7)

@@ -394,6 +394,22 @@ def test_metric_diagram_is_the_seed_mean_of_models_csv_without_diverged_models(t
     assert (out / "corrupted_acc-wd-vs-xi.png").stat().st_size > 5000
 
 
+def test_a_diverged_models_loss_curve_says_where_it_stopped_being_finite(tmp_path, monkeypatch):
+    """A diverged model's losses are inf from the step it blew up, which a log axis silently leaves out: its
+    loss panel once held nothing visible, on steps of its own (-0.04 to 0.04)."""
+    figures = []
+    save = plots._save
+    monkeypatch.setattr(plots, "_save", lambda fig, path: (figures.append(fig), save(fig, path))[1])
+    step = np.array([0.0, 50, 100, 150])
+    history = {"step": step, "ipr": np.full(4, 0.3), **{k: np.full(4, 0.5) for k in plots.ACCURACIES},
+               "train_loss": np.array([0.09, np.inf, np.inf, np.inf]), "test_loss": np.array([0.1, 0.08, 0.07, 0.06])}
+    plots.training_curves(history, tmp_path / "curves.png", "one model")
+    _, loss, _ = figures[0].axes
+    assert [t.get_text() for t in loss.get_legend().get_texts()] == ["train (not finite from step 50)", "test"]
+    assert loss.get_xlim()[0] <= 0 and loss.get_xlim()[1] >= 150  # the steps every panel shares
+    assert loss.get_lines()[0].get_marker() == "o"  # its one finite point is drawn
+
+
 def test_plot_of_a_phase_draws_its_models_mean_and_percentile_band(tmp_path, monkeypatch):
     out = tmp_path / "curves"
     args = ["train", "--p", "11", "--width", "16", "--steps", "60", "--log-every", "20", "--xi", "0,0.5",

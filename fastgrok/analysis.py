@@ -28,7 +28,9 @@ from fastgrok.population import METRICS
 from fastgrok.results import (csv_cell, load_populations, read_config, read_history, read_models, read_weights,
                               recipe, write_atomic, write_csv)
 
-ORDERS = ("low", "high", "random")
+# --order -> what the table and the figure call it
+ORDERS = {"low": "lowest-IPR neurons first", "high": "highest-IPR neurons first",
+          "random": "neurons in a random order"}
 
 
 def unfinished(run: Path) -> str | None:
@@ -219,7 +221,7 @@ def prune(run: Path, order: str = "low", models: str | None = None, every: int |
     columns = pa.table({k: np.concatenate(v) for k, v in table.items()})
     write_atomic(run / f"prune-{order}.parquet", lambda tmp: pq.write_table(columns, tmp))
     shown = dict(itertools.islice(curves.items(), 9))
-    plots.prune_curves(shown, run / f"prune-{order}.png", f"pruning {order}-IPR neurons first, no retraining")
+    plots.prune_curves(shown, run / f"prune-{order}.png", f"pruning {ORDERS[order]}, no retraining")
     return curves
 
 

@@ -496,7 +496,7 @@ def prune(
         half = int(len(c["fraction"]) // 2)
         rows.append([m, c["test_acc"][0], c["corrupted_acc"][0], c["test_acc"][half], c["corrupted_acc"][half],
                      float(c["fraction"][half])])
-    _table(f"pruning {order}-IPR first ({len(curves)} models)", ["model", "test before", "memorised before",
+    _table(f"pruning {analysis.ORDERS[order]} ({len(curves)} models)", ["model", "test before", "memorised before",
            "test at half", "memorised at half", "fraction"], rows)
     typer.echo(f"wrote {run / f'prune-{order}.parquet'}, {run / f'prune-{order}.png'}")
     _note_unfinished(run)

@@ -492,6 +492,9 @@ def test_the_prune_table_shows_an_empty_subsets_metric_as_a_dash(tmp_path):
     rows = {c[0]: c[1:5] for c in cells}  # test before, memorised before, test at half, memorised at half
     assert rows["0"][1] == rows["0"][3] == "-" and "nan" not in result.output
     assert all(re.fullmatch(r"\d\.\d{3}", v) for v in rows["0"][::2] + rows["1"])
+    assert "pruning lowest-IPR neurons first (2 models)" in result.output
+    result = runner.invoke(app, ["prune", str(out), "--every", "4", "--order", "random"])
+    assert "pruning neurons in a random order (2 models)" in result.output  # it was "random-IPR first"
 
 
 def test_a_run_being_written_is_refused_to_a_second_process(tmp_path, monkeypatch):

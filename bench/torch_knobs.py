@@ -4,18 +4,22 @@
 chunks of models, and a large model in spans of its examples, so that a pass's (examples, N) activations take
 at most that). `--knob pad`: fastgrok.backends.CPU_PAD_BELOW, the p below which the outputs are padded to a
 multiple of 8 (here: never, or at every p). `--knob gpu-pad`: the same on a GPU (GPU_PAD_BELOW), each case in fp32
-and in TF32: whether p 97's products (no multiple of 4) keep cuBLAS's TF32 off the tensor cores. Full training
-steps (forward, backward, optimizer), interleaved so that a busy machine slows all values alike, best of --repeats:
+and in TF32: whether p 97's products (no multiple of 4) keep cuBLAS's TF32 off the tensor cores. `--knob malloc`:
+fastgrok.population.CPU_MALLOC, glibc's malloc settings for a CPU population, against glibc's own; mallopt cannot
+be undone, so each value runs in a process of its own, the two taking turns. Full training steps (forward, backward,
+optimizer), interleaved so that a busy machine slows all values alike, best of --repeats:
 
     python bench/torch_knobs.py --knob chunk --out bench/results/cpu-2core-chunks.json
     python bench/torch_knobs.py --knob pad --out bench/results/cpu-2core-pad.json
     python bench/torch_knobs.py --knob gpu-pad --out torch-pad.json      # on a GPU (bench/gpu_session.sh torchpad)
+    python bench/torch_knobs.py --knob malloc --out bench/results/cpu-2core-malloc.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import time
 
 import torch
@@ -26,14 +30,18 @@ from fastgrok.config import Hyper, Settings
 from fastgrok.results import device_name, versions
 
 DEMO = (Settings(p=47), [Hyper(width=128, xi=x / 20, wd=w) for x in range(13) for w in (0, 5, 15)])
+SIZES = {
+    "cpu-demo: p 47, N 128, 39 models": DEMO,
+    "p 97, N 128, 16 models": (Settings(), [Hyper(width=128, seed=i) for i in range(16)]),
+    "p 97, N 500, 1 model": (Settings(), [Hyper(width=500)]),
+    "p 97, N 500, 16 models": (Settings(), [Hyper(width=500, seed=i) for i in range(16)]),
+    "p 97, N 500, alpha 0.1..0.9, 9 models": (Settings(), [Hyper(width=500, alpha=k / 10) for k in range(1, 10)]),
+}
 KNOBS = {  # module, setting, {label: value}, {case: (settings, models)}
-    "chunk": (population, "CPU_CHUNK_BYTES", {f"{mib} MiB": mib << 20 for mib in (24, 8, 4, 2, 1)}, {
-        "cpu-demo: p 47, N 128, 39 models": DEMO,
-        "p 97, N 128, 16 models": (Settings(), [Hyper(width=128, seed=i) for i in range(16)]),
-        "p 97, N 500, 1 model": (Settings(), [Hyper(width=500)]),
-        "p 97, N 500, 16 models": (Settings(), [Hyper(width=500, seed=i) for i in range(16)]),
-        "p 97, N 500, alpha 0.1..0.9, 9 models": (Settings(), [Hyper(width=500, alpha=k / 10) for k in range(1, 10)]),
-    }),
+    "chunk": (population, "CPU_CHUNK_BYTES", {f"{mib} MiB": mib << 20 for mib in (24, 8, 4, 2, 1)}, SIZES),
+    "malloc": (population, "CPU_MALLOC", {"glibc's own": {}, "CPU_MALLOC": population.CPU_MALLOC}, {
+        **SIZES, "p 97, N 500, 128 models (optimizer buffers over 32 MiB)":
+            (Settings(), [Hyper(width=500, seed=i) for i in range(128)])}),
     "pad": (backends, "CPU_PAD_BELOW", {"no padding": 0, "p padded to 8": 1 << 30}, {
         "p 13, N 32, 64 models": (Settings(p=13), [Hyper(width=32, seed=i) for i in range(64)]),
         "p 23, N 64, 32 models": (Settings(p=23), [Hyper(width=64, seed=i) for i in range(32)]),
@@ -51,6 +59,32 @@ KNOBS = {  # module, setting, {label: value}, {case: (settings, models)}
 }
 
 
+PER_PROCESS = {"malloc"}  # settings a process cannot take back
+
+
+def timed(engine, pop, steps: int) -> float:
+    """Seconds per training step, over `steps` steps."""
+    start = time.perf_counter()
+    for _ in range(steps):
+        engine.step(pop)
+    if pop.device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / steps
+
+
+def worker(conn, knob: str, value, steps: int) -> None:
+    """A process with one value of a PER_PROCESS knob: times the case it is sent, holding one case at a time."""
+    module, setting, _, cases = KNOBS[knob]
+    setattr(module, setting, value)
+    held = None
+    while (case := conn.recv()) is not None:
+        if held is None or held[0] != case:
+            held = None  # the last case's population goes before the next is built
+            settings, hypers = cases[case]
+            held = case, population.Population(hypers, settings, "cpu"), backends.TorchBackend()
+        conn.send(timed(held[2], held[1], steps))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--knob", choices=KNOBS, default="chunk")
@@ -65,37 +99,46 @@ def main() -> None:
     # on a GPU every case in fp32 and in TF32 (the bench's torch and torch-tf32 baselines)
     modes = {" (fp32)": False, " (TF32)": True} if device.type == "cuda" else {"": False}
     default, default_tf32 = getattr(module, setting), torch.backends.cuda.matmul.allow_tf32
-
-    def timed(engine, pop) -> float:
-        start = time.perf_counter()
-        for _ in range(args.steps):
-            engine.step(pop)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return (time.perf_counter() - start) / args.steps
+    workers = {}
+    if args.knob in PER_PROCESS:
+        context = multiprocessing.get_context("spawn")
+        for label, value in values.items():
+            conn, theirs = context.Pipe()
+            workers[label] = conn, context.Process(target=worker, args=(theirs, args.knob, value, args.steps))
+            workers[label][1].start()
 
     results = {}
     try:
         for case, (settings, hypers) in cases.items():
-            pop = population.Population(hypers, settings, device)
-            engine = backends.TorchBackend()
+            if workers:
+                def measure(label: str, case=case) -> float:
+                    workers[label][0].send(case)
+                    return workers[label][0].recv()
+            else:
+                pop = population.Population(hypers, settings, device)
+                engine = backends.TorchBackend()
+
+                def measure(label: str, pop=pop, engine=engine) -> float:
+                    setattr(module, setting, values[label])
+                    return timed(engine, pop, args.steps)
             for mode, tf32 in modes.items():
                 torch.backends.cuda.matmul.allow_tf32 = tf32
-                for value in values.values():  # warm-up, also of cuBLAS's choice for each shape
-                    setattr(module, setting, value)
-                    timed(engine, pop)
+                for label in values:  # warm-up, also of cuBLAS's choice for each shape
+                    measure(label)
                 best = dict.fromkeys(values, float("inf"))
                 for _ in range(args.repeats):
-                    for label, value in values.items():
-                        setattr(module, setting, value)
-                        best[label] = min(best[label], timed(engine, pop))
+                    for label in values:
+                        best[label] = min(best[label], measure(label))
                 name = case + mode
                 results[name] = {label: round(len(hypers) / seconds, 1) for label, seconds in best.items()}
                 print(f"{name}: model-steps/s " + ", ".join(f"{k} {v}" for k, v in results[name].items()), flush=True)
-            del pop, engine
+            pop = engine = measure = None
     finally:
         setattr(module, setting, default)
         torch.backends.cuda.matmul.allow_tf32 = default_tf32
+        for conn, process in workers.values():
+            conn.send(None)
+            process.join()
     if args.out:
         record = {"date": time.strftime("%Y-%m-%d"), "device": device_name(device),
                   "versions": versions(), "knob": setting, "default": default, "repeats": args.repeats,

@@ -10,6 +10,7 @@ statistics, (B, N) each.
 
 from __future__ import annotations
 
+import ctypes
 import os
 from concurrent.futures import ThreadPoolExecutor
 
@@ -68,6 +69,8 @@ class Population:
         self.hypers, self.settings, self.device = list(hypers), settings, torch.device(device)
         self.model_ids = list(model_ids) if model_ids is not None else list(range(len(hypers)))
         self.width, p = widths.pop(), settings.p
+        if self.device.type == "cpu":
+            set_cpu_malloc()
         B = len(hypers)
 
         check_training_sets(hypers, settings)
@@ -319,8 +322,48 @@ def eval_limit(device: torch.device | str) -> int:
 # development machine (AMD EPYC, 32 MB L3; bench/results/cpu-2core-chunks.json and a repeat) 4 MiB against the
 # 24 MiB used before: the cpu-demo population 1.95-1.98x (1,012 against 519 model-steps/s), 16 models of p 97,
 # N 128 2.1-2.2x, 16 of N 500 1.2-1.6x, one model of N 500 (in spans) 1.03-1.06x (1.4x in a third run); no other
-# size was faster beyond the noise (about 10%), and spans also bound the memory of one wide model.
+# size was faster beyond the noise (about 10%), and spans also bound the memory of one wide model. Timed again
+# with CPU_MALLOC below (bench/results/cpu-2core-chunks-malloc.json), 4 and 8 MiB are still the fastest or level.
 CPU_CHUNK_BYTES = 4 << 20
+
+
+# glibc's malloc, left to itself, hands freed memory at the top of its heap back to the kernel as soon as twice its
+# (adaptive) mmap threshold is free there, and maps buffers above that threshold afresh each time: every step's
+# buffers were then faulted in again page by page (the cpu-demo: 2.4M minor page faults in 300 steps, a third of
+# its step time in the kernel). These mallopt settings serve buffers up to 32 MiB (glibc's largest threshold) from
+# the heap and keep up to 256 MiB of it mapped. bench/torch_knobs.py --knob malloc against glibc's own, two runs on
+# the 2-core development machine (bench/results/cpu-2core-malloc*.json): the cpu-demo population 1.44-1.89x, 16
+# models of p 97 at N 128 1.30-1.65x and at N 500 1.33-1.41x, one model of N 500, 9 of alpha 0.1-0.9 and 128 models
+# (whose optimizer buffers are over 32 MiB, mapped either way) 0.95-1.16x, within the noise; the largest resident
+# memory of short runs within 8%. M_TOP_PAD instead (64 MiB) was as fast on the cpu-demo, but it fixes the mmap
+# threshold at 128 KiB: 16 models of N 500 ran 2.4x slower.
+CPU_MALLOC = {"M_MMAP_THRESHOLD": 32 << 20, "M_TRIM_THRESHOLD": 256 << 20}
+_MALLOPT_PARAMS = {"M_TRIM_THRESHOLD": -1, "M_MMAP_THRESHOLD": -3}  # malloc.h
+_malloc_set = False
+
+
+def set_cpu_malloc() -> None:
+    """Apply CPU_MALLOC once per process (a CPU population does): under glibc only, and never over a user's own
+    MALLOC_* variables or GLIBC_TUNABLES."""
+    global _malloc_set
+    if _malloc_set:
+        return
+    _malloc_set = True
+    mallopt = glibc_mallopt()
+    if mallopt is None or any(k.startswith("MALLOC_") or k == "GLIBC_TUNABLES" for k in os.environ):
+        return
+    for name, value in CPU_MALLOC.items():
+        mallopt(_MALLOPT_PARAMS[name], value)
+
+
+def glibc_mallopt():
+    """glibc's mallopt, or None (not Linux, or another C library)."""
+    try:
+        if (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc"):
+            return ctypes.CDLL(None).mallopt
+    except (ValueError, OSError, AttributeError):
+        pass
+    return None
 
 
 def cpu_pieces(d: int, width: int, p: int, batchnorm: bool = False) -> tuple[int, int]:

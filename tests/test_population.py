@@ -1,11 +1,15 @@
 """The torch backend against reference.py: one step (every gradient and updated tensor), trajectories,
 B models together == each alone, NaN isolation, and the evaluation metrics."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
 from compare import assert_close
-from fastgrok import reference
+from fastgrok import population, reference
 from fastgrok.backends import TorchBackend, _grads, finite_models
 from fastgrok.config import Hyper, Settings
 from fastgrok.data import batch_slots, generator
@@ -210,6 +214,36 @@ def test_cpu_chunks_cut_to_their_own_training_sets_change_nothing(monkeypatch, a
     assert_close("losses, one model per chunk", TorchBackend().step(chunked), whole_loss, atol=1e-6, rtol=1e-6)
     for name in ("U", "V", "W"):
         assert_close(f"{name}, one model per chunk", getattr(chunked, name), getattr(whole, name), atol=1e-6, rtol=1e-6)
+
+
+FAULTS_PER_STEP = """
+import resource, sys
+from fastgrok import population
+from fastgrok.backends import TorchBackend
+from fastgrok.config import Hyper, Settings
+if sys.argv[1] == "glibc":
+    population.CPU_MALLOC = {}
+pop = population.Population([Hyper(width=128, xi=x / 20, wd=w) for x in range(13) for w in (0, 5, 15)], Settings(p=47))
+engine = TorchBackend()
+for _ in range(3):
+    engine.step(pop)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(10):
+    engine.step(pop)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 10)
+"""
+
+
+@pytest.mark.skipif(population.glibc_mallopt() is None, reason="glibc's malloc settings")
+def test_a_cpu_step_does_not_fault_its_buffers_in_again():
+    """glibc's malloc, left to itself, gave a step's freed buffers back to the kernel and faulted them in again
+    the next step (the cpu-demo: thousands of page faults a step, a third of its time); with CPU_MALLOC, which a
+    CPU population sets, they stay. The cpu-demo's population, each way in a process of its own (mallopt cannot
+    be undone); a user's own MALLOC_* variables would win, so none is passed on."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+    faults = {way: float(subprocess.run([sys.executable, "-c", FAULTS_PER_STEP, way], env=env, check=True,
+                                        capture_output=True, text=True).stdout) for way in ("fastgrok", "glibc")}
+    assert faults["fastgrok"] * 20 < faults["glibc"], faults
 
 
 @pytest.mark.parametrize("act, loss", [("quad", "mse"), ("relu", "ce")])

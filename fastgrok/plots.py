@@ -119,7 +119,8 @@ def phase_heatmaps(panels: list[tuple[str, np.ndarray, np.ndarray]], x_name: str
     drawn = [p for k, p in enumerate(names) if k < len(PHASES) or any((g == k).any() for _, g, _ in panels)]
     handles = [Patch(color=PHASE_COLORS[p], label=p.replace("_", " ")) for p in drawn]
     if any(((g >= 0) & (a < 1)).any() for _, g, a in panels):
-        handles.append(Line2D([], [], color="black", marker="x", linestyle="none", label="seeds disagree (majority shown)"))
+        handles.append(Line2D([], [], color="black", marker="x", linestyle="none",
+                              label="seeds disagree (majority shown)"))
     fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=8)
     return _save(fig, path)
 

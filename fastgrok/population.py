@@ -350,10 +350,15 @@ def set_cpu_malloc() -> None:
         return
     _malloc_set = True
     mallopt = glibc_mallopt()
-    if mallopt is None or any(k.startswith("MALLOC_") or k == "GLIBC_TUNABLES" for k in os.environ):
+    if mallopt is None or any(map(malloc_variable, os.environ)):
         return
     for name, value in CPU_MALLOC.items():
         mallopt(_MALLOPT_PARAMS[name], value)
+
+
+def malloc_variable(name: str) -> bool:
+    """Whether an environment variable sets glibc's malloc (then the user's settings rule, not CPU_MALLOC)."""
+    return name.startswith("MALLOC_") or name == "GLIBC_TUNABLES"
 
 
 def glibc_mallopt():

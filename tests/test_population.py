@@ -240,7 +240,7 @@ def test_a_cpu_step_does_not_fault_its_buffers_in_again():
     the next step (the cpu-demo: thousands of page faults a step, a third of its time); with CPU_MALLOC, which a
     CPU population sets, they stay. The cpu-demo's population, each way in a process of its own (mallopt cannot
     be undone); a user's own MALLOC_* variables would win, so none is passed on."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+    env = {k: v for k, v in os.environ.items() if not population.malloc_variable(k)}
     faults = {way: float(subprocess.run([sys.executable, "-c", FAULTS_PER_STEP, way], env=env, check=True,
                                         capture_output=True, text=True).stdout) for way in ("fastgrok", "glibc")}
     assert faults["fastgrok"] * 20 < faults["glibc"], faults

@@ -227,10 +227,13 @@ pop = population.Population([Hyper(width=128, xi=x / 20, wd=w) for x in range(13
 engine = TorchBackend()
 for _ in range(3):
     engine.step(pop)
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(10):
-    engine.step(pop)
-print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 10)
+per_step = []
+for _ in range(5):  # the least of five blocks of four steps: a step now and then grows the heap
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(4):
+        engine.step(pop)
+    per_step.append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 4)
+print(min(per_step))
 """
 
 
@@ -243,7 +246,8 @@ def test_a_cpu_step_does_not_fault_its_buffers_in_again():
     env = {k: v for k, v in os.environ.items() if not population.malloc_variable(k)}
     faults = {way: float(subprocess.run([sys.executable, "-c", FAULTS_PER_STEP, way], env=env, check=True,
                                         capture_output=True, text=True).stdout) for way in ("fastgrok", "glibc")}
-    assert faults["fastgrok"] * 20 < faults["glibc"], faults
+    # ten pairs of runs on the 2-core machine: 0 against 1,658-10,500; with CPU_MALLOC empty both take thousands
+    assert faults["fastgrok"] * 50 < faults["glibc"], faults
 
 
 @pytest.mark.parametrize("act, loss", [("quad", "mse"), ("relu", "ce")])

@@ -12,6 +12,7 @@ import numpy as np  # noqa: E402
 from matplotlib.colors import ListedColormap  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
 
 from fastgrok.phases import PHASES  # noqa: E402
 
@@ -192,6 +193,23 @@ def accuracy_vs_width(widths, accuracies, path: Path, title: str) -> Path:
     return _save(fig, path)
 
 
+def _count(value: float, _position=None) -> str:
+    """A tick label for a count: 5, 466, 7.1k, 37k, 100k, 1.2M."""
+    for scale, suffix in ((1e6, "M"), (1e3, "k")):
+        if value >= scale:
+            value /= scale
+            return f"{value:.0f}{suffix}" if value >= 10 else f"{value:.2g}{suffix}"
+    return f"{value:.3g}"
+
+
+def _count_ticks(axis, low: float, high: float) -> None:
+    """A log axis that reads as numbers (1k, not 10^3), ticked at 1, 2 and 5 times the powers of ten when it spans
+    less than two decades (matplotlib's default labels a decade or less with no tick, or with '2x10^1')."""
+    axis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0) if high < 100 * low else (1.0,)))
+    axis.set_major_formatter(FuncFormatter(_count))
+    axis.set_minor_formatter(NullFormatter())
+
+
 def bench_throughput(report: dict, path: Path, targets: dict[tuple[str, int], float] | None = None) -> Path:
     """A `fastgrok bench` report: one panel per width, model-steps/s against the population size B (log-log), a
     line per backend variant, the reference.py loop (one model at a time) dashed; `targets` ((variant, width) ->
@@ -215,6 +233,8 @@ def bench_throughput(report: dict, path: Path, targets: dict[tuple[str, int], fl
                 ax.axhline(value, color=colors.get(v, "black"), linestyle=":", linewidth=1.5, label=f"{v} target")
         ax.set_xscale("log")
         ax.set_yscale("log")
+        _count_ticks(ax.xaxis, *ax.get_xlim())
+        _count_ticks(ax.yaxis, *ax.get_ylim())
         ax.set_title(f"N {width}", fontsize=10)
         ax.set_xlabel("models in the population (B)")
         ax.set_ylabel("model-steps/s")

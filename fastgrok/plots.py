@@ -173,6 +173,7 @@ def training_curves(history: dict[str, np.ndarray], path: Path, title: str,
         else:
             draw(loss, key, label=label)
     loss.set_yscale("log")
+    _log_ticks(loss.yaxis)
     loss.set_ylabel("loss")
     loss.legend(fontsize=7)
     draw(ipr, "ipr", color="purple")
@@ -193,8 +194,8 @@ def accuracy_vs_width(widths, accuracies, path: Path, title: str) -> Path:
     return _save(fig, path)
 
 
-def _count(value: float, _position=None) -> str:
-    """A tick label for a count: 5, 466, 7.1k, 37k, 100k, 1.2M."""
+def _number(value: float, _position=None) -> str:
+    """A tick label: 0.0195, 5, 466, 7.1k, 37k, 100k, 1.2M."""
     for scale, suffix in ((1e6, "M"), (1e3, "k")):
         if value >= scale:
             value /= scale
@@ -202,12 +203,18 @@ def _count(value: float, _position=None) -> str:
     return f"{value:.3g}"
 
 
-def _count_ticks(axis, low: float, high: float) -> None:
-    """A log axis that reads as numbers (1k, not 10^3), ticked at 1, 2 and 5 times the powers of ten when it spans
-    less than two decades (matplotlib's default labels a decade or less with no tick, or with '2x10^1')."""
-    axis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0) if high < 100 * low else (1.0,)))
-    axis.set_major_formatter(FuncFormatter(_count))
-    axis.set_minor_formatter(NullFormatter())
+def _log_ticks(axis, counts: bool = False) -> None:
+    """A log axis (its data drawn) that reads as numbers. Spanning less than two decades it is ticked at 1, 2 and
+    5 times the powers of ten, or evenly where fewer than two of those fall in it, and labelled 0.0195 or 200:
+    matplotlib's default labels a decade or less with no tick, or with '2x10^-2'. `counts` labels it 1k, not 10^3,
+    however wide."""
+    low, high = axis.get_view_interval()
+    narrow = high < 100 * low
+    if narrow:
+        axis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    if narrow or counts:
+        axis.set_major_formatter(FuncFormatter(_number))
+        axis.set_minor_formatter(NullFormatter())
 
 
 def bench_throughput(report: dict, path: Path, targets: dict[tuple[str, int], float] | None = None) -> Path:
@@ -233,8 +240,8 @@ def bench_throughput(report: dict, path: Path, targets: dict[tuple[str, int], fl
                 ax.axhline(value, color=colors.get(v, "black"), linestyle=":", linewidth=1.5, label=f"{v} target")
         ax.set_xscale("log")
         ax.set_yscale("log")
-        _count_ticks(ax.xaxis, *ax.get_xlim())
-        _count_ticks(ax.yaxis, *ax.get_ylim())
+        _log_ticks(ax.xaxis, counts=True)
+        _log_ticks(ax.yaxis, counts=True)
         ax.set_title(f"N {width}", fontsize=10)
         ax.set_xlabel("models in the population (B)")
         ax.set_ylabel("model-steps/s")

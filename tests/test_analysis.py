@@ -410,6 +410,54 @@ def test_a_diverged_models_loss_curve_says_where_it_stopped_being_finite(tmp_pat
     assert loss.get_lines()[0].get_marker() == "o"  # its one finite point is drawn
 
 
+def _shown_tick_labels(axis) -> list[str]:
+    low, high = axis.get_view_interval()
+    return [t.get_text() for t, v in zip(axis.get_ticklabels(), axis.get_ticklocs()) if t.get_text() and low <= v <= high]
+
+
+def test_a_loss_within_a_decade_is_labelled_in_plain_numbers(tmp_path, monkeypatch):
+    """A forgetting model's loss moves within 0.0185-0.0216: its axis once read '2.1x10^-2' and '2x10^-2'."""
+    labels = []
+    save = plots._save
+
+    def keep_labels(fig, path):
+        fig.canvas.draw()
+        labels.append(_shown_tick_labels(fig.axes[1].yaxis))
+        return save(fig, path)
+
+    monkeypatch.setattr(plots, "_save", keep_labels)
+    step = np.array([0.0, 100, 200, 300])
+    history = {"step": step, "ipr": np.full(4, 0.3), **{k: np.full(4, 0.5) for k in plots.ACCURACIES}}
+    for train_loss in ([0.0216, 0.0187, 0.0196, 0.0193], [0.02, 1e-3, 1e-4, 1e-5]):
+        history |= {"train_loss": np.array(train_loss), "test_loss": np.array(train_loss) * 1.01}
+        plots.training_curves(history, tmp_path / "curves.png", "one model")
+    narrow, wide = labels
+    assert len(narrow) >= 2 and all(0.018 <= float(label) <= 0.022 for label in narrow)
+    assert wide and all("10^{-" in label for label in wide)  # across decades, powers of ten as before
+
+
+def test_the_bench_figure_labels_its_log_axes_with_plain_counts(tmp_path, monkeypatch):
+    """Rates within one decade once showed only '2x10^2' on the y axis and B 1 to 16 only '10^0' and '10^1'."""
+    labels = []
+    save = plots._save
+
+    def keep_labels(fig, path):
+        fig.canvas.draw()
+        labels.extend((_shown_tick_labels(ax.xaxis), _shown_tick_labels(ax.yaxis)) for ax in fig.axes)
+        return save(fig, path)
+
+    monkeypatch.setattr(plots, "_save", keep_labels)
+    rate = {(1, 128): 180.0, (16, 128): 230.0, (1, 500): 3_100.0, (16_384, 500): 37_000.0}
+    report = {"device": "cpu", "date": "2026-11-24", "setting": {"p": 97, "alpha": 0.5, "loss": "mse",
+                                                                 "optimizer": "adamw"},
+              "results": [{"backend": "torch", "width": n, "models": b, "model_steps_per_s": r}
+                          for (b, n), r in rate.items()]}
+    plots.bench_throughput(report, tmp_path / "bench.png")
+    (x128, y128), (x500, y500) = labels
+    assert x128 == ["1", "2", "5", "10"] and len(y128) >= 2 and all(label.isdigit() for label in y128)
+    assert x500 == ["1", "10", "100", "1k", "10k"] and y500 == ["5k", "10k", "20k"]
+
+
 def test_plot_of_a_phase_draws_its_models_mean_and_percentile_band(tmp_path, monkeypatch):
     out = tmp_path / "curves"
     args = ["train", "--p", "11", "--width", "16", "--steps", "60", "--log-every", "20", "--xi", "0,0.5",

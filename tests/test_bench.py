@@ -22,35 +22,6 @@ def test_bench_checks_then_times_and_writes_json(tmp_path):
     assert out.with_suffix(".png").stat().st_size > 10_000  # model-steps/s against B, a line per variant
 
 
-def test_the_bench_figure_labels_its_log_axes_with_plain_counts(tmp_path, monkeypatch):
-    """Rates within one decade once showed only '2x10^2' on the y axis and B 1 to 16 only '10^0' and '10^1'."""
-    from fastgrok import plots
-
-    labels = []
-    save = plots._save
-
-    def keep_labels(fig, path):
-        fig.canvas.draw()
-        def shown(axis):
-            low, high = axis.get_view_interval()
-            return [t.get_text() for t, v in zip(axis.get_ticklabels(), axis.get_ticklocs())
-                    if t.get_text() and low <= v <= high]
-
-        labels.extend((shown(ax.xaxis), shown(ax.yaxis)) for ax in fig.axes)
-        return save(fig, path)
-
-    monkeypatch.setattr(plots, "_save", keep_labels)
-    rate = {(1, 128): 180.0, (16, 128): 230.0, (1, 500): 3_100.0, (16_384, 500): 37_000.0}
-    report = {"device": "cpu", "date": "2026-11-24", "setting": {"p": 97, "alpha": 0.5, "loss": "mse",
-                                                                 "optimizer": "adamw"},
-              "results": [{"backend": "torch", "width": n, "models": b, "model_steps_per_s": r}
-                          for (b, n), r in rate.items()]}
-    plots.bench_throughput(report, tmp_path / "bench.png")
-    (x128, y128), (x500, y500) = labels
-    assert x128 == ["1", "2", "5", "10"] and len(y128) >= 2 and all(label.isdigit() for label in y128)
-    assert x500 == ["1", "10", "100", "1k", "10k"] and y500 == ["5k", "10k", "20k"]
-
-
 def test_bench_out_must_be_a_file_and_a_failed_write_leaves_no_temporary(tmp_path):
     from fastgrok.results import write_atomic
 

@@ -26,6 +26,7 @@ PHASE_COLORS = {
 }
 ACCURACIES = {"train_acc": "train", "test_acc": "test", "clean_acc": "clean", "corrupted_acc": "corrupted (memorised)",
               "inverted_acc": "corrupted vs true (inverted)"}
+ACCURACY_COLORS = {key: f"C{i}" for i, key in enumerate(ACCURACIES)}  # one colour per metric in every panel
 
 
 def _save(fig, path: Path) -> Path:
@@ -74,17 +75,21 @@ def neuron_spectra(panels: dict[str, np.ndarray], path: Path, title: str) -> Pat
 
 
 def prune_curves(curves: dict[int, dict[str, np.ndarray]], path: Path, title: str) -> Path:
-    """One panel per model: accuracies against the fraction of neurons pruned."""
+    """One panel per model: accuracies against the fraction of neurons pruned; one legend below for every metric
+    a panel shows (a clean model's has no corrupted subset)."""
     fig, axes = _panels(len(curves), 4.5, 3.2)
+    drawn = set()
     for ax, (model, curve) in zip(axes.flat, curves.items()):
-        for key, label in ACCURACIES.items():
+        for key in ACCURACIES:
             if np.isfinite(curve[key]).any():
-                ax.plot(curve["fraction"], curve[key], label=label)
+                ax.plot(curve["fraction"], curve[key], color=ACCURACY_COLORS[key])
+                drawn.add(key)
         ax.set_title(f"model {model}", fontsize=9)
         ax.set_xlabel("fraction of neurons pruned")
         ax.set_ylabel("accuracy")
         ax.set_ylim(-0.02, 1.02)
-    axes.flat[0].legend(fontsize=7)
+    handles = [Line2D([], [], color=ACCURACY_COLORS[key], label=label) for key, label in ACCURACIES.items() if key in drawn]
+    fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=8)
     fig.suptitle(title)
     return _save(fig, path)
 
@@ -162,7 +167,7 @@ def training_curves(history: dict[str, np.ndarray], path: Path, title: str,
 
     for key, label in ACCURACIES.items():
         if np.isfinite(history[key]).any():
-            draw(acc, key, label=label)
+            draw(acc, key, label=label, color=ACCURACY_COLORS[key])
     acc.set_ylim(-0.02, 1.02)
     acc.set_ylabel("accuracy")
     acc.legend(fontsize=7)

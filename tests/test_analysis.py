@@ -410,6 +410,23 @@ def test_a_diverged_models_loss_curve_says_where_it_stopped_being_finite(tmp_pat
     assert loss.get_lines()[0].get_marker() == "o"  # its one finite point is drawn
 
 
+def test_the_prune_legend_names_every_metric_any_panel_draws_in_one_colour_each(tmp_path, monkeypatch):
+    """The legend sat in the first panel alone: a clean model there (no corrupted subset) left the corrupted and
+    inverted curves of the panels after it unnamed."""
+    figures = []
+    save = plots._save
+    monkeypatch.setattr(plots, "_save", lambda fig, path: (figures.append(fig), save(fig, path))[1])
+    fraction = np.linspace(0, 1, 5)
+    clean = {"fraction": fraction, **{k: np.full(5, 0.9) for k in plots.ACCURACIES},
+             "corrupted_acc": np.full(5, np.nan), "inverted_acc": np.full(5, np.nan)}
+    noisy = {"fraction": fraction, **{k: np.linspace(0.9, 0.1, 5) for k in plots.ACCURACIES}}
+    plots.prune_curves({0: clean, 21: noisy}, tmp_path / "prune.png", "pruning")
+    fig = figures[0]
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == list(plots.ACCURACIES.values())
+    first, second = ([line.get_color() for line in ax.get_lines()] for ax in fig.axes[:2])
+    assert first == second[:3] and len(set(second)) == 5  # a metric keeps its colour from panel to panel
+
+
 def _shown_tick_labels(axis) -> list[str]:
     low, high = axis.get_view_interval()
     return [t.get_text() for t, v in zip(axis.get_ticklabels(), axis.get_ticklocs()) if t.get_text() and low <= v <= high]

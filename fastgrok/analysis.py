@@ -305,20 +305,28 @@ def metric_diagram(run: Path, metric: str, x: str | None = None, y: str | None =
         raise ConfigError(f"unknown --metric {metric!r}; choose one of {', '.join(DIAGRAM_METRICS)}")
     config, x, y, others, panels = _cells(run, x, y, metric)
     xs, ys = config["grid"][x], config["grid"][y]
-    table, drawn = [], []
+    no_value = ("never at 90%" if metric.endswith("90_step") else "no corrupted examples"
+                if metric in ("corrupted_acc", "inverted_acc") else "no value")
+    table, drawn, blank = [], [], set()
     for combo, title, cells in panels:
         mean = np.full((len(ys), len(xs)), np.nan)
         for (i, j), models in cells.items():
             values = [r[metric] for r in models if not r["diverged"] and r[metric] == r[metric]]
             if values:
                 mean[i, j] = np.mean(values)
+            else:  # why the cell is blank, for the figure's legend
+                blank.add("diverged" if all(r["diverged"] for r in models) else no_value)
             table.append({**dict(zip(others, combo)), x: xs[j], y: ys[i], metric: mean[i, j],
                           "std": np.std(values) if values else np.nan, "models": len(values)})
+        if len(cells) < mean.size:  # a run stopped before these cells' models trained
+            blank.add("not trained")
         drawn.append((title, mean))
     stem = Path(run) / f"{metric}-{y}-vs-{x}"
     _write_csv(stem.with_suffix(".csv"), [*others, x, y, metric, "std", "models"], table)
     limits = (0.0, 1.0) if metric in UNIT_METRICS else None
-    plots.metric_heatmaps(drawn, x, xs, y, ys, metric, limits, stem.with_suffix(".png"), recipe(config))
+    reasons = [r for r in (no_value, "diverged", "not trained") if r in blank]
+    plots.metric_heatmaps(drawn, x, xs, y, ys, metric, limits, stem.with_suffix(".png"), recipe(config),
+                          blank=f"blank: {' or '.join(reasons)}" if reasons else None)
     return table
 
 

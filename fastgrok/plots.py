@@ -132,9 +132,10 @@ def phase_heatmaps(panels: list[tuple[str, np.ndarray, np.ndarray]], x_name: str
 
 
 def metric_heatmaps(panels: list[tuple[str, np.ndarray]], x_name: str, x_values, y_name: str, y_values, metric: str,
-                    limits: tuple[float, float] | None, path: Path, title: str | None = None) -> Path:
+                    limits: tuple[float, float] | None, path: Path, title: str | None = None,
+                    blank: str | None = None) -> Path:
     """panels: (title, values (len(y), len(x)), NaN where blank); one colour scale for every panel: `limits`, or
-    the values' range."""
+    the values' range; `blank`: the legend of the blank cells (why they have no value)."""
     finite = np.concatenate([v.ravel() for _, v in panels])
     finite = finite[np.isfinite(finite)]
     vmin, vmax = limits if limits is not None else (finite.min(), finite.max()) if finite.size else (0.0, 1.0)
@@ -143,6 +144,9 @@ def metric_heatmaps(panels: list[tuple[str, np.ndarray]], x_name: str, x_values,
         image = ax.imshow(np.ma.masked_invalid(grid), origin="lower", aspect="auto", cmap="viridis", vmin=vmin,
                           vmax=vmax, interpolation="nearest")
     fig.colorbar(image, ax=axes, label=f"{metric} (mean over seeds)", shrink=0.9)
+    if blank is not None:
+        fig.legend(handles=[Patch(facecolor="white", edgecolor="black", linewidth=0.5, label=blank)],
+                   loc="outside lower center", fontsize=8)
     return _save(fig, path)
 
 

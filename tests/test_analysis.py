@@ -370,7 +370,11 @@ def test_seeds_are_aggregated_by_majority(tmp_path):
         assert cell["agreement"] == pytest.approx(phases.count(cell["phase"]) / 3)
 
 
-def test_metric_diagram_is_the_seed_mean_of_models_csv_without_diverged_models(tmp_path):
+def test_metric_diagram_is_the_seed_mean_of_models_csv_without_diverged_models(tmp_path, monkeypatch):
+    legends = []  # the figure's note of why cells are blank
+    save = plots._save
+    monkeypatch.setattr(plots, "_save", lambda fig, path: (legends.append(
+        [t.get_text() for legend in fig.legends for t in legend.get_texts()]), save(fig, path))[1])
     out = tmp_path / "metric"
     args = ["train", "--p", "11", "--width", "8", "--steps", "20", "--log-every", "10", "--xi", "0,0.5",
             "--wd", "0,1", "--lr", "0.01,1e6", "--seed", "0,1", "--out", str(out)]
@@ -392,6 +396,8 @@ def test_metric_diagram_is_the_seed_mean_of_models_csv_without_diverged_models(t
     assert lines[0] == "lr,xi,wd,corrupted_acc,std,models" and len(lines) == 9
     assert lines[1] == "0.01,0,0,,,0"  # no corrupted labels at xi 0: blank, not 0
     assert (out / "corrupted_acc-wd-vs-xi.png").stat().st_size > 5000
+    analysis.metric_diagram(out, "test_acc", "xi", "wd")
+    assert legends == [["blank: no corrupted examples or diverged"]] * 2 + [["blank: diverged"]]
 
 
 def test_a_diverged_models_loss_curve_says_where_it_stopped_being_finite(tmp_path, monkeypatch):

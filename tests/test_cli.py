@@ -9,7 +9,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from fastgrok import reference
+from fastgrok import plots, reference
 from fastgrok.backends import TorchBackend
 from fastgrok.cli import app
 from fastgrok.population import METRICS, Population
@@ -466,6 +466,9 @@ def test_analysing_an_unfinished_run_says_what_is_not_trained_yet(tmp_path, monk
     def ctrl_c():
         raise KeyboardInterrupt
 
+    blanks = []  # the metric diagram's note of why cells are blank
+    draw = plots.metric_heatmaps
+    monkeypatch.setattr(plots, "metric_heatmaps", lambda *args, **kw: (blanks.append(kw["blank"]), draw(*args, **kw))[1])
     _stop_at(monkeypatch, 43, ctrl_c)  # widths 8 done, 12 at step 12, 16 not started
     out = tmp_path / "run"
     assert run(*SMALL, "--xi", "0,0.3", "--width", "8,12,16", "--out", out).exit_code == 130
@@ -479,6 +482,8 @@ def test_analysing_an_unfinished_run_says_what_is_not_trained_yet(tmp_path, monk
     assert run("--resume", out).exit_code == 0
     result = runner.invoke(app, ["phase", str(out)])
     assert result.exit_code == 0 and "note:" not in result.output
+    assert runner.invoke(app, ["phase", str(out), "--metric", "test_acc"]).exit_code == 0
+    assert blanks == ["blank: not trained", None]  # the width-16 row, until the run is finished
 
 
 def test_the_prune_table_shows_an_empty_subsets_metric_as_a_dash(tmp_path):

@@ -121,9 +121,11 @@ def phase_heatmaps(panels: list[tuple[str, np.ndarray, np.ndarray]], x_name: str
         for (i, j), a in np.ndenumerate(agreement):
             if grid[i, j] >= 0 and a < 1:
                 ax.text(j, i, "x", ha="center", va="center", fontsize=7, color="white")  # seeds disagree
-    # the five phases always; diverged and the seeds' "x" only where a panel shows them
+    # the five phases always; diverged, blank cells and the seeds' "x" only where a panel shows them
     drawn = [p for k, p in enumerate(names) if k < len(PHASES) or any((g == k).any() for _, g, _ in panels)]
     handles = [Patch(color=PHASE_COLORS[p], label=p.replace("_", " ")) for p in drawn]
+    if any((g < 0).any() for _, g, _ in panels):  # an interrupted run's models that never started
+        handles.append(Patch(facecolor="white", edgecolor="black", linewidth=0.5, label="not trained"))
     if any(((g >= 0) & (a < 1)).any() for _, g, a in panels):
         handles.append(Line2D([], [], color="black", marker="x", linestyle="none",
                               label="seeds disagree (majority shown)"))

@@ -302,13 +302,14 @@ def test_phase_diagram_table_equals_models_csv(tmp_path, monkeypatch):
 
 
 def test_the_phase_legend_names_every_colour_and_mark_a_panel_shows(tmp_path, monkeypatch):
-    """Diverged cells are black and disagreeing seeds marked x: the legend once named neither."""
+    """Diverged cells are black, disagreeing seeds marked x, and an interrupted run's untrained cells blank: the
+    legend once named none of them."""
     legends = []
     save = plots._save
     monkeypatch.setattr(plots, "_save", lambda fig, path: (legends.append(
         [t.get_text() for t in fig.legends[0].get_texts()]), save(fig, path))[1])
     five = [p.replace("_", " ") for p in PHASES]
-    grid, agree = np.array([[0, 1, 2], [3, 4, -1]]), np.ones((2, 3))
+    grid, agree = np.array([[0, 1, 2], [3, 4, 0]]), np.ones((2, 3))
     diverged, split = grid.copy(), agree.copy()
     diverged[1, 2], split[0, 1] = len(PHASES), 2 / 3
     draw = partial(plots.phase_heatmaps, x_name="xi", x_values=[0, 0.1, 0.2], y_name="alpha", y_values=[0.3, 0.5],
@@ -316,7 +317,8 @@ def test_the_phase_legend_names_every_colour_and_mark_a_panel_shows(tmp_path, mo
     draw([("wd 0", grid, agree)])
     draw([("wd 0", grid, agree), ("wd 5", diverged, agree)])
     draw([("wd 0", grid, split)])
-    assert legends == [five, [*five, "diverged"], [*five, "seeds disagree (majority shown)"]]
+    draw([("wd 0", np.array([[0, 1, 2], [3, -1, -1]]), agree)])  # a run stopped before two cells' models trained
+    assert legends == [five, [*five, "diverged"], [*five, "seeds disagree (majority shown)"], [*five, "not trained"]]
 
 
 def test_phase_defaults_to_the_axes_the_grid_varies(tmp_path):

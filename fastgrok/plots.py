@@ -108,6 +108,11 @@ def _heatmap_panels(titles: list[str], x_name: str, x_values, y_name: str, y_val
     return fig, list(axes.flat)[:len(titles)]
 
 
+def _blank_cell(label: str) -> Patch:
+    """A legend entry for a heatmap's blank (masked) cells."""
+    return Patch(facecolor="white", edgecolor="black", linewidth=0.5, label=label)
+
+
 def phase_heatmaps(panels: list[tuple[str, np.ndarray, np.ndarray]], x_name: str, x_values, y_name: str, y_values,
                    path: Path, title: str | None = None) -> Path:
     """panels: (title, phase index grid (len(y), len(x)) with -1 for missing, agreement grid in [0, 1]);
@@ -125,7 +130,7 @@ def phase_heatmaps(panels: list[tuple[str, np.ndarray, np.ndarray]], x_name: str
     drawn = [p for k, p in enumerate(names) if k < len(PHASES) or any((g == k).any() for _, g, _ in panels)]
     handles = [Patch(color=PHASE_COLORS[p], label=p.replace("_", " ")) for p in drawn]
     if any((g < 0).any() for _, g, _ in panels):  # an interrupted run's models that never started
-        handles.append(Patch(facecolor="white", edgecolor="black", linewidth=0.5, label="not trained"))
+        handles.append(_blank_cell(label="not trained"))
     if any(((g >= 0) & (a < 1)).any() for _, g, a in panels):
         handles.append(Line2D([], [], color="black", marker="x", linestyle="none",
                               label="seeds disagree (majority shown)"))
@@ -147,7 +152,7 @@ def metric_heatmaps(panels: list[tuple[str, np.ndarray]], x_name: str, x_values,
                           vmax=vmax, interpolation="nearest")
     fig.colorbar(image, ax=axes, label=f"{metric} (mean over seeds)", shrink=0.9)
     if blank is not None:
-        fig.legend(handles=[Patch(facecolor="white", edgecolor="black", linewidth=0.5, label=blank)],
+        fig.legend(handles=[_blank_cell(label=blank)],
                    loc="outside lower center", fontsize=8)
     return _save(fig, path)
 

@@ -209,6 +209,24 @@ def test_analysis_reads_a_large_run_in_pieces_with_the_same_results(tmp_path, mo
                                        err_msg=f"{name} {column}")
 
 
+@pytest.fixture
+def saved_figures(monkeypatch) -> list:
+    """Every figure `plots` saves while a test runs, kept (closed, but still readable and drawable)."""
+    figures = []
+    save = plots._save
+    monkeypatch.setattr(plots, "_save", lambda fig, path: (figures.append(fig), save(fig, path))[1])
+    return figures
+
+
+def _legend_texts(fig) -> list[str]:
+    return [t.get_text() for legend in fig.legends for t in legend.get_texts()]
+
+
+def _shown_tick_labels(axis) -> list[str]:
+    low, high = axis.get_view_interval()
+    return [t.get_text() for t, v in zip(axis.get_ticklabels(), axis.get_ticklocs()) if t.get_text() and low <= v <= high]
+
+
 @pytest.fixture(scope="module")
 def coexistence_run(tmp_path_factory):
     """A model that memorises most corrupted labels and still generalises (p 47, N 128, 1000 steps: ~3 s)."""
@@ -280,7 +298,7 @@ def test_first_reached_is_the_earliest_logged_step_at_90_percent():
     assert first_reached(history, "test_acc") == {3: 10}  # 0.9 up to rounding counts, as in the phases
 
 
-def test_phase_diagram_table_equals_models_csv(tmp_path, monkeypatch):
+def test_phase_diagram_table_equals_models_csv(tmp_path, saved_figures):
     out = tmp_path / "grid"
     args = ["train", "--p", "11", "--width", "8", "--steps", "20", "--log-every", "10", "--xi", "0,0.3,0.6",
             "--alpha", "0.4,0.7", "--wd", "0,1", "--out", str(out)]
@@ -294,20 +312,14 @@ def test_phase_diagram_table_equals_models_csv(tmp_path, monkeypatch):
     assert all(by_cell[(r["wd"], r["xi"], r["alpha"])] == r["phase"] for r in rows)
     assert (out / "phase-alpha-vs-xi.png").stat().st_size > 5000
     assert recipe(read_config(out)) == "p 11, width 8, dropout 0, lr 0.01, 20 steps, full batch"
-    titles = []
-    save = plots._save
-    monkeypatch.setattr(plots, "_save", lambda fig, path: (titles.append(fig.get_suptitle()), save(fig, path))[1])
+    del saved_figures[:]  # those of the commands above
     analysis.phase_diagram(out, "xi", "alpha")
-    assert titles == [recipe(read_config(out))]  # the figure says how its models were trained
+    assert [fig.get_suptitle() for fig in saved_figures] == [recipe(read_config(out))]  # how its models were trained
 
 
-def test_the_phase_legend_names_every_colour_and_mark_a_panel_shows(tmp_path, monkeypatch):
+def test_the_phase_legend_names_every_colour_and_mark_a_panel_shows(tmp_path, saved_figures):
     """Diverged cells are black, disagreeing seeds marked x, and an interrupted run's untrained cells blank: the
     legend once named none of them."""
-    legends = []
-    save = plots._save
-    monkeypatch.setattr(plots, "_save", lambda fig, path: (legends.append(
-        [t.get_text() for t in fig.legends[0].get_texts()]), save(fig, path))[1])
     five = [p.replace("_", " ") for p in PHASES]
     grid, agree = np.array([[0, 1, 2], [3, 4, 0]]), np.ones((2, 3))
     diverged, split = grid.copy(), agree.copy()
@@ -318,7 +330,8 @@ def test_the_phase_legend_names_every_colour_and_mark_a_panel_shows(tmp_path, mo
     draw([("wd 0", grid, agree), ("wd 5", diverged, agree)])
     draw([("wd 0", grid, split)])
     draw([("wd 0", np.array([[0, 1, 2], [3, -1, -1]]), agree)])  # a run stopped before two cells' models trained
-    assert legends == [five, [*five, "diverged"], [*five, "seeds disagree (majority shown)"], [*five, "not trained"]]
+    assert list(map(_legend_texts, saved_figures)) == [five, [*five, "diverged"], [*five, "seeds disagree (majority shown)"],
+                                                       [*five, "not trained"]]
 
 
 def test_phase_defaults_to_the_axes_the_grid_varies(tmp_path):
@@ -372,11 +385,7 @@ def test_seeds_are_aggregated_by_majority(tmp_path):
         assert cell["agreement"] == pytest.approx(phases.count(cell["phase"]) / 3)
 
 
-def test_metric_diagram_is_the_seed_mean_of_models_csv_without_diverged_models(tmp_path, monkeypatch):
-    legends = []  # the figure's note of why cells are blank
-    save = plots._save
-    monkeypatch.setattr(plots, "_save", lambda fig, path: (legends.append(
-        [t.get_text() for legend in fig.legends for t in legend.get_texts()]), save(fig, path))[1])
+def test_metric_diagram_is_the_seed_mean_of_models_csv_without_diverged_models(tmp_path, saved_figures):
     out = tmp_path / "metric"
     args = ["train", "--p", "11", "--width", "8", "--steps", "20", "--log-every", "10", "--xi", "0,0.5",
             "--wd", "0,1", "--lr", "0.01,1e6", "--seed", "0,1", "--out", str(out)]
@@ -399,86 +408,62 @@ def test_metric_diagram_is_the_seed_mean_of_models_csv_without_diverged_models(t
     assert lines[1] == "0.01,0,0,,,0"  # no corrupted labels at xi 0: blank, not 0
     assert (out / "corrupted_acc-wd-vs-xi.png").stat().st_size > 5000
     analysis.metric_diagram(out, "test_acc", "xi", "wd")
-    assert legends == [["blank: no corrupted examples or diverged"]] * 2 + [["blank: diverged"]]
+    # the figures' note of why cells are blank
+    assert list(map(_legend_texts, saved_figures)) == [["blank: no corrupted examples or diverged"]] * 2 + [["blank: diverged"]]
 
 
-def test_a_diverged_models_loss_curve_says_where_it_stopped_being_finite(tmp_path, monkeypatch):
+def test_a_diverged_models_loss_curve_says_where_it_stopped_being_finite(tmp_path, saved_figures):
     """A diverged model's losses are inf from the step it blew up, which a log axis silently leaves out: its
     loss panel once held nothing visible, on steps of its own (-0.04 to 0.04)."""
-    figures = []
-    save = plots._save
-    monkeypatch.setattr(plots, "_save", lambda fig, path: (figures.append(fig), save(fig, path))[1])
     step = np.array([0.0, 50, 100, 150])
     history = {"step": step, "ipr": np.full(4, 0.3), **{k: np.full(4, 0.5) for k in plots.ACCURACIES},
                "train_loss": np.array([0.09, np.inf, np.inf, np.inf]), "test_loss": np.array([0.1, 0.08, 0.07, 0.06])}
     plots.training_curves(history, tmp_path / "curves.png", "one model")
-    _, loss, _ = figures[0].axes
+    _, loss, _ = saved_figures[0].axes
     assert [t.get_text() for t in loss.get_legend().get_texts()] == ["train (not finite from step 50)", "test"]
     assert loss.get_xlim()[0] <= 0 and loss.get_xlim()[1] >= 150  # the steps every panel shares
     assert loss.get_lines()[0].get_marker() == "o"  # its one finite point is drawn
 
 
-def test_the_prune_legend_names_every_metric_any_panel_draws_in_one_colour_each(tmp_path, monkeypatch):
+def test_the_prune_legend_names_every_metric_any_panel_draws_in_one_colour_each(tmp_path, saved_figures):
     """The legend sat in the first panel alone: a clean model there (no corrupted subset) left the corrupted and
     inverted curves of the panels after it unnamed."""
-    figures = []
-    save = plots._save
-    monkeypatch.setattr(plots, "_save", lambda fig, path: (figures.append(fig), save(fig, path))[1])
     fraction = np.linspace(0, 1, 5)
     clean = {"fraction": fraction, **{k: np.full(5, 0.9) for k in plots.ACCURACIES},
              "corrupted_acc": np.full(5, np.nan), "inverted_acc": np.full(5, np.nan)}
     noisy = {"fraction": fraction, **{k: np.linspace(0.9, 0.1, 5) for k in plots.ACCURACIES}}
     plots.prune_curves({0: clean, 21: noisy}, tmp_path / "prune.png", "pruning")
-    fig = figures[0]
-    assert [t.get_text() for t in fig.legends[0].get_texts()] == list(plots.ACCURACIES.values())
+    fig = saved_figures[0]
+    assert _legend_texts(fig) == list(plots.ACCURACIES.values())
     first, second = ([line.get_color() for line in ax.get_lines()] for ax in fig.axes[:2])
     assert first == second[:3] and len(set(second)) == 5  # a metric keeps its colour from panel to panel
 
 
-def _shown_tick_labels(axis) -> list[str]:
-    low, high = axis.get_view_interval()
-    return [t.get_text() for t, v in zip(axis.get_ticklabels(), axis.get_ticklocs()) if t.get_text() and low <= v <= high]
-
-
-def test_a_loss_within_a_decade_is_labelled_in_plain_numbers(tmp_path, monkeypatch):
+def test_a_loss_within_a_decade_is_labelled_in_plain_numbers(tmp_path, saved_figures):
     """A forgetting model's loss moves within 0.0185-0.0216: its axis once read '2.1x10^-2' and '2x10^-2'."""
-    labels = []
-    save = plots._save
-
-    def keep_labels(fig, path):
-        fig.canvas.draw()
-        labels.append(_shown_tick_labels(fig.axes[1].yaxis))
-        return save(fig, path)
-
-    monkeypatch.setattr(plots, "_save", keep_labels)
     step = np.array([0.0, 100, 200, 300])
     history = {"step": step, "ipr": np.full(4, 0.3), **{k: np.full(4, 0.5) for k in plots.ACCURACIES}}
     for train_loss in ([0.0216, 0.0187, 0.0196, 0.0193], [0.02, 1e-3, 1e-4, 1e-5]):
         history |= {"train_loss": np.array(train_loss), "test_loss": np.array(train_loss) * 1.01}
         plots.training_curves(history, tmp_path / "curves.png", "one model")
-    narrow, wide = labels
+    for fig in saved_figures:
+        fig.canvas.draw()
+    narrow, wide = (_shown_tick_labels(fig.axes[1].yaxis) for fig in saved_figures)
     assert len(narrow) >= 2 and all(0.018 <= float(label) <= 0.022 for label in narrow)
     assert wide and all("10^{-" in label for label in wide)  # across decades, powers of ten as before
 
 
-def test_the_bench_figure_labels_its_log_axes_with_plain_counts(tmp_path, monkeypatch):
+def test_the_bench_figure_labels_its_log_axes_with_plain_counts(tmp_path, saved_figures):
     """Rates within one decade once showed only '2x10^2' on the y axis and B 1 to 16 only '10^0' and '10^1'."""
-    labels = []
-    save = plots._save
-
-    def keep_labels(fig, path):
-        fig.canvas.draw()
-        labels.extend((_shown_tick_labels(ax.xaxis), _shown_tick_labels(ax.yaxis)) for ax in fig.axes)
-        return save(fig, path)
-
-    monkeypatch.setattr(plots, "_save", keep_labels)
     rate = {(1, 128): 180.0, (16, 128): 230.0, (1, 500): 3_100.0, (16_384, 500): 37_000.0}
     report = {"device": "cpu", "date": "2026-11-24", "setting": {"p": 97, "alpha": 0.5, "loss": "mse",
                                                                  "optimizer": "adamw"},
               "results": [{"backend": "torch", "width": n, "models": b, "model_steps_per_s": r}
                           for (b, n), r in rate.items()]}
     plots.bench_throughput(report, tmp_path / "bench.png")
-    (x128, y128), (x500, y500) = labels
+    fig = saved_figures[0]
+    fig.canvas.draw()
+    (x128, y128), (x500, y500) = ((_shown_tick_labels(ax.xaxis), _shown_tick_labels(ax.yaxis)) for ax in fig.axes)
     assert x128 == ["1", "2", "5", "10"] and len(y128) >= 2 and all(label.isdigit() for label in y128)
     assert x500 == ["1", "10", "100", "1k", "10k"] and y500 == ["5k", "10k", "20k"]
 

@@ -11,7 +11,7 @@ import json
 
 import torch
 
-from fastgrok.backends import TritonBackend, _finish_step
+from fastgrok.backends import TritonBackend, finish_step
 from fastgrok.bench import _timed, flops_per_model_step
 from fastgrok.config import Hyper, Settings
 from fastgrok.kernels.optimizer import optimizer_step_
@@ -42,8 +42,8 @@ def main() -> None:
         losses = torch.zeros(args.models, device=dev)
         parts = {"masks": lambda: engine.step_data(pop)} if args.dropout else {}
         parts |= {"forward": lambda: engine.forward(pop, data), "backward": lambda: engine.backward(pop, data, G),
-                 "finite_check": lambda: _finish_step(pop, losses, grads, lambda *a, **k: None),
-                 "finite_check+optimizer": lambda: _finish_step(pop, losses, grads, optimizer_step_),
+                 "finite_check": lambda: finish_step(pop, losses, grads, lambda *a, **k: None),
+                 "finite_check+optimizer": lambda: finish_step(pop, losses, grads, optimizer_step_),
                  "step": lambda: engine.step(pop)}
         row = {"width": width, "models": args.models, "precision": args.precision, "scatter": scatter,
                "dropout": args.dropout}

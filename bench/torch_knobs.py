@@ -1,11 +1,11 @@
 """The torch backend's size settings side by side, in one run: each value of one knob on the same populations.
 
-`--knob chunk`: the working-set size, fastgrok.population.CPU_CHUNK_BYTES (the step walks the population in
+`--knob chunk`: the working-set size, fastgrok.backends.CPU_CHUNK_BYTES (the step walks the population in
 chunks of models, and a large model in spans of its examples, so that a pass's (examples, N) activations take
-at most that). `--knob pad`: fastgrok.backends.CPU_PAD_BELOW, the p below which the outputs are padded to a
+at most that). `--knob pad`: fastgrok.families.mlp.CPU_PAD_BELOW, the p below which the outputs are padded to a
 multiple of 8 (here: never, or at every p). `--knob gpu-pad`: the same on a GPU (GPU_PAD_BELOW), each case in fp32
 and in TF32: whether p 97's products (no multiple of 4) keep cuBLAS's TF32 off the tensor cores. `--knob malloc`:
-fastgrok.population.CPU_MALLOC, glibc's malloc settings for a CPU population, against glibc's own; mallopt cannot
+fastgrok.process.CPU_MALLOC, glibc's malloc settings for a run on the CPU, against glibc's own; mallopt cannot
 be undone, so each value runs in a process of its own, the two taking turns. Full training steps (forward, backward,
 optimizer), interleaved so that a busy machine slows all values alike, best of --repeats:
 
@@ -25,9 +25,12 @@ import time
 import torch
 
 import fastgrok.backends as backends
-import fastgrok.population as population
+import fastgrok.families.mlp as mlp
+import fastgrok.process as process
 from fastgrok.config import Hyper, Settings
-from fastgrok.results import device_name, versions
+from fastgrok.population import Population
+from fastgrok.device import device_name
+from fastgrok.results import versions
 
 DEMO = (Settings(p=47), [Hyper(width=128, xi=x / 20, wd=w) for x in range(13) for w in (0, 5, 15)])
 SIZES = {
@@ -38,11 +41,11 @@ SIZES = {
     "p 97, N 500, alpha 0.1..0.9, 9 models": (Settings(), [Hyper(width=500, alpha=k / 10) for k in range(1, 10)]),
 }
 KNOBS = {  # module, setting, {label: value}, {case: (settings, models)}
-    "chunk": (population, "CPU_CHUNK_BYTES", {f"{mib} MiB": mib << 20 for mib in (24, 8, 4, 2, 1)}, SIZES),
-    "malloc": (population, "CPU_MALLOC", {"glibc's own": {}, "CPU_MALLOC": population.CPU_MALLOC}, {
+    "chunk": (backends, "CPU_CHUNK_BYTES", {f"{mib} MiB": mib << 20 for mib in (24, 8, 4, 2, 1)}, SIZES),
+    "malloc": (process, "CPU_MALLOC", {"glibc's own": {}, "CPU_MALLOC": process.CPU_MALLOC}, {
         **SIZES, "p 97, N 500, 128 models (optimizer buffers over 32 MiB)":
             (Settings(), [Hyper(width=500, seed=i) for i in range(128)])}),
-    "pad": (backends, "CPU_PAD_BELOW", {"no padding": 0, "p padded to 8": 1 << 30}, {
+    "pad": (mlp, "CPU_PAD_BELOW", {"no padding": 0, "p padded to 8": 1 << 30}, {
         "p 13, N 32, 64 models": (Settings(p=13), [Hyper(width=32, seed=i) for i in range(64)]),
         "p 23, N 64, 32 models": (Settings(p=23), [Hyper(width=64, seed=i) for i in range(32)]),
         "cpu-demo: p 47, N 128, 39 models": DEMO,
@@ -52,7 +55,7 @@ KNOBS = {  # module, setting, {label: value}, {case: (settings, models)}
         "p 97, N 500, 4 models": (Settings(), [Hyper(width=500, seed=i) for i in range(4)]),
         "p 113, N 128, 8 models": (Settings(p=113), [Hyper(width=128, seed=i) for i in range(8)]),
     }),
-    "gpu-pad": (backends, "GPU_PAD_BELOW", {"no padding": 0, "p padded to 8": 1 << 30}, {
+    "gpu-pad": (mlp, "GPU_PAD_BELOW", {"no padding": 0, "p padded to 8": 1 << 30}, {
         f"p {p}, N {width}, {models} models": (Settings(p=p), [Hyper(width=width, seed=i) for i in range(models)])
         for p, width, models in ((97, 128, 1024), (97, 512, 1024), (97, 2048, 128), (61, 512, 1024), (113, 512, 512))
     }),
@@ -76,12 +79,13 @@ def worker(conn, knob: str, value, steps: int) -> None:
     """A process with one value of a PER_PROCESS knob: times the case it is sent, holding one case at a time."""
     module, setting, _, cases = KNOBS[knob]
     setattr(module, setting, value)
+    process.tune_cpu_malloc()
     held = None
     while (case := conn.recv()) is not None:
         if held is None or held[0] != case:
             held = None  # the last case's population goes before the next is built
             settings, hypers = cases[case]
-            held = case, population.Population(hypers, settings, "cpu"), backends.TorchBackend()
+            held = case, Population(hypers, settings, "cpu"), backends.TorchBackend()
         conn.send(timed(held[2], held[1], steps))
 
 
@@ -100,6 +104,8 @@ def main() -> None:
     modes = {" (fp32)": False, " (TF32)": True} if device.type == "cuda" else {"": False}
     default, default_tf32 = getattr(module, setting), torch.backends.cuda.matmul.allow_tf32
     workers = {}
+    if device.type == "cpu" and args.knob not in PER_PROCESS:
+        process.tune_cpu_malloc()  # as a run on the CPU does
     if args.knob in PER_PROCESS:
         context = multiprocessing.get_context("spawn")
         for label, value in values.items():
@@ -115,7 +121,7 @@ def main() -> None:
                     workers[label][0].send(case)
                     return workers[label][0].recv()
             else:
-                pop = population.Population(hypers, settings, device)
+                pop = Population(hypers, settings, device)
                 engine = backends.TorchBackend()
 
                 def measure(label: str, pop=pop, engine=engine) -> float:
@@ -136,9 +142,9 @@ def main() -> None:
     finally:
         setattr(module, setting, default)
         torch.backends.cuda.matmul.allow_tf32 = default_tf32
-        for conn, process in workers.values():
+        for conn, worker_process in workers.values():
             conn.send(None)
-            process.join()
+            worker_process.join()
     if args.out:
         record = {"date": time.strftime("%Y-%m-%d"), "device": device_name(device),
                   "versions": versions(), "knob": setting, "default": default, "repeats": args.repeats,

@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 
 from fastgrok.config import Grid, Settings
-from fastgrok.results import device_name, versions
+from fastgrok.device import device_name
+from fastgrok.results import versions
 from fastgrok.train import train
 
 

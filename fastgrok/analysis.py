@@ -10,6 +10,7 @@ import csv
 import itertools
 import warnings
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -18,15 +19,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from fastgrok import plots
+from fastgrok import plots, process
 from fastgrok.config import AXES, Grid, plural
 from fastgrok.data import generator
+from fastgrok.device import resolve_device
 from fastgrok.errors import ConfigError
+from fastgrok.families import family_of
 from fastgrok.ipr import FFTS, HIGH_IPR, neuron_ipr, neuron_spectra
 from fastgrok.phases import PHASES
 from fastgrok.population import METRICS
 from fastgrok.results import (csv_cell, load_populations, read_config, read_history, read_models, read_weights,
-                              recipe, write_atomic, write_csv)
+                              recipe, settings_of, write_atomic, write_csv)
 
 # --order -> what the table and the figure call it
 ORDERS = {"low": "lowest-IPR neurons first", "high": "highest-IPR neurons first",
@@ -40,7 +43,7 @@ def unfinished(run: Path) -> str | None:
     if config.get("status") == "complete":
         return None
     rows, steps, total = read_models(run), config["settings"]["steps"], len(Grid(config["grid"]))
-    short, missing = sum(r["steps"] < steps for r in rows), total - len(rows)
+    short, missing = sum(r.steps < steps for r in rows), total - len(rows)
     if not short and not missing:
         return None
     parts = [f"{short} part-trained (analysed at the step they reached)"] * bool(short)
@@ -54,7 +57,7 @@ def select_models(rows: list[dict], spec: str | None) -> list[int] | None:
     if spec is None or spec == "all":
         return None
     if spec in (*PHASES, "diverged"):
-        chosen = [r["model"] for r in rows if r["phase"] == spec]
+        chosen = [r.model for r in rows if r.phase == spec]
         if not chosen:
             raise ConfigError(f"no model of this run is in phase {spec!r}")
         return chosen
@@ -62,7 +65,7 @@ def select_models(rows: list[dict], spec: str | None) -> list[int] | None:
         chosen = list(dict.fromkeys(int(v) for v in spec.split(",")))  # in the order given, each once
     except ValueError:
         raise ConfigError(f"--models: give model ids like 0,4,9, a phase name, or all; got {spec!r}") from None
-    known = {r["model"] for r in rows}
+    known = {r.model for r in rows}
     missing = [m for m in chosen if m not in known]
     if missing:
         raise ConfigError(f"model {missing[0]} is not in this run (it has models 0..{max(known)})")
@@ -93,25 +96,27 @@ def ipr(run: Path, fft: str = "rfft", threshold: float = HIGH_IPR, models: str |
         raise ConfigError(f"unknown --fft {fft!r}; choose one of {', '.join(FFTS)}")
     if not 0.0 < threshold < 1.0:  # an IPR lies in (0, 1]: outside, every neuron or none would count as high
         raise ConfigError(f"--threshold must be in (0, 1), got {threshold:g}")
+    device = resolve_device(device)
     run = Path(run)
     rows = read_models(run)
+    family = family_of(settings_of(read_config(run)))
     chosen = select_models(rows, models)
-    phase_of = {r["model"]: r["phase"] for r in rows}
-    table = {k: [] for k in ("model", "neuron", "ipr_u", "ipr_v", "ipr_w", "ipr", "dead")}
+    phase_of = {r.model: r.phase for r in rows}
+    table = {}
     per_model = {column: {} for column in IPR_COLUMNS}
     values: dict[int, np.ndarray] = {}
     for weights in read_weights(run, set(chosen) if chosen is not None else None):  # a piece at a time
         ids = weights["model"].tolist()
-        result = neuron_ipr(*(weights[name].to(device) for name in "UVW"), fft)
+        result = neuron_ipr(family.ipr_parts({k: v.to(device) for k, v in weights.items()}), fft)
         high, mean = result.high_fraction(threshold).tolist(), result.model_mean().tolist()
         dead_count = result.dead.sum(1).tolist()
         neuron_mean, dead = result.mean.cpu().numpy(), result.dead.cpu().numpy()
         B, N = neuron_mean.shape
-        table["model"].append(np.repeat(ids, N))
-        table["neuron"].append(np.tile(np.arange(N), B))
-        for key in ("u", "v", "w", "mean"):
-            table["ipr" if key == "mean" else f"ipr_{key}"].append(getattr(result, key).cpu().numpy().ravel())
-        table["dead"].append(dead.ravel())
+        columns = {"model": np.repeat(ids, N), "neuron": np.tile(np.arange(N), B),
+                   **{f"ipr_{k}": v.cpu().numpy().ravel() for k, v in result.parts.items()},
+                   "ipr": neuron_mean.ravel(), "dead": dead.ravel()}
+        for k, v in columns.items():
+            table.setdefault(k, []).append(v)
         for b, m in enumerate(ids):  # bookkeeping only: the IPRs were computed above, batched
             per_model["mean_ipr"][m], per_model["high_ipr_fraction"][m] = mean[b], high[b]
             per_model["dead_neurons"][m] = dead_count[b]
@@ -135,7 +140,7 @@ def ipr(run: Path, fft: str = "rfft", threshold: float = HIGH_IPR, models: str |
     shown = chosen if chosen is not None and len(chosen) <= 9 else representatives(per_model["mean_ipr"], phase_of)
     panels = {}
     for weights in read_weights(run, set(shown)):  # a second read, of these few models only
-        spectra = neuron_spectra(*(weights[name].to(device) for name in "UVW"), fft).cpu().numpy()
+        spectra = neuron_spectra(family.ipr_parts({k: v.to(device) for k, v in weights.items()}), fft).cpu().numpy()
         for b, m in enumerate(weights["model"].tolist()):
             live = spectra[b][~np.isnan(spectra[b]).all(1)]  # the neurons neuron_ipr calls live, in order
             panels[m] = live[np.argsort(-values[m], kind="stable")]
@@ -185,30 +190,32 @@ def prune(run: Path, order: str = "low", models: str | None = None, every: int |
     level, counting model-levels. -> prune-ORDER.parquet, prune-ORDER.png."""
     if order not in ORDERS:
         raise ConfigError(f"unknown --order {order!r}; choose one of {', '.join(ORDERS)}")
+    if every is not None and every < 1:
+        raise ConfigError("--every must be at least 1")
+    device = resolve_device(device)
+    if device.type == "cpu":
+        process.tune_cpu_malloc()
     run = Path(run)
     rows = read_models(run)
     chosen = select_models(rows, models)
     step = every or 1
     levels_of = lambda N: sorted(set(range(0, N + 1, step)) | {N})  # noqa: E731
-    total = sum(len(levels_of(r["width"])) for r in rows if chosen is None or r["model"] in chosen)
+    total = sum(len(levels_of(r.hyper.width)) for r in rows if chosen is None or r.model in chosen)
     done = 0
     curves: dict[int, dict[str, np.ndarray]] = {}
     for pop in load_populations(run, device, set(chosen) if chosen is not None else None):
-        N = pop.width
+        N = pop.family.units(pop.settings, pop.width)
         levels = levels_of(N)
-        ranking = _prune_order(neuron_ipr(pop.U, pop.V, pop.W).mean, order, pop.model_ids, seed)
+        ranking = _prune_order(neuron_ipr(pop.family.ipr_parts(pop.tensors)).mean, order, pop.model_ids, seed)
         position = torch.empty_like(ranking)
         position.scatter_(1, ranking, torch.arange(N, device=ranking.device).expand_as(ranking))
-        full_W = pop.W
         results = []
         for level in levels:
-            keep = (position >= level).to(full_W.dtype)
-            pop.W = full_W * keep[:, :, None]  # a dropped neuron contributes nothing to any output
-            results.append(pop.evaluate())
+            keep = (position >= level).float()
+            results.append(pop.evaluate(tensors=pop.family.prune(pop.tensors, keep)))
             done += len(pop)
             if progress is not None:
                 progress(done, total)
-        pop.W = full_W
         stacked = {k: torch.stack([r[k] for r in results], 1).numpy() for k in METRICS}  # (B, levels)
         for b, m in enumerate(pop.model_ids):
             curves[m] = {"pruned": np.array(levels), "fraction": np.array(levels) / N,
@@ -248,11 +255,10 @@ def _cells(run: Path, x: str | None, y: str | None, column: str | None = None):
     if x == y:
         raise ConfigError("--x and --y must be different axes")
     rows = read_models(run)
-    if column is not None and rows and column not in rows[0]:
-        raise ConfigError(f"models.csv has no {column} column; " + ("`fastgrok ipr RUN` adds it" if column in IPR_COLUMNS
-                          else "this run was trained by a fastgrok that did not write it"))
+    if column is not None and rows and column not in rows[0]:  # read_models has checked the training columns
+        raise ConfigError(f"models.csv has no {column} column; `fastgrok ipr RUN` adds it")
     others = [a for a in AXES if a not in (x, y, "seed") and len(grid[a]) > 1]
-    by_cell: dict[tuple, list[dict]] = {}
+    by_cell: dict[tuple, list] = {}
     for r in rows:
         by_cell.setdefault((*(r[a] for a in others), r[x], r[y]), []).append(r)
     panels = []
@@ -277,7 +283,7 @@ def phase_diagram(run: Path, x: str | None = None, y: str | None = None) -> list
         index = np.full((len(ys), len(xs)), -1)
         agreement = np.ones((len(ys), len(xs)))
         for (i, j), models in cells.items():
-            counts = Counter(r["phase"] for r in models)
+            counts = Counter(r.phase for r in models)
             majority = max(counts, key=lambda p: (counts[p], -_rank(p)))
             index[i, j] = _rank(majority)
             agreement[i, j] = counts[majority] / len(models)
@@ -311,11 +317,11 @@ def metric_diagram(run: Path, metric: str, x: str | None = None, y: str | None =
     for combo, title, cells in panels:
         mean = np.full((len(ys), len(xs)), np.nan)
         for (i, j), models in cells.items():
-            values = [r[metric] for r in models if not r["diverged"] and r[metric] == r[metric]]
+            values = [r[metric] for r in models if not r.diverged and r[metric] is not None]
             if values:
                 mean[i, j] = np.mean(values)
             else:  # why the cell is blank, for the figure's legend
-                blank.add("diverged" if all(r["diverged"] for r in models) else no_value)
+                blank.add("diverged" if all(r.diverged for r in models) else no_value)
             table.append({**dict(zip(others, combo)), x: xs[j], y: ys[i], metric: mean[i, j],
                           "std": np.std(values) if values else np.nan, "models": len(values)})
         if len(cells) < mean.size:  # a run stopped before these cells' models trained
@@ -328,6 +334,38 @@ def metric_diagram(run: Path, metric: str, x: str | None = None, y: str | None =
     plots.metric_heatmaps(drawn, x, xs, y, ys, metric, limits, stem.with_suffix(".png"), recipe(config),
                           blank=f"blank: {' or '.join(reasons)}" if reasons else None)
     return table
+
+
+def left_out(metric: str) -> str:
+    """The models a metric diagram leaves out of its means, beside the empty subsets (the corrupted set at xi 0)."""
+    return "diverged models" + (" and those never at 90%" if metric.endswith("90_step") else "")
+
+
+@dataclass(frozen=True)
+class Diagram:
+    """A diagram `fastgrok phase` drew: its axes, its table (one row per cell), its figure, what its means leave
+    out (a metric diagram), and notes for the reader (an axis the run did not vary)."""
+
+    x: str
+    y: str
+    table: list[dict]
+    path: Path
+    left_out: str
+    notes: list[str]
+
+
+def diagram(run: Path, x: str | None = None, y: str | None = None, metric: str | None = None) -> Diagram:
+    """phase_diagram, or metric_diagram of `metric`, over axes x and y (by default as phase_axes picks them)."""
+    run = Path(run)
+    grid = read_config(run)["grid"]
+    x, y = phase_axes(grid, x, y)
+    if metric is None:
+        table, path, out = phase_diagram(run, x, y), run / f"phase-{y}-vs-{x}.png", ""
+    else:
+        table, path, out = metric_diagram(run, metric, x, y), run / f"{metric}-{y}-vs-{x}.png", left_out(metric)
+    notes = [f"{axis} takes one value in this run ({grid[axis][0]:g}): the diagram is one {line}"
+             for axis, line in ((x, "column"), (y, "row")) if len(grid[axis]) == 1]
+    return Diagram(x, y, table, path, out, notes)
 
 
 def _write_csv(path: Path, columns: list[str], table: list[dict]) -> None:
@@ -360,8 +398,8 @@ def curves(run: Path, models: str | None = None) -> list[Path]:
     if models is not None and (models == "all" or models in (*PHASES, "diverged")):
         groups: dict[str, list[int]] = {}
         for r in rows:
-            if models in ("all", r["phase"]):
-                groups.setdefault(r["phase"], []).append(r["model"])
+            if models in ("all", r.phase):
+                groups.setdefault(r.phase, []).append(r.model)
         if not groups:
             raise ConfigError(f"no model of this run is in phase {models!r}")
         paths, how = [], recipe(read_config(run))
@@ -379,11 +417,11 @@ def curves(run: Path, models: str | None = None) -> list[Path]:
     if chosen is None:
         seen: dict[str, int] = {}
         for r in rows:
-            seen.setdefault(r["phase"], r["model"])
+            seen.setdefault(r.phase, r.model)
         chosen = list(seen.values())
     paths = []
     for m in chosen:
-        row = next(r for r in rows if r["model"] == m)
+        row = next(r for r in rows if r.model == m)
         axes = ", ".join(f"{a} {row[a]:g}" for a in AXES)
         paths.append(plots.training_curves(curve(m), run / f"curves-model{m}.png", f"model {m}: {axes} -> {row['phase']}"))
     return paths

@@ -36,46 +36,56 @@ def analytic_weights(p: int, width: int, seed: int = 0) -> tuple[torch.Tensor, t
 def analytic_grid(p: int, widths: str, seed: int = 0, alpha: float = 0.5, device: str = "cpu"):
     """The run's grid (a model per width), its settings and device; bad input, or a model too large for the
     device, raises ConfigError."""
+    from fastgrok.backends import TorchBackend
     from fastgrok.config import Grid, Settings
     from fastgrok.errors import ConfigError
-    from fastgrok.population import plan
-    from fastgrok.train import resolve_device
+    from fastgrok.planner import plan
+    from fastgrok.device import resolve_device
 
     if p < 3:
         raise ConfigError(f"the analytic solution needs p >= 3, got {p}")
     grid = Grid.parse({"width": widths, "seed": str(seed), "alpha": str(alpha)})
     settings, dev = Settings(op="add", p=p, steps=0, act="quad"), resolve_device(device)
-    plan(grid.models(), settings, dev)
+    plan(grid.models(), settings, dev, TorchBackend())
     return grid, settings, dev
 
 
-def analytic_run(out, p: int = 97, widths: str = "500", seed: int = 0, alpha: float = 0.5,
-                 device: str = "cpu") -> list[dict]:
-    """Save the analytic solution at each width as a run directory (steps 0) that `ipr` and `prune` accept.
-    Its metrics use the split of a model with this alpha and seed (nothing was trained on it); `all_acc`
-    is the accuracy over all p^2 pairs."""
+def analytic_run(out=None, p: int = 97, widths: str = "500", op: str = "add", seed: int = 0, alpha: float = 0.5,
+                 device: str = "cpu") -> tuple[list, "Path"]:
+    """Save the analytic solution at each width as a run directory (steps 0; `out`, or a new runs/<timestamp>)
+    that `ipr` and `prune` accept, with accuracy-vs-width.png for several widths. Returns its models.csv rows
+    with `all_acc`, the accuracy over all p^2 pairs, and the directory. Its metrics use the split of a model with
+    this alpha and seed (nothing was trained on it)."""
+    from dataclasses import replace
     from pathlib import Path
 
-    from fastgrok.ipr import neuron_ipr
-    from fastgrok.population import Population, torch_outputs
-    from fastgrok.results import RunWriter
+    from fastgrok.errors import ConfigError
+    from fastgrok.ipr import model_ipr
+    from fastgrok.plots import accuracy_vs_width
+    from fastgrok.population import Population
+    from fastgrok.results import RunWriter, default_out_dir
     from fastgrok.train import model_rows
 
+    if op != "add":
+        raise ConfigError(f"the analytic solution is known for add only, got --op {op}")
     grid, settings, dev = analytic_grid(p, widths, seed, alpha, device)
-    writer = RunWriter(Path(out), grid, settings, dev, "analytic", extra={"analytic": "Gromov 2023, A = (2/N)^(1/3)"})
+    out = default_out_dir() if out is None else Path(out)  # once the input is known good: a refusal leaves nothing
+    writer = RunWriter(out, grid, settings, dev, "analytic", extra={"analytic": "Gromov 2023, A = (2/N)^(1/3)"})
     rows = []
     for model, h in enumerate(grid.models()):
         pop = Population([h], settings, dev, model_ids=[model])
-        for t, w in zip(pop.params, analytic_weights(p, h.width, h.seed)):
-            t.copy_(w[None])
+        for name, w in zip("UVW", analytic_weights(p, h.width, h.seed)):
+            pop.tensors[name].copy_(w[None])
         metrics = pop.evaluate()
         m_all, n_all, z_all = pop.pairs
-        pred, _ = torch_outputs(pop.U, pop.V, pop.W, m_all[None], n_all[None], z_all[None], "quad", "mse")
+        pred, _ = pop.family.outputs(pop.tensors, m_all[None], n_all[None], z_all[None], settings)
         history = {"model": [model], "step": [0], **{k: [v[0].item()] for k, v in metrics.items()}}
-        history["ipr"] = [neuron_ipr(*pop.params).model_mean()[0].item()]
+        history["ipr"] = [model_ipr(pop.family, pop.tensors)[0].item()]
         row = model_rows(pop, metrics, history)[0]
-        row["all_acc"] = (pred[0] == z_all).double().mean().item()
-        rows.append(row)
-        writer.add_population([row], history, {"U": pop.U, "V": pop.V, "W": pop.W, "model": torch.tensor([model])})
+        writer.add_population([row], history, pop.weights())
+        rows.append(replace(row, extra={"all_acc": (pred[0] == z_all).double().mean().item()}))
     writer.finish("complete")
-    return rows
+    if len(rows) > 1:
+        accuracy_vs_width([r["width"] for r in rows], [r["all_acc"] for r in rows], out / "accuracy-vs-width.png",
+                          f"analytic solution, p {p}")
+    return rows, out

@@ -1,115 +1,56 @@
-"""Backends: one full-batch training step for a whole population.
+"""Backends: one training step for a whole population, and the evaluation forward.
 
-`torch` is batched PyTorch with the backward pass written out (the same structure the Triton kernels use),
-so that it runs anywhere and compiles whole under torch.compile:
-
-    pre = U[m] + V[n]                    (B, D, N)   gather
-    h   = phi(mask * pre)                (B, D, N)
-    out = h W                            (B, D, p)   bmm
-    G   = dL/dout                        MSE: 2 (out - onehot) / (D p);  CE: (softmax(out) - onehot) / D
-    dW  = h^T G                          (B, N, p)   bmm
-    dS  = (G W^T) phi'(mask pre) mask    (B, D, N)   bmm
-    dU  = scatter-add of dS by m, dV by n
-
-With BatchNorm (torch backend only) h is normalised over the step's examples, h <- gamma xhat + beta, and dS
-goes through BatchNorm's backward. A step sees each model's training set or a minibatch (Population.batch).
+`torch` is batched PyTorch and runs every family: a step is the family's grads (fastgrok.families; the MLP's has
+its backward written out, the structure its Triton kernels share), then the optimizer. Fused backends run the
+families that have kernels of their own (Family.fused: the MLP's `triton`).
 
 A model whose loss or gradients are not finite is flagged `diverged` and frozen; its neighbours never see it.
+Every backend states the working memory of its step (step_bytes) and of evaluation per example (eval_bytes) for
+the memory planner (fastgrok.planner).
 """
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
-import torch.nn.functional as F
 
-from fastgrok import optim, reference
+from fastgrok import optim
+from fastgrok.config import DEFAULT_PRECISION, PRECISIONS
 from fastgrok.errors import ConfigError
-from fastgrok.population import (BN_EPS, Population, cpu_pieces, flat_rows, pair_eval_bytes, pre_activation,
-                                 torch_eval_bytes, torch_outputs)
+from fastgrok.families import family_of
+from fastgrok.population import Population
+
+# On a CPU the step is bound by memory traffic, not arithmetic: the torch backend works through a population in
+# pieces whose (examples, N) activations take at most this many bytes, so that the few such tensors a pass holds
+# stay in the last-level cache: chunks of models, and a model whose own activations are larger in spans of its
+# examples (their losses and gradients summed); spans also bound the memory of one wide model. bench/torch_knobs.py
+# times sizes side by side; on the 2-core AMD EPYC development machine (32 MB L3, 2026-11-23,
+# bench/results/cpu-2core-chunks.json) 4 MiB against 24 MiB: the cpu-demo population 1.95x (1,012 against 519
+# model-steps/s), 16 models of p 97, N 128 2.18x, 16 of N 500 1.23x, one model of N 500 (in spans) 1.03x. With
+# fastgrok.process's malloc settings (cpu-2core-chunks-malloc.json) 4 MiB is the fastest size or within 8% of it in
+# every case (p 97, N 128, 16 models: 143 against 24 MiB's 154 model-steps/s).
+CPU_CHUNK_BYTES = 4 << 20
 
 
-# _grads pads the outputs of a p below these to a multiple of 8. On a CPU, bench/torch_knobs.py --knob pad, two runs
-# on the 2-core development machine (AMD EPYC, AVX2; the second in bench/results/cpu-2core-pad.json): whole steps
-# 1.06-1.09x at p 23, 1.13-1.23x on the cpu-demo (p 47), 1.26-1.28x with cross-entropy, 1.10-1.37x at p 61, nothing
-# at p 13 (overhead-bound), and 0.94-0.99x at p 97 and 113, where the products gain nothing from it. On a GPU it is
-# off until measured (--knob gpu-pad: whether cuBLAS keeps p 97's TF32 products off the tensor cores, bench/NOTES.md).
-CPU_PAD_BELOW = 64
-GPU_PAD_BELOW = 0
-
-
-def _grads(U, V, W, m, n, y, valid, D, mask, act: str, loss: str, bn=None):
-    """Losses (B,) and dU, dV, dW of one step; with bn = (gamma, beta) (B, N) also dgamma, dbeta and the batch
-    mean and unbiased variance of the activations (B, N), for BatchNorm's running statistics."""
-    # The forward and the loss are reference.py's; the derivatives below are checked against its autograd.
-    # In-place where a tensor is not needed again: on a CPU, fresh (B, D, N) buffers cost page faults.
-    B, Dm = m.shape
-    p = W.shape[-1]
-    pre = pre_activation(U, V, m, n)
-    if mask is not None:
-        pre.mul_(mask)
-    h = reference.ACTIVATIONS[act](pre)
-    if bn is not None:  # BatchNorm1d in training mode, statistics over each model's real examples
-        keep, count = valid[..., None].to(h.dtype), D.to(h.dtype)[:, None, None]
-        mean = (h * keep).sum(1, keepdim=True) / count
-        xhat = h.sub_(mean).mul_(keep)
-        var = xhat.square().sum(1, keepdim=True) / count
-        inv_std = torch.rsqrt(var + BN_EPS)
-        xhat.mul_(inv_std)
-        h = torch.addcmul(bn[1][:, None], xhat, bn[0][:, None])
-    # A p below CPU_PAD_BELOW (GPU_PAD_BELOW) is padded to a multiple of 8 with zero columns of W; the padded
-    # outputs are 0 and so is their target: MSE gets no term from them, cross-entropy sees them at -inf.
-    pad = (-p) % 8 if p < (CPU_PAD_BELOW if W.device.type == "cpu" else GPU_PAD_BELOW) else 0
-    Wp = F.pad(W, (0, pad)) if pad else W
-    out = torch.bmm(h, Wp)
-    label = y[..., None]
-    minus_one = torch.full(label.shape, -1.0, dtype=out.dtype, device=out.device)
-    scale = (valid.to(out.dtype) / D.to(out.dtype)[:, None])[..., None]  # 1/D on real examples, 0 on padding
-    if loss == "mse":  # dL/dout = 2 (out - onehot) / (p D)
-        diff = out.scatter_add_(-1, label, minus_one)
-        # reference.per_example_loss, from the difference in hand: rebuilding the one-hot cost 25% at N 128 (CPU)
-        per_example = diff.square().sum(-1) / p
-        G = diff.mul_(scale * (2.0 / p))
-    else:  # dL/dout = (softmax(out) - onehot) / D
-        if pad:
-            out[..., p:] = -torch.inf
-        per_example = reference.per_example_loss(out, y, loss)
-        G = torch.softmax(out, -1).scatter_add_(-1, label, minus_one).mul_(scale)
-    losses = torch.where(valid, per_example, 0.0).sum(1) / D
-    dW = torch.bmm(h.transpose(1, 2), G)[..., :p]
-    del h
-    dS = torch.bmm(G, Wp.transpose(1, 2))
-    if bn is not None:  # dS is dL/d(BN output) here; through BatchNorm to dL/dh (zero on padding)
-        dgamma, dbeta = (dS * xhat).sum(1), dS.sum(1)
-        dxhat = dS.mul_(bn[0][:, None])
-        centred = dxhat.sum(1, keepdim=True) + xhat * (dxhat * xhat).sum(1, keepdim=True)
-        dS = dxhat.mul_(count).sub_(centred).mul_(inv_std / count * keep)
-        del xhat, centred
-    if act == "quad":
-        dS.mul_(pre).mul_(2.0)
-    else:
-        dS.mul_(pre > 0)
-    if mask is not None:
-        dS.mul_(mask)
-    dS = dS.to(U.dtype)  # under autocast (the bf16 comparison in tests/test_gpu.py) bmm returns bf16
-    dS = dS.reshape(B * Dm, -1)
-    dU = torch.zeros_like(U).view(-1, U.shape[-1]).index_add_(0, flat_rows(m, U.shape[1]), dS).view_as(U)
-    dV = torch.zeros_like(V).view(-1, V.shape[-1]).index_add_(0, flat_rows(n, V.shape[1]), dS).view_as(V)
-    if bn is None:
-        return losses, dU, dV, dW
-    unbiased = var * (count / (count - 1))
-    return losses, dU, dV, dW, dgamma, dbeta, mean.squeeze(1), unbiased.squeeze(1)
+def cpu_pieces(family, settings, width: int, d: int) -> tuple[int, int]:
+    """The pieces a CPU step of the torch backend goes through: chunks of this many models, each in spans of
+    this many examples (d: the step's examples of the population's largest model)."""
+    row = family.row_bytes(settings, width)
+    chunk = max(1, CPU_CHUNK_BYTES // (row * d))
+    span = d if family.whole_batch(settings) else max(16, CPU_CHUNK_BYTES // row)
+    return chunk, span
 
 
 def finite_models(t: torch.Tensor) -> torch.Tensor:
     """(B,) whether each model's slice of t (B, ...) holds no NaN or inf. Its largest |x| is finite exactly
     then (the max carries NaN and inf through): one read of t, where isfinite(t).all() writes a mask as
-    large as t and reads it again (1.2 of 27.9 ms of an H100 step at N 512, bench/NOTES.md)."""
+    large as t and reads it again (1.2 of 27.9 ms of an H100 step at N 512, docs/performance.md)."""
     return torch.isfinite(torch.linalg.vector_norm(t.flatten(1), ord=float("inf"), dim=1))
 
 
-def _finish_step(pop: Population, losses: torch.Tensor, grads, update) -> torch.Tensor:
+def finish_step(pop: Population, losses: torch.Tensor, grads, update) -> torch.Tensor:
     """Freeze every model whose loss or gradients are not finite (for good), then let `update` (an optimizer
     step with fastgrok.optim.step_'s signature) move the others."""
     ok = torch.isfinite(losses)
@@ -123,42 +64,55 @@ def _finish_step(pop: Population, losses: torch.Tensor, grads, update) -> torch.
 
 
 class TorchBackend:
-    """Batched PyTorch. compile=True wraps the forward/backward in torch.compile (GPU benchmarks)."""
+    """Batched PyTorch, every family. compile=True wraps the family's grads in torch.compile (GPU benchmarks)."""
 
     name = "torch"
-    outputs = staticmethod(torch_outputs)
-    eval_bytes = staticmethod(torch_eval_bytes)
+    precision = None
 
     def __init__(self, compile: bool = False):
         if compile:
             # One static graph per population shape; a benchmark visits a dozen shapes, and past dynamo's default
             # of 8 recompiles it would silently fall back to eager for the rest.
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        self.grads = torch.compile(_grads, dynamic=False) if compile else _grads
+        self.compile = compile
+        self._compiled = {}
+
+    def refusal(self, settings) -> str | None:
+        """Why this backend cannot run `settings`, or None: it runs every family at any p."""
+        return None
 
     def check(self, settings) -> None:
-        """Refuse settings this backend cannot run (any p runs here)."""
+        if (why := self.refusal(settings)) is not None:
+            raise ConfigError(why)
+
+    def _grads(self, family):
+        if not self.compile:
+            return family.grads
+        if family.name not in self._compiled:
+            self._compiled[family.name] = torch.compile(family.grads, dynamic=False)
+        return self._compiled[family.name]
 
     def step(self, pop: Population) -> torch.Tensor:
         """One step for every model; returns the (B,) training losses before the update."""
-        s = pop.settings
+        s, family = pop.settings, pop.family
+        grads = self._grads(family)
         m, n, y, valid, D = pop.batch()
         B, d_max = m.shape
         counts = pop.batch_counts
-        chunk, span = cpu_pieces(d_max, pop.width, s.p, pop.batchnorm) if pop.device.type == "cpu" else (B, d_max)
+        chunk, span = cpu_pieces(family, s, pop.width, d_max) if pop.device.type == "cpu" else (B, d_max)
         results = None
         for lo in range(0, B, chunk):
             # a chunk's examples stop at its largest training set (with alpha varying, the padding of small
             # training sets up to the population's largest would be most of the work); its dropout masks are
             # drawn here, never (B, Dmax, N) at once
             sl, d = slice(lo, lo + chunk), int(counts[lo : lo + chunk].max())
-            bn = (pop.bn_weight[sl], pop.bn_bias[sl]) if pop.batchnorm else None
+            part_tensors = {name: t[sl] for name, t in pop.tensors.items()}
             masks = pop.dropout_masks(sl, d)
             part = None
             for start in range(0, d, span):  # losses (means over D, not over the span) and gradients add up
                 ex = (sl, slice(start, min(start + span, d)))
-                terms = self.grads(pop.U[sl], pop.V[sl], pop.W[sl], m[ex], n[ex], y[ex], valid[ex], D[sl],
-                                   None if masks is None else masks[:, ex[1]], s.act, s.loss, bn)
+                terms = grads(part_tensors, m[ex], n[ex], y[ex], valid[ex], D[sl],
+                              None if masks is None else masks[:, ex[1]], s)
                 part = terms if part is None else [a.add_(t) for a, t in zip(part, terms)]
             if chunk >= B:
                 results = part
@@ -167,11 +121,30 @@ class TorchBackend:
                 for whole, t in zip(results, part):
                     whole[sl] = t
         losses, *rest = results
-        grads, stats = rest[: len(pop.optimized)], rest[len(pop.optimized) :]
-        losses = _finish_step(pop, losses, grads, optim.step_)
-        if stats:
-            pop.update_running_stats(*stats)
+        trained = len(pop.optimized)
+        losses = finish_step(pop, losses, rest[:trained], optim.step_)
+        family.after_step(pop.tensors, rest[trained:], pop.diverged)
         return losses
+
+    def outputs(self, t, m, n, y, settings):
+        """Predictions and per-example losses of a chunk of models (Population.evaluate)."""
+        return family_of(settings).outputs(t, m, n, y, settings)
+
+    def eval_bytes(self, settings, width: int) -> int:
+        return family_of(settings).eval_bytes(settings, width)
+
+    def step_bytes(self, settings, width: int, d: int, models: int, device: torch.device, dropout: bool) -> int:
+        """Working memory of a step of `models` models on d examples each. On a GPU every model's at once; on a
+        CPU one piece of the population at a time (cpu_pieces): that piece's activations, its gradients and their
+        sum over spans, and its models' dropout masks (whole training sets)."""
+        family = family_of(settings)
+        if device.type != "cpu":
+            return models * family.step_bytes(settings, width, d)
+        chunk, span = cpu_pieces(family, settings, width, d)
+        held = min(models, chunk)
+        trained = 4 * sum(math.prod(spec.shape) for spec in family.tensors(settings, width).values() if spec.trained)
+        masks = 4 * held * d * family.dropout_units(settings, width) if dropout else 0
+        return family.step_bytes(settings, width, held * min(d, span)) + 2 * held * trained + masks
 
 
 class TritonBackend:
@@ -209,11 +182,27 @@ class TritonBackend:
     # (bench/kernel_resources.py --check, run by the tests); past it the tiles would go below the dots' 16 rows.
     MAX_P = 512
 
-    def check(self, settings) -> None:
+    @classmethod
+    def unavailable(cls, device: torch.device) -> str | None:
+        """Why the kernels cannot run on `device`, or None."""
+        if not _has_triton():
+            return "--backend triton needs the triton package (pip install triton)"
+        if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+            return "--backend triton on a CPU runs only under TRITON_INTERPRET=1 (slow; for tests and debugging)"
+        return None
+
+    @classmethod
+    def refusal(cls, settings) -> str | None:
+        """Why the kernels cannot run `settings`, or None."""
         if settings.batchnorm:
-            raise ConfigError("BatchNorm runs on --backend torch (the fused kernels have no BatchNorm)")
-        if settings.p > self.MAX_P:
-            raise ConfigError(f"the triton backend handles p up to {self.MAX_P}; use --backend torch for p {settings.p}")
+            return "BatchNorm runs on --backend torch (the fused kernels have no BatchNorm)"
+        if settings.p > cls.MAX_P:
+            return f"the triton backend handles p up to {cls.MAX_P}; use --backend torch for p {settings.p}"
+        return None
+
+    def check(self, settings) -> None:
+        if (why := self.refusal(settings)) is not None:
+            raise ConfigError(why)
 
     def step_data(self, pop: Population) -> dict:
         """What the kernels need for pop's next step: its examples as int32 copies (made once per population for
@@ -259,7 +248,7 @@ class TritonBackend:
         example_loss, G = self.forward(pop, data)
         # padding comes last in tile order too, so `valid` masks the kernel's slots as well as the batch's
         losses = torch.where(data["valid"], example_loss, 0.0).sum(1) / data["D"]
-        return _finish_step(pop, losses, self.backward(pop, data, G), optimizer_step_)
+        return finish_step(pop, losses, self.backward(pop, data, G), optimizer_step_)
 
     def forward(self, pop: Population, data: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """The step's forward kernel: per-example losses and the output gradient G, in the kernels' slot order
@@ -268,7 +257,7 @@ class TritonBackend:
         from fastgrok.kernels.hidden import ACT_CODES, LOSS_CODES
 
         s = pop.settings
-        example_loss, G, _ = forward(*pop.params, data["m"], data["n"], data["y"], data["count"], act=ACT_CODES[s.act],
+        example_loss, G, _ = forward(pop.U, pop.V, pop.W, data["m"], data["n"], data["y"], data["count"], act=ACT_CODES[s.act],
                                      loss=LOSS_CODES[s.loss], precision=self.precision, train=True,
                                      dropout=data["masks"], blocks=data["blocks"], **self.forward_tiles)
         return example_loss, G
@@ -278,53 +267,64 @@ class TritonBackend:
         from fastgrok.kernels.backward import backward
         from fastgrok.kernels.hidden import ACT_CODES
 
-        return backward(*pop.params, data["m"], data["n"], data["count"], G, act=ACT_CODES[pop.settings.act],
+        return backward(pop.U, pop.V, pop.W, data["m"], data["n"], data["count"], G, act=ACT_CODES[pop.settings.act],
                         precision=self.precision, dropout=data["masks"], fused=self.fused,
                         scatter=self.scatter, blocks=data["blocks"], **self.backward_tiles)
 
-    @staticmethod
-    def eval_bytes(width: int, p: int) -> int:
+    def eval_bytes(self, settings, width: int) -> int:
         """Per example: int64 indices and labels built by Population.evaluate, their int32 copies, pred and loss."""
-        return pair_eval_bytes(width, p, "triton")
+        return 6 * 8 + 3 * 4 + 8 + 4
 
-    def outputs(self, U, V, W, m, n, y, act: str, loss: str):
+    def step_bytes(self, settings, width: int, d: int, models: int, device: torch.device, dropout: bool) -> int:
+        """Per model: G (d p', rows padded to 16 bytes), per-example losses and int32 copies of the indices in tile
+        order (4 d), the forward's transposed copy of W (p N', N' = N padded to 16); G and that copy are fp32,
+        bf16 in bf16, and with dropout the step's mask bits (4 bytes per 32 neurons of an example,
+        kernels/dropout.py); nothing of size d N is ever stored."""
+        p, size = settings.p, 2 if self.precision == "bf16" else 4
+        g_row, w_row = -(-p * size // 16) * 16 // size, -(-width // 16) * 16
+        work = 4 * 4 * d + size * (d * g_row + p * w_row)
+        if dropout:
+            work += 4 * -(-width // 32) * d
+        return models * work
+
+    def outputs(self, t, m, n, y, settings):
         """The evaluation kernel: predictions and per-example losses for a chunk of models (all examples valid)."""
         from fastgrok.kernels.forward import forward
         from fastgrok.kernels.hidden import ACT_CODES, LOSS_CODES
 
+        U, V, W = t["U"], t["V"], t["W"]
         count = torch.full((U.shape[0],), m.shape[1], dtype=torch.int32, device=U.device)
         losses, _, pred = forward(U.contiguous(), V.contiguous(), W, m.int().contiguous(),
-                                  n.int().contiguous(), y.int().contiguous(), count, act=ACT_CODES[act],
-                                  loss=LOSS_CODES[loss], precision=self.precision, train=False,
+                                  n.int().contiguous(), y.int().contiguous(), count, act=ACT_CODES[settings.act],
+                                  loss=LOSS_CODES[settings.loss], precision=self.precision, train=False,
                                   **self.forward_tiles)
         return pred.long(), losses
 
 
 BACKENDS = ("auto", "torch", "triton")
-# The Triton kernels' dot precisions (kernels/hidden.py dot); the torch backend computes in fp32.
-PRECISIONS = ("fp32", "tf32", "tf32x3", "bf16")
-# The fastest Triton precision whose phases agree with fp32's on the validation grid (bench/validate_precision.py;
-# H100, 2026-11-22: all four precisions agree on all 39 models, and tf32 steps fastest, bench/results/h100-2026-11-22).
-DEFAULT_PRECISION = "tf32"
 
 
 def make_backend(name: str, device: torch.device, precision: str | None = None, settings=None):
-    """'auto': the Triton kernels on a CUDA device, batched PyTorch elsewhere and for `settings` the kernels do
-    not run (BatchNorm, p above TritonBackend.MAX_P). precision (Triton only): None is DEFAULT_PRECISION."""
+    """A backend for the family of `settings` (default Settings(): the MLP) on `device`. 'auto': the family's
+    fused kernels on a CUDA device where they run these settings, batched PyTorch elsewhere. precision (fused
+    backends only): None is DEFAULT_PRECISION."""
+    from fastgrok.config import Settings
+
+    settings = Settings() if settings is None else settings
     precision = DEFAULT_PRECISION if precision is None else precision
     check_precision(precision)  # also where the torch backend ignores it: a typo is refused on every machine
+    fused = family_of(settings).fused
     if name == "auto":
-        runs = settings is None or not (settings.batchnorm or settings.p > TritonBackend.MAX_P)
-        kernels = device.type == "cuda" and _has_triton() and runs
-        name = "triton" if kernels else "torch"
+        runs = [k for k, cls in fused.items() if cls.unavailable(device) is None and cls.refusal(settings) is None]
+        name = runs[0] if device.type == "cuda" and runs else "torch"
     if name == "torch":
         return TorchBackend()
-    if name == "triton":
-        if not _has_triton():
-            raise ConfigError("--backend triton needs the triton package (pip install triton)")
-        if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-            raise ConfigError("--backend triton on a CPU runs only under TRITON_INTERPRET=1 (slow; for tests and debugging)")
-        return TritonBackend(precision)
+    if name in fused:
+        if (why := fused[name].unavailable(device)) is not None:
+            raise ConfigError(why)
+        return fused[name](precision)
+    if name in BACKENDS:
+        raise ConfigError(f"the {settings.model} model has no {name} backend; use --backend torch")
     raise ConfigError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
 
 

@@ -9,19 +9,23 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import json
 import math
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
-from fastgrok import reference
+from fastgrok import plots, process, reference
 from fastgrok.backends import TorchBackend, TritonBackend
 from fastgrok.config import Hyper, Settings
-from fastgrok.data import pair_count, train_size
+from fastgrok.data import check_task, pair_count, train_size
 from fastgrok.errors import ConfigError
-from fastgrok.population import Population, memory_budget, models_that_fit
-from fastgrok.results import device_name, versions
+from fastgrok.planner import memory_budget, models_that_fit
+from fastgrok.population import Population
+from fastgrok.device import device_name, resolve_device
+from fastgrok.results import versions, write_atomic
 
 # name -> (precision of its matmuls, whether torch may use TF32, how to build it)
 VARIANTS = {
@@ -136,10 +140,10 @@ def check_variant(name: str, settings: Settings, width: int, alpha: float, devic
     return worst
 
 
-def max_models(settings: Settings, width: int, alpha: float, device: torch.device, backend: str) -> int:
+def max_models(settings: Settings, width: int, alpha: float, device: torch.device, engine) -> int:
     num_pairs = pair_count(settings.op, settings.p)
     return models_that_fit(settings, width, train_size(num_pairs, alpha), num_pairs, device, memory_budget(device),
-                           backend)
+                           engine)
 
 
 class Interrupted(Exception):
@@ -151,22 +155,44 @@ class Interrupted(Exception):
 
 
 def run(widths=(128, 500), models=("1", "16"), p: int = 97, alpha: float = 0.5, device: str = "cpu",
-        variants: tuple[str, ...] | None = None, log=print, save=None) -> dict:
+        variants: tuple[str, ...] | None = None, log=print, out: Path | None = None) -> dict:
     """models: population sizes; "max" is the largest that the memory planner fits for each variant.
 
-    save(report), if given, is called with the report after every result, so that a benchmark cut short (a
-    time limit, Ctrl-C) keeps what it measured; Ctrl-C raises Interrupted with the partial report, marked
-    "interrupted", after saving it."""
-    dev = torch.device(device)
+    out: a JSON file the report is written to after every result (and its figure, out with .png, at the end and
+    on an interrupt), so that a benchmark cut short (a time limit, Ctrl-C) keeps what it measured; Ctrl-C raises
+    Interrupted with the partial report, marked "interrupted", after saving it."""
+    dev = resolve_device(device)
+    check_task("add", p)
+    if not widths or min(widths) < 1 or not models or any(str(b) != "max" and not (str(b).isdigit() and int(b) >= 1)
+                                                           for b in models):
+        raise ConfigError(f"--width and --models take positive whole numbers (or 'max'), got {widths!r}, {models!r}")
+    if not 0 < alpha < 1:
+        raise ConfigError(f"--alpha must be in (0, 1), got {alpha}")
     variants = variants or DEFAULT_VARIANTS[dev.type]
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise ConfigError(f"unknown benchmark variant {unknown[0]!r}; choose from {', '.join(VARIANTS)}")
     if dev.type == "cpu" and any(v.startswith("triton") or v == "torch-compile" for v in variants):
         raise ConfigError("the triton and torch-compile variants are GPU benchmarks; on a CPU use torch")
+    if out is not None:
+        out = Path(out)
+        if out.is_dir():
+            raise ConfigError(f"--out {out} is a directory; give a file name such as {out / 'bench.json'}")
+        out.parent.mkdir(parents=True, exist_ok=True)
+    if dev.type == "cpu":
+        process.tune_cpu_malloc()
     settings = Settings(p=p)
+    d = train_size(pair_count(settings.op, p), alpha)
     for width in widths:  # the least demanding variant asked for must fit one model of every width
-        max_models(settings, width, alpha, dev, "triton" if any(v.startswith("triton") for v in variants) else "torch")
+        engines = [VARIANTS[v][2]() for v in variants]
+        max_models(settings, width, alpha, dev, min(engines, key=lambda e: e.step_bytes(settings, width, d, 1, dev, False)))
+
+    def save(report: dict, figure: bool = False) -> None:
+        if out is not None:
+            write_atomic(out, lambda tmp: tmp.write_text(json.dumps(report, indent=2) + "\n"))
+            if figure:
+                plots.bench_throughput(report, out.with_suffix(".png"))
+
     report = {
         "date": datetime.date.today().isoformat(),
         "device": device_name(dev),
@@ -178,13 +204,13 @@ def run(widths=(128, 500), models=("1", "16"), p: int = 97, alpha: float = 0.5, 
                     "optimizer": settings.optimizer, "flops_per_model_step": "6 D N p"},
         "results": [],
     }
-    save = save or (lambda report: None)
     try:
         _measure(report, widths, models, variants, settings, alpha, dev, log, save)
     except KeyboardInterrupt:
         report["interrupted"] = True
-        save(report)
+        save(report, figure=True)
         raise Interrupted(report) from None
+    save(report, figure=True)
     return report
 
 
@@ -218,9 +244,8 @@ def _measure(report, widths, models, variants, settings, alpha, dev, log, save) 
         for name in variants:
             precision, tf32, make = VARIANTS[name]
             engine = make()
-            # the planner's name for the backend: a bf16 Triton step holds G in bf16 (kernels/forward.py g_dtype)
             try:
-                limit = max_models(settings, width, alpha, dev, engine.name if name.startswith("triton") else "torch")
+                limit = max_models(settings, width, alpha, dev, engine)
             except ConfigError as e:
                 log(f"{name} N {width}: {e}")
                 add(Result(name, width, 1, 0.0, 0.0, None, None, "does not fit"))

@@ -9,9 +9,7 @@ from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
-from fastgrok.data import NOISES, check_task
 from fastgrok.errors import ConfigError
-from fastgrok.reference import ACTIVATIONS, LOSSES, OPTIMIZERS, check_choice
 
 
 @dataclass(frozen=True)
@@ -31,6 +29,11 @@ class Hyper:
 
 
 AXES = tuple(f.name for f in fields(Hyper))
+# The fused kernels' dot precisions (kernels/hidden.py dot); the torch backend computes in fp32. The default is the
+# fastest whose phases agree with fp32's on the validation grid (bench/validate_precision.py; H100, 2026-11-22: all
+# four agree on all 39 models, and tf32 steps fastest, bench/results/h100-2026-11-22).
+PRECISIONS = ("fp32", "tf32", "tf32x3", "bf16")
+DEFAULT_PRECISION = "tf32"
 INT_AXES = ("width", "seed")
 
 
@@ -38,6 +41,7 @@ INT_AXES = ("width", "seed")
 class Settings:
     """Shared by every model of a run. Defaults are the paper's."""
 
+    model: str = "mlp"  # the model family (fastgrok.families)
     op: str = "add"
     p: int = 97
     steps: int = 2000
@@ -67,6 +71,10 @@ class Settings:
         return batches + (", BatchNorm" if self.batchnorm else "")
 
     def check(self, training: bool = True) -> None:
+        from fastgrok.data import NOISES, check_task
+        from fastgrok.families import FAMILIES
+        from fastgrok.reference import ACTIVATIONS, LOSSES, OPTIMIZERS, check_choice
+
         # from Python, a wrong type must read as a clear error too, not as a TypeError deep inside a step
         for name in ("p", "steps", "log_every", "batch_size", "data_seed"):
             value = getattr(self, name)
@@ -80,6 +88,7 @@ class Settings:
             raise ConfigError(f"betas must be two numbers, got {betas!r}")
         if not (isinstance(self.eps, numbers.Real) and 0.0 < self.eps < 1.0):
             raise ConfigError(f"eps must be a number in (0, 1), got {self.eps!r}")
+        check_choice("model", self.model, FAMILIES)
         check_task(self.op, self.p)
         check_choice("activation", self.act, ACTIVATIONS)
         check_choice("loss", self.loss, LOSSES)
@@ -96,6 +105,17 @@ class Settings:
             raise ConfigError(f"data-seed must be non-negative, got {self.data_seed}")
         if not all(0.0 <= b < 1.0 for b in self.betas):
             raise ConfigError(f"betas must lie in [0, 1), got {self.betas}")
+
+
+def parse_betas(text: str) -> tuple[float, float]:
+    """'0.9,0.98' -> (0.9, 0.98), as --betas takes them."""
+    try:
+        betas = tuple(float(b) for b in text.split(","))
+    except ValueError:
+        raise ConfigError(f"--betas: cannot read {text!r}; give two numbers like 0.9,0.98") from None
+    if len(betas) != 2:
+        raise ConfigError(f"--betas takes two numbers, got {text!r}")
+    return betas
 
 
 def check_hyper(h: Hyper) -> None:

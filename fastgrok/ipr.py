@@ -1,15 +1,14 @@
 """Inverse participation ratio of the weights' Fourier spectra: how periodic each neuron is.
 
-For a weight vector x over the p residues (a row of U or V over inputs, a column of W over outputs):
+For a weight vector x over the p residues (for the MLP: a row of U or V over inputs, a column of W over outputs):
 
     x~  = |rfft(x)|              the paper's convention: keeps the DC bin; --fft full uses |fft(x)|
     IPR = sum_k x~_k^4 / (sum_k x~_k^2)^2
 
 A single cosine scores 1 under rfft (0.5 under the full transform, whose spectrum has two equal peaks); a
-Gaussian random vector about 2 / (p/2). A neuron's IPR is the mean over its U row, V row and W column; a
-vector of zeros has no IPR, and a neuron whose three vectors are all zero is dead (reported as such, never NaN).
-
-Layout: U, V (B, p, N): neuron k of model b is U[b, :, k]; W (B, N, p): its output weights are W[b, k, :].
+Gaussian random vector about 2 / (p/2). A unit's IPR is the mean over its weight vectors, which its family names
+(Family.ipr_parts: the MLP's neuron k of model b has U[b, :, k], V[b, :, k] and W[b, k, :]); a vector of zeros has
+no IPR, and a unit whose vectors are all zero is dead (reported as such, never NaN).
 """
 
 from __future__ import annotations
@@ -19,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 FFTS = ("rfft", "full")
-HIGH_IPR = 0.5  # default threshold for "high-IPR" (periodic, generalising) neurons
+HIGH_IPR = 0.5  # default threshold for "high-IPR" (periodic, generalizing) neurons
 
 
 def power_fraction(x: torch.Tensor, dim: int = -1, fft: str = "rfft") -> torch.Tensor:
@@ -37,41 +36,47 @@ def vector_ipr(x: torch.Tensor, dim: int = -1, fft: str = "rfft") -> torch.Tenso
 
 @dataclass
 class NeuronIPR:
-    """Per-neuron IPR of a population, each (B, N). Missing values (zero vectors) are NaN in u, v, w;
-    `mean` averages what exists and is NaN only for dead neurons, which `dead` flags."""
+    """Per-unit IPR of a population, each (B, units). `parts`: the IPR of each of a unit's weight vectors, by the
+    family's names for them (the MLP's u, v, w), NaN for zero vectors; `mean` averages what exists and is NaN only
+    for dead units, which `dead` flags."""
 
-    u: torch.Tensor
-    v: torch.Tensor
-    w: torch.Tensor
+    parts: dict[str, torch.Tensor]
     mean: torch.Tensor
     dead: torch.Tensor
 
     def high_fraction(self, threshold: float = HIGH_IPR) -> torch.Tensor:
-        """(B,) fraction of a model's live neurons whose IPR exceeds `threshold`."""
+        """(B,) fraction of a model's live units whose IPR exceeds `threshold`."""
         live = (~self.dead).sum(1)
         return ((self.mean > threshold) & ~self.dead).sum(1) / live.clamp(min=1)
 
     def model_mean(self) -> torch.Tensor:
-        """(B,) mean IPR over each model's live neurons."""
+        """(B,) mean IPR over each model's live units."""
         return torch.nanmean(self.mean, dim=1)
 
 
 @torch.no_grad()
-def neuron_ipr(U: torch.Tensor, V: torch.Tensor, W: torch.Tensor, fft: str = "rfft", chunk: int = 256) -> NeuronIPR:
-    """Batched over models (in chunks of `chunk`, bounding the fp64 spectra's memory) and neurons."""
-    u, v, w = (torch.cat([vector_ipr(t[i : i + chunk], dim, fft) for i in range(0, t.shape[0], chunk)])
-               for t, dim in ((U, 1), (V, 1), (W, 2)))
-    parts = torch.stack([u, v, w])
-    dead = parts.isnan().all(0)
-    mean = torch.where(dead, torch.nan, torch.nanmean(parts, dim=0))
-    return NeuronIPR(u, v, w, mean, dead)
+def neuron_ipr(parts: dict[str, tuple[torch.Tensor, int]], fft: str = "rfft", chunk: int = 256) -> NeuronIPR:
+    """IPR of every unit of a population, from Family.ipr_parts: name -> (tensor (B, a, b), its residue dim, 1
+    or 2; the other dim indexes the units). Batched over models (in chunks of `chunk`, bounding the fp64
+    spectra's memory) and units."""
+    values = {name: torch.cat([vector_ipr(t[i : i + chunk], dim, fft) for i in range(0, t.shape[0], chunk)])
+              for name, (t, dim) in parts.items()}
+    stacked = torch.stack(list(values.values()))
+    dead = stacked.isnan().all(0)
+    mean = torch.where(dead, torch.nan, torch.nanmean(stacked, dim=0))
+    return NeuronIPR(values, mean, dead)
 
 
 @torch.no_grad()
-def neuron_spectra(U: torch.Tensor, V: torch.Tensor, W: torch.Tensor, fft: str = "rfft") -> torch.Tensor:
-    """(B, N, F) each neuron's power fractions over the F frequencies, averaged over those of its U row, V row
-    and W column that are not zero, as its IPR is; NaN rows for dead neurons. A periodic neuron of frequency s
-    has its power at bin min(s, p - s) under rfft."""
-    parts = torch.stack([power_fraction(U, 1, fft).transpose(1, 2), power_fraction(V, 1, fft).transpose(1, 2),
-                         power_fraction(W, 2, fft)])
-    return torch.nanmean(parts, dim=0)
+def neuron_spectra(parts: dict[str, tuple[torch.Tensor, int]], fft: str = "rfft") -> torch.Tensor:
+    """(B, units, F) each unit's power fractions over the F frequencies, averaged over those of its weight vectors
+    (Family.ipr_parts) that are not zero, as its IPR is; NaN rows for dead units. A periodic neuron of
+    frequency s has its power at bin min(s, p - s) under rfft."""
+    spectra = [power_fraction(t, dim, fft).transpose(1, 2) if dim == 1 else power_fraction(t, dim, fft)
+               for t, dim in parts.values()]
+    return torch.nanmean(torch.stack(spectra), dim=0)
+
+
+def model_ipr(family, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(B,) each model's mean unit IPR (the history's `ipr` column)."""
+    return neuron_ipr(family.ipr_parts(tensors)).model_mean()

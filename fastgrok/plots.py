@@ -24,7 +24,7 @@ PHASE_COLORS = {
     "forgetting": "#9e9e9e",
     "diverged": "#000000",
 }
-ACCURACIES = {"train_acc": "train", "test_acc": "test", "clean_acc": "clean", "corrupted_acc": "corrupted (memorised)",
+ACCURACIES = {"train_acc": "train", "test_acc": "test", "clean_acc": "clean", "corrupted_acc": "corrupted (memorized)",
               "inverted_acc": "corrupted vs true (inverted)"}
 ACCURACY_COLORS = {key: f"C{i}" for i, key in enumerate(ACCURACIES)}  # one colour per metric in every panel
 
@@ -60,7 +60,7 @@ def ipr_histograms(groups: dict[str, np.ndarray], path: Path, title: str) -> Pat
 
 def neuron_spectra(panels: dict[str, np.ndarray], path: Path, title: str) -> Path:
     """One panel per model: its live neurons' power fractions (neurons x frequencies), sorted by IPR, highest
-    first. A periodic neuron is one bright cell; a memorising one a smeared row."""
+    first. A periodic neuron is one bright cell; a memorizing one a smeared row."""
     rows = max(len(power) for power in panels.values())
     fig, axes = _panels(len(panels), 4, min(max(3.4, rows / 100), 7))  # about a pixel a neuron up to N 700
     for ax, (label, power) in zip(axes.flat, panels.items()):
@@ -128,7 +128,7 @@ def phase_heatmaps(panels: list[tuple[str, np.ndarray, np.ndarray]], x_name: str
                 ax.text(j, i, "x", ha="center", va="center", fontsize=7, color="white")  # seeds disagree
     # the five phases always; diverged, blank cells and the seeds' "x" only where a panel shows them
     drawn = [p for k, p in enumerate(names) if k < len(PHASES) or any((g == k).any() for _, g, _ in panels)]
-    handles = [Patch(color=PHASE_COLORS[p], label=p.replace("_", " ")) for p in drawn]
+    handles = [Patch(color=PHASE_COLORS[p], label=p) for p in drawn]  # as models.csv and --models write them
     if any((g < 0).any() for _, g, _ in panels):  # an interrupted run's models that never started
         handles.append(_blank_cell(label="not trained"))
     if any(((g >= 0) & (a < 1)).any() for _, g, a in panels):

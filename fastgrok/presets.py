@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from fastgrok.config import Grid, Settings, parse_betas
+from fastgrok.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class Preset:
@@ -37,3 +40,49 @@ PRESETS = {
 
 def default_preset(device_type: str) -> str:
     return "paper-xi-wd" if device_type == "cuda" else "cpu-demo"
+
+
+@dataclass(frozen=True)
+class Request:
+    """What `fastgrok train` was asked for, resolved: the grid and settings, and the preset they came from."""
+
+    grid: Grid
+    settings: Settings
+    preset: str | None = None
+    about: str = ""
+    default: bool = False  # the preset was chosen because no grid option was given
+    cpu: bool = False  # ... on a CPU, where the default is smaller than the paper's
+    overrides: tuple[str, ...] = ()  # the options given on top of the preset, as typed
+
+
+def resolve(preset: str | None, axes: dict, shared: dict, device: str = "auto") -> Request:
+    """The grid and settings of `fastgrok train`: the preset's (the default preset when no grid axis is given,
+    default_preset of the device), with every option given overriding it. axes: grid axis -> spec as typed (None:
+    not given); shared: Settings field -> value (None: not given; betas as typed, '0.9,0.98')."""
+    from fastgrok.device import resolve_device
+
+    device_type = resolve_device(device).type
+    default = preset is None and all(v is None for v in axes.values())
+    if default:
+        preset = default_preset(device_type)
+    chosen = PRESETS.get(preset) if preset is not None else Preset("")
+    if chosen is None:
+        raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    given = {k.replace("_", "-"): v for k, v in {**axes, **shared}.items() if v is not None}
+    overrides = tuple(f"--{'' if v else 'no-'}{k}" if isinstance(v, bool) else f"--{k} {v}" for k, v in given.items())
+    values = {**chosen.settings, **{k: v for k, v in shared.items() if v is not None}}
+    if isinstance(values.get("betas"), str):
+        values["betas"] = parse_betas(values["betas"])
+    settings = Settings(**values)
+    settings.check()
+    grid = Grid.parse({k: v if v is not None else chosen.axes.get(k) for k, v in axes.items()})
+    return Request(grid, settings, preset, chosen.about, default, default and device_type == "cpu", overrides)
+
+
+def check_resume(given: dict, dry_run: bool) -> None:
+    """--resume takes everything from the run: refuse any grid option, setting, preset or --out beside it."""
+    named = [k for k, v in given.items() if v is not None]
+    if named:
+        raise ConfigError(f"--resume takes the grid and settings from the run; drop --{named[0].replace('_', '-')}")
+    if dry_run:
+        raise ConfigError("--dry-run plans a new run; drop --resume")

@@ -28,7 +28,7 @@ import platform
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -40,11 +40,58 @@ from safetensors.torch import load_file, save_file
 
 from fastgrok import __version__
 from fastgrok.config import AXES, Grid, Hyper, Settings
+from fastgrok.device import device_name
 from fastgrok.errors import ConfigError
 from fastgrok.population import METRICS
 
 MODEL_COLUMNS = ("model", *AXES, "train_acc", "test_acc", "clean_acc", "corrupted_acc", "inverted_acc",
                  "train_loss", "phase", "test_loss", "diverged", "steps", "train90_step", "test90_step")
+INT_COLUMNS = ("model", "width", "seed", "steps", "train90_step", "test90_step", "dead_neurons")
+
+
+@dataclass(frozen=True)
+class ModelRow:
+    """One line of models.csv: a model's grid point, its final metrics (METRICS), phase, steps trained, and the
+    first logged steps at which train and test accuracy reached 90%. A missing value is None in every column
+    (an accuracy over an empty subset, a level never reached) and an empty cell in the file. `extra` holds the
+    columns analysis commands add (`fastgrok ipr`: mean_ipr, high_ipr_fraction, dead_neurons). A column is read
+    by name: row["test_acc"], row["xi"], row["mean_ipr"]."""
+
+    model: int
+    hyper: Hyper
+    metrics: dict
+    phase: str
+    diverged: bool
+    steps: int
+    train90_step: int | None
+    test90_step: int | None
+    extra: dict = field(default_factory=dict)
+
+    def __getitem__(self, column: str):
+        if column in self.metrics:
+            return self.metrics[column]
+        if column in AXES:
+            return getattr(self.hyper, column)
+        if column in self.extra:
+            return self.extra[column]
+        return getattr(self, column)
+
+    def __contains__(self, column: str) -> bool:
+        return column in MODEL_COLUMNS or column in self.extra
+
+    def cells(self) -> list:
+        """The row as models.csv writes it, in MODEL_COLUMNS order."""
+        return [csv_cell(self[c], c) for c in MODEL_COLUMNS]
+
+    @classmethod
+    def from_cells(cls, cells: dict[str, str], hyper: Hyper) -> "ModelRow":
+        """A row read back from models.csv: numbers parsed, empty cells None; the grid values are `hyper`'s."""
+        value = {c: (None if v == "" else v == "True" if c == "diverged" else v if c == "phase"
+                     else int(v) if c in INT_COLUMNS else float(v)) for c, v in cells.items()}
+        known = set(MODEL_COLUMNS)
+        return cls(model=value["model"], hyper=hyper, metrics={k: value[k] for k in METRICS}, phase=value["phase"],
+                   diverged=value["diverged"], steps=value["steps"], train90_step=value["train90_step"],
+                   test90_step=value["test90_step"], extra={k: v for k, v in value.items() if k not in known})
 
 
 def default_out_dir(root: Path = Path("runs")) -> Path:
@@ -78,21 +125,6 @@ def git_revision() -> str | None:
         return None
 
 
-def device_name(device: torch.device) -> str:
-    """What a benchmark ran on: the GPU's name, or the CPU's model and core count."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    import os
-
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:  # Linux: "model name : AMD EPYC" (platform gives only x86_64)
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"cpu: {model}, {os.cpu_count()} cores"
-
-
 def versions() -> dict:
     out = {"fastgrok": __version__, "python": platform.python_version(), "torch": torch.__version__,
            "numpy": np.__version__}
@@ -106,8 +138,10 @@ def versions() -> dict:
 
 
 def csv_cell(v, column: str = ""):
-    """A value as a csv cell: NaN empty, a grid value in full (config.json's 12 digits: 1/30 is not 0.0333333),
-    any other float to 6 digits."""
+    """A value as a csv cell: None or NaN empty, a grid value to 12 digits (1/30 is not 0.0333333), any other
+    float to 6 digits."""
+    if v is None:
+        return ""
     if isinstance(v, float):
         return "" if math.isnan(v) else f"{v:.{12 if column in AXES else 6}g}"
     return v
@@ -159,7 +193,7 @@ def check_not_busy(run: Path) -> None:
 
 class RunWriter:
     def __init__(self, out: Path, grid: Grid, settings: Settings, device: torch.device, backend: str,
-                 extra: dict | None = None):
+                 precision: str | None = None, extra: dict | None = None):
         check_out_dir(out)
         self.out = out
         out.mkdir(parents=True, exist_ok=True)
@@ -174,6 +208,7 @@ class RunWriter:
             "settings": asdict(settings),
             "device": device_name(device),
             "backend": backend,
+            "precision": precision,  # the fused kernels' dot precision (None: the torch backend's fp32)
             "versions": versions(),
             "git": git_revision(),
             "command": sys.argv,
@@ -207,8 +242,8 @@ class RunWriter:
         # only the training columns: what `fastgrok ipr` added describes weights that training is about to change
         keep = done | {m for w in partial for m in w["models"]}
         with open(self.out / "models.csv", newline="") as f:
-            self.rows = {int(r["model"]): [r.get(c, "") for c in MODEL_COLUMNS] for r in csv.DictReader(f)
-                         if int(r["model"]) in keep}  # .get: a run written before a column was added
+            self.rows = {int(r["model"]): [r[c] for c in MODEL_COLUMNS] for r in csv.DictReader(f)
+                         if int(r["model"]) in keep}
         self._write_models()
         self.config.update(status="running", written=kept)
         self.config.setdefault("resumed", []).append(datetime.datetime.now().isoformat(timespec="seconds"))
@@ -231,23 +266,23 @@ class RunWriter:
         self.populations += 1
         return f"pop{self.populations - 1:03d}"
 
-    def add_population(self, rows: list[dict], history: dict[str, np.ndarray], weights: dict[str, torch.Tensor],
+    def add_population(self, rows: list[ModelRow], history: dict[str, np.ndarray], weights: dict[str, torch.Tensor],
                        state: dict[str, torch.Tensor] | None = None, name: str | None = None) -> str:
         """Write a population's history, weights and (unfinished) state, then its models.csv rows, then its entry
         in config.json, each file whole (`write_atomic`): a run killed in between is repaired by `reopen`, which
         trusts config.json's entries alone, and continues from a state file, which holds everything of one step.
         Writing under a `name` already written replaces that population's files, rows and entry."""
         name = name or self.new_name()
-        ids = [int(r["model"]) for r in rows]
+        ids = [r.model for r in rows]
         write_atomic(self.out / "history" / f"{name}.parquet", lambda tmp: pq.write_table(pa.table(history), tmp))
         # a state holds the weights too: each tensor is copied to the host once
         host = {k: v.detach().cpu().contiguous() for k, v in {**weights, **(state or {})}.items()}
         for tensors, path in ((weights, self.out / "weights" / f"{name}.safetensors"), (state, self._state_path(name))):
             if tensors is not None:
                 write_atomic(path, lambda tmp: save_file({k: host[k] for k in tensors}, str(tmp)))  # noqa: B023
-        self.rows |= {int(row["model"]): [csv_cell(row[c], c) for c in MODEL_COLUMNS] for row in rows}
+        self.rows |= {row.model: row.cells() for row in rows}
         self._write_models()
-        entry = {"name": name, "models": ids, "steps": int(rows[0]["steps"]) if rows else 0, "state": state is not None}
+        entry = {"name": name, "models": ids, "steps": rows[0].steps if rows else 0, "state": state is not None}
         self.config["written"] = [w for w in self.config["written"] if w["name"] != name] + [entry]
         self.write_config()
         if state is None:
@@ -276,33 +311,25 @@ def read_config(run: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def read_models(run: Path) -> list[dict]:
-    """models.csv as a list of dicts with numbers parsed (empty cells are NaN), and each model's grid values
-    exactly as config.json's grid has them: runs written before 2026-11-23 rounded them to 6 digits in models.csv,
-    which split a diagram's cells (xi 0.0333333 is not the grid's 0.0333333333333) and could rebuild a training
-    split other than the one trained on."""
+def read_models(run: Path) -> list[ModelRow]:
+    """models.csv as ModelRows, each model's grid values exactly as config.json's grid has them (models.csv holds
+    12 digits, and a diagram's cells and a rebuilt training split need the grid's own values)."""
     path = Path(run) / "models.csv"
     if not path.is_file():
         raise ConfigError(f"{run} is not a fastgrok run directory (no models.csv)")
     hypers = Grid(read_config(run)["grid"]).models()
     rows = []
     with open(path, newline="") as f:
-        for row in csv.DictReader(f):
-            out = {}
-            for k, v in row.items():
-                if k in ("phase",):
-                    out[k] = v
-                elif k == "diverged":
-                    out[k] = v == "True"
-                elif k in ("model", "width", "seed", "steps", "dead_neurons"):
-                    out[k] = int(v)
-                else:
-                    out[k] = float(v) if v != "" else math.nan
-            exact = asdict(hypers[out["model"]]) if 0 <= out["model"] < len(hypers) else None
-            if exact is None or not all(math.isclose(out[a], exact[a], rel_tol=1e-5) for a in AXES):
-                raise ConfigError(f"{path}: model {out['model']} is not the grid's model {out['model']} in config.json")
-            out.update(exact)
-            rows.append(out)
+        reader = csv.DictReader(f)
+        missing = [c for c in MODEL_COLUMNS if c not in (reader.fieldnames or ())]
+        if missing:
+            raise ConfigError(f"{path} has no {missing[0]} column: it was written by another version of fastgrok")
+        for cells in reader:
+            model = int(cells["model"])
+            exact = hypers[model] if 0 <= model < len(hypers) else None
+            if exact is None or not all(math.isclose(float(cells[a]), getattr(exact, a), rel_tol=1e-5) for a in AXES):
+                raise ConfigError(f"{path}: model {model} is not the grid's model {model} in config.json")
+            rows.append(ModelRow.from_cells(cells, exact))
     return rows
 
 
@@ -338,12 +365,8 @@ def read_weights(run: Path, models: set[int] | None = None) -> Iterator[dict[str
 
 
 def read_population(run: Path, name: str) -> tuple[dict[str, torch.Tensor], pa.Table]:
-    """An unfinished population's state (Population.state()) and history, to continue it. A state file written
-    before states held the weights (fastgrok 0.1.0 before 2026-11-23) takes them from the weights file."""
-    weights = Path(run) / "weights"
-    state = load_file(str(weights / f"{name}.state.safetensors"))
-    if "U" not in state:
-        state = {**load_file(str(weights / f"{name}.safetensors")), **state}
+    """An unfinished population's state (Population.state()) and history, to continue it."""
+    state = load_file(str(Path(run) / "weights" / f"{name}.state.safetensors"))
     return state, pq.read_table(Path(run) / "history" / f"{name}.parquet")
 
 
@@ -364,10 +387,6 @@ def recipe(config: dict) -> str:
     return ", ".join(parts)
 
 
-def hyper_of(row: dict) -> Hyper:
-    return Hyper(**{a: row[a] for a in AXES})
-
-
 HISTORY_COLUMNS = ("model", "step", *METRICS, "ipr")  # ipr: mean neuron IPR of the model
 
 
@@ -382,6 +401,6 @@ def load_populations(run: Path, device: str | torch.device = "cpu", models: set[
     wanted = set(rows) if models is None else set(models) & set(rows)
     for weights in read_weights(run, wanted):
         ids = weights["model"].tolist()
-        pop = Population([hyper_of(rows[m]) for m in ids], settings, device, model_ids=ids)
+        pop = Population([rows[m].hyper for m in ids], settings, device, model_ids=ids)
         pop.load_weights(weights)
         yield pop

@@ -1,66 +1,247 @@
-"""Train a grid: split it into populations, step each one, log metrics, write the run directory."""
+"""Train a grid: split it into populations, step each one, log metrics, write the run directory; continue an
+interrupted run (`resume`) to the results an uninterrupted one gives."""
 
 from __future__ import annotations
 
 import contextlib
+import math
 import signal
 import sys
 import threading
 import time
 import types
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from fastgrok import planner, process
 from fastgrok.backends import make_backend
-from fastgrok.config import AXES, Grid, Settings
+from fastgrok.config import Grid, Settings
+from fastgrok.data import check_training_sets, pair_count, train_size
+from fastgrok.device import resolve_device
 from fastgrok.errors import ConfigError
-from fastgrok.ipr import neuron_ipr
+from fastgrok.ipr import model_ipr
 from fastgrok.phases import THRESHOLD, TOL, phase
-from fastgrok.population import METRICS, Population, check_training_sets, plan
-from fastgrok.results import HISTORY_COLUMNS, RunWriter, read_models, read_population
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise ConfigError(f"unknown device {device!r}; use auto, cpu or cuda[:index]") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda asked for, but torch sees no CUDA device here")
-    if dev.type not in ("cpu", "cuda"):
-        raise ConfigError(f"unsupported device {device!r}; use auto, cpu or cuda[:index]")
-    return dev
-
-
-class Interrupted(Exception):
-    """Raised after Ctrl-C (or SIGTERM) once everything trained so far is written."""
-
-    def __init__(self, run: "Run"):
-        super().__init__(f"interrupted; partial results in {run.out}")
-        self.run = run
-
-
-@dataclass
-class Run:
-    out: Path
-    rows: list[dict]
-    status: str
-    seconds: float
-    model_steps: int
-
+from fastgrok.population import METRICS, Population
+from fastgrok.results import (HISTORY_COLUMNS, ModelRow, RunWriter, check_not_busy, check_out_dir, default_out_dir,
+                              read_config, read_models, read_population, settings_of)
 
 # A population still training is saved (weights, optimizer state, history) at the first logged step after
 # this many seconds since its last save, so a killed run loses at most that much work (--resume continues).
 CHECKPOINT_SECONDS = 600.0
 
 
+@dataclass
+class Run:
+    """What train() and resume() leave: the run directory, its models.csv rows, how the run ended."""
+
+    out: Path
+    rows: list[ModelRow]
+    status: str  # complete or interrupted
+    seconds: float
+    model_steps: int
+    models: int  # the grid's models
+    steps: int  # the steps each model trains
+    nothing_left: bool = False  # resume() of a run that was already complete
+
+    @property
+    def finished(self) -> int:
+        """Models that trained all their steps."""
+        return sum(r.steps == self.steps for r in self.rows)
+
+
+@dataclass(frozen=True)
+class Start:
+    """What a training is about to do, given to on_start once every option is known good (a progress display
+    sizes itself from it)."""
+
+    out: Path
+    grid: Grid
+    settings: Settings
+    device: torch.device
+    backend: str
+    models: int  # models that train now: all of the grid's, or those a resumed run has left
+    model_steps: int  # model-steps still to run
+    populations: int
+    resumed: bool
+    notes: list[str] = field(default_factory=list)  # what the user should know (an option this backend ignores)
+
+
+class Interrupted(Exception):
+    """Raised after Ctrl-C (or SIGTERM) once everything trained so far is written."""
+
+    def __init__(self, run: Run):
+        super().__init__(f"interrupted; partial results in {run.out}")
+        self.run = run
+
+
+def train(grid: Grid, settings: Settings, out: str | Path | None = None, *, device: str = "auto", backend="auto",
+          precision: str | None = None, on_start: Callable[[Start], None] | None = None,
+          on_step: Callable[[int, int], None] | None = None, budget: int | None = None,
+          populations: list[list[int]] | None = None) -> Run:
+    """Train every model of `grid` into the new run directory `out` (default: a new runs/<timestamp>). Ctrl-C (or
+    SIGTERM) writes what is done, then raises Interrupted; `resume(out)` continues it.
+
+    backend: a name ("auto", "torch", "triton") or a backend object; precision: the fused kernels' dot precision.
+    on_start(Start) is called before the first step; on_step(models, step) after every step of a population of
+    `models` models. `populations` (model indices per population) defaults to planner.plan under the memory
+    `budget`."""
+    settings.check()
+    dev = resolve_device(device)
+    hypers = grid.models()
+    check_training_sets(hypers, settings)
+    engine = _engine(backend, dev, precision, settings)
+    if populations is None:
+        populations = planner.plan(hypers, settings, dev, engine, budget)
+    if out is None:
+        out = default_out_dir()  # once every option is known good: a refused run leaves no directory behind
+    writer = RunWriter(Path(out), grid, settings, dev, engine.name, engine.precision,
+                       extra={"populations": [len(ids) for ids in populations]})
+    start = Start(writer.out, grid, settings, dev, engine.name, len(hypers), len(hypers) * settings.steps,
+                  len(populations), resumed=False, notes=_notes(engine, precision))
+    return _Training(writer, engine, grid, settings, dev, on_step).run([(ids, None) for ids in populations], [],
+                                                                       start, on_start)
+
+
+def resume(out: str | Path, *, device: str = "auto", backend="auto", precision: str | None = None,
+           on_start: Callable[[Start], None] | None = None, on_step: Callable[[int, int], None] | None = None,
+           budget: int | None = None) -> Run:
+    """Continue the interrupted run in `out`: finished populations stay, a population saved with its state (at the
+    interrupt, or by a checkpoint every CHECKPOINT_SECONDS) continues from it, the rest trains again from its
+    seeds; the results are those of an uninterrupted run. It keeps the run's precision unless one is given."""
+    out = Path(out)
+    config = read_config(out)
+    check_not_busy(out)
+    grid, settings = Grid(config["grid"]), settings_of(config)
+    rows = read_models(out)
+    if config["status"] == "complete" or all(r.steps == settings.steps for r in rows) and len(rows) == len(grid):
+        return Run(out, rows, "complete", 0.0, 0, len(grid), settings.steps, nothing_left=True)
+    given = precision
+    precision = config.get("precision") if precision is None else precision
+    dev = resolve_device(device)
+    engine = _engine(backend, dev, precision, settings)
+    writer, done, unfinished = RunWriter.reopen(out, settings.steps)
+    continuing = {m for w in unfinished for m in w["models"]}
+    hypers = grid.models()
+    todo = [i for i in range(len(hypers)) if i not in done and i not in continuing]
+    planned = planner.plan([hypers[i] for i in todo], settings, dev, engine, budget) if todo else []
+    jobs = [(w["models"], w["name"]) for w in unfinished] + [([todo[j] for j in ids], None) for ids in planned]
+    steps_done = sum(len(w["models"]) * w["steps"] for w in unfinished)
+    left = len(hypers) - len(done)
+    start = Start(out, grid, settings, dev, engine.name, left, left * settings.steps - steps_done, len(jobs),
+                  resumed=True, notes=_notes(engine, given))
+    kept = [r for r in rows if r.model in done]
+    return _Training(writer, engine, grid, settings, dev, on_step).run(jobs, kept, start, on_start)
+
+
+def _engine(backend, device: torch.device, precision: str | None, settings: Settings):
+    """The backend object for a name (make_backend) or the one given, checked against the settings."""
+    engine = make_backend(backend, device, precision, settings) if isinstance(backend, str) else backend
+    engine.check(settings)
+    if device.type == "cpu":
+        process.tune_cpu_malloc()
+    return engine
+
+
+def _notes(engine, precision: str | None) -> list[str]:
+    """A --precision the chosen backend does not use is said, not silently dropped."""
+    if precision is not None and engine.precision is None:
+        return [f"--precision {precision} picks the Triton kernels' dot precision; the {engine.name} backend "
+                "running here computes in fp32."]
+    return []
+
+
+@dataclass(frozen=True)
+class PlannedPopulation:
+    ids: list[int]
+    width: int
+    sizes: tuple[int, int]  # smallest and largest training set
+    memory: int  # bytes the planner reserves
+    seconds: float  # estimated from measured steps (estimate_seconds)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What `fastgrok train --dry-run` shows: the populations a run would train, one after another."""
+
+    grid: Grid
+    settings: Settings
+    device: torch.device
+    backend: str
+    populations: list[PlannedPopulation]
+    budget: int
+    budget_share: str
+    probe: str  # how the time was estimated
+    notes: list[str]
+
+    @property
+    def seconds(self) -> float:
+        return sum(p.seconds for p in self.populations)
+
+
+def plan(grid: Grid, settings: Settings, out: str | Path | None = None, *, device: str = "auto", backend="auto",
+         precision: str | None = None, budget: int | None = None, estimate: bool = True) -> Plan:
+    """The populations `train` would make of the grid, their memory and, with `estimate`, the time each would
+    take on this device, from a few steps measured on a sample of its models. Nothing is written; `out`, if
+    given, is checked as train would."""
+    settings.check()
+    if out is not None:
+        check_out_dir(Path(out))
+    dev = resolve_device(device)
+    hypers = grid.models()
+    engine = _engine(backend, dev, precision, settings)
+    budget = planner.memory_budget(dev) if budget is None else budget
+    pairs = pair_count(settings.op, settings.p)
+    planned = []
+    for ids in planner.plan(hypers, settings, dev, engine, budget):
+        width = hypers[ids[0]].width
+        sizes = [train_size(pairs, hypers[i].alpha) for i in ids]
+        memory = planner.population_bytes(settings, width, max(sizes), pairs, len(ids), engine,
+                                          any(hypers[i].dropout > 0 for i in ids), dev)
+        seconds = estimate_seconds([hypers[i] for i in ids], settings, dev, engine) if estimate else math.nan
+        planned.append(PlannedPopulation(ids, width, (min(sizes), max(sizes)), memory, seconds))
+    probe = f"{PROBE_STEPS} steps and an evaluation of up to {PROBE_MODELS[dev.type]} of each population's models"
+    return Plan(grid, settings, dev, engine.name, planned, budget, planner.BUDGETS[dev.type][1], probe,
+                _notes(engine, precision))
+
+
+PROBE_MODELS = {"cpu": 8, "cuda": 256}  # models of a population whose steps estimate its time
+PROBE_STEPS = 3
+
+
+def estimate_seconds(hypers: list, settings: Settings, device: torch.device, engine) -> float:
+    """Seconds to train these models (one population) on `device`: the time of PROBE_STEPS steps and of one
+    evaluation of an evenly spaced sample of them, after a step to warm up, scaled to all of them and to the
+    run's steps and logs. A GPU's time per model falls with the population's size, so a sample larger than
+    PROBE_MODELS runs faster per model than measured: an upper estimate there."""
+    sample = hypers[:: max(1, math.ceil(len(hypers) / PROBE_MODELS[device.type]))]
+    pop = Population(sample, settings, device)
+    engine.step(pop)
+    _sync(device)
+    begin = time.perf_counter()
+    for _ in range(PROBE_STEPS):
+        engine.step(pop)
+    _sync(device)
+    per_step = (time.perf_counter() - begin) / PROBE_STEPS
+    begin = time.perf_counter()
+    pop.evaluate(engine)
+    _sync(device)
+    per_log = time.perf_counter() - begin
+    logs = len({*range(0, settings.steps + 1, settings.log_every), settings.steps})
+    return (settings.steps * per_step + logs * per_log) * len(hypers) / len(sample)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 class _History:
+    """The metrics of a population at every logged step, as the history table's columns."""
+
     def __init__(self, engine, saved=None, keep=lambda step: True):
         """saved: the history table of an unfinished population being continued; rows whose step `keep`
         refuses (an off-schedule log at the moment it was interrupted) are dropped."""
@@ -78,7 +259,7 @@ class _History:
         self.columns["step"].append(np.full(len(pop), pop.step, dtype=np.int32))
         for k in METRICS:
             self.columns[k].append(metrics[k].numpy())
-        self.columns["ipr"].append(neuron_ipr(pop.U, pop.V, pop.W).model_mean().cpu().numpy())
+        self.columns["ipr"].append(model_ipr(pop.family, pop.tensors).cpu().numpy())
         self.last = (pop.step, metrics)
         return metrics
 
@@ -97,138 +278,127 @@ def first_reached(history: dict, metric: str, level: float = THRESHOLD) -> dict[
     return first
 
 
-def model_rows(pop: Population, metrics: dict[str, torch.Tensor], history: dict) -> list[dict]:
-    """models.csv rows of a population: grid axes, final metrics, phase, and from its history (the table of
-    every logged step) when train and test accuracy first reached 90% (blank if never)."""
-    reached = {f"{k}90_step": first_reached(history, f"{k}_acc") for k in ("train", "test")}
+def model_rows(pop: Population, metrics: dict[str, torch.Tensor], history: dict) -> list[ModelRow]:
+    """models.csv rows of a population: grid point, final metrics, phase, and from its history (the table of
+    every logged step) when train and test accuracy first reached 90%."""
+    train90, test90 = (first_reached(history, f"{k}_acc") for k in ("train", "test"))
     rows = []
     for b, h in enumerate(pop.hypers):
-        row = {"model": pop.model_ids[b], **{a: getattr(h, a) for a in AXES}}
-        row.update({k: float(metrics[k][b]) for k in METRICS})
-        row["diverged"] = bool(pop.diverged[b])
-        row["steps"] = pop.step
-        row["phase"] = phase(row["train_acc"], row["test_acc"], h.xi, row["diverged"])
-        row.update({column: first.get(row["model"], "") for column, first in reached.items()})
-        rows.append(row)
+        values = {k: float(metrics[k][b]) for k in METRICS}
+        diverged = bool(pop.diverged[b])
+        model = pop.model_ids[b]
+        rows.append(ModelRow(model, h, {k: None if math.isnan(v) else v for k, v in values.items()},
+                             phase(values["train_acc"], values["test_acc"], h.xi, diverged), diverged, pop.step,
+                             train90.get(model), test90.get(model)))
     return rows
 
 
-def train(grid: Grid, settings: Settings, out: str | Path, *, device: str = "auto", backend="auto",
-          precision: str | None = None,
-          on_step: Callable[[int, int], None] | None = None, budget: int | None = None,
-          populations: list[list[int]] | None = None, resume: bool = False) -> Run:
-    """Train every model of `grid`; write `out`. Ctrl-C (or SIGTERM) writes what is done, then raises Interrupted.
+class _Training:
+    """The loop over a run's populations (run) and the training of one (population), writing as it goes."""
 
-    on_step(models, step) is called after every step of a population of `models` models.
+    def __init__(self, writer: RunWriter, engine, grid: Grid, settings: Settings, device: torch.device,
+                 on_step: Callable[[int, int], None] | None):
+        self.writer, self.engine, self.grid, self.settings, self.device = writer, engine, grid, settings, device
+        self.hypers = grid.models()
+        self.on_step = on_step
+        self.model_steps = 0
+        # where the seconds go (config.json "time_split"): building populations, training steps, logging (evaluation
+        # and IPR), writing results; the device is synchronised at each boundary so GPU work lands where it belongs
+        self.split = dict.fromkeys(("setup", "steps", "logging", "saving"), 0.0)
+        self.clock = time.perf_counter()
 
-    backend: a name ("auto", "torch", "triton") or a backend object. `populations` (model indices per
-    population) defaults to `population.plan` under the memory `budget`. resume=True continues an interrupted
-    run in `out`: finished populations stay, a population saved with its state (at the interrupt, or by a
-    checkpoint every CHECKPOINT_SECONDS) continues from it, the rest trains again from its seeds; the results
-    are those of an uninterrupted run."""
-    settings.check()
-    out = Path(out)
-    dev = resolve_device(device)
-    hypers = grid.models()
-    check_training_sets(hypers, settings)
-    engine = make_backend(backend, dev, precision, settings) if isinstance(backend, str) else backend
-    engine.check(settings)
-    writer, done, unfinished = RunWriter.reopen(out, settings.steps) if resume else (None, set(), [])
-    continuing = {m for w in unfinished for m in w["models"]}
-    rows = [r for r in read_models(out) if r["model"] in done] if resume else []
-    todo = [i for i in range(len(hypers)) if i not in done and i not in continuing]
-    if populations is None and todo:
-        planned = plan([hypers[i] for i in todo], settings, dev, budget, backend=engine.name)
-        populations = [[todo[j] for j in ids] for ids in planned]
-    populations = populations or []
-    if writer is None:
-        writer = RunWriter(out, grid, settings, dev, engine.name,
-                           extra={"populations": [len(ids) for ids in populations]})
-    jobs = [(w["models"], w["name"]) for w in unfinished] + [(ids, None) for ids in populations]
-    start, model_steps = time.perf_counter(), 0
-    # where the seconds go (config.json "time_split"): building populations, training steps, logging (evaluation
-    # and IPR), writing results; the device is synchronised at each boundary so GPU work lands where it belongs
-    split = dict.fromkeys(("setup", "steps", "logging", "saving"), 0.0)
-    clock = [time.perf_counter()]
+    def run(self, jobs: list[tuple[list[int], str | None]], rows: list[ModelRow], start: Start,
+            on_start: Callable[[Start], None] | None) -> Run:
+        """Train each job (model ids, and the saved population it continues or None), then mark the run finished.
+        Ctrl-C or SIGTERM: the population in flight is saved at the step it reached, then Interrupted."""
+        began = time.perf_counter()
+        try:
+            if on_start is not None:
+                on_start(start)
+            with _stop_requests() as stop:
+                for ids, name in jobs:
+                    if stop.asked:
+                        raise KeyboardInterrupt
+                    new_rows, interrupted = self.population(ids, name, stop)
+                    rows += new_rows
+                    if interrupted:
+                        raise KeyboardInterrupt
+            return self.finish("complete", rows, began)
+        except KeyboardInterrupt:
+            raise Interrupted(self.finish("interrupted", rows, began)) from None
+        finally:
+            self.writer.close()  # also when an error ends the run, so a --resume in this process may write it
 
-    def lap(part: str) -> None:
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
+    def population(self, ids: list[int], name: str | None, stop) -> tuple[list[ModelRow], bool]:
+        """Train one population to the end (or to a stop request) and save it: its rows, and whether it stopped."""
+        steps = self.settings.steps
+        self.lap("steps")
+        pop = Population([self.hypers[i] for i in ids], self.settings, self.device, model_ids=ids)
+        if name is None:
+            name = self.writer.new_name()
+            history = _History(self.engine)
+            self.lap("setup")
+            self.log(history, pop)
+        else:
+            state, saved = read_population(self.writer.out, name)
+            pop.load_state(state)
+            history = _History(self.engine, saved, keep=lambda step: self.on_schedule(step) and step <= pop.step)
+            self.lap("setup")
+        saved_at, interrupted = time.perf_counter(), False
+        try:
+            while pop.step < steps:
+                self.engine.step(pop)
+                self.model_steps += len(pop)
+                if self.on_schedule(pop.step):
+                    metrics = self.log(history, pop)
+                    if pop.step < steps and time.perf_counter() - saved_at >= CHECKPOINT_SECONDS:
+                        self.save(pop, name, history, metrics)
+                        saved_at = time.perf_counter()
+                if self.on_step is not None:
+                    self.on_step(len(pop), pop.step)
+                if stop.asked:
+                    interrupted = True
+                    break
+        except _StopNow:
+            raise  # mid-step: this population is not saved, it continues from its last save
+        except KeyboardInterrupt:  # raised by code between steps (on_step)
+            interrupted = True
+        if history.last is None or history.last[0] != pop.step:
+            self.log(history, pop)
+        return self.save(pop, name, history, history.last[1]), interrupted
+
+    def on_schedule(self, step: int) -> bool:
+        return step % self.settings.log_every == 0 or step == self.settings.steps
+
+    def lap(self, part: str) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
         now = time.perf_counter()
-        split[part] += now - clock[0]
-        clock[0] = now
+        self.split[part] += now - self.clock
+        self.clock = now
 
-    on_schedule = lambda step: step % settings.log_every == 0 or step == settings.steps  # noqa: E731
-
-    def summary(status: str) -> Run:
-        rows.sort(key=lambda r: r["model"])
-        seconds = time.perf_counter() - start
-        writer.finish(status, seconds=round(seconds, 3), model_steps=model_steps,
-                      model_steps_per_s=round(model_steps / max(seconds, 1e-9), 1), models_written=len(rows),
-                      time_split={k: round(v, 3) for k, v in split.items()})
-        return Run(out, rows, status, seconds, model_steps)
-
-    def save(pop, name, history, metrics) -> list[dict]:
-        lap("steps")
-        table = history.table()
-        new_rows = model_rows(pop, metrics, table)
-        writer.add_population(new_rows, table, pop.weights(),
-                              state=pop.state() if pop.step < settings.steps else None, name=name)
-        lap("saving")
-        return new_rows
-
-    def log(history, pop):
-        lap("steps")
+    def log(self, history: _History, pop: Population) -> dict[str, torch.Tensor]:
+        self.lap("steps")
         metrics = history.log(pop)
-        lap("logging")
+        self.lap("logging")
         return metrics
 
-    try:
-        with _stop_requests() as stop:
-            for ids, name in jobs:
-                if stop.asked:
-                    raise KeyboardInterrupt
-                lap("steps")
-                pop = Population([hypers[i] for i in ids], settings, dev, model_ids=ids)
-                if name is None:
-                    name = writer.new_name()
-                    history = _History(engine)
-                    lap("setup")
-                    log(history, pop)
-                else:
-                    state, saved = read_population(out, name)
-                    pop.load_state(state)
-                    history = _History(engine, saved, keep=lambda step: on_schedule(step) and step <= pop.step)
-                    lap("setup")
-                saved_at, interrupted = time.perf_counter(), False
-                try:
-                    while pop.step < settings.steps:
-                        engine.step(pop)
-                        model_steps += len(pop)
-                        if on_schedule(pop.step):
-                            metrics = log(history, pop)
-                            if pop.step < settings.steps and time.perf_counter() - saved_at >= CHECKPOINT_SECONDS:
-                                save(pop, name, history, metrics)
-                                saved_at = time.perf_counter()
-                        if on_step is not None:
-                            on_step(len(pop), pop.step)
-                        if stop.asked:
-                            interrupted = True
-                            break
-                except _StopNow:
-                    raise  # mid-step: this population is not saved, it continues from its last save
-                except KeyboardInterrupt:  # raised by code between steps (on_step)
-                    interrupted = True
-                if history.last is None or history.last[0] != pop.step:
-                    log(history, pop)
-                rows += save(pop, name, history, history.last[1])
-                if interrupted:
-                    raise KeyboardInterrupt
-        return summary("complete")
-    except KeyboardInterrupt:
-        raise Interrupted(summary("interrupted")) from None
-    finally:
-        writer.close()  # also when an error ends the run, so a --resume in this process may write it
+    def save(self, pop: Population, name: str, history: _History, metrics) -> list[ModelRow]:
+        self.lap("steps")
+        table = history.table()
+        rows = model_rows(pop, metrics, table)
+        self.writer.add_population(rows, table, pop.weights(),
+                                   state=pop.state() if pop.step < self.settings.steps else None, name=name)
+        self.lap("saving")
+        return rows
+
+    def finish(self, status: str, rows: list[ModelRow], began: float) -> Run:
+        rows.sort(key=lambda r: r.model)
+        seconds = time.perf_counter() - began
+        self.writer.finish(status, seconds=round(seconds, 3), model_steps=self.model_steps,
+                           model_steps_per_s=round(self.model_steps / max(seconds, 1e-9), 1), models_written=len(rows),
+                           time_split={k: round(v, 3) for k, v in self.split.items()})
+        return Run(self.writer.out, rows, status, seconds, self.model_steps, len(self.hypers), self.settings.steps)
 
 
 class _StopNow(KeyboardInterrupt):

@@ -13,7 +13,7 @@ from fastgrok import plots, reference
 from fastgrok.backends import TorchBackend
 from fastgrok.cli import app
 from fastgrok.population import METRICS, Population
-from fastgrok.results import MODEL_COLUMNS, hyper_of, read_config, read_models, read_weights, settings_of
+from fastgrok.results import MODEL_COLUMNS, read_config, read_models, read_weights, settings_of
 
 runner = CliRunner()
 SMALL = ["--p", "11", "--width", "8", "--steps", "30", "--log-every", "10"]
@@ -43,27 +43,28 @@ def test_a_slow_rate_is_shown_not_rounded_to_zero():
 
 
 def test_the_summary_table_says_when_each_model_first_reached_90_percent_test_accuracy():
-    """The step column comes from models.csv's test90_step: a new row has the step or a blank, a row read back
-    from models.csv (a resumed run) a float or NaN; never reached is a dash either way."""
+    """The step column is models.csv's test90_step; a model that never got there has none, shown as a dash."""
+    from dataclasses import replace
+
     from rich.console import Console
 
     from fastgrok.cli import _print_summary
-    from fastgrok.config import Grid
+    from fastgrok.config import Grid, Hyper
+    from fastgrok.results import ModelRow
     from fastgrok.train import Run
 
-    accs = {k: 0.5 for k in ("train_acc", "test_acc", "clean_acc", "corrupted_acc", "inverted_acc")}
-    steps = [1200, "", 12000.0, float("nan")]
-    rows = [{"model": i, "xi": 0.1 * i, **accs, "phase": "forgetting", "test90_step": s} for i, s in enumerate(steps)]
+    accs = {k: 0.5 for k in METRICS}
+    steps = [1200, None, 12000, None]
+    rows = [ModelRow(i, Hyper(xi=0.1 * i), accs, "forgetting", False, 10, None, s) for i, s in enumerate(steps)]
     console = Console(width=100, record=True)
-    _print_summary(Run(Path("r"), rows, "complete", 1.0, 4), Grid.parse({"xi": "0,0.1,0.2,0.3"}), console)
-    lines = [line for line in console.export_text().splitlines() if "forgetting" in line]
-    assert [line.split("│")[-3].strip() for line in lines] == ["1,200", "-", "12,000", "-"]
+    _print_summary(Run(Path("r"), rows, "complete", 1.0, 4, 4, 10), Grid.parse({"xi": "0,0.1,0.2,0.3"}), console)
+    lines = [line.split() for line in console.export_text().splitlines() if "forgetting" in line]
+    assert [cells[-2] for cells in lines] == ["1,200", "-", "12,000", "-"]
     # above 40 models, a row per phase: how many of its models reached 90% test accuracy, and the median step
-    rows = [dict(rows[i % 4], model=i, xi=0.0, phase="forgetting" if i < 40 else "coexistence") for i in range(44)]
-    for r in rows[40:]:
-        r["test90_step"] = 300
+    rows = [replace(rows[i % 4], model=i, hyper=Hyper(), phase="forgetting" if i < 40 else "coexistence",
+                    test90_step=300 if i >= 40 else rows[i % 4].test90_step) for i in range(44)]
     console = Console(width=100, record=True)
-    _print_summary(Run(Path("r"), rows, "complete", 1.0, 44), Grid.parse({"xi": "0"}), console)
+    _print_summary(Run(Path("r"), rows, "complete", 1.0, 44, 44, 10), Grid.parse({"xi": "0"}), console)
     cells = {line.split("│")[1].strip(): [c.strip() for c in line.split("│")[2:-1]]
              for line in console.export_text().splitlines() if line.count("│") == 5}
     assert cells == {"coexistence": ["4", "4", "300"], "forgetting": ["40", "20", "6,600"]}  # median of 1,200, 12,000
@@ -76,8 +77,7 @@ def test_the_summary_table_is_never_cut_to_fit_the_terminal(tmp_path, monkeypatc
     result = run(*SMALL, "--xi", "0,0.3", "--alpha", "0.3,0.7", "--dropout", "0,0.2", "--wd", "0,5",
                  "--out", tmp_path / "run")
     assert result.exit_code == 0, result.output
-    rows = [[c.strip() for c in line.strip("│ ").split("│")] for line in result.output.splitlines()
-            if re.match(r"│ +\d+ │", line)]
+    rows = [line.split() for line in result.output.splitlines() if re.match(r" *\d+ +\d", line)]
     assert len(rows) == 16 and "…" not in result.output, result.output
     models = {r["model"]: r for r in read_models(tmp_path / "run")}
     for cells in rows:
@@ -86,10 +86,12 @@ def test_the_summary_table_is_never_cut_to_fit_the_terminal(tmp_path, monkeypatc
 
 
 def test_a_dry_run_prints_the_plan_a_run_then_follows_and_writes_nothing(tmp_path, monkeypatch):
-    from fastgrok.population import bytes_per_model
+    from fastgrok.config import Settings
+    from fastgrok.planner import population_bytes
 
-    one = bytes_per_model(11, 12, int(0.6 * 121), 121)  # a model of the wider population with the larger set
-    monkeypatch.setattr("fastgrok.population.memory_budget", lambda device: 5 * one)  # the planner splits
+    # a model of the wider population with the larger set
+    one = population_bytes(Settings(p=11), 12, int(0.6 * 121), 121, 1, TorchBackend(), device="cpu")
+    monkeypatch.setattr("fastgrok.planner.memory_budget", lambda device: 5 * one)  # the planner splits
     monkeypatch.chdir(tmp_path)
     grid = [*SMALL, "--width", "8,12", "--xi", "0:0.5:6", "--alpha", "0.3,0.6"]
     result = run(*grid, "--dry-run")
@@ -110,7 +112,6 @@ def test_train_writes_a_complete_run_directory(tmp_path):
     out = tmp_path / "run"
     result = run(*SMALL, "--xi", "0,0.3", "--wd", "0,1", "--out", out)
     assert result.exit_code == 0, result.output
-    assert "coexistence" in result.output or "memorization" in result.output or "forgetting" in result.output
     config = read_config(out)
     assert config["status"] == "complete" and config["models"] == 4
     assert config["settings"]["p"] == 11 and config["grid"]["xi"] == [0.0, 0.3]
@@ -123,6 +124,11 @@ def test_train_writes_a_complete_run_directory(tmp_path):
     history = pq.read_table(out / "history").to_pydict()
     assert sorted(set(history["step"])) == [0, 10, 20, 30]
     assert len(history["model"]) == 4 * 4 and set(METRICS) <= set(history)
+    # the table printed is models.csv's: each model's phase and accuracies
+    printed = {int(cells[0]): cells for cells in map(str.split, result.output.splitlines())
+               if len(cells) == 10 and cells[0].isdigit()}
+    assert {m: cells[-1] for m, cells in printed.items()} == {r.model: r.phase for r in rows}
+    assert all(printed[r.model][3] == f"{r['train_acc']:.3f}" for r in rows)
     # the last logged metrics are the ones in models.csv
     for r in rows:
         i = [k for k, (m, s) in enumerate(zip(history["model"], history["step"])) if m == r["model"] and s == 30][0]
@@ -140,7 +146,7 @@ def test_saved_weights_rebuild_every_model(tmp_path, extra):
     seen = 0
     for weights in read_weights(out):
         ids = weights["model"].tolist()
-        pop = Population([hyper_of(rows[i]) for i in ids], settings, model_ids=ids)
+        pop = Population([rows[i].hyper for i in ids], settings, model_ids=ids)
         assert set(weights) == {"U", "V", "W", "model"} | ({"bn_weight", "bn_bias", "running_mean", "running_var"}
                                                             if extra else set())
         pop.load_weights(weights)
@@ -442,11 +448,6 @@ def test_resume_finishes_an_interrupted_run_with_the_results_of_an_uninterrupted
     assert result.exit_code == 130 and "--resume" in result.output
     assert [r["steps"] for r in read_models(out)] == [30, 12, 30, 12]
     assert run("--resume", out, "--xi", "0.5").exit_code == 2  # the grid comes from the run
-    # as a run written before models.csv had its last two columns (blank here: no model reaches 90% in 30 steps)
-    assert MODEL_COLUMNS[-2:] == ("train90_step", "test90_step")
-    lines = (out / "models.csv").read_text().splitlines()
-    assert all(line.endswith(",,") for line in lines[1:])
-    (out / "models.csv").write_text("".join(line.rsplit(",", 2)[0] + "\n" for line in lines))
     calls = _stop_at(monkeypatch, 0, None)
     result = run("--resume", out)
     assert result.exit_code == 0, result.output
@@ -499,7 +500,7 @@ def test_the_prune_table_shows_an_empty_subsets_metric_as_a_dash(tmp_path):
     assert all(re.fullmatch(r"\d\.\d{3}", v) for v in rows["0"][::2] + rows["1"])
     assert "pruning lowest-IPR neurons first (2 models)" in result.output
     result = runner.invoke(app, ["prune", str(out), "--every", "4", "--order", "random"])
-    assert "pruning neurons in a random order (2 models)" in result.output  # it was "random-IPR first"
+    assert "pruning neurons in a random order (2 models)" in result.output
 
 
 def test_a_run_being_written_is_refused_to_a_second_process(tmp_path, monkeypatch):
@@ -519,11 +520,7 @@ def test_a_run_being_written_is_refused_to_a_second_process(tmp_path, monkeypatc
     assert run("--resume", out).exit_code == 0
 
 
-@pytest.mark.parametrize("old_state", [False, True])
-def test_a_killed_run_resumes_from_its_last_checkpoint(tmp_path, monkeypatch, old_state):
-    """old_state: the checkpoint as fastgrok wrote it before state files held the weights (in the weights file)."""
-    from safetensors.torch import load_file, save_file
-
+def test_a_killed_run_resumes_from_its_last_checkpoint(tmp_path, monkeypatch):
     import fastgrok.train
 
     assert run(*RESUMABLE, "--out", tmp_path / "straight").exit_code == 0
@@ -537,9 +534,6 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(tmp_path, monkeypatch, ol
     assert run(*RESUMABLE, "--out", out).exit_code == 137
     assert read_config(out)["status"] == "running"
     assert [w["steps"] for w in read_config(out)["written"]] == [30, 20]
-    if old_state:
-        state = out / "weights" / "pop001.state.safetensors"
-        save_file({k: v for k, v in load_file(state).items() if k not in ("U", "V", "W", "model")}, state)
     assert runner.invoke(app, ["ipr", str(out)]).exit_code == 0  # the saved state is no population of its own
     calls = _stop_at(monkeypatch, 0, None)
     assert run("--resume", out).exit_code == 0
@@ -649,7 +643,7 @@ def test_sigterm_saves_like_ctrl_c(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("given, used", [([], "bf16"), (["--precision", "fp32"], "fp32")])
 def test_resume_keeps_the_runs_precision_unless_one_is_given(tmp_path, monkeypatch, given, used):
-    import fastgrok.backends
+    import fastgrok.train
 
     def ctrl_c():
         raise KeyboardInterrupt
@@ -658,10 +652,11 @@ def test_resume_keeps_the_runs_precision_unless_one_is_given(tmp_path, monkeypat
     out = tmp_path / "run"
     assert run(*SMALL, "--out", out).exit_code == 130
     config = json.loads((out / "config.json").read_text())
-    (out / "config.json").write_text(json.dumps({**config, "backend": "triton-bf16"}))  # as if trained in bf16
+    assert config["precision"] is None  # the torch backend's
+    (out / "config.json").write_text(json.dumps({**config, "backend": "triton-bf16", "precision": "bf16"}))
     asked = []
-    real = fastgrok.backends.make_backend
-    monkeypatch.setattr(fastgrok.backends, "make_backend",
+    real = fastgrok.train.make_backend
+    monkeypatch.setattr(fastgrok.train, "make_backend",
                         lambda name, dev, precision=None, settings=None: asked.append(precision) or real("torch", dev))
     _stop_at(monkeypatch, 0, None)
     assert run("--resume", out, *given).exit_code == 0

@@ -11,7 +11,8 @@ from compare import assert_close
 from philox import dropout_mask
 
 from fastgrok import reference
-from fastgrok.backends import TritonBackend, _grads
+from fastgrok.backends import TritonBackend
+from fastgrok.families.mlp import grads
 from fastgrok.config import Hyper, Settings
 from fastgrok.population import Population
 
@@ -65,7 +66,7 @@ def test_torch_backend_with_batchnorm_and_minibatches_at_real_size():
     batches = lambda b, t: [x[b, : int(pop.D[b])].cpu()[batch_slots(hypers[b].seed, int(pop.D[b]), 256, t)]  # noqa: E731
                             for x in (pop.train_m, pop.train_n, pop.train_y)]
     m, n, y, valid, D = pop.batch()
-    ours = _grads(*pop.params, m, n, y, valid, D, None, "quad", "mse", (pop.bn_weight, pop.bn_bias))[1:6]
+    ours = grads(pop.U, pop.V, pop.W, m, n, y, valid, D, None, "quad", "mse", (pop.bn_weight, pop.bn_bias))[1:6]
     for b in picks:
         grads = {}
         for dtype in (torch.float32, torch.float64):
@@ -95,12 +96,12 @@ def test_torch_backend_with_batchnorm_and_minibatches_at_real_size():
 def test_torch_backend_peak_memory_is_within_the_planners_estimate(monkeypatch, settings, pad):
     """The planner sizes torch populations with bytes_per_model: a step must not use more (64 models, a third
     of them with dropout), also with the outputs padded to a multiple of 8 (GPU_PAD_BELOW, bench/torch_knobs.py)."""
-    import fastgrok.backends
+    import fastgrok.families.mlp
     from fastgrok.backends import TorchBackend
     from fastgrok.data import task_table
-    from fastgrok.population import bytes_per_model
+    from fastgrok.planner import bytes_per_model
 
-    monkeypatch.setattr(fastgrok.backends, "GPU_PAD_BELOW", pad)
+    monkeypatch.setattr(fastgrok.families.mlp, "GPU_PAD_BELOW", pad)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
@@ -109,7 +110,7 @@ def test_torch_backend_peak_memory_is_within_the_planners_estimate(monkeypatch, 
     torch.cuda.synchronize()
     peak = (torch.cuda.max_memory_allocated() - base) / len(pop)
     num_pairs = task_table("add", P)[2].numel()
-    estimate = bytes_per_model(P, WIDTH, pop.train_m.shape[1], num_pairs, "torch", settings.batch_size, settings.batchnorm)
+    estimate = bytes_per_model(settings, WIDTH, pop.train_m.shape[1], num_pairs, TorchBackend())
     assert peak <= estimate, f"a step used {peak / 2**20:.1f} MiB per model, the planner assumes {estimate / 2**20:.1f}"
 
 
@@ -117,14 +118,14 @@ def test_torch_backend_peak_memory_is_within_the_planners_estimate(monkeypatch, 
 def test_torch_backend_outputs_padded_to_8_change_nothing(monkeypatch, loss):
     """With GPU_PAD_BELOW above p (what bench/torch_knobs.py --knob gpu-pad times), p 97's outputs are padded to
     104 with zero columns of W: five fp32 steps of 64 models give the losses and weights of the unpadded step."""
-    import fastgrok.backends
+    import fastgrok.families.mlp
     from fastgrok.backends import TorchBackend
 
     settings, engine = Settings(p=P, loss=loss), TorchBackend()
     plain, padded = (Population(grid(models=64), settings, "cuda") for _ in range(2))
     for _ in range(5):
         plain_loss = engine.step(plain)
-    monkeypatch.setattr(fastgrok.backends, "GPU_PAD_BELOW", 1 << 30)
+    monkeypatch.setattr(fastgrok.families.mlp, "GPU_PAD_BELOW", 1 << 30)
     for _ in range(5):
         padded_loss = engine.step(padded)
     assert_close("losses", padded_loss, plain_loss, atol=1e-6, rtol=1e-5)
@@ -177,7 +178,7 @@ def test_bf16_backward_reads_g_stored_in_bf16_as_it_would_round_fp32_g(scatter):
     g16[..., :P] = g32
     kw = dict(act=0, precision="bf16", dropout=data["masks"], fused=engine.fused, scatter=scatter,
               blocks=data["blocks"], **engine.backward_tiles)
-    args = (*pop.params, data["m"], data["n"], data["count"])
+    args = (pop.U, pop.V, pop.W, data["m"], data["n"], data["count"])
     for name, a, b in zip(("dU", "dV", "dW"), backward(*args, g32, **kw), backward(*args, g16[..., :P], **kw)):
         assert torch.equal(a, b), name
 
@@ -197,13 +198,13 @@ def assert_gradients_by_the_error_ratio_rule(pop, engine):
     data["masks"] = None  # the reference below has no dropout
     ours = engine.backward(pop, data, engine.forward(pop, data)[1])
     args = (pop.train_m, pop.train_n, pop.train_y, pop.valid, data["D"].double(), None, "quad", "mse")
-    ref64 = _grads(*(t.double() for t in pop.params), *args)[1:]
+    ref64 = grads(*(t.double() for t in (pop.U, pop.V, pop.W)), *args)[1:]
     old = torch.backends.cuda.matmul.allow_tf32
     try:
         # torch's closest to tf32x3 is fp32
         torch.backends.cuda.matmul.allow_tf32 = precision in ("tf32", "bf16")
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16"):
-            same = _grads(*pop.params, *args[:4], data["D"], None, "quad", "mse")[1:]
+            same = grads(pop.U, pop.V, pop.W, *args[:4], data["D"], None, "quad", "mse")[1:]
     finally:
         torch.backends.cuda.matmul.allow_tf32 = old
     for name, x, t, r in zip(("dU", "dV", "dW"), ours, same, ref64):

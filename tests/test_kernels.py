@@ -61,9 +61,9 @@ def test_one_step_matches_reference(act, loss, optimizer):
     ref = Reference(pop)
     engine = TritonBackend("fp32")
     data = engine.step_data(pop)
-    example_loss, G, _ = forward(*pop.params, data["m"], data["n"], data["y"], data["count"], act=ACT_CODES[act],
+    example_loss, G, _ = forward(pop.U, pop.V, pop.W, data["m"], data["n"], data["y"], data["count"], act=ACT_CODES[act],
                                  loss=LOSS_CODES[loss], precision="fp32", train=True, dropout=data["masks"])
-    grads = {"window": backward(*pop.params, data["m"], data["n"], data["count"], G, act=ACT_CODES[act],
+    grads = {"window": backward(pop.U, pop.V, pop.W, data["m"], data["n"], data["count"], G, act=ACT_CODES[act],
                                 precision="fp32", dropout=data["masks"])}
     block = TritonBackend("fp32", scatter="block")  # its own example order, so its own forward
     block_data = block.step_data(pop)
@@ -187,9 +187,9 @@ def test_tile_sizes_do_not_change_the_gradients(block_d, block_n):
     data = TritonBackend("fp32").step_data(pop)
 
     def grads(**tiles):
-        loss, G, _ = forward(*pop.params, data["m"], data["n"], data["y"], data["count"], act=0, loss=0,
+        loss, G, _ = forward(pop.U, pop.V, pop.W, data["m"], data["n"], data["y"], data["count"], act=0, loss=0,
                              precision="fp32", train=True, dropout=data["masks"], **tiles)
-        return (loss, *backward(*pop.params, data["m"], data["n"], data["count"], G, act=0, precision="fp32",
+        return (loss, *backward(pop.U, pop.V, pop.W, data["m"], data["n"], data["count"], G, act=0, precision="fp32",
                                 dropout=data["masks"], **tiles))
 
     for name, ours, default in zip(("loss", "dU", "dV", "dW"), grads(block_d=block_d, block_n=block_n), grads()):
@@ -222,7 +222,7 @@ def test_memory_estimate_covers_what_a_triton_step_holds(precision):
     from fastgrok.data import task_table
     from fastgrok.kernels.dropout import words
     from fastgrok.kernels.forward import forward, g_row, transposed_weights
-    from fastgrok.population import bytes_per_model
+    from fastgrok.planner import bytes_per_model
 
     pop = Population(hypers(), Settings(p=P), DEVICE)
     engine = TritonBackend(precision)
@@ -231,24 +231,26 @@ def test_memory_estimate_covers_what_a_triton_step_holds(precision):
     held += [t for lst in (pop.exp_avg, pop.exp_avg_sq) for t in lst]  # (the pair table is shared, not per model)
     data = engine.step_data(pop)
     held += [t for t in data.values() if isinstance(t, torch.Tensor)] + [data["masks"][0]]  # one model has dropout
-    loss, G, _ = forward(*pop.params, data["m"], data["n"], data["y"], data["count"], act=0, loss=0,
+    loss, G, _ = forward(pop.U, pop.V, pop.W, data["m"], data["n"], data["y"], data["count"], act=0, loss=0,
                          precision=precision, train=True)
     # the step's losses, G (a view of padded rows: its whole storage), the forward's copy of W and the gradients
-    transient = [loss, transposed_weights(pop.W, precision), *(torch.empty_like(t) for t in pop.params)]
+    transient = [loss, transposed_weights(pop.W, precision), *(torch.empty_like(t) for t in pop.tensors.values())]
     used = (sum(t.numel() * t.element_size() for t in held + transient) + G.untyped_storage().nbytes()) / len(pop)
     num_pairs = task_table("add", P)[2].numel()
-    estimate = bytes_per_model(P, WIDTH, pop.train_m.shape[1], num_pairs, engine.name, dropout=True)
+    estimate = bytes_per_model(Settings(p=P), WIDTH, pop.train_m.shape[1], num_pairs, engine, dropout=True)
     assert used <= estimate <= 1.5 * used, (used, estimate)
     # one more example costs its row of G as the kernels pad it (population.py writes g_row out: no triton there),
     # its loss and three int32 indices (4 x 4 B), and its int64 training indices, label and valid flag (25 B);
     # with dropout its mask bits, a 4-byte word per 32 neurons (kernels/dropout.py)
     for p in (13, 97, 131):
         for precision, size in (("fp32", 4), ("bf16", 2)):
-            name = f"triton-{precision}"
-            per_example = bytes_per_model(p, 8, 1, 0, name) - bytes_per_model(p, 8, 0, 0, name)
+            engine = TritonBackend(precision)
+            per_example = (bytes_per_model(Settings(p=p), 8, 1, 0, engine)
+                           - bytes_per_model(Settings(p=p), 8, 0, 0, engine))
             assert per_example == size * g_row(p, precision) + 4 * 4 + 25, (p, precision)
-    masks = [bytes_per_model(P, width, 1, 0, "triton-fp32", dropout=True) - bytes_per_model(P, width, 1, 0, "triton-fp32")
-             for width in (8, 32, 70)]
+    engine = TritonBackend("fp32")
+    masks = [bytes_per_model(Settings(p=P), width, 1, 0, engine, dropout=True)
+             - bytes_per_model(Settings(p=P), width, 1, 0, engine) for width in (8, 32, 70)]
     assert masks == [4 * words(8), 4 * words(32), 4 * words(70)] == [4, 4, 12]
 
 
@@ -269,7 +271,7 @@ def test_rows_in_memory_are_padded_to_16_bytes_with_zeros():
     for loss in ("mse", "ce"):
         pop = Population(hypers(), Settings(p=P, loss=loss), DEVICE)
         data = TritonBackend("fp32").step_data(pop)
-        _, G, _ = forward(*pop.params, data["m"], data["n"], data["y"], data["count"], act=0, loss=LOSS_CODES[loss],
+        _, G, _ = forward(pop.U, pop.V, pop.W, data["m"], data["n"], data["y"], data["count"], act=0, loss=LOSS_CODES[loss],
                           precision="fp32", train=True, dropout=data["masks"])
         assert G.shape[-1] == P and G.stride(1) == g_row(P) == 16
         rows = G.as_strided((*G.shape[:2], g_row(P)), G.stride())
@@ -319,8 +321,8 @@ def test_windowed_scatter_matches_reference_over_many_windows(in_tile_order):
     ref = Reference(pop)
     data = TritonBackend("fp32").step_data(pop)
     m, n, y = (data[k] if in_tile_order else getattr(pop, f"train_{k}").int() for k in ("m", "n", "y"))
-    _, G, _ = forward(*pop.params, m, n, y, data["count"], act=0, loss=0, precision="fp32", train=True)
-    dU, dV, _ = backward(*pop.params, m, n, data["count"], G, act=0, precision="fp32")
+    _, G, _ = forward(pop.U, pop.V, pop.W, m, n, y, data["count"], act=0, loss=0, precision="fp32", train=True)
+    dU, dV, _ = backward(pop.U, pop.V, pop.W, m, n, data["count"], G, act=0, precision="fp32")
     for b, (mlp, _, rm, rn, ry) in enumerate(ref.models):
         reference.per_example_loss(mlp(rm, rn), ry, "mse").mean().backward()
         assert_close(f"dU[{b}]", dU[b], mlp.U.grad.T)

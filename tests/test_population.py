@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from compare import assert_close
-from fastgrok import population, reference
-from fastgrok.backends import TorchBackend, _grads, finite_models
+from fastgrok import process, reference
+from fastgrok.backends import TorchBackend, finite_models
+from fastgrok.families import mlp as one_hot
 from fastgrok.config import Hyper, Settings
 from fastgrok.data import batch_slots, generator
 from fastgrok.errors import ConfigError
@@ -57,7 +58,7 @@ def test_one_step_matches_reference(act, loss, optimizer):
     for b, (mlp, opt, m, n, y, gen) in enumerate(refs):
         if gen is not None:
             masks[b, : m.numel()] = reference.dropout_mask((m.numel(), pop.width), mlp.dropout, generator(pop.hypers[b].seed, "dropout"))
-    losses, dU, dV, dW = _grads(*pop.params, pop.train_m, pop.train_n, pop.train_y, pop.valid, D, masks, act, loss)
+    losses, dU, dV, dW = one_hot.grads(pop.U, pop.V, pop.W, pop.train_m, pop.train_n, pop.train_y, pop.valid, D, masks, act, loss)
     for b, (mlp, opt, m, n, y, gen) in enumerate(refs):
         mask = masks[b, : m.numel()]
         mlp.train()
@@ -202,14 +203,14 @@ def test_cpu_chunks_cut_to_their_own_training_sets_change_nothing(monkeypatch, a
     """On a CPU the torch backend steps chunks of models, each only up to its largest training set and drawing
     only its own dropout masks (model 2 has dropout), in spans of examples whose losses and gradients add up: the
     same result as one chunk in one pass."""
-    import fastgrok.population
+    import fastgrok.backends
 
     settings = Settings(p=P, act=act, loss=loss)
     hypers = mixed_hypers()
     assert len({h.alpha for h in hypers}) > 1
     whole = train(Population(hypers, settings), 10)
     whole_loss = TorchBackend().step(whole)  # the 11th step's losses
-    monkeypatch.setattr(fastgrok.population, "CPU_CHUNK_BYTES", 1)  # one model per chunk, spans of 16 examples
+    monkeypatch.setattr(fastgrok.backends, "CPU_CHUNK_BYTES", 1)  # one model per chunk, spans of 16 examples
     chunked = train(Population(hypers, settings), 10)
     assert_close("losses, one model per chunk", TorchBackend().step(chunked), whole_loss, atol=1e-6, rtol=1e-6)
     for name in ("U", "V", "W"):
@@ -218,12 +219,14 @@ def test_cpu_chunks_cut_to_their_own_training_sets_change_nothing(monkeypatch, a
 
 FAULTS_PER_STEP = """
 import resource, sys
-from fastgrok import population
+from fastgrok import process
 from fastgrok.backends import TorchBackend
 from fastgrok.config import Hyper, Settings
+from fastgrok.population import Population
 if sys.argv[1] == "glibc":
-    population.CPU_MALLOC = {}
-pop = population.Population([Hyper(width=128, xi=x / 20, wd=w) for x in range(13) for w in (0, 5, 15)], Settings(p=47))
+    process.CPU_MALLOC = {}
+process.tune_cpu_malloc()  # as a run on the CPU does when it starts
+pop = Population([Hyper(width=128, xi=x / 20, wd=w) for x in range(13) for w in (0, 5, 15)], Settings(p=47))
 engine = TorchBackend()
 for _ in range(3):
     engine.step(pop)
@@ -237,13 +240,13 @@ print(min(per_step))
 """
 
 
-@pytest.mark.skipif(population.glibc_mallopt() is None, reason="glibc's malloc settings")
+@pytest.mark.skipif(process.glibc_mallopt() is None, reason="glibc's malloc settings")
 def test_a_cpu_step_does_not_fault_its_buffers_in_again():
     """glibc's malloc, left to itself, gave a step's freed buffers back to the kernel and faulted them in again
     the next step (the cpu-demo: thousands of page faults a step, a third of its time); with CPU_MALLOC, which a
-    CPU population sets, they stay. The cpu-demo's population, each way in a process of its own (mallopt cannot
+    run on the CPU sets, they stay. The cpu-demo's population, each way in a process of its own (mallopt cannot
     be undone); a user's own MALLOC_* variables would win, so none is passed on."""
-    env = {k: v for k, v in os.environ.items() if not population.malloc_variable(k)}
+    env = {k: v for k, v in os.environ.items() if not process.malloc_variable(k)}
     faults = {way: float(subprocess.run([sys.executable, "-c", FAULTS_PER_STEP, way], env=env, check=True,
                                         capture_output=True, text=True).stdout) for way in ("fastgrok", "glibc")}
     # ten pairs of runs on the 2-core machine: 0 against 1,658-10,500; with CPU_MALLOC empty both take thousands
@@ -254,13 +257,11 @@ def test_a_cpu_step_does_not_fault_its_buffers_in_again():
 def test_cpu_output_padding_changes_nothing(monkeypatch, act, loss):
     """On a CPU a p below CPU_PAD_BELOW (P = 13 here) gets zero output columns up to a multiple of 8: the same
     losses and parameters as without them (the path a GPU or a larger p takes)."""
-    import fastgrok.backends
-
     settings = Settings(p=P, act=act, loss=loss)
-    assert P % 8 and P < fastgrok.backends.CPU_PAD_BELOW
+    assert P % 8 and P < one_hot.CPU_PAD_BELOW
     padded = train(Population(mixed_hypers(), settings), 10)
     padded_loss = TorchBackend().step(padded)
-    monkeypatch.setattr(fastgrok.backends, "CPU_PAD_BELOW", 0)
+    monkeypatch.setattr(one_hot, "CPU_PAD_BELOW", 0)
     plain = train(Population(mixed_hypers(), settings), 10)
     assert_close("losses", padded_loss, TorchBackend().step(plain), atol=1e-6, rtol=1e-6)
     for name in ("U", "V", "W"):
@@ -309,11 +310,12 @@ def test_a_diverging_model_is_frozen_and_leaves_its_neighbours_alone():
     train(pop, 10)
     assert pop.diverged.tolist() == [False, True, False]
     assert torch.equal(pop.U[1].isnan(), frozen.isnan())  # untouched, not updated with NaN everywhere
-    for b in (0, 2):
+    metrics = pop.evaluate()
+    for b in (0, 2):  # trained and evaluated as if alone
         alone = train(Population([hypers[b]], settings), 10)
         assert_close(f"U[{b}] beside a NaN model", pop.U[b], alone.U[0], atol=1e-6, rtol=1e-6)
-    metrics = pop.evaluate()
-    assert metrics["train_acc"][0] == metrics["train_acc"][0]  # neighbours still evaluate
+        for k, v in alone.evaluate().items():
+            assert_close(f"{k}[{b}] beside a NaN model", metrics[k][b], v[0], atol=1e-6, rtol=1e-6)
 
 
 @pytest.mark.parametrize("settings", [Settings(p=P), Settings(p=P, batch_size=8, batchnorm=True)])
@@ -345,7 +347,7 @@ def test_init_matches_the_paper():
     width = 500
     pop = Population([Hyper(width=width, seed=4)], Settings(p=97))
     std = 0.5 / (2 * width) ** (1 / 3)
-    for t in pop.params:
+    for t in (pop.U, pop.V, pop.W):
         assert t.std().item() == pytest.approx(std, rel=0.02)
         assert abs(t.mean().item()) < 0.01 * std * 10
 
@@ -366,14 +368,14 @@ def test_plan_groups_by_width_and_puts_the_largest_training_sets_first():
     """Each population holds one width, as many models as the budget allows, largest training set first (a GPU
     then starts the longest backward programs first); every model lands in exactly one population."""
     from fastgrok.data import pair_count, train_size
-    from fastgrok.population import plan, population_bytes
+    from fastgrok.planner import plan, population_bytes
 
     settings = Settings(p=13)
     alphas = [0.3, 0.9, 0.1, 0.5, 0.7, 0.2]
     hypers = [Hyper(alpha=a, width=w, seed=i) for i, (a, w) in enumerate((a, w) for w in (8, 16) for a in alphas)]
     num_pairs = pair_count("add", 13)
-    budget = population_bytes(settings, 16, train_size(num_pairs, 0.9), num_pairs, 4, device="cpu")
-    populations = plan(hypers, settings, torch.device("cpu"), budget=budget)
+    budget = population_bytes(settings, 16, train_size(num_pairs, 0.9), num_pairs, 4, TorchBackend(), device="cpu")
+    populations = plan(hypers, settings, torch.device("cpu"), TorchBackend(), budget=budget)
     assert sorted(i for ids in populations for i in ids) == list(range(len(hypers)))
     assert [len(ids) for ids in populations][-2:] == [4, 2]  # the 16-wide models: 4 a population
     for ids in populations:
@@ -388,41 +390,40 @@ def test_models_that_fit_is_the_most_models_within_the_budget():
     population_bytes grows by steps: on a CPU a wide model's activations are one piece's (cpu_pieces), shared by
     the population, and the evaluation is capped (eval_limit)."""
     from fastgrok.data import pair_count, train_size
-    from fastgrok.population import (bytes_per_model, eval_limit, models_that_fit, population_bytes,
-                                     torch_step_bytes)
+    from fastgrok.planner import data_bytes, eval_limit, models_that_fit, population_bytes, tensor_bytes
 
-    settings, pairs = Settings(p=97), pair_count("add", 97)
+    settings, pairs, engine = Settings(p=97), pair_count("add", 97), TorchBackend()
     d = train_size(pairs, 0.5)
     for device, width in (("cpu", 4096), ("cpu", 128), ("cuda", 512)):
-        size = lambda k: population_bytes(settings, width, d, pairs, k, device=device)  # noqa: E731
+        size = lambda k: population_bytes(settings, width, d, pairs, k, engine, device=device)  # noqa: E731
         for budget in (size(1), size(1) + 1, size(7) - 1, size(7), 3 * size(100) // 2):
-            k = models_that_fit(settings, width, d, pairs, torch.device(device), budget)
+            k = models_that_fit(settings, width, d, pairs, torch.device(device), budget, engine)
             assert size(k) <= budget < size(k + 1), (device, width, budget)
         with pytest.raises(ConfigError, match="one model of width"):
-            models_that_fit(settings, width, d, pairs, torch.device(device), size(1) - 1)
+            models_that_fit(settings, width, d, pairs, torch.device(device), size(1) - 1, engine)
     # one model of p 97, N 4096 on a CPU: a piece of its examples at a time, not its whole (D, N) activations
-    one = population_bytes(settings, 4096, d, pairs, 1, device="cpu")
-    assert one < bytes_per_model(97, 4096, d, pairs) - torch_step_bytes(d, 4096, 97) // 2
-    assert population_bytes(settings, 4096, d, pairs, 10**4, device="cuda") == (
-        10**4 * bytes_per_model(97, 4096, d, pairs) + eval_limit("cuda"))
+    own = tensor_bytes(settings, 4096) + data_bytes(d, pairs)
+    activations = one_hot.MLP.step_bytes(settings, 4096, d)
+    assert population_bytes(settings, 4096, d, pairs, 1, engine, device="cpu") < own + activations // 2
+    # on a GPU every model's activations at once, beside an evaluation capped at eval_limit
+    assert population_bytes(settings, 4096, d, pairs, 10**4, engine, device="cuda") == (
+        10**4 * (own + activations) + eval_limit("cuda"))
 
 
 def test_evaluate_in_spans_of_pairs_gives_the_same_metrics(monkeypatch):
     """A model whose evaluation on all pairs does not fit max_bytes goes through its pairs in spans that do
     (each forward call within max_bytes); the metrics are those of one pass."""
-    import fastgrok.population as population
-
     pop = train(Population(mixed_hypers(), Settings(p=P)), 30)
     whole = pop.evaluate()
     calls = []
 
-    def spy(U, V, W, m, *args, **kwargs):
+    def spy(t, m, *args, **kwargs):
         calls.append(m.shape)
-        return original(U, V, W, m, *args, **kwargs)
+        return original(t, m, *args, **kwargs)
 
-    original = population.torch_outputs
-    monkeypatch.setattr(population, "torch_outputs", spy)
-    per_example = population.torch_eval_bytes(pop.width, P)
+    original = one_hot.MLP.outputs
+    monkeypatch.setattr(one_hot.MLP, "outputs", spy)
+    per_example = one_hot.MLP.eval_bytes(pop.settings, pop.width)
     spans = pop.evaluate(max_bytes=20 * per_example)
     assert len(calls) == 3 * -(-P * P // 20) and all(models * pairs <= 20 for models, pairs in calls)
     for k in whole:

@@ -4,7 +4,8 @@ import pytest
 
 from fastgrok.backends import TorchBackend
 from fastgrok.config import Hyper, Settings
-from fastgrok.ipr import neuron_ipr
+from fastgrok.families.mlp import MLP
+from fastgrok.ipr import model_ipr
 from fastgrok.phases import phase
 from fastgrok.population import Population
 
@@ -32,7 +33,7 @@ def trained():
         for _ in range(1000):
             engine.step(pop)
         metrics = pop.evaluate()
-        ipr = neuron_ipr(*pop.params).model_mean()
+        ipr = model_ipr(MLP, pop.tensors)
         out += [{k: v[b].item() for k, v in metrics.items()}
                 | {"phase": phase(metrics["train_acc"][b].item(), metrics["test_acc"][b].item(), h.xi),
                    "ipr": ipr[b].item()}
@@ -94,10 +95,10 @@ def test_batchnorm_on_minibatches_generalises_through_periodic_neurons():
     """BatchNorm after the activation, minibatches of 128 (the paper's BatchNorm setting, shrunk): clean data
     is learnt and generalises, and the neurons become near-single-frequency as without BatchNorm."""
     pop = Population([Hyper(xi=0.0, alpha=0.5, width=64, seed=0)], Settings(p=P, batch_size=128, batchnorm=True))
-    at_init = neuron_ipr(*pop.params).model_mean().item()
+    at_init = model_ipr(MLP, pop.tensors).item()
     engine = TorchBackend()
     for _ in range(1000):
         engine.step(pop)
     metrics = pop.evaluate()  # with BatchNorm's running statistics
     assert metrics["train_acc"][0] >= 0.99 and metrics["test_acc"][0] >= 0.99
-    assert at_init < 0.15 and neuron_ipr(*pop.params).model_mean().item() > 0.8
+    assert at_init < 0.15 and model_ipr(MLP, pop.tensors).item() > 0.8

@@ -1,0 +1,145 @@
+"""Model families: each kind of model a population can hold, described in one place.
+
+A family says what its models are made of and how they compute. Everything generic (Population, the torch
+backend's step, the memory planner, the run directory, IPR and pruning) asks the family instead of naming a
+model's tensors, so a new family is one file here (plus its kernels, if it has any) and its tests:
+
+    tensors(settings, width)        one model's tensors: name -> Spec(shape, trained, fill), in a fixed order;
+                                    a population stacks each as (B, *shape), and saves them under these names
+    init(settings, width, g)        one model's drawn tensors, from its own init generator (the rest: Spec.fill)
+    forward(t, m, n, settings)      batched evaluation: the logits (B, D, p) of the models whose tensors are t
+    grads(t, batch..., settings)    the torch backend's step: losses and gradients (default: autograd of forward)
+    reference(settings, hyper, t)   one model as the plain nn.Module of fastgrok.reference
+    ipr_parts(t), prune(t, keep)    the weight vectors over the p residues whose IPR describes each unit, and the
+                                    tensors with some units dropped
+    step_bytes, eval_bytes, row_bytes   working memory of a torch step, of evaluation per example, and of one
+                                    example's widest activation row (the memory planner and CPU chunking)
+    fused                           the backends with kernels of its own: name -> a class taking the precision
+
+A family is looked up by Settings.model in FAMILIES. The paper's one-hot MLP (fastgrok.families.mlp) is the
+first; the math of each family lives in fastgrok.reference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from fastgrok import reference
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from fastgrok.config import Hyper, Settings
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One tensor of a model: its shape, whether the optimizer trains it (else it is a buffer, saved with the
+    weights but never updated by a gradient: BatchNorm's running statistics), and the constant it starts at
+    when the family's init does not draw it."""
+
+    shape: tuple[int, ...]
+    trained: bool = True
+    fill: float | None = None
+
+
+class Family:
+    """The interface, with the parts most families share written once. Subclasses set `name` and `about` and
+    define tensors, init, forward, reference, ipr_parts and prune; grads defaults to autograd through forward."""
+
+    name: str = ""
+    about: str = ""
+    fused: dict = {}  # backend name -> class(precision), for families with kernels of their own
+
+    def tensors(self, settings: Settings, width: int) -> dict[str, Spec]:
+        raise NotImplementedError
+
+    def init(self, settings: Settings, width: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """One model's drawn tensors (fp32, CPU), shaped as tensors() says."""
+        raise NotImplementedError
+
+    def forward(self, t: dict[str, torch.Tensor], m: torch.Tensor, n: torch.Tensor, settings: Settings,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, D, p) for examples (m, n) (B, D); mask: the step's dropout mask (B, D, dropout units), given
+        only in training. Buffers (running statistics) are read as at evaluation."""
+        raise NotImplementedError
+
+    def reference(self, settings: Settings, hyper: Hyper, t: dict[str, torch.Tensor]) -> nn.Module:
+        """One model (tensors t, unstacked) as its fastgrok.reference nn.Module, a copy of its weights."""
+        raise NotImplementedError
+
+    def ipr_parts(self, t: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, int]]:
+        """name -> (tensor (B, ...), the dim along the p residues): each unit's weight vectors, whose rfft IPR
+        is averaged into the unit's IPR (fastgrok.ipr). The other non-batch dim indexes the units."""
+        raise NotImplementedError
+
+    def prune(self, t: dict[str, torch.Tensor], keep: torch.Tensor) -> dict[str, torch.Tensor]:
+        """t with the units where keep (B, units) is 0 contributing nothing to any output."""
+        raise NotImplementedError
+
+    def trained(self, settings: Settings) -> tuple[str, ...]:
+        """The names of the tensors the optimizer trains, in order (which they are does not depend on the width)."""
+        return tuple(name for name, spec in self.tensors(settings, 1).items() if spec.trained)
+
+    def units(self, settings: Settings, width: int) -> int:
+        """Units that IPR describes and pruning removes (the hidden neurons of an MLP)."""
+        return width
+
+    def dropout_units(self, settings: Settings, width: int) -> int:
+        """Entries per example of a dropout mask (Population.dropout_masks)."""
+        return width
+
+    def whole_batch(self, settings: Settings) -> bool:
+        """Whether a step must see all its examples at once (BatchNorm's statistics): no spans of examples."""
+        return False
+
+    def grads(self, t: dict[str, torch.Tensor], m, n, y, valid, D, mask, settings: Settings) -> list[torch.Tensor]:
+        """One step's terms for the models whose tensors are t: [losses (B,), a gradient per trained tensor, in
+        tensors() order, then any extras after_step takes]. Losses are means over each model's D examples, so
+        terms of spans of the examples add up. Default: autograd through forward."""
+        trained = self.trained(settings)
+        with torch.enable_grad():
+            leaves = {k: (v.detach().requires_grad_() if k in trained else v) for k, v in t.items()}
+            per_example = reference.per_example_loss(self.forward(leaves, m, n, settings, mask), y, settings.loss)
+            losses = torch.where(valid, per_example, 0.0).sum(1) / D
+            grads = torch.autograd.grad(losses.sum(), [leaves[k] for k in trained])
+        return [losses.detach(), *grads]
+
+    def after_step(self, t: dict[str, torch.Tensor], extras: list[torch.Tensor], frozen: torch.Tensor) -> None:
+        """Update buffers from a step's extras (grads' terms past the gradients); `frozen` (B,) models keep theirs."""
+
+    def outputs(self, t: dict[str, torch.Tensor], m, n, y, settings: Settings) -> tuple[torch.Tensor, torch.Tensor]:
+        """Predictions and per-example losses (B, E) of examples (m, n) with labels y: evaluation in torch."""
+        logits = self.forward(t, m, n, settings)
+        return logits.argmax(-1), reference.per_example_loss(logits, y, settings.loss)
+
+    def step_bytes(self, settings: Settings, width: int, d: int) -> int:
+        """Working memory of grads on d examples (of one model or of several), beyond the tensors and gradients."""
+        raise NotImplementedError
+
+    def eval_bytes(self, settings: Settings, width: int) -> int:
+        """Working memory per example of outputs()."""
+        raise NotImplementedError
+
+    def row_bytes(self, settings: Settings, width: int) -> int:
+        """Bytes of one example's widest activation row: the torch backend's CPU pieces are sized by it."""
+        raise NotImplementedError
+
+
+FAMILIES: dict[str, Family] = {}
+
+
+def register(family: Family) -> Family:
+    FAMILIES[family.name] = family
+    return family
+
+
+def family_of(settings: Settings) -> Family:
+    """The family Settings.model names (Settings.check has refused any other)."""
+    return FAMILIES[settings.model]
+
+
+from fastgrok.families import mlp  # noqa: E402,F401  (registers the one-hot MLP)

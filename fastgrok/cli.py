@@ -48,8 +48,8 @@ def command(**kwargs):
 
 
 def _default(value) -> str:
-    """ [default: value], escaped for rich markup."""
-    return f" \\[default: {value}]"
+    """ [default: value], escaped for rich markup; numbers as the options take them (0, not 0.0)."""
+    return f" \\[default: {value:g}]" if isinstance(value, float) else f" \\[default: {value}]"
 
 
 def _version(value: bool) -> None:

@@ -85,10 +85,10 @@ def test_sweep_summary_picks_the_defaults_the_h100_sweep_measured_fastest():
     assert backward.default_step("tf32") == (True, {"block_d": 64, "block_n": 64, "num_warps": 4})
 
 
-def test_the_targets_table_reads_the_best_rate_of_each_variant_from_the_h100_bench():
-    """bench/plot_bench.py's tables on the committed H100 bench (2026-11-22): each target against the fastest
-    population size of its variant (N 512 tf32: 37.3k at B 14,810, 4.0x short), a target left unmeasured said so,
-    and per width the best Triton variant against the best PyTorch one (N 512: torch-tf32 7.5k at B 64)."""
+def test_the_targets_table_takes_each_variants_fastest_population_size():
+    """bench/plot_bench.py's tables on a report made up here: each target against the fastest population size of
+    its variant (a failed point, recorded at 0, never counts), a target with nothing measured said so, and per
+    width the best Triton variant against the best PyTorch one beside the reference loop."""
     import importlib.util
     from pathlib import Path
 
@@ -96,11 +96,18 @@ def test_the_targets_table_reads_the_best_rate_of_each_variant_from_the_h100_ben
     spec = importlib.util.spec_from_file_location("plot_bench", root / "bench" / "plot_bench.py")
     plot_bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(plot_bench)
-    report = json.loads((root / "bench/results/h100-2026-11-22/bench.json").read_text())
-    lines = plot_bench.tables(report, plot_bench.TARGETS).splitlines()
-    assert "| N 512, triton-tf32: 150k | 37.3k (14810) | 4.0x |" in lines
-    assert "| N 2048, triton-tf32: 40k | not measured |  |" in lines  # the time limit cut that run before N 2048
-    assert "| 512 | triton-tf32 37.3k (14810) | torch-tf32 7.5k (64) | 5.0x | 466 |" in lines
+
+    def row(backend, models, rate):
+        return {"backend": backend, "width": 512, "models": models, "model_steps_per_s": rate}
+
+    report = {"results": [row("reference", 1, 466.0), row("torch", 1024, 6_400.0), row("torch-tf32", 64, 7_500.0),
+                          row("torch-tf32", 1024, 7_100.0), row("triton-tf32", 1024, 30_000.0),
+                          row("triton-tf32", 14_810, 37_300.0), row("triton-tf32", 20_000, 0.0)]}
+    targets = {("triton-tf32", 512): 150_000, ("triton-tf32", 2048): 40_000}
+    lines = plot_bench.tables(report, targets).splitlines()
+    assert "| N 512, triton-tf32: 150k | 37.3k (14810) | 4.0x |" in lines  # 150 / 37.3
+    assert "| N 2048, triton-tf32: 40k | not measured |  |" in lines
+    assert "| 512 | triton-tf32 37.3k (14810) | torch-tf32 7.5k (64) | 5.0x | 466 |" in lines  # 37.3 / 7.5
 
 
 def _second_timing_raises(monkeypatch, error: BaseException) -> None:

@@ -8,7 +8,7 @@ in the triton wheel, specialised as Triton's launcher specialises them at the pa
                                                   # exit 1 if a kernel fails to compile, if a tf32/bf16
                                                   # kernel misses wgmma or spills more than the GPU accepted,
                                                   # if the step at P 128, 256 or 512 (tiles shrunk by
-                                                  # kernels/forward.py fit) needs more shared memory than an SM has,
+                                                  # kernels/layout.py fit) needs more shared memory than an SM has,
                                                   # or if a loop that could be pipelined waits for a tile load
 
 Runs with TRITON_INTERPRET unset (the interpreter replaces kernels with Python functions)."""
@@ -29,11 +29,11 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from fastgrok.kernels import backward, dropout, forward  # noqa: E402
-from fastgrok.kernels.hidden import alignment  # noqa: E402
+from fastgrok.kernels import backward, dropout, forward, layout  # noqa: E402
 from fastgrok.kernels.backward import _backward_kernel  # noqa: E402
 from fastgrok.kernels.dropout import _mask_kernel  # noqa: E402
 from fastgrok.kernels.forward import _forward_kernel  # noqa: E402
+from fastgrok.kernels.layout import alignment  # noqa: E402
 from fastgrok.kernels.optimizer import _optimizer_kernel  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
@@ -49,13 +49,13 @@ FORWARD = tuple(forward.TILES[n] for n in ("block_d", "block_n", "num_warps"))
 # compiler which integers are multiples of 16 (and that tensors are 16-byte aligned); ALIGN_N / ALIGN_P tell it the
 # rest (kernels/hidden.py `aligned`).
 P, WIDTH, D_MAX = 97, 500, 4704
-G_ROW, WT_ROW = forward.g_row(P), forward.w_row(WIDTH)  # G's row in bf16: G_ROW_BF16 (forward.g_dtype)
+G_ROW, WT_ROW = layout.g_row(P), layout.w_row(WIDTH)  # G's row in bf16: G_ROW_BF16 (layout.g_dtype)
 SHAPE = {"p": P, "width": WIDTH, "side": backward.block_side(P), "numel": P * WIDTH,
          "stride_ub": P * WIDTH, "stride_up": WIDTH, "stride_vb": P * WIDTH, "stride_vp": WIDTH,
          "stride_wb": WIDTH * P, "stride_wn": P, "stride_tb": P * WT_ROW, "stride_tp": WT_ROW, "stride_ib": D_MAX,
          "stride_bb": backward.block_count(P) ** 2 + 1, "stride_gb": D_MAX * G_ROW, "stride_gd": G_ROW}
 ALIGN = {"ALIGN_N": alignment(WIDTH, P * WIDTH), "ALIGN_P": alignment(D_MAX * G_ROW, G_ROW)}
-G_ROW_BF16 = forward.g_row(P, "bf16")
+G_ROW_BF16 = layout.g_row(P, "bf16")
 SHAPE_BF16 = {**SHAPE, "stride_gb": D_MAX * G_ROW_BF16, "stride_gd": G_ROW_BF16}
 ALIGN_BF16 = {**ALIGN, "ALIGN_P": alignment(D_MAX * G_ROW_BF16, G_ROW_BF16)}
 
@@ -81,7 +81,7 @@ SHARED_LIMIT = 232448
 
 
 def resources(fn, constexprs: dict, num_warps: int, num_stages: int | None = None) -> dict:
-    # in bf16 the forward's copy of W and G are bf16 (forward.transposed_weights, forward.g_dtype)
+    # in bf16 the forward's copy of W and G are bf16 (layout.w_dtype, layout.g_dtype)
     bf16 = constexprs.get("PRECISION") == "bf16"
     types, shape, align = ({**TYPES, "WT": "*bf16", "G": "*bf16"}, SHAPE_BF16, ALIGN_BF16) if bf16 else (TYPES, SHAPE, ALIGN)
     constexprs = {**{k: v for k, v in align.items() if k in fn.arg_names}, **constexprs}
@@ -148,10 +148,10 @@ def table(precisions, tiles, backward_tiles=None, block_p=128, step_only=False, 
     """Every kernel at each of `tiles` (block_d, block_n, num_warps); the backward ones at `backward_tiles`
     (a function of the precision and scatter) instead when given, with the fused windowed backward where it is the
     default. block_p: p padded inside the kernels; above 128 the tiles shrink as the launchers shrink them
-    (forward.fit). step_only: only the kernels the default step and evaluation launch. variants: also the
+    (layout.fit). step_only: only the kernels the default step and evaluation launch. variants: also the
     fused block backward reading G once in tf32 (a sweep option, not a default)."""
     def fit(tile):
-        return (*forward.fit(tile[0], tile[1], block_p), *tile[2:])
+        return (*layout.fit(tile[0], tile[1], block_p), *tile[2:])
 
     rows = []
     for precision, tile in itertools.product(precisions, tiles):

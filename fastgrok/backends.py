@@ -26,8 +26,8 @@ import torch.nn.functional as F
 
 from fastgrok import optim, reference
 from fastgrok.errors import ConfigError
-from fastgrok.population import (BN_EPS, Population, cpu_pieces, flat_rows, pair_eval_bytes, pre_activation,
-                                 torch_eval_bytes, torch_outputs)
+from fastgrok.population import (BN_EPS, Population, cpu_pieces, flat_rows, pre_activation, torch_eval_bytes,
+                                 torch_outputs)
 
 
 # _grads pads the outputs of a p below these to a multiple of 8. On a CPU, bench/torch_knobs.py --knob pad, two runs
@@ -205,7 +205,7 @@ class TritonBackend:
         self.name = f"triton-{precision}" + ("-block" if scatter == "block" else "")
 
     # p is padded to a power of two inside the kernels, and above 128 the launchers shrink the tiles with it
-    # (kernels/forward.py fit) so that they fit an SM's shared memory: checked at compile time up to P 512
+    # (kernels/layout.py fit) so that they fit an SM's shared memory: checked at compile time up to P 512
     # (bench/kernel_resources.py --check, run by the tests); past it the tiles would go below the dots' 16 rows.
     MAX_P = 512
 
@@ -284,8 +284,10 @@ class TritonBackend:
 
     @staticmethod
     def eval_bytes(width: int, p: int) -> int:
-        """Per example: int64 indices and labels built by Population.evaluate, their int32 copies, pred and loss."""
-        return pair_eval_bytes(width, p, "triton")
+        """Working memory per example of `outputs` (kernels/layout.py eval_bytes)."""
+        from fastgrok.kernels.layout import eval_bytes
+
+        return eval_bytes(width, p)
 
     def outputs(self, U, V, W, m, n, y, act: str, loss: str):
         """The evaluation kernel: predictions and per-example losses for a chunk of models (all examples valid)."""

@@ -218,7 +218,7 @@ def _measure(report, widths, models, variants, settings, alpha, dev, log, save) 
         for name in variants:
             precision, tf32, make = VARIANTS[name]
             engine = make()
-            # the planner's name for the backend: a bf16 Triton step holds G in bf16 (kernels/forward.py g_dtype)
+            # the planner's name for the backend: a bf16 Triton step holds G in bf16 (kernels/layout.py g_dtype)
             try:
                 limit = max_models(settings, width, alpha, dev, engine.name if name.startswith("triton") else "torch")
             except ConfigError as e:

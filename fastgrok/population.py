@@ -21,6 +21,7 @@ from fastgrok.config import Hyper, Settings
 from fastgrok.data import (checked_train_size, epoch_order, generator, make_split, pair_count, task_table,
                            train_size)
 from fastgrok.errors import ConfigError
+from fastgrok.kernels import layout  # imports no triton
 
 BN_PARAMS = ("bn_weight", "bn_bias")         # trained, like U, V, W
 BN_BUFFERS = ("running_mean", "running_var")  # BatchNorm1d's running statistics
@@ -408,14 +409,11 @@ def bytes_per_model(p: int, width: int, d_max: int, num_pairs: int, backend: str
     """Device memory of one model in a population (fp32 parameters).
 
     Always: parameters, gradients and two Adam moments (4 x 3 p N); the data (int64 pair order, training
-    indices and labels, the valid mask). torch: its step's working memory (torch_step_bytes). triton: G
-    (d p', rows padded to 16 bytes), per-example losses and int32 copies of the indices in tile order (4 d), the
-    forward's transposed copy of W (p N', N' = N padded to 16); G and that copy are fp32, bf16 in bf16 (backend
-    "triton-bf16..."), and with dropout the step's mask bits (4 bytes per 32 neurons of an example,
-    kernels/dropout.py); nothing of size d N is ever stored. d: the examples of a step (the training set or the
-    batch size). Minibatches: the epoch order (int64,
-    D) and the batch's indices and labels (3 d int64). BatchNorm (torch): its weight, bias, their gradients and
-    moments and the running statistics (10 N)."""
+    indices and labels, the valid mask). torch: its step's working memory (torch_step_bytes). triton: the
+    kernels' buffers as they lay them out (kernels/layout.py step_bytes; bf16 for a backend named
+    "triton-bf16..."). d: the examples of a step (the training set or the batch size). Minibatches: the epoch
+    order (int64, D) and the batch's indices and labels (3 d int64). BatchNorm (torch): its weight, bias, their
+    gradients and moments and the running statistics (10 N)."""
     params = 4 * 3 * p * width
     data = 8 * num_pairs + 8 * 3 * d_max + d_max + 256  # + per-model scalars (seeds, counts, hyper-parameters)
     d = d_max
@@ -423,12 +421,7 @@ def bytes_per_model(p: int, width: int, d_max: int, num_pairs: int, backend: str
         d = min(d_max, batch_size)
         data += 8 * d_max + 8 * 3 * d
     if backend.startswith("triton"):
-        # kernels/forward.py g_dtype, g_row and w_row, written out: this module must not need triton
-        size = 2 if backend.startswith("triton-bf16") else 4
-        g_row, w_row = -(-p * size // 16) * 16 // size, -(-width // 16) * 16
-        work = 4 * 4 * d + size * (d * g_row + p * w_row)
-        if dropout:
-            work += 4 * -(-width // 32) * d
+        work = layout.step_bytes(p, width, d, _triton_precision(backend), dropout)
     else:
         work = torch_step_bytes(d, width, p, batchnorm)
     if batchnorm:
@@ -445,8 +438,14 @@ def torch_step_bytes(d: int, width: int, p: int, batchnorm: bool = False) -> int
 
 def pair_eval_bytes(width: int, p: int, backend: str = "torch") -> int:
     """Working memory per pair of Population.evaluate's forward pass (torch_outputs, or the Triton evaluation
-    kernel's TritonBackend.eval_bytes, written out here: this module must not need triton)."""
-    return 6 * 8 + 3 * 4 + 8 + 4 if backend.startswith("triton") else torch_eval_bytes(width, p)
+    kernel's: kernels/layout.py eval_bytes)."""
+    return layout.eval_bytes(width, p) if backend.startswith("triton") else torch_eval_bytes(width, p)
+
+
+def _triton_precision(backend: str) -> str:
+    """The dots' precision of a Triton backend named "triton[-PRECISION[-...]]" (TritonBackend.name)."""
+    parts = backend.split("-")
+    return parts[1] if len(parts) > 1 else "fp32"
 
 
 def population_bytes(settings: Settings, width: int, d_max: int, num_pairs: int, models: int, backend: str = "torch",

@@ -30,10 +30,10 @@ import torch
 import triton
 import triton.language as tl
 
-from fastgrok.kernels import forward as forward_module
-from fastgrok.kernels.hidden import (BLOCK_WINDOW, activation, activation_grad, aligned, alignment, block_count,
-                                     block_rows, block_side, block_span, dot, dropout_scale,
-                                     gathered_preactivation, model_bits, preactivation, words)
+from fastgrok.kernels import layout
+from fastgrok.kernels.hidden import (BLOCK_WINDOW, activation, activation_grad, aligned, block_count, block_rows,
+                                     block_side, block_span, dot, dropout_scale, gathered_preactivation, model_bits,
+                                     preactivation)
 
 
 @triton.jit
@@ -234,20 +234,20 @@ def backward(U, V, W, m, n, count, G, *, act: int, precision: str, dropout: tupl
              block_d: int = TILES["block_d"], block_n: int = TILES["block_n"], num_warps: int = TILES["num_warps"],
              num_stages: int | None = None, g_twice: bool = True):
     """Gradients dU, dV (B, p, N) and dW (B, N, p) of the loss whose output gradient is G (B, Dmax, p): contiguous,
-    or the forward's view of rows padded with zeros to forward.g_row(p, precision). U, V, W fp32; G fp32, or bf16
-    in bf16 (the forward's, forward.g_dtype: the dots would round it to bf16 anyway). dropout: None, or the
+    or the forward's view of rows padded with zeros to layout.g_row(p, precision). U, V, W fp32; G fp32, or bf16
+    in bf16 (the forward's, layout.g_dtype: the dots would round it to bf16 anyway). dropout: None, or the
     step's masks (kernels/dropout.py masks), those the forward used.
 
     scatter: "window" (any example order gives the right result; tile_order makes it cheap) or "block"
     (examples in block_order, whose block offsets `blocks` it needs).
     num_stages: the depth of the software pipeline of loads (None: Triton's default). The tiles are those for
-    p <= 128; a larger p shrinks them (forward.fit). g_twice: the fused block backward in tf32 reads each tile
+    p <= 128; a larger p shrinks them (layout.fit). g_twice: the fused block backward in tf32 reads each tile
     of G twice, so that both loads are pipelined (_tile); False reads it once and waits for it."""
     B, p, width = U.shape
     row = G.stride(1)
-    assert G.shape == (B, m.shape[1], p) and G.stride(2) == 1 and row in (p, forward_module.g_row(p, precision))
+    assert G.shape == (B, m.shape[1], p) and G.stride(2) == 1 and row in (p, layout.g_row(p, precision))
     assert G.stride(0) == m.shape[1] * row and W.dtype == torch.float32
-    assert G.dtype in (torch.float32, forward_module.g_dtype(precision)), "G in bf16 only for bf16 dots"
+    assert G.dtype in (torch.float32, layout.g_dtype(precision)), "G in bf16 only for bf16 dots"
     window = SCATTERS[scatter]
     blocked = scatter == "block"
     assert not blocked or (blocks is not None and blocks.shape == (B, block_count(p) ** 2 + 1)), "block_order's offsets"
@@ -256,32 +256,31 @@ def backward(U, V, W, m, n, count, G, *, act: int, precision: str, dropout: tupl
     dW = torch.empty_like(W)
     dU, dV = torch.zeros_like(U), torch.zeros_like(V)  # both scatters add into them
     bits, inv_keep = dropout if dropout is not None else (count, count)  # unused placeholders
-    assert dropout is None or bits.shape == (B, words(width), m.shape[1]), "kernels/dropout.py masks"
+    assert dropout is None or bits.shape == (B, layout.words(width), m.shape[1]), "kernels/dropout.py masks"
     passes = [(True, True)] if fused else [(True, False), (False, True)]
-    block_d, block_n = forward_module.fit(block_d, block_n, p)
+    block_d, block_n = layout.fit(block_d, block_n, p)
     stages = {} if num_stages is None else {"num_stages": num_stages}
     for with_w, with_uv in passes:
-        for lo in range(0, B, forward_module.MAX_GRID_Y):  # CUDA caps the grid's second axis at 65535
-            sl = slice(lo, min(B, lo + forward_module.MAX_GRID_Y))
-            _backward_kernel[(triton.cdiv(width, block_n), sl.stop - lo)](
-                U[sl], V[sl], W[sl], m[sl], n[sl], count[sl], blocks[sl], bits[sl], inv_keep[sl],
-                G[sl], dU[sl], dV[sl], dW[sl],
-                p, width, block_side(p),
-                U.stride(0), U.stride(1), V.stride(0), V.stride(1), W.stride(0), W.stride(1), m.stride(0),
-                blocks.stride(0), G.stride(0), G.stride(1),
-                ACT=act, DROPOUT=dropout is not None, WITH_W=with_w, WITH_UV=with_uv, PRECISION=precision,
-                WINDOW=window, BLOCKED=blocked and with_uv, BLOCK_D=block_d, BLOCK_N=block_n,
-                G_TWICE=g_twice and blocked and with_w and with_uv and precision in G_TWICE_PRECISIONS,
-                BLOCK_P=forward_module.block_p(p), num_warps=num_warps, **stages,
-                ALIGN_N=alignment(width, *U.stride()[:2], *V.stride()[:2]), ALIGN_P=alignment(G.stride(0), G.stride(1)),
-            )
+        layout.launch(
+            _backward_kernel, layout.cdiv(width, block_n), B,
+            (U, V, W, m, n, count, blocks, bits, inv_keep, G, dU, dV, dW),
+            p, width, block_side(p),
+            U.stride(0), U.stride(1), V.stride(0), V.stride(1), W.stride(0), W.stride(1), m.stride(0),
+            blocks.stride(0), G.stride(0), G.stride(1),
+            ACT=act, DROPOUT=dropout is not None, WITH_W=with_w, WITH_UV=with_uv, PRECISION=precision,
+            WINDOW=window, BLOCKED=blocked and with_uv, BLOCK_D=block_d, BLOCK_N=block_n,
+            G_TWICE=g_twice and blocked and with_w and with_uv and precision in G_TWICE_PRECISIONS,
+            BLOCK_P=layout.block_p(p), num_warps=num_warps, **stages,
+            ALIGN_N=layout.alignment(width, *U.stride()[:2], *V.stride()[:2]),
+            ALIGN_P=layout.alignment(G.stride(0), G.stride(1)),
+        )
     return dU, dV, dW
 
 
 def tile_order(m: torch.Tensor, n: torch.Tensor, valid: torch.Tensor, p: int, block: int = 16) -> torch.Tensor:
     """(B, Dmax) permutations of each model's examples that walk the (m, n) table in block x block squares
     (row by row inside one), padding last: a tile of consecutive examples then spans few rows of dU and of dV."""
-    blocks = triton.cdiv(p, block)
+    blocks = layout.cdiv(p, block)
     key = ((m // block) * blocks + n // block) * (p * p) + m * p + n
     return torch.argsort(torch.where(valid, key, torch.iinfo(key.dtype).max), dim=1, stable=True)
 

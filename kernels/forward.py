@@ -9,8 +9,8 @@ block of the (m, n) table) when the examples come in block order (BLOCKED, below
 Shapes: U, V (B, p, N) fp32 contiguous; WT (B, p, N') W transposed, in the dots' input type (bf16 in bf16),
 rows padded with zeros to N' (a multiple of 16); M, N_, Y (B, Dmax) int32; COUNT (B,) int32 examples per model
 (slots past it are skipped). P = p padded to a power of two (>= 16) inside the kernel. Training writes G
-(B, Dmax, p'), rows padded with zeros to 16 bytes (`g_row`; bf16 in bf16, `g_dtype`), and the per-example loss;
-evaluation writes the per-example loss and pred. Per-example losses are summed on the host in a fixed order, so
+(B, Dmax, p'), rows padded with zeros to 16 bytes (layout.g_row; bf16 in bf16, layout.g_dtype), and the
+per-example loss; evaluation writes the per-example loss and pred. Per-example losses are summed on the host in a fixed order, so
 the result is deterministic.
 
 Rows in memory are 16-byte aligned (W's own rows of p = 97 are not: hence the transposed copy, which also gives
@@ -27,9 +27,9 @@ import torch
 import triton
 import triton.language as tl
 
-from fastgrok.kernels.hidden import (BLOCK_WINDOW, activation, aligned, alignment, block_count, block_rows, block_side,
-                                     block_span, dot, dropout_scale, gathered_preactivation, model_bits, preactivation,
-                                     words)
+from fastgrok.kernels import layout
+from fastgrok.kernels.hidden import (BLOCK_WINDOW, activation, aligned, block_count, block_rows, block_side, block_span,
+                                     dot, dropout_scale, gathered_preactivation, model_bits, preactivation)
 
 
 WINDOW = tl.constexpr(BLOCK_WINDOW)  # as the kernels see it
@@ -134,50 +134,15 @@ def _forward_tile(U, V, WT, M, N_, Y, BITS, G, LOSS, PRED, b, offs_d, end, count
         tl.store(PRED + b * stride_ib + offs_d, pred.to(tl.int32), mask=mask_d)
 
 
-MAX_GRID_Y = 65535
 # Default tiles. 64 examples is the smallest tile Hopper's wgmma takes (32 falls back to mma.sync); with 32
 # neurons and 4 warps nothing spills in tf32 or bf16 (bench/results/kernel-resources-sm90-triton3.9.txt).
 TILES = {"block_d": 64, "block_n": 32, "num_warps": 4}
 
 
-def block_p(p: int) -> int:
-    return max(16, triton.next_power_of_2(p))
-
-
-def fit(block_d: int, block_n: int, p: int) -> tuple[int, int]:
-    """Tiles chosen for P <= 128 (every default was), shrunk for a larger P so that each tile of G, W and the
-    accumulators holds as many elements as at P 128: at p 500 (P 512) the default backward would otherwise ask
-    for 400 KB of shared memory, past the H100's 227 KB (bench/kernel_resources.py --check compiles the step at
-    P 256 and 512). Correct at any p <= 512; not tuned above 128."""
-    factor = max(1, block_p(p) // 128)
-    return max(16, block_d // factor), max(16, block_n // factor)
-
-
-def g_dtype(precision: str) -> torch.dtype:
-    """G's type in memory: bf16 in bf16, where both of the backward's dots round it to bf16 anyway (the same
-    round-to-nearest-even as the store), so storing it rounded changes no result and halves the bytes the
-    backward reads per tile of neurons; fp32 otherwise."""
-    return torch.bfloat16 if precision == "bf16" else torch.float32
-
-
-def g_row(p: int, precision: str = "fp32") -> int:
-    """The row length of G in memory: p padded to 16 bytes (4 fp32 or 8 bf16 elements)."""
-    per = 16 // g_dtype(precision).itemsize
-    return triton.cdiv(p, per) * per
-
-
-def w_row(width: int) -> int:
-    """The row length of the forward's transposed copy of W: N padded to a multiple of 16 elements."""
-    return triton.cdiv(width, 16) * 16
-
-
 def transposed_weights(W: torch.Tensor, precision: str) -> torch.Tensor:
-    """The forward's copy of W (B, N, p): (B, p, N') in the dots' input type, rows zero-padded to N' = a multiple of
-    16. In bf16 it holds W rounded to bf16 once, the rounding the dot would apply (round to nearest even); the
-    parameters stay fp32."""
+    """The forward's copy of W (B, N, p): (B, p, N') in layout.w_dtype, rows zero-padded to N' = layout.w_row(N)."""
     B, width, p = W.shape
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    w_t = torch.empty(B, p, w_row(width), device=W.device, dtype=dtype)
+    w_t = torch.empty(B, p, layout.w_row(width), device=W.device, dtype=layout.w_dtype(precision))
     w_t[..., :width] = W.transpose(1, 2)
     w_t[..., width:] = 0.0
     return w_t
@@ -188,41 +153,41 @@ def forward(U, V, W, m, n, y, count, *, act: int, loss: int, precision: str, tra
             block_d: int = TILES["block_d"], block_n: int = TILES["block_n"], num_warps: int = TILES["num_warps"]):
     """Launch over (cdiv(Dmax, block_d), B), or with `blocks` over (blocks of the (m, n) table, B). Returns
     (loss (B, Dmax), G (B, Dmax, p) or None, pred or None). The tiles are those for p <= 128; a larger p shrinks
-    them (`fit`). blocks: the offsets of block_order (kernels/backward.py), whose example order m, n, y are in.
+    them (layout.fit). blocks: the offsets of block_order (kernels/backward.py), whose example order m, n, y are in.
 
-    G is a view of rows padded to g_row(p, precision) with zeros (the backward reads the padding), of type
-    g_dtype(precision): bf16 in bf16, fp32 otherwise. dropout: None, or the step's masks for training
+    G is a view of rows padded to layout.g_row(p, precision) with zeros (the backward reads the padding), of type
+    layout.g_dtype(precision): bf16 in bf16, fp32 otherwise. dropout: None, or the step's masks for training
     (kernels/dropout.py masks: bits drawn for these m, n)."""
     B, p, width = U.shape
     d_max = m.shape[1]
     assert V.shape == U.shape and W.shape == (B, width, p), "U, V: (B, p, N); W: (B, N, p)"
     assert m.shape == n.shape == y.shape == (B, d_max) and m.dtype == torch.int32 and count.shape == (B,)
     assert U.is_contiguous() and V.is_contiguous() and m.is_contiguous()
-    block_d, block_n = fit(block_d, block_n, p)
+    block_d, block_n = layout.fit(block_d, block_n, p)
     w_t = transposed_weights(W, precision)
     losses = torch.empty(B, d_max, device=U.device, dtype=torch.float32)
-    G = torch.empty(B, d_max, g_row(p, precision), device=U.device, dtype=g_dtype(precision)) if train else None
+    G = (torch.empty(B, d_max, layout.g_row(p, precision), device=U.device, dtype=layout.g_dtype(precision))
+         if train else None)
     pred = None if train else torch.empty(B, d_max, device=U.device, dtype=torch.int32)
     use_dropout = train and dropout is not None
     bits, inv_keep = dropout if use_dropout else (count, count)  # unused placeholders
-    assert not use_dropout or bits.shape == (B, words(width), d_max), "kernels/dropout.py masks"
-    align_p = alignment(G.stride(0), G.stride(1)) if train else 1
+    assert not use_dropout or bits.shape == (B, layout.words(width), d_max), "kernels/dropout.py masks"
+    align_p = layout.alignment(G.stride(0), G.stride(1)) if train else 1
     blocked = blocks is not None
     if blocked:
         assert blocks.shape == (B, block_count(p) ** 2 + 1) and blocks.dtype == torch.int32, "block_order's offsets"
     else:
         blocks = count  # unused placeholder
-    tiles = block_count(p) ** 2 if blocked else triton.cdiv(d_max, block_d)
-    for lo in range(0, B, MAX_GRID_Y):  # CUDA caps the grid's second axis at 65535
-        sl = slice(lo, min(B, lo + MAX_GRID_Y))
-        _forward_kernel[(tiles, sl.stop - lo)](
-            U[sl], V[sl], w_t[sl], m[sl], n[sl], y[sl], count[sl], blocks[sl], bits[sl], inv_keep[sl],
-            G[sl] if train else losses, losses[sl], pred[sl] if pred is not None else losses,
-            p, width, block_side(p),
-            U.stride(0), U.stride(1), V.stride(0), V.stride(1), w_t.stride(0), w_t.stride(1), m.stride(0),
-            blocks.stride(0), G.stride(0) if train else 0, G.stride(1) if train else 0,
-            ACT=act, LOSS_KIND=loss, TRAIN=train, DROPOUT=use_dropout, PRECISION=precision, BLOCKED=blocked,
-            BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_P=block_p(p), num_warps=num_warps,
-            ALIGN_N=alignment(width, U.stride(0), U.stride(1), V.stride(0), V.stride(1)), ALIGN_P=align_p,
-        )
+    tiles = block_count(p) ** 2 if blocked else layout.cdiv(d_max, block_d)
+    layout.launch(
+        _forward_kernel, tiles, B,
+        (U, V, w_t, m, n, y, count, blocks, bits, inv_keep, G if train else losses, losses,
+         pred if pred is not None else losses),
+        p, width, block_side(p),
+        U.stride(0), U.stride(1), V.stride(0), V.stride(1), w_t.stride(0), w_t.stride(1), m.stride(0),
+        blocks.stride(0), G.stride(0) if train else 0, G.stride(1) if train else 0,
+        ACT=act, LOSS_KIND=loss, TRAIN=train, DROPOUT=use_dropout, PRECISION=precision, BLOCKED=blocked,
+        BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_P=layout.block_p(p), num_warps=num_warps,
+        ALIGN_N=layout.alignment(width, U.stride(0), U.stride(1), V.stride(0), V.stride(1)), ALIGN_P=align_p,
+    )
     return losses, (G[..., :p] if train else None), pred

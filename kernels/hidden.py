@@ -19,15 +19,6 @@ BLOCK_WINDOW = 32
 LOSS_CODES = {"mse": 0, "ce": 1}
 
 
-def alignment(*sizes: int, most: int = 16) -> int:
-    """The largest power of two, up to `most`, that divides every one of `sizes` (row lengths and strides, in
-    elements): a kernel told it (through `aligned`) loads and stores rows in 16-byte vectors."""
-    align = most
-    while align > 1 and any(size % align for size in sizes):
-        align //= 2
-    return align
-
-
 def block_side(p: int) -> int:
     """Side of the square blocks of the (m, n) table the "block" order walks: as even as possible, at most
     BLOCK_WINDOW (p 97: 4 x 4 blocks of 25)."""
@@ -41,7 +32,7 @@ def block_count(p: int) -> int:
 
 @triton.jit
 def aligned(x, ALIGN: tl.constexpr):
-    """x, a multiple of ALIGN (the host checked, `alignment`), written so that the compiler sees it is one. It
+    """x, a multiple of ALIGN (the host checked, layout.alignment), written so that the compiler sees it is one. It
     learns divisibility from arithmetic, but from an integer argument only whether it is a multiple of 16: rows
     of N 500 or of p padded to 100 would otherwise be loaded one element at a time."""
     return x // ALIGN * ALIGN
@@ -56,11 +47,6 @@ def dot(a, b, PRECISION: tl.constexpr):
         return tl.dot(a, b, input_precision="ieee")
     else:
         return tl.dot(a, b, input_precision=PRECISION)
-
-
-def words(width: int) -> int:
-    """32-bit words of one example's dropout mask (kernels/dropout.py)."""
-    return triton.cdiv(width, 32)
 
 
 @triton.jit

@@ -162,11 +162,11 @@ def test_low_precision_by_the_error_ratio_rule(precision, scatter):
 
 @pytest.mark.parametrize("scatter", ["window", "block"])
 def test_bf16_backward_reads_g_stored_in_bf16_as_it_would_round_fp32_g(scatter):
-    """In bf16 the forward stores G in bf16 (kernels/forward.py g_dtype), which is exact only if the backward's
+    """In bf16 the forward stores G in bf16 (kernels/layout.py g_dtype), which is exact only if the backward's
     dots round an fp32 G to the same bf16 numbers torch's round-to-nearest-even gives: bit for bit the same
     gradients from an fp32 G and from its bf16 copy in the forward's padded rows."""
     from fastgrok.kernels.backward import backward
-    from fastgrok.kernels.forward import g_row
+    from fastgrok.kernels.layout import g_row
 
     pop = Population(grid(models=64), Settings(p=P), "cuda")
     engine = TritonBackend("bf16", scatter=scatter)
@@ -187,7 +187,7 @@ def test_bf16_backward_reads_g_stored_in_bf16_as_it_would_round_fp32_g(scatter):
 @pytest.mark.parametrize("precision", ["fp32", "tf32", "tf32x3", "bf16"])
 def test_p_above_128_launches_in_every_precision(precision, p):
     """p 131 and 300 pad to P 256 and 512 inside the kernels, where the launchers shrink the tiles to fit shared
-    memory (kernels/forward.py fit): without that the default tf32 backward at p 300 asked for 400 KB of the
+    memory (kernels/layout.py fit): without that the default tf32 backward at p 300 asked for 400 KB of the
     H100's 227 KB and could not launch. Gradients by the error-ratio rule (fp32: against torch in fp32)."""
     assert_gradients_by_the_error_ratio_rule(Population(grid(models=16), Settings(p=p), "cuda"), TritonBackend(precision))
 

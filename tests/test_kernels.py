@@ -199,9 +199,10 @@ def test_tile_sizes_do_not_change_the_gradients(block_d, block_n):
 
 def test_p_above_128_shrinks_the_tiles_and_still_matches_reference():
     """p 131 pads to P 256 inside the kernels, where the launchers halve the tiles to fit shared memory
-    (kernels/forward.py fit; tests/test_kernel_compile.py checks the fit): one step with dropout, as reference.py.
+    (kernels/layout.py fit; tests/test_kernel_compile.py checks the fit): one step with dropout, as reference.py.
     A larger p than the other interpreter tests, with few examples (alpha 0.02, 0.03) to stay quick."""
-    from fastgrok.kernels.forward import TILES, fit
+    from fastgrok.kernels.forward import TILES
+    from fastgrok.kernels.layout import fit
 
     assert fit(TILES["block_d"], TILES["block_n"], 131) == (TILES["block_d"] // 2, TILES["block_n"] // 2)
     pop = Population([Hyper(xi=0.2, alpha=0.02, width=20, seed=1),
@@ -220,8 +221,8 @@ def test_p_above_128_shrinks_the_tiles_and_still_matches_reference():
     DEVICE == "cpu", reason="the interpreter has no bf16 dots"))])
 def test_memory_estimate_covers_what_a_triton_step_holds(precision):
     from fastgrok.data import task_table
-    from fastgrok.kernels.dropout import words
-    from fastgrok.kernels.forward import forward, g_row, transposed_weights
+    from fastgrok.kernels.forward import forward, transposed_weights
+    from fastgrok.kernels.layout import g_row, words
     from fastgrok.population import bytes_per_model
 
     pop = Population(hypers(), Settings(p=P), DEVICE)
@@ -239,8 +240,8 @@ def test_memory_estimate_covers_what_a_triton_step_holds(precision):
     num_pairs = task_table("add", P)[2].numel()
     estimate = bytes_per_model(P, WIDTH, pop.train_m.shape[1], num_pairs, engine.name, dropout=True)
     assert used <= estimate <= 1.5 * used, (used, estimate)
-    # one more example costs its row of G as the kernels pad it (population.py writes g_row out: no triton there),
-    # its loss and three int32 indices (4 x 4 B), and its int64 training indices, label and valid flag (25 B);
+    # one more example costs its row of G as the kernels pad it (kernels/layout.py g_row), its loss and three int32
+    # indices (4 x 4 B), and its int64 training indices, label and valid flag (25 B);
     # with dropout its mask bits, a 4-byte word per 32 neurons (kernels/dropout.py)
     for p in (13, 97, 131):
         for precision, size in (("fp32", 4), ("bf16", 2)):
@@ -256,8 +257,9 @@ def test_rows_in_memory_are_padded_to_16_bytes_with_zeros():
     """The kernels move rows in 16-byte vectors: alignment() must be exact (the kernels round their sizes down to
     it), the forward's copy of W must hold W and zeros, and G's padding past p must be written as zeros, since the
     backward reads it without a mask on p."""
-    from fastgrok.kernels.forward import forward, g_row, transposed_weights
-    from fastgrok.kernels.hidden import LOSS_CODES, alignment
+    from fastgrok.kernels.forward import forward, transposed_weights
+    from fastgrok.kernels.hidden import LOSS_CODES
+    from fastgrok.kernels.layout import alignment, g_row
 
     assert [alignment(500, 97 * 500), alignment(512, 97 * 512), alignment(97), alignment(100, 4704 * 100)] == [4, 16, 1, 4]
     assert [g_row(97), g_row(97, "bf16"), g_row(8, "bf16"), g_row(13)] == [100, 104, 8, 16]
@@ -278,10 +280,12 @@ def test_rows_in_memory_are_padded_to_16_bytes_with_zeros():
 
 
 def test_populations_larger_than_one_grid_axis_are_launched_in_slices(monkeypatch):
-    import fastgrok.kernels.forward as forward_module
+    """Every launch (dropout masks, forward, backward, evaluation) goes through layout.launch, which slices the
+    population at MAX_GRID_Y models: with 2, three models take two launches of each kernel."""
+    from fastgrok.kernels import layout
 
     expected = run(hypers(), 2)
-    monkeypatch.setattr(forward_module, "MAX_GRID_Y", 2)  # CUDA allows 65535 models per launch; here 2
+    monkeypatch.setattr(layout, "MAX_GRID_Y", 2)  # CUDA allows 65535 models per launch; here 2
     sliced = run(hypers(), 2)
     for name in ("U", "V", "W"):
         assert torch.equal(getattr(sliced, name), getattr(expected, name)), name
@@ -393,7 +397,8 @@ def test_dropout_masks_are_the_philox_draws_of_each_pair_and_neuron(width):
     """The step's masks, drawn once into bits (kernels/dropout.py): bit k % 32 of word k // 32 of slot d is
     tests/philox.py's draw for pair m_d p + n_d and neuron k, at widths that end inside a word (23, 70) or on one
     (64), for rates 0 (all kept), 0.25 and 0.9, on every slot a model has."""
-    from fastgrok.kernels.dropout import masks, words
+    from fastgrok.kernels.dropout import masks
+    from fastgrok.kernels.layout import words
 
     gen = torch.Generator().manual_seed(width)
     p, d_max, count = 11, 40, torch.tensor([40, 7, 0])

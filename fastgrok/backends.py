@@ -20,6 +20,7 @@ A model whose loss or gradients are not finite is flagged `diverged` and frozen;
 from __future__ import annotations
 
 import os
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -203,6 +204,8 @@ class TritonBackend:
         self.forward_tiles = {**forward.TILES, **(forward_tiles or {})}
         self.backward_tiles = {**default_tiles, **(backward_tiles or {})}
         self.name = f"triton-{precision}" + ("-block" if scatter == "block" else "")
+        # per population: its dropout constants, and its examples in the kernels' order for full-batch training
+        self._data = weakref.WeakKeyDictionary()
 
     # p is padded to a power of two inside the kernels, and above 128 the launchers shrink the tiles with it
     # (kernels/layout.py fit) so that they fit an SM's shared memory: checked at compile time up to P 512
@@ -226,7 +229,7 @@ class TritonBackend:
         from fastgrok.kernels.backward import block_order, tile_order
         from fastgrok.kernels.dropout import masks
 
-        cached = getattr(pop, "_triton_data", None)
+        cached = self._data.get(pop)
         if cached is None:
             dev = pop.device
             rates = pop.dropout.double()
@@ -234,7 +237,7 @@ class TritonBackend:
             if bool((rates > 0).any()):
                 threshold = torch.clamp(torch.round(rates * 2.0**32), max=2.0**32 - 1).long()
                 dropout = (pop.dropout_seed.to(dev), threshold.to(dev), (1.0 / (1.0 - rates)).float().to(dev))
-            cached = pop._triton_data = {"dropout": dropout}
+            cached = self._data[pop] = {"dropout": dropout}
         kind = "block" if self.scatter == "block" else "tile"  # the order the kernels need (cached per kind)
         if kind not in cached:
             m, n, y, valid, D = pop.batch()

@@ -183,29 +183,30 @@ class TritonBackend:
 
     name = "triton"
 
-    def __init__(self, precision: str = "fp32", fused: bool | None = None, scatter: str = "window",
-                 forward_tiles: dict | None = None, backward_tiles: dict | None = None):
-        from fastgrok.kernels import backward, forward
-        from fastgrok.kernels.backward import SCATTERS
+    def __init__(self, precision: str = "fp32", fused: bool | None = None, forward_tiles: dict | None = None,
+                 backward_tiles: dict | None = None):
+        from fastgrok.kernels import forward
 
         check_precision(precision)
-        if scatter not in SCATTERS:
-            raise ConfigError(f"unknown scatter {scatter!r}; choose one of {', '.join(SCATTERS)}")
         # fused (one backward launch for dW, dU, dV) and the backward's tiles default per precision to what the
-        # GPU measured fastest (kernels/backward.py STEP; BLOCK_STEP for the block scatter, not yet measured)
-        default_fused, default_tiles = backward.default_step(precision, scatter)
-        self.precision, self.scatter = precision, scatter
+        # GPU measured fastest (kernels/backward.py STEP)
+        default_fused, default_tiles = self.default_step(precision)
+        self.precision = precision
         self.fused = default_fused if fused is None else fused
-        # scatter "window" (default) executes about 6.6 D N P FLOPs a step against one-hot dots' 10 D N P and
-        # beat them at every tile on an H100 (kernels/backward.py, bench/NOTES.md); "block" is its
-        # software-pipelined successor, to be measured against it (bench/sweep_blocks.py).
         # Tiles ({block_d, block_n, num_warps}) of the forward/evaluation and backward kernels: the defaults are
         # the fastest the H100 sweep found (kernels/*.py TILES, backward.STEP).
         self.forward_tiles = {**forward.TILES, **(forward_tiles or {})}
         self.backward_tiles = {**default_tiles, **(backward_tiles or {})}
-        self.name = f"triton-{precision}" + ("-block" if scatter == "block" else "")
+        self.name = f"triton-{precision}"
         # per population: its dropout constants, and its examples in the kernels' order for full-batch training
         self._data = weakref.WeakKeyDictionary()
+
+    @staticmethod
+    def default_step(precision: str) -> tuple[bool, dict]:
+        """(fused, tiles) of the backward at `precision` unless told otherwise."""
+        from fastgrok.kernels.backward import default_step
+
+        return default_step(precision)
 
     # p is padded to a power of two inside the kernels, and above 128 the launchers shrink the tiles with it
     # (kernels/layout.py fit) so that they fit an SM's shared memory: checked at compile time up to P 512
@@ -218,15 +219,19 @@ class TritonBackend:
         if settings.p > self.MAX_P:
             raise ConfigError(f"the triton backend handles p up to {self.MAX_P}; use --backend torch for p {settings.p}")
 
-    def step_data(self, pop: Population) -> dict:
-        """What the kernels need for pop's next step: its examples as int32 copies (made once per population for
-        full-batch training, every step for minibatches) and its dropout masks ("masks": kernels/dropout.py, drawn
-        for this step; None without dropout).
+    @staticmethod
+    def example_order(m, n, valid, p: int) -> tuple[torch.Tensor, dict]:
+        """The order in which the kernels see each model's examples, (B, Dmax) permutations of its slots, and what
+        else the kernels need of it (here nothing): tile_order, which a step does not depend on beyond rounding
+        and which makes the windowed scatter cheap (kernels/backward.py)."""
+        from fastgrok.kernels.backward import tile_order
 
-        The kernels see each model's examples in tile order (kernels.backward.tile_order, or block_order for the
-        "block" scatter): a step does not depend on the order beyond rounding, the windowed scatter needs it to
-        be cheap and the block scatter to be right."""
-        from fastgrok.kernels.backward import block_order, tile_order
+        return tile_order(m, n, valid, p), {}
+
+    def step_data(self, pop: Population) -> dict:
+        """What the kernels need for pop's next step: its examples as int32 copies in example_order (made once per
+        population for full-batch training, every step for minibatches) and its dropout masks ("masks":
+        kernels/dropout.py, drawn for this step; None without dropout)."""
         from fastgrok.kernels.dropout import masks
 
         cached = self._data.get(pop)
@@ -238,19 +243,14 @@ class TritonBackend:
                 threshold = torch.clamp(torch.round(rates * 2.0**32), max=2.0**32 - 1).long()
                 dropout = (pop.dropout_seed.to(dev), threshold.to(dev), (1.0 / (1.0 - rates)).float().to(dev))
             cached = self._data[pop] = {"dropout": dropout}
-        kind = "block" if self.scatter == "block" else "tile"  # the order the kernels need (cached per kind)
-        if kind not in cached:
+        examples = cached.get("examples")
+        if examples is None:
             m, n, y, valid, D = pop.batch()
-            if kind == "block":
-                perm, blocks = block_order(m, n, valid, pop.settings.p)
-            else:
-                perm, blocks = tile_order(m, n, valid, pop.settings.p), None
+            perm, extra = self.example_order(m, n, valid, pop.settings.p)
             m, n, y = (torch.gather(t, 1, perm).int() for t in (m, n, y))
-            examples = {"m": m, "n": n, "y": y, "blocks": blocks, "valid": valid, "count": D.int(), "D": D}
+            examples = {"m": m, "n": n, "y": y, "valid": valid, "count": D.int(), "D": D, **extra}
             if pop.batch_size is None:
-                cached[kind] = examples
-        else:
-            examples = cached[kind]
+                cached["examples"] = examples
         drawn = masks(examples["m"], examples["n"], examples["count"], cached["dropout"], p=pop.settings.p,
                       width=pop.width, step=pop.step)
         return {**examples, "masks": drawn}
@@ -260,20 +260,19 @@ class TritonBackend:
 
         data = self.step_data(pop)
         example_loss, G = self.forward(pop, data)
-        # padding comes last in tile order too, so `valid` masks the kernel's slots as well as the batch's
+        # padding comes last in the kernels' order too, so `valid` masks the kernel's slots as well as the batch's
         losses = torch.where(data["valid"], example_loss, 0.0).sum(1) / data["D"]
         return _finish_step(pop, losses, self.backward(pop, data, G), optimizer_step_)
 
     def forward(self, pop: Population, data: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """The step's forward kernel: per-example losses and the output gradient G, in the kernels' slot order
-        (with the "block" scatter the forward walks the same blocks, reading U, V rows from a window per block)."""
+        """The step's forward kernel: per-example losses and the output gradient G, in the kernels' slot order."""
         from fastgrok.kernels.forward import forward
         from fastgrok.kernels.hidden import ACT_CODES, LOSS_CODES
 
         s = pop.settings
         example_loss, G, _ = forward(*pop.params, data["m"], data["n"], data["y"], data["count"], act=ACT_CODES[s.act],
                                      loss=LOSS_CODES[s.loss], precision=self.precision, train=True,
-                                     dropout=data["masks"], blocks=data["blocks"], **self.forward_tiles)
+                                     dropout=data["masks"], **self.forward_tiles)
         return example_loss, G
 
     def backward(self, pop: Population, data: dict, G: torch.Tensor):
@@ -282,8 +281,7 @@ class TritonBackend:
         from fastgrok.kernels.hidden import ACT_CODES
 
         return backward(*pop.params, data["m"], data["n"], data["count"], G, act=ACT_CODES[pop.settings.act],
-                        precision=self.precision, dropout=data["masks"], fused=self.fused,
-                        scatter=self.scatter, blocks=data["blocks"], **self.backward_tiles)
+                        precision=self.precision, dropout=data["masks"], fused=self.fused, **self.backward_tiles)
 
     @staticmethod
     def eval_bytes(width: int, p: int) -> int:

@@ -12,6 +12,7 @@ from philox import dropout_mask
 
 from fastgrok import reference
 from fastgrok.backends import TritonBackend, _grads
+from fastgrok.bench import TRITON_STEPS
 from fastgrok.config import Hyper, Settings
 from fastgrok.population import Population
 
@@ -40,7 +41,7 @@ def test_one_step_at_real_size_matches_reference(scatter, width, models):
         mask = dropout_mask(int(pop.dropout_seed[b]), 0, h.dropout, pairs, width) if h.dropout else None
         value = reference.train_step(mlp, opt, *(t[b, :d].cpu() for t in (pop.train_m, pop.train_n, pop.train_y)), "mse", mask)
         refs[b] = (mlp, value)
-    losses = TritonBackend("fp32", scatter=scatter).step(pop)
+    losses = TRITON_STEPS[scatter]("fp32").step(pop)
     for b, (mlp, value) in refs.items():
         assert_close(f"loss[{b}]", losses[b], torch.tensor(value))
         for name, ours, theirs in (("U", pop.U[b], mlp.U.T), ("V", pop.V[b], mlp.V.T), ("W", pop.W[b], mlp.W.T)):
@@ -139,7 +140,7 @@ def test_deterministic_and_together_equals_alone_at_real_size(scatter):
     hypers = grid()
 
     def train(hs):
-        pop, engine = Population(hs, Settings(p=P), "cuda"), TritonBackend("tf32", scatter=scatter)
+        pop, engine = Population(hs, Settings(p=P), "cuda"), TRITON_STEPS[scatter]("tf32")
         return pop, torch.stack([engine.step(pop) for _ in range(3)])
 
     (pop, losses), (again, losses_again) = train(hypers), train(hypers)
@@ -157,7 +158,7 @@ def test_deterministic_and_together_equals_alone_at_real_size(scatter):
 @pytest.mark.parametrize("precision", ["tf32", "tf32x3", "bf16"])
 def test_low_precision_by_the_error_ratio_rule(precision, scatter):
     assert_gradients_by_the_error_ratio_rule(Population(grid(models=64), Settings(p=P), "cuda"),
-                                             TritonBackend(precision, scatter=scatter))
+                                             TRITON_STEPS[scatter](precision))
 
 
 @pytest.mark.parametrize("scatter", ["window", "block"])
@@ -165,21 +166,17 @@ def test_bf16_backward_reads_g_stored_in_bf16_as_it_would_round_fp32_g(scatter):
     """In bf16 the forward stores G in bf16 (kernels/layout.py g_dtype), which is exact only if the backward's
     dots round an fp32 G to the same bf16 numbers torch's round-to-nearest-even gives: bit for bit the same
     gradients from an fp32 G and from its bf16 copy in the forward's padded rows."""
-    from fastgrok.kernels.backward import backward
     from fastgrok.kernels.layout import g_row
 
     pop = Population(grid(models=64), Settings(p=P), "cuda")
-    engine = TritonBackend("bf16", scatter=scatter)
+    engine = TRITON_STEPS[scatter]("bf16")
     data = engine.step_data(pop)
     G = engine.forward(pop, data)[1]
     assert G.dtype == torch.bfloat16 and G.stride(1) == g_row(P, "bf16") == 104
     g32 = torch.randn(G.shape, device="cuda", generator=torch.Generator("cuda").manual_seed(0)) * 1e-3
     g16 = torch.zeros(*G.shape[:2], g_row(P, "bf16"), device="cuda", dtype=torch.bfloat16)
     g16[..., :P] = g32
-    kw = dict(act=0, precision="bf16", dropout=data["masks"], fused=engine.fused, scatter=scatter,
-              blocks=data["blocks"], **engine.backward_tiles)
-    args = (*pop.params, data["m"], data["n"], data["count"])
-    for name, a, b in zip(("dU", "dV", "dW"), backward(*args, g32, **kw), backward(*args, g16[..., :P], **kw)):
+    for name, a, b in zip(("dU", "dV", "dW"), engine.backward(pop, data, g32), engine.backward(pop, data, g16[..., :P])):
         assert torch.equal(a, b), name
 
 

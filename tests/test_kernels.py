@@ -11,6 +11,7 @@ from philox import dropout_mask  # noqa: E402
 
 from fastgrok import reference  # noqa: E402
 from fastgrok.backends import TorchBackend, TritonBackend  # noqa: E402
+from fastgrok.bench import TRITON_STEPS, TritonBlockBackend  # noqa: E402
 from fastgrok.config import Hyper, Settings  # noqa: E402
 from fastgrok.data import batch_slots  # noqa: E402
 from fastgrok.population import Population  # noqa: E402
@@ -65,7 +66,7 @@ def test_one_step_matches_reference(act, loss, optimizer):
                                  loss=LOSS_CODES[loss], precision="fp32", train=True, dropout=data["masks"])
     grads = {"window": backward(*pop.params, data["m"], data["n"], data["count"], G, act=ACT_CODES[act],
                                 precision="fp32", dropout=data["masks"])}
-    block = TritonBackend("fp32", scatter="block")  # its own example order, so its own forward
+    block = TritonBlockBackend("fp32")  # its own example order, so its own forward
     block_data = block.step_data(pop)
     grads["block"] = block.backward(pop, block_data, block.forward(pop, block_data)[1])
     for b, (mlp, opt, m, n, y) in enumerate(ref.models):
@@ -111,7 +112,7 @@ def test_minibatch_trajectory_with_dropout_matches_reference(scatter):
     bs = 8
     pop = Population(hypers(), Settings(p=P, batch_size=bs), DEVICE)
     ref = Reference(pop)
-    engine = TritonBackend("fp32", scatter=scatter)
+    engine = TRITON_STEPS[scatter]("fp32")
     for t in range(12):
         losses = engine.step(pop)
         for b, (mlp, opt, m, n, y) in enumerate(ref.models):
@@ -127,8 +128,9 @@ def test_minibatch_trajectory_with_dropout_matches_reference(scatter):
 
 
 def run(hs, steps, settings=None, fused=False, scatter="window"):
+    """pop after `steps` steps of the Triton step with this scatter (fastgrok.bench.TRITON_STEPS)."""
     pop = Population(hs, settings or Settings(p=P), DEVICE)
-    engine = TritonBackend("fp32", fused=fused, scatter=scatter)
+    engine = TRITON_STEPS[scatter]("fp32", fused=fused)
     for _ in range(steps):
         engine.step(pop)
     return pop
@@ -279,21 +281,22 @@ def test_rows_in_memory_are_padded_to_16_bytes_with_zeros():
             assert G[b, :count].abs().sum() > 0 and not rows[b, :count, P:].any(), (loss, b)
 
 
-def test_populations_larger_than_one_grid_axis_are_launched_in_slices(monkeypatch):
+@pytest.mark.parametrize("scatter", ["window", "block"])
+def test_populations_larger_than_one_grid_axis_are_launched_in_slices(monkeypatch, scatter):
     """Every launch (dropout masks, forward, backward, evaluation) goes through layout.launch, which slices the
     population at MAX_GRID_Y models: with 2, three models take two launches of each kernel."""
     from fastgrok.kernels import layout
 
-    expected = run(hypers(), 2)
+    expected = run(hypers(), 2, scatter=scatter)
     monkeypatch.setattr(layout, "MAX_GRID_Y", 2)  # CUDA allows 65535 models per launch; here 2
-    sliced = run(hypers(), 2)
+    sliced = run(hypers(), 2, scatter=scatter)
     for name in ("U", "V", "W"):
         assert torch.equal(getattr(sliced, name), getattr(expected, name)), name
     assert torch.equal(sliced.evaluate(TritonBackend("fp32"))["test_acc"], expected.evaluate(TritonBackend("fp32"))["test_acc"])
 
 
 def test_tile_order_keeps_the_windowed_scatter_to_a_few_windows_per_tile():
-    """The FLOP saving bench/NOTES.md predicts: at p 97, alpha 0.5, a tile of 32 examples in tile order spans
+    """The FLOP saving docs/performance.md predicts: at p 97, alpha 0.5, a tile of 32 examples in tile order spans
     about 2.5 windows of 16 rows of dU and dV together, against 2 x 128 / 16 = 16 for the full one-hot dots."""
     from fastgrok.kernels.backward import tile_order
 
@@ -335,8 +338,11 @@ def test_block_scatter_and_forward_match_over_many_and_empty_blocks():
     """p 37: 2 x 2 blocks of 19 rows. Model 0 has examples everywhere (several tiles of 16 per block), model 1 only
     in the first block (three blocks empty), model 2 none; dropout on, 23 neurons in chunks of 16 (some masked).
     The block scatter against the windowed one, the block forward against the per-example one."""
-    from fastgrok.kernels.backward import backward, block_count, block_order, block_side
+    from fastgrok.kernels import block
+    from fastgrok.kernels.backward import backward
+    from fastgrok.kernels.block import block_count, block_order, block_side
     from fastgrok.kernels.dropout import masks
+    from fastgrok.kernels.forward import forward
 
     p, width, d_max = 37, 23, 300
     assert (block_side(p), block_count(p)) == (19, 2)
@@ -370,8 +376,8 @@ def test_block_scatter_and_forward_match_over_many_and_empty_blocks():
     runs = [("fp32", False, True, 16), ("fp32", True, True, 16), ("fp32", True, True, 128)]
     runs += [("tf32", True, True, 16), ("tf32", True, False, 16)] if DEVICE == "cpu" else []
     for precision, fused, g_twice, block_n in runs:
-        ours = backward(U, V, W, m, n, count, G, act=1, precision=precision, dropout=dropout,
-                        scatter="block", blocks=blocks, fused=fused, g_twice=g_twice, **{**tiles, "block_n": block_n})
+        ours = block.backward(U, V, W, m, n, count, G, blocks, act=1, precision=precision, dropout=dropout,
+                              fused=fused, g_twice=g_twice, **{**tiles, "block_n": block_n})
         for name, a, b in zip(("dU", "dV", "dW"), ours, expected):
             # the same sums in another order: rounding relative to the largest terms
             assert_close(f"{name} (block scatter, {precision}, fused {fused}, G twice {g_twice}, {block_n} neurons)",
@@ -380,13 +386,11 @@ def test_block_scatter_and_forward_match_over_many_and_empty_blocks():
 
     # the forward walks the same blocks, reading U, V rows from a window per block: the same losses, G and
     # predictions as one load per example (the window holds the rows, exactly), on the valid slots
-    from fastgrok.kernels.forward import forward
-
     y = torch.randint(0, p, m.shape, generator=gen).int().to(DEVICE)
     valid = valid.to(DEVICE)
     for train, loss in ((True, 0), (True, 1), (False, 0)):
         kw = dict(act=0, loss=loss, precision="fp32", train=train, dropout=dropout if train else None, **tiles)
-        for name, a, b in zip(("loss", "G", "pred"), forward(U, V, W, m, n, y, count, blocks=blocks, **kw),
+        for name, a, b in zip(("loss", "G", "pred"), block.forward(U, V, W, m, n, y, count, blocks, **kw),
                               forward(U, V, W, m, n, y, count, **kw)):
             if b is not None:
                 assert_close(f"{name} (block forward, train {train}, loss {loss})", a[valid], b[valid], atol=1e-6)

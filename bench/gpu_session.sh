@@ -9,26 +9,28 @@
 #   bash bench/gpu_session.sh dropout    the 1,156-model dropout diagram
 #   bash bench/gpu_session.sh defaults   scatter, fused or not, tiles, for fp32, tf32x3, bf16 (kernels/backward.py STEP)
 #   bash bench/gpu_session.sh profile    forward, backward and optimizer of one step timed apart, N 128/512/2048
-#   bash bench/gpu_session.sh sweep      tile sizes and the two dU/dV scatters of the Triton step (N 512, B 1024, tf32)
+#   bash bench/gpu_session.sh sweep      tile sizes and the two dU/dV scatters of the Triton step (N 512, B 1024, tf32;
+#                                        the "block" one is kernels/block.py)
 #   bash bench/gpu_session.sh ncu        Nsight Compute on the forward and backward kernels (N 512, B 1024)
 #   bash bench/gpu_session.sh torchpad   the torch baselines with p padded to 8 against unpadded, fp32 and TF32
-# PRECISION (profile, ncu, e2e), SCATTER (profile: a comma list, default window,block; ncu: one, default window),
-# DROPOUT (profile: every model's rate; the masks kernel is timed too), WIDTHS (bench, profile), MODELS and VARIANTS
-# (bench) pick what they run.
+# PRECISION (profile, ncu, e2e), SCATTER (profile: a comma list, default window,block; ncu: one, default window;
+# fastgrok/bench.py TRITON_STEPS), DROPOUT (profile: every model's rate; the masks kernel is timed too), WIDTHS
+# (bench, profile), MODELS and VARIANTS (bench) pick what they run.
 # e2e and dropout also make issue 4's paper-scale phase diagrams (phase, ipr with its spectra, test90_step); their PNGs, tables and logs
 # come back as $OUT/<stage>.tar.gz (no weights). Several stages go in one call, each with a time limit:
 #   bash bench/gpu_session.sh tests:230 sweep:150 precision:170
 # (a machine stays warm only 30 s after a call; a fresh one took about 30 s to start on 2026-11-22).
 # Measured 2026-11-22 on an H100 (bench/results/h100-2026-11-22): tests 110 s, sweep 95 s, precision 95 s,
 # profile 30 s, e2e 140 s, dropout 285 s, bench over 320 s for N 512 and 128 alone (WIDTHS=2048 for the rest).
-# Owed next (sessions 6-22 had no GPU), in three calls that fit the 30 minutes (bench/NOTES.md "Next"):
+# The measurements owed (docs/performance.md), in three calls that fit the 30 minutes:
 #   1. bash bench/gpu_session.sh tests:230 profile:120 precision:150; DROPOUT=0.2 WIDTHS=500 bash bench/gpu_session.sh profile:60
-#   2. bash bench/gpu_session.sh sweep:590        (then set the defaults from its summary, commit)
+#   2. bash bench/gpu_session.sh sweep:590        (then set the defaults from its summary, keep or remove
+#                                                  kernels/block.py, commit)
 #   3. MODELS=1024 VARIANTS=torch,torch-tf32,triton-fp32,triton-tf32,triton-tf32x3,triton-bf16 \
 #      bash bench/gpu_session.sh e2e:180 bench:240 torchpad:90     (the headline numbers with the new defaults;
-#      B 1024 because every variant levels off there, session 5's bench.png; the dropout diagram waits)
-# Sessions 7-11 changed every kernel (16-byte accesses, block windows, pipelined G, bf16 G, dropout bits):
-# re-measure before tuning, and re-run the precision grid (tf32 is the default because it agreed in session 5).
+#      B 1024 because every variant levels off there, bench/results/h100-2026-11-22; the dropout diagram waits)
+# The kernels have changed since that H100 measurement: re-measure before tuning, and re-run the precision grid
+# (tf32 is the default because it agreed then).
 set -uo pipefail
 OUT=${OUT:-bench/results}
 mkdir -p "$OUT"

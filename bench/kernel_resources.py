@@ -4,11 +4,12 @@ accesses of each kernel, precision and tile, compiled ahead of time for sm_90 (H
 in the triton wheel, specialised as Triton's launcher specialises them at the paper's shape (SHAPE).
 
     python bench/kernel_resources.py              # the table
-    python bench/kernel_resources.py --check      # each precision's default step (kernels/backward.py STEP):
+    python bench/kernel_resources.py --check      # each precision's default step (kernels/backward.py STEP;
+                                                  # kernels/block.py BLOCK_STEP for the block kernels):
                                                   # exit 1 if a kernel fails to compile, if a tf32/bf16
                                                   # kernel misses wgmma or spills more than the GPU accepted,
                                                   # if the step at P 128, 256 or 512 (tiles shrunk by
-                                                  # kernels/forward.py fit) needs more shared memory than an SM has,
+                                                  # kernels/layout.py fit) needs more shared memory than an SM has,
                                                   # or if a loop that could be pipelined waits for a tile load
 
 Runs with TRITON_INTERPRET unset (the interpreter replaces kernels with Python functions)."""
@@ -29,11 +30,12 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from fastgrok.kernels import backward, dropout, forward  # noqa: E402
-from fastgrok.kernels.hidden import alignment  # noqa: E402
+from fastgrok.kernels import backward, block, dropout, forward, layout  # noqa: E402
 from fastgrok.kernels.backward import _backward_kernel  # noqa: E402
+from fastgrok.kernels.block import _block_backward_kernel, _block_forward_kernel  # noqa: E402
 from fastgrok.kernels.dropout import _mask_kernel  # noqa: E402
 from fastgrok.kernels.forward import _forward_kernel  # noqa: E402
+from fastgrok.kernels.layout import alignment  # noqa: E402
 from fastgrok.kernels.optimizer import _optimizer_kernel  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
@@ -49,30 +51,29 @@ FORWARD = tuple(forward.TILES[n] for n in ("block_d", "block_n", "num_warps"))
 # compiler which integers are multiples of 16 (and that tensors are 16-byte aligned); ALIGN_N / ALIGN_P tell it the
 # rest (kernels/hidden.py `aligned`).
 P, WIDTH, D_MAX = 97, 500, 4704
-G_ROW, WT_ROW = forward.g_row(P), forward.w_row(WIDTH)  # G's row in bf16: G_ROW_BF16 (forward.g_dtype)
-SHAPE = {"p": P, "width": WIDTH, "side": backward.block_side(P), "numel": P * WIDTH,
+G_ROW, WT_ROW = layout.g_row(P), layout.w_row(WIDTH)  # G's row in bf16: G_ROW_BF16 (layout.g_dtype)
+SHAPE = {"p": P, "width": WIDTH, "side": block.block_side(P), "numel": P * WIDTH,
          "stride_ub": P * WIDTH, "stride_up": WIDTH, "stride_vb": P * WIDTH, "stride_vp": WIDTH,
          "stride_wb": WIDTH * P, "stride_wn": P, "stride_tb": P * WT_ROW, "stride_tp": WT_ROW, "stride_ib": D_MAX,
-         "stride_bb": backward.block_count(P) ** 2 + 1, "stride_gb": D_MAX * G_ROW, "stride_gd": G_ROW}
+         "stride_bb": block.block_count(P) ** 2 + 1, "stride_gb": D_MAX * G_ROW, "stride_gd": G_ROW}
 ALIGN = {"ALIGN_N": alignment(WIDTH, P * WIDTH), "ALIGN_P": alignment(D_MAX * G_ROW, G_ROW)}
-G_ROW_BF16 = forward.g_row(P, "bf16")
+G_ROW_BF16 = layout.g_row(P, "bf16")
 SHAPE_BF16 = {**SHAPE, "stride_gb": D_MAX * G_ROW_BF16, "stride_gd": G_ROW_BF16}
 ALIGN_BF16 = {**ALIGN, "ALIGN_P": alignment(D_MAX * G_ROW_BF16, G_ROW_BF16)}
 
 
 def backward_default(precision: str, scatter: str = "window") -> tuple:
-    """The backward's tile in the step TritonBackend runs at this precision with this scatter: (block_d, block_n,
-    num_warps), and num_stages where the default sets it."""
-    tiles = backward.default_step(precision, scatter)[1]
+    """The backward's tile in the Triton step at this precision with this scatter (kernels/backward.py, or
+    kernels/block.py for "block"): (block_d, block_n, num_warps), and num_stages where the default sets it."""
+    tiles = (block if scatter == "block" else backward).default_step(precision)[1]
     return tuple(tiles[n] for n in ("block_d", "block_n", "num_warps", "num_stages") if n in tiles)
 
 
-# Spills the GPU measurement accepted (kernels/backward.py STEP). The one fused backward launch spills and still
+# Spills the GPU measurement accepted (kernels/backward.py STEP): the one fused backward launch spills and still
 # ran fastest on an H100 under Triton 3.6 (tf32 36.7k model-steps/s against 32.1k for two launches that do not
-# spill; bf16 16.9k against 9.5k): then, compiled without the launcher's specialisation, tf32 at 4 warps spilled
-# 936 B and bf16 at 8 warps 80 B under 3.6. With 16-byte accesses at the paper's shape (SHAPE) they spill 648 B
-# (tf32) and 152 B (bf16) under 3.6; the bf16 bound moved from 128 to 256 B for that, to be confirmed on the GPU
-# (bench/NOTES.md). More than this is a regression to look at.
+# spill; bf16 16.9k against 9.5k), measured when it spilled 936 B (tf32, 4 warps) and 80 B (bf16, 8 warps)
+# compiled without the launcher's specialisation. At the paper's shape (SHAPE) it spills 648 B (tf32) and 152 B
+# (bf16) under 3.6; bf16's bound is unconfirmed on a GPU (docs/performance.md). More is a regression to look at.
 ACCEPTED_SPILL = {("fused windowed", "tf32"): 1024, ("fused windowed", "bf16"): 256}
 # Kernels whose tile loop holds no other loop, so that Triton's pipeliner can make all its loads asynchronous.
 PIPELINED = ("forward", "evaluate", "forward block", "backward dW", "dU dV block", "fused block")
@@ -81,7 +82,7 @@ SHARED_LIMIT = 232448
 
 
 def resources(fn, constexprs: dict, num_warps: int, num_stages: int | None = None) -> dict:
-    # in bf16 the forward's copy of W and G are bf16 (forward.transposed_weights, forward.g_dtype)
+    # in bf16 the forward's copy of W and G are bf16 (layout.w_dtype, layout.g_dtype)
     bf16 = constexprs.get("PRECISION") == "bf16"
     types, shape, align = ({**TYPES, "WT": "*bf16", "G": "*bf16"}, SHAPE_BF16, ALIGN_BF16) if bf16 else (TYPES, SHAPE, ALIGN)
     constexprs = {**{k: v for k, v in align.items() if k in fn.arg_names}, **constexprs}
@@ -109,7 +110,8 @@ def resources(fn, constexprs: dict, num_warps: int, num_stages: int | None = Non
 def waited_loads(ttgir: str) -> int:
     """Loads of 2-D tiles that the innermost loops wait for: plain loads (not asynchronous copies) in the body of
     an scf.for that holds no other loop. The "async" count alone misleads: in tf32 the fused block backward copied
-    its example indices asynchronously but waited for its G tile on every iteration (bench/NOTES.md, session 9)."""
+    its example indices asynchronously but waited for its G tile on every iteration unless it reads G twice
+    (kernels/block.py G_TWICE, docs/performance.md)."""
     waited, stack = 0, []  # stack: (indentation, loads so far, holds a loop) of the open scf.for bodies
     for line in ttgir.splitlines():
         indent = len(line) - len(line.lstrip())
@@ -148,10 +150,10 @@ def table(precisions, tiles, backward_tiles=None, block_p=128, step_only=False, 
     """Every kernel at each of `tiles` (block_d, block_n, num_warps); the backward ones at `backward_tiles`
     (a function of the precision and scatter) instead when given, with the fused windowed backward where it is the
     default. block_p: p padded inside the kernels; above 128 the tiles shrink as the launchers shrink them
-    (forward.fit). step_only: only the kernels the default step and evaluation launch. variants: also the
+    (layout.fit). step_only: only the kernels the default step and evaluation launch. variants: also the
     fused block backward reading G once in tf32 (a sweep option, not a default)."""
     def fit(tile):
-        return (*forward.fit(tile[0], tile[1], block_p), *tile[2:])
+        return (*layout.fit(tile[0], tile[1], block_p), *tile[2:])
 
     rows = []
     for precision, tile in itertools.product(precisions, tiles):
@@ -159,27 +161,25 @@ def table(precisions, tiles, backward_tiles=None, block_p=128, step_only=False, 
             return dict(ACT=0, DROPOUT=True, PRECISION=precision, BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_P=block_p)
 
         back = fit(backward_tiles(precision) if backward_tiles else tile)
-        block = fit(backward_tiles(precision, "block") if backward_tiles else tile)
+        blocked = fit(backward_tiles(precision, "block") if backward_tiles else tile)
         tile = fit(tile)
         fused = backward_tiles is not None and backward.default_step(precision)[0]
+        window = backward.WINDOW
         kernels = {
-            "forward": (_forward_kernel, tile, dict(LOSS_KIND=0, TRAIN=True, BLOCKED=False)),
-            "evaluate": (_forward_kernel, tile, dict(LOSS_KIND=0, TRAIN=False, DROPOUT=False, BLOCKED=False)),
-            "forward block": (_forward_kernel, tile, dict(LOSS_KIND=0, TRAIN=True, BLOCKED=True)),
-            "backward dW": (_backward_kernel, back, dict(WITH_W=True, WITH_UV=False, WINDOW=0, BLOCKED=False)),
-            "dU dV windowed": (_backward_kernel, back, dict(WITH_W=False, WITH_UV=True, WINDOW=16, BLOCKED=False)),
-            "dU dV block": (_backward_kernel, block, dict(WITH_W=False, WITH_UV=True, WINDOW=32, BLOCKED=True)),
-            "fused block": (_backward_kernel, block, dict(WITH_W=True, WITH_UV=True, WINDOW=32, BLOCKED=True,
-                                                          G_TWICE=precision in backward.G_TWICE_PRECISIONS and
-                                                          backward.default_step(precision, "block")[1].get("g_twice", True))),
+            "forward": (_forward_kernel, tile, dict(LOSS_KIND=0, TRAIN=True)),
+            "evaluate": (_forward_kernel, tile, dict(LOSS_KIND=0, TRAIN=False, DROPOUT=False)),
+            "forward block": (_block_forward_kernel, tile, dict(LOSS_KIND=0, TRAIN=True)),
+            "backward dW": (_backward_kernel, back, dict(WITH_W=True, WITH_UV=False, WINDOW=window)),
+            "dU dV windowed": (_backward_kernel, back, dict(WITH_W=False, WITH_UV=True, WINDOW=window)),
+            "dU dV block": (_block_backward_kernel, blocked, dict(WITH_W=False, G_TWICE=False)),
+            "fused block": (_block_backward_kernel, blocked, dict(WITH_W=True,
+                                                                  G_TWICE=precision in block.G_TWICE_PRECISIONS and
+                                                                  block.default_step(precision)[1].get("g_twice", True))),
         }
         if fused:
-            kernels["fused windowed"] = (_backward_kernel, back, dict(WITH_W=True, WITH_UV=True, WINDOW=16, BLOCKED=False))
-        if variants and precision in backward.G_TWICE_PRECISIONS:  # kernels/backward.py backward(g_twice=False)
-            kernels["fused block G once"] = (_backward_kernel, block, dict(WITH_W=True, WITH_UV=True, WINDOW=32,
-                                                                           BLOCKED=True, G_TWICE=False))
-        kernels = {name: (fn, t, c if fn is not _backward_kernel else {"G_TWICE": False, **c})
-                   for name, (fn, t, c) in kernels.items()}
+            kernels["fused windowed"] = (_backward_kernel, back, dict(WITH_W=True, WITH_UV=True, WINDOW=window))
+        if variants and precision in block.G_TWICE_PRECISIONS:  # kernels/block.py backward(g_twice=False)
+            kernels["fused block G once"] = (_block_backward_kernel, blocked, dict(WITH_W=True, G_TWICE=False))
         for name, (fn, t, constexprs) in kernels.items():
             if not step_only or in_step(name, precision):
                 rows.append({"kernel": name, "precision": precision, "tile": t, "P": block_p,
@@ -192,7 +192,8 @@ def table(precisions, tiles, backward_tiles=None, block_p=128, step_only=False, 
     return rows
 
 
-KERNELS = {fn.__name__: fn for fn in (_forward_kernel, _backward_kernel, _optimizer_kernel, _mask_kernel)}
+KERNELS = {fn.__name__: fn for fn in (_forward_kernel, _backward_kernel, _block_forward_kernel, _block_backward_kernel,
+                                      _optimizer_kernel, _mask_kernel)}
 
 
 def compile_job(job) -> dict:
@@ -245,7 +246,7 @@ def main() -> None:
     problems += [f"{r['kernel']} {r['precision']} at P {r['P']}: {r['shared']} B of shared memory" for r in rows
                  if r["shared"] > SHARED_LIMIT]
     # every kernel whose loop holds no other loop must have all its tile loads pipelined (the windowed scatter's
-    # nested window loop cannot be, by design); the block scatter's too, though not yet the default
+    # nested window loop cannot be, by design); the block scatter's too (kernels/block.py), though not the default
     problems += [f"{r['kernel']} {r['precision']}: waits for {r['waited']} tile loads in its loop" for r in speed
                  if r["kernel"] in PIPELINED and r["waited"]]
     if problems:

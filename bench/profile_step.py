@@ -11,8 +11,8 @@ import json
 
 import torch
 
-from fastgrok.backends import TritonBackend, finish_step
-from fastgrok.bench import _timed, flops_per_model_step
+from fastgrok.backends import finish_step
+from fastgrok.bench import TRITON_STEPS, _timed, flops_per_model_step
 from fastgrok.config import Hyper, Settings
 from fastgrok.kernels.optimizer import optimizer_step_
 from fastgrok.population import Population
@@ -22,7 +22,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--precision", default="tf32")
     parser.add_argument("--scatter", default="window",
-                        help="the backward's scatter (kernels/backward.py SCATTERS), or a comma list to profile each")
+                        help="the step's scatter (fastgrok.bench TRITON_STEPS: window, the default step; block, "
+                             "kernels/block.py), or a comma list to profile each")
     parser.add_argument("--models", type=int, default=1024)
     parser.add_argument("--dropout", type=float, default=0.0)
     parser.add_argument("--width", default="128,500,512,2048",
@@ -35,7 +36,7 @@ def main() -> None:
     rows = []
     for width, scatter in itertools.product(map(int, args.width.split(",")), args.scatter.split(",")):
         pop = Population([Hyper(width=width, seed=i, dropout=args.dropout) for i in range(args.models)], settings, dev)
-        engine = TritonBackend(args.precision, scatter=scatter)
+        engine = TRITON_STEPS[scatter](args.precision)
         data = engine.step_data(pop)
         G = engine.forward(pop, data)[1]
         grads = engine.backward(pop, data, G)

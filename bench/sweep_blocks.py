@@ -4,12 +4,12 @@ each backward tile, scatter and fused-or-not (forward at its default), at one wi
     python bench/sweep_blocks.py --width 512 --models 1024 --precision tf32 --out sweep.json
     python bench/sweep_blocks.py --summary sweep.json      # the fastest of each kind, to set the defaults
 
-What it is for: the two scatters of the backward (kernels/backward.py: "window", measured the fastest on an H100,
-and "block", whose loop the compiler can software-pipeline) against each other, and the tiles: the backward
-re-reads G (D x p per model) once per chunk of block_n neurons and the forward re-reads W per tile of block_d
-examples, so tiles trade re-reads against registers, and only dots of 64 rows reach Hopper's wgmma
-(bench/kernel_resources.py). Measure, then set the defaults in kernels/forward.py TILES and kernels/backward.py
-TILES and STEP. (The one-hot scatter lost to the windowed one at every tile on an H100 and is no longer swept.)"""
+What it is for: the two scatters of the backward against each other (kernels/backward.py: "window", the default,
+measured the fastest on an H100; kernels/block.py: "block", whose loop the compiler can software-pipeline, not yet
+measured), and the tiles: the backward re-reads G (D x p per model) once per chunk of block_n neurons and the
+forward re-reads W per tile of block_d examples, so tiles trade re-reads against registers, and only dots of 64
+rows reach Hopper's wgmma (bench/kernel_resources.py). Measure, then set the defaults in kernels/forward.py TILES,
+kernels/backward.py TILES and STEP, and kernels/block.py BLOCK_STEP, and keep or remove kernels/block.py."""
 
 import argparse
 import itertools
@@ -17,37 +17,37 @@ import json
 
 import torch
 
-from fastgrok.backends import TritonBackend
-from fastgrok.bench import _timed, flops_per_model_step
+from fastgrok.bench import TRITON_STEPS, _timed, flops_per_model_step
 from fastgrok.config import Hyper, Settings
-from fastgrok.kernels.backward import G_TWICE_PRECISIONS
+from fastgrok.kernels.block import G_TWICE_PRECISIONS
 from fastgrok.population import Population
 
 TILES = [{"block_d": d, "block_n": n, "num_warps": w} for d, n, w in itertools.product((32, 64), (32, 64), (4, 8))]
-# the forward with 128 examples a tile reads W half as often per FLOP (bench/NOTES.md: it runs at a quarter of peak);
-# 128 x 64 does not fit an SM's shared memory (3 stages of U, V and W tiles: 262 KB), these do (Triton 3.6, sm_90)
+# the forward with 128 examples a tile reads W half as often per FLOP (docs/performance.md: it runs at a quarter of
+# peak); 128 x 64 does not fit an SM's shared memory (3 stages of U, V and W tiles: 262 KB), these do (Triton 3.6,
+# sm_90)
 FORWARD_WIDE = [{"block_d": 128, "block_n": n, "num_warps": w} for n, w in ((16, 8), (32, 8), (32, 4))]
 # the block scatter's pipeline depth, at the tiles where all its dots have 64 rows (the TILES above run at its
-# default, kernels/backward.py BLOCK_STEP: 2 in tf32; Triton's default is 3)
+# default, kernels/block.py BLOCK_STEP: 2 in tf32; Triton's default is 3)
 STAGES = [{"block_d": d, "block_n": 64, "num_warps": w, "num_stages": s}
           for d, w, s in itertools.product((32, 64), (4, 8), (3, 4))]
 # the fused block backward in tf32 reads each tile of G twice so that the compiler pipelines both loads
-# (kernels/backward.py _tile); read once, the loop waits for it but moves half the bytes from L2 and needs less
+# (kernels/block.py G_TWICE); read once, the loop waits for it but moves half the bytes from L2 and needs less
 # shared memory (64 x 64 x 4: two programs an SM instead of one; Triton 3.6, sm_90). Which wins is this sweep's.
 G_ONCE = [{"block_d": d, "block_n": 64, "num_warps": w, "num_stages": 2, "g_twice": False}
           for d, w in itertools.product((32, 64), (4, 8))]
 # the fused block backward on chunks of 128 neurons: G (its main stream of bytes) and the blocks' U, V rows read half
 # as often as at 64, for a d_w accumulator twice as large. Compiled (Triton 3.6, sm_90, 8 warps, 2 stages, tf32):
 # 32 x 128 spills 232 B (G twice, 144 KB of shared memory) or 224 B (once, 112 KB), one program an SM
-# (bench/NOTES.md, session 11); 4 warps spill 1.5 KB and are not swept.
+# (docs/performance.md); 4 warps spill 1.5 KB and are not swept.
 WIDE_N = [{"block_d": d, "block_n": 128, "num_warps": 8, "num_stages": 2, "g_twice": g}
           for d, g in itertools.product((32, 64), (True, False))]
 
 
 def best(results: list[dict]) -> dict[str, dict]:
     """The fastest configuration of each kind a sweep measured: the forward in each example order, and the
-    backward for each scatter, fused or not; what kernels/forward.py TILES and kernels/backward.py STEP,
-    BLOCK_STEP take from a sweep (keyed "forward window", "forward block", "backward window fused", ...)."""
+    backward for each scatter, fused or not; what kernels/forward.py TILES, kernels/backward.py STEP and
+    kernels/block.py BLOCK_STEP take from a sweep (keyed "forward window", "forward block", "backward window fused", ...)."""
     found = {}
     for r in results:
         scatter = r.get("scatter", "window")
@@ -99,7 +99,9 @@ def main() -> None:
         configs += [{"backward_tiles": t, "scatter": "block", "fused": True} for t in wide]
     results = []
     for config in configs:
-        engine = TritonBackend(args.precision, **config)
+        # the step of the config's scatter (fastgrok.bench.TRITON_STEPS), the config's other keys its options
+        options = {k: v for k, v in config.items() if k != "scatter"}
+        engine = TRITON_STEPS[config.get("scatter", "window")](args.precision, **options)
         try:
             sec = _timed(lambda: engine.step(pop), dev)
         except Exception as e:  # out of resources for this tile: record and go on

@@ -12,6 +12,7 @@ so the output peaks at q = (m + n) mod p once enough neurons cover the frequenci
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 
@@ -51,13 +52,12 @@ def analytic_grid(p: int, widths: str, seed: int = 0, alpha: float = 0.5, device
 
 
 def analytic_run(out=None, p: int = 97, widths: str = "500", op: str = "add", seed: int = 0, alpha: float = 0.5,
-                 device: str = "cpu") -> tuple[list, "Path"]:
+                 device: str = "cpu") -> tuple[list, Path]:
     """Save the analytic solution at each width as a run directory (steps 0; `out`, or a new runs/<timestamp>)
     that `ipr` and `prune` accept, with accuracy-vs-width.png for several widths. Returns its models.csv rows
     with `all_acc`, the accuracy over all p^2 pairs, and the directory. Its metrics use the split of a model with
     this alpha and seed (nothing was trained on it)."""
     from dataclasses import replace
-    from pathlib import Path
 
     from fastgrok.errors import ConfigError
     from fastgrok.ipr import model_ipr

@@ -2,7 +2,7 @@
 
 `torch` is batched PyTorch and runs every family: a step is the family's grads (fastgrok.families; the MLP's has
 its backward written out, the structure its Triton kernels share), then the optimizer. Fused backends run the
-families that have kernels of their own (Family.fused: the MLP's `triton`).
+families that have kernels of their own (Family.fused: the MLP's `triton`, fastgrok.families.mlp_triton).
 
 A model whose loss or gradients are not finite is flagged `diverged` and frozen; its neighbours never see it.
 Every backend states the working memory of its step (step_bytes) and of evaluation per example (eval_bytes) for
@@ -12,7 +12,6 @@ the memory planner (fastgrok.planner).
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 
@@ -147,160 +146,6 @@ class TorchBackend:
         return family.step_bytes(settings, width, held * min(d, span)) + 2 * held * trained + masks
 
 
-class TritonBackend:
-    """Fused Triton kernels (fastgrok.kernels): forward + loss gradient, backward, optimizer, evaluation.
-
-    precision: fp32 (IEEE products, exact parity with the reference), tf32, tf32x3 or bf16 dot inputs; parameters,
-    gradients and Adam moments stay fp32 in every mode. Runs on a CPU under TRITON_INTERPRET=1 (slow)."""
-
-    name = "triton"
-
-    def __init__(self, precision: str = "fp32", fused: bool | None = None, scatter: str = "window",
-                 forward_tiles: dict | None = None, backward_tiles: dict | None = None):
-        from fastgrok.kernels import backward, forward
-        from fastgrok.kernels.backward import SCATTERS
-
-        check_precision(precision)
-        if scatter not in SCATTERS:
-            raise ConfigError(f"unknown scatter {scatter!r}; choose one of {', '.join(SCATTERS)}")
-        # fused (one backward launch for dW, dU, dV) and the backward's tiles default per precision to what the
-        # GPU measured fastest (kernels/backward.py STEP; BLOCK_STEP for the block scatter, not yet measured)
-        default_fused, default_tiles = backward.default_step(precision, scatter)
-        self.precision, self.scatter = precision, scatter
-        self.fused = default_fused if fused is None else fused
-        # scatter "window" (default) executes about 6.6 D N P FLOPs a step against one-hot dots' 10 D N P and
-        # beat them at every tile on an H100 (kernels/backward.py, bench/NOTES.md); "block" is its
-        # software-pipelined successor, to be measured against it (bench/sweep_blocks.py).
-        # Tiles ({block_d, block_n, num_warps}) of the forward/evaluation and backward kernels: the defaults are
-        # the fastest the H100 sweep found (kernels/*.py TILES, backward.STEP).
-        self.forward_tiles = {**forward.TILES, **(forward_tiles or {})}
-        self.backward_tiles = {**default_tiles, **(backward_tiles or {})}
-        self.name = f"triton-{precision}" + ("-block" if scatter == "block" else "")
-
-    # p is padded to a power of two inside the kernels, and above 128 the launchers shrink the tiles with it
-    # (kernels/forward.py fit) so that they fit an SM's shared memory: checked at compile time up to P 512
-    # (bench/kernel_resources.py --check, run by the tests); past it the tiles would go below the dots' 16 rows.
-    MAX_P = 512
-
-    @classmethod
-    def unavailable(cls, device: torch.device) -> str | None:
-        """Why the kernels cannot run on `device`, or None."""
-        if not _has_triton():
-            return "--backend triton needs the triton package (pip install triton)"
-        if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-            return "--backend triton on a CPU runs only under TRITON_INTERPRET=1 (slow; for tests and debugging)"
-        return None
-
-    @classmethod
-    def refusal(cls, settings) -> str | None:
-        """Why the kernels cannot run `settings`, or None."""
-        if settings.batchnorm:
-            return "BatchNorm runs on --backend torch (the fused kernels have no BatchNorm)"
-        if settings.p > cls.MAX_P:
-            return f"the triton backend handles p up to {cls.MAX_P}; use --backend torch for p {settings.p}"
-        return None
-
-    def check(self, settings) -> None:
-        if (why := self.refusal(settings)) is not None:
-            raise ConfigError(why)
-
-    def step_data(self, pop: Population) -> dict:
-        """What the kernels need for pop's next step: its examples as int32 copies (made once per population for
-        full-batch training, every step for minibatches) and its dropout masks ("masks": kernels/dropout.py, drawn
-        for this step; None without dropout).
-
-        The kernels see each model's examples in tile order (kernels.backward.tile_order, or block_order for the
-        "block" scatter): a step does not depend on the order beyond rounding, the windowed scatter needs it to
-        be cheap and the block scatter to be right."""
-        from fastgrok.kernels.backward import block_order, tile_order
-        from fastgrok.kernels.dropout import masks
-
-        cached = getattr(pop, "_triton_data", None)
-        if cached is None:
-            dev = pop.device
-            rates = pop.dropout.double()
-            dropout = None
-            if bool((rates > 0).any()):
-                threshold = torch.clamp(torch.round(rates * 2.0**32), max=2.0**32 - 1).long()
-                dropout = (pop.dropout_seed.to(dev), threshold.to(dev), (1.0 / (1.0 - rates)).float().to(dev))
-            cached = pop._triton_data = {"dropout": dropout}
-        kind = "block" if self.scatter == "block" else "tile"  # the order the kernels need (cached per kind)
-        if kind not in cached:
-            m, n, y, valid, D = pop.batch()
-            if kind == "block":
-                perm, blocks = block_order(m, n, valid, pop.settings.p)
-            else:
-                perm, blocks = tile_order(m, n, valid, pop.settings.p), None
-            m, n, y = (torch.gather(t, 1, perm).int() for t in (m, n, y))
-            examples = {"m": m, "n": n, "y": y, "blocks": blocks, "valid": valid, "count": D.int(), "D": D}
-            if pop.batch_size is None:
-                cached[kind] = examples
-        else:
-            examples = cached[kind]
-        drawn = masks(examples["m"], examples["n"], examples["count"], cached["dropout"], p=pop.settings.p,
-                      width=pop.width, step=pop.step)
-        return {**examples, "masks": drawn}
-
-    def step(self, pop: Population) -> torch.Tensor:
-        from fastgrok.kernels.optimizer import optimizer_step_
-
-        data = self.step_data(pop)
-        example_loss, G = self.forward(pop, data)
-        # padding comes last in tile order too, so `valid` masks the kernel's slots as well as the batch's
-        losses = torch.where(data["valid"], example_loss, 0.0).sum(1) / data["D"]
-        return finish_step(pop, losses, self.backward(pop, data, G), optimizer_step_)
-
-    def forward(self, pop: Population, data: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """The step's forward kernel: per-example losses and the output gradient G, in the kernels' slot order
-        (with the "block" scatter the forward walks the same blocks, reading U, V rows from a window per block)."""
-        from fastgrok.kernels.forward import forward
-        from fastgrok.kernels.hidden import ACT_CODES, LOSS_CODES
-
-        s = pop.settings
-        example_loss, G, _ = forward(pop.U, pop.V, pop.W, data["m"], data["n"], data["y"], data["count"], act=ACT_CODES[s.act],
-                                     loss=LOSS_CODES[s.loss], precision=self.precision, train=True,
-                                     dropout=data["masks"], blocks=data["blocks"], **self.forward_tiles)
-        return example_loss, G
-
-    def backward(self, pop: Population, data: dict, G: torch.Tensor):
-        """The step's backward kernel(s): dU, dV, dW (fp32)."""
-        from fastgrok.kernels.backward import backward
-        from fastgrok.kernels.hidden import ACT_CODES
-
-        return backward(pop.U, pop.V, pop.W, data["m"], data["n"], data["count"], G, act=ACT_CODES[pop.settings.act],
-                        precision=self.precision, dropout=data["masks"], fused=self.fused,
-                        scatter=self.scatter, blocks=data["blocks"], **self.backward_tiles)
-
-    def eval_bytes(self, settings, width: int) -> int:
-        """Per example: int64 indices and labels built by Population.evaluate, their int32 copies, pred and loss."""
-        return 6 * 8 + 3 * 4 + 8 + 4
-
-    def step_bytes(self, settings, width: int, d: int, models: int, device: torch.device, dropout: bool) -> int:
-        """Per model: G (d p', rows padded to 16 bytes), per-example losses and int32 copies of the indices in tile
-        order (4 d), the forward's transposed copy of W (p N', N' = N padded to 16); G and that copy are fp32,
-        bf16 in bf16, and with dropout the step's mask bits (4 bytes per 32 neurons of an example,
-        kernels/dropout.py); nothing of size d N is ever stored."""
-        p, size = settings.p, 2 if self.precision == "bf16" else 4
-        g_row, w_row = -(-p * size // 16) * 16 // size, -(-width // 16) * 16
-        work = 4 * 4 * d + size * (d * g_row + p * w_row)
-        if dropout:
-            work += 4 * -(-width // 32) * d
-        return models * work
-
-    def outputs(self, t, m, n, y, settings):
-        """The evaluation kernel: predictions and per-example losses for a chunk of models (all examples valid)."""
-        from fastgrok.kernels.forward import forward
-        from fastgrok.kernels.hidden import ACT_CODES, LOSS_CODES
-
-        U, V, W = t["U"], t["V"], t["W"]
-        count = torch.full((U.shape[0],), m.shape[1], dtype=torch.int32, device=U.device)
-        losses, _, pred = forward(U.contiguous(), V.contiguous(), W, m.int().contiguous(),
-                                  n.int().contiguous(), y.int().contiguous(), count, act=ACT_CODES[settings.act],
-                                  loss=LOSS_CODES[settings.loss], precision=self.precision, train=False,
-                                  **self.forward_tiles)
-        return pred.long(), losses
-
-
 BACKENDS = ("auto", "torch", "triton")
 
 
@@ -313,7 +158,7 @@ def make_backend(name: str, device: torch.device, precision: str | None = None, 
     settings = Settings() if settings is None else settings
     precision = DEFAULT_PRECISION if precision is None else precision
     check_precision(precision)  # also where the torch backend ignores it: a typo is refused on every machine
-    fused = family_of(settings).fused
+    fused = family_of(settings).fused  # name -> class with unavailable(device), refusal(settings), (precision)
     if name == "auto":
         runs = [k for k, cls in fused.items() if cls.unavailable(device) is None and cls.refusal(settings) is None]
         name = runs[0] if device.type == "cuda" and runs else "torch"
@@ -331,11 +176,3 @@ def make_backend(name: str, device: torch.device, precision: str | None = None, 
 def check_precision(precision: str) -> None:
     if precision not in PRECISIONS:
         raise ConfigError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
-
-
-def _has_triton() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True

@@ -18,15 +18,61 @@ from pathlib import Path
 import torch
 
 from fastgrok import plots, process, reference
-from fastgrok.backends import TorchBackend, TritonBackend
+from fastgrok.backends import TorchBackend
 from fastgrok.config import Hyper, Settings
 from fastgrok.data import check_task, pair_count, train_size
 from fastgrok.errors import ConfigError
+from fastgrok.device import device_name, resolve_device
+from fastgrok.families.mlp_triton import TritonBackend
 from fastgrok.planner import memory_budget, models_that_fit
 from fastgrok.population import Population
-from fastgrok.device import device_name, resolve_device
 from fastgrok.results import versions, write_atomic
 
+
+class TritonBlockBackend(TritonBackend):
+    """The Triton step with the "block" example order, forward and scatter (kernels/block.py), which no GPU has
+    measured: a benchmark variant until a measurement decides it. TritonBackend but for the example order and
+    the forward and backward kernels."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.name += "-block"
+
+    @staticmethod
+    def default_step(precision: str) -> tuple[bool, dict]:
+        from fastgrok.kernels.block import default_step
+
+        return default_step(precision)
+
+    @staticmethod
+    def example_order(m, n, valid, p: int) -> tuple[torch.Tensor, dict]:
+        """block_order, and its block offsets ("blocks"), which both kernels need to be right."""
+        from fastgrok.kernels.block import block_order
+
+        perm, blocks = block_order(m, n, valid, p)
+        return perm, {"blocks": blocks}
+
+    def forward(self, pop: Population, data: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        from fastgrok.kernels import block
+        from fastgrok.kernels.hidden import ACT_CODES, LOSS_CODES
+
+        s = pop.settings
+        example_loss, G, _ = block.forward(pop.U, pop.V, pop.W, data["m"], data["n"], data["y"], data["count"], data["blocks"],
+                                           act=ACT_CODES[s.act], loss=LOSS_CODES[s.loss], precision=self.precision,
+                                           train=True, dropout=data["masks"], **self.forward_tiles)
+        return example_loss, G
+
+    def backward(self, pop: Population, data: dict, G: torch.Tensor):
+        from fastgrok.kernels import block
+        from fastgrok.kernels.hidden import ACT_CODES
+
+        return block.backward(pop.U, pop.V, pop.W, data["m"], data["n"], data["count"], G, data["blocks"],
+                              act=ACT_CODES[pop.settings.act], precision=self.precision, dropout=data["masks"],
+                              fused=self.fused, **self.backward_tiles)
+
+
+# The Triton step by its scatter, for the scripts that compare them (bench/sweep_blocks.py, bench/profile_step.py)
+TRITON_STEPS = {"window": TritonBackend, "block": TritonBlockBackend}
 # name -> (precision of its matmuls, whether torch may use TF32, how to build it)
 VARIANTS = {
     "torch": ("fp32", False, lambda: TorchBackend()),
@@ -36,9 +82,9 @@ VARIANTS = {
     "triton-tf32": ("tf32", False, lambda: TritonBackend("tf32")),
     "triton-tf32x3": ("fp32", False, lambda: TritonBackend("tf32x3")),
     "triton-bf16": ("bf16", False, lambda: TritonBackend("bf16")),
-    # the pipelined block scatter against the windowed one (kernels/backward.py), until a GPU has compared them
-    "triton-tf32-block": ("tf32", False, lambda: TritonBackend("tf32", scatter="block")),
-    "triton-bf16-block": ("bf16", False, lambda: TritonBackend("bf16", scatter="block")),
+    # the block order and scatter (kernels/block.py) against the default step, until a GPU has compared them
+    "triton-tf32-block": ("tf32", False, lambda: TritonBlockBackend("tf32")),
+    "triton-bf16-block": ("bf16", False, lambda: TritonBlockBackend("bf16")),
 }
 DEFAULT_VARIANTS = {"cpu": ("torch",), "cuda": tuple(VARIANTS)}
 PARITY = {"fp32": 1e-4, "tf32": 2e-2, "bf16": 5e-2}  # relative loss error allowed in the pre-timing check

@@ -22,7 +22,6 @@ from fastgrok.backends import make_backend
 from fastgrok.config import Grid, Settings
 from fastgrok.data import check_training_sets, pair_count, train_size
 from fastgrok.device import resolve_device
-from fastgrok.errors import ConfigError
 from fastgrok.ipr import model_ipr
 from fastgrok.phases import THRESHOLD, TOL, phase
 from fastgrok.population import METRICS, Population

@@ -11,7 +11,7 @@ rounded up: bit k % 32 of word [b, k // 32, d] is keep[b, d, k]. Word-major, so 
 word each in a contiguous run.
 
 Drawn in the kernels themselves, a mask cost a 10-round Philox per example and neuron in the forward and again in
-the backward, in the middle of their dots (bench/NOTES.md: an H100 dropout model-step cost about 3.5 times one
+the backward, in the middle of their dots (docs/performance.md: an H100 dropout model-step cost about 3.5 times one
 without). Here it is drawn once, by a kernel that does nothing else, a quarter of a Philox per example and neuron,
 and the two kernels read 4 bytes per 32 neurons of an example (300 KB per model-step at N 512, D 4704).
 """
@@ -20,8 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from fastgrok.kernels import forward
-from fastgrok.kernels.hidden import model_bits, words
+from fastgrok.kernels import layout
+from fastgrok.kernels.hidden import model_bits
 
 
 @triton.jit
@@ -69,10 +69,7 @@ def masks(m, n, count, dropout: tuple | None, *, p: int, width: int, step: int):
     seed, threshold, inv_keep = dropout
     B, d_max = m.shape
     assert m.dtype == n.dtype == torch.int32 and m.is_contiguous() and n.is_contiguous() and count.shape == (B,)
-    bits = torch.empty(B, words(width), d_max, device=m.device, dtype=torch.int32)
-    for lo in range(0, B, forward.MAX_GRID_Y):  # CUDA caps the grid's second axis at 65535
-        sl = slice(lo, min(B, lo + forward.MAX_GRID_Y))
-        _mask_kernel[(triton.cdiv(d_max, BLOCK_D), sl.stop - lo)](
-            m[sl], n[sl], count[sl], seed[sl], threshold[sl], bits[sl], p, width, step << 32, m.stride(0),
-            BLOCK_D=BLOCK_D, num_warps=4)
+    bits = torch.empty(B, layout.words(width), d_max, device=m.device, dtype=torch.int32)
+    layout.launch(_mask_kernel, layout.cdiv(d_max, BLOCK_D), B, (m, n, count, seed, threshold, bits), p, width,
+                  step << 32, m.stride(0), BLOCK_D=BLOCK_D, num_warps=4)
     return bits, inv_keep

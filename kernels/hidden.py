@@ -1,50 +1,37 @@
-"""The hidden layer of one tile, recomputed wherever a kernel needs it, and the precision-selecting dot.
+"""The @triton.jit pieces the step's kernels share: the hidden layer of one tile, recomputed wherever a kernel
+needs it, the precision-selecting dot, the forward's output chunk and loss head, and the backward's G tile and dS.
 
-    pre[d, k] = U[b, m_d, k] + V[b, n_d, k]                  one-hot first layer = two row gathers (from memory,
-                                                             or from a block's rows on chip: gathered_preactivation)
+    pre[d, k] = U[b, m_d, k] + V[b, n_d, k]                  one-hot first layer = two row gathers
     pre       = pre * keep[d, k] / (1 - rate)                 dropout, keep: the step's mask bits (kernels/dropout.py)
     h         = pre^2 (quad) or max(pre, 0) (relu)
 
 The dropout mask is a pure function of (model seed, step, pair m_d p + n_d, neuron k), drawn once a step into bits
-that the forward and the backward read (kernels/dropout.py).
+that the forward and the backward read (kernels/dropout.py). Sizes and layouts on the host: kernels/layout.py.
 """
 
 import triton
 import triton.language as tl
 
 ACT_CODES = {"quad": 0, "relu": 1}
-# Rows of U and V (and of dU, dV) that one block of the (m, n) table spans at most: the "block" example order
-# (kernels/backward.py block_order) groups each model's examples by blocks of block_side(p) x block_side(p) pairs.
-BLOCK_WINDOW = 32
 LOSS_CODES = {"mse": 0, "ce": 1}
-
-
-def alignment(*sizes: int, most: int = 16) -> int:
-    """The largest power of two, up to `most`, that divides every one of `sizes` (row lengths and strides, in
-    elements): a kernel told it (through `aligned`) loads and stores rows in 16-byte vectors."""
-    align = most
-    while align > 1 and any(size % align for size in sizes):
-        align //= 2
-    return align
-
-
-def block_side(p: int) -> int:
-    """Side of the square blocks of the (m, n) table the "block" order walks: as even as possible, at most
-    BLOCK_WINDOW (p 97: 4 x 4 blocks of 25)."""
-    return triton.cdiv(p, triton.cdiv(p, BLOCK_WINDOW))
-
-
-def block_count(p: int) -> int:
-    """Blocks along each side of the (m, n) table."""
-    return triton.cdiv(p, block_side(p))
 
 
 @triton.jit
 def aligned(x, ALIGN: tl.constexpr):
-    """x, a multiple of ALIGN (the host checked, `alignment`), written so that the compiler sees it is one. It
+    """x, a multiple of ALIGN (the host checked, layout.alignment), written so that the compiler sees it is one. It
     learns divisibility from arithmetic, but from an integer argument only whether it is a multiple of 16: rows
     of N 500 or of p padded to 100 would otherwise be loaded one element at a time."""
     return x // ALIGN * ALIGN
+
+
+@triton.jit
+def aligned_rows(width, stride_ub, stride_up, stride_vb, stride_vp, stride_gb, stride_gd, ALIGN_N: tl.constexpr,
+                 ALIGN_P: tl.constexpr):
+    """N and the strides of U, V (and of dU, dV) as multiples of ALIGN_N, G's as multiples of ALIGN_P (`aligned`):
+    rows of N and of G's padded p are 16-byte aligned wherever the host found them so."""
+    return (aligned(width, ALIGN_N), aligned(stride_ub, ALIGN_N), aligned(stride_up, ALIGN_N),
+            aligned(stride_vb, ALIGN_N), aligned(stride_vp, ALIGN_N), aligned(stride_gb, ALIGN_P),
+            aligned(stride_gd, ALIGN_P))
 
 
 @triton.jit
@@ -58,16 +45,43 @@ def dot(a, b, PRECISION: tl.constexpr):
         return tl.dot(a, b, input_precision=PRECISION)
 
 
-def words(width: int) -> int:
-    """32-bit words of one example's dropout mask (kernels/dropout.py)."""
-    return triton.cdiv(width, 32)
-
-
 @triton.jit
 def model_bits(BITS, b, width, stride):
     """Model b's dropout mask bits in BITS (B, words, Dmax): word w of its slot d at model_bits + w stride + d. The
     one place that layout is written: the mask kernel stores through it, the forward and backward read."""
     return BITS + b * tl.cdiv(width, 32) * stride
+
+
+@triton.jit
+def model_constants(COUNT, INV_KEEP, BITS, width, stride_ib, DROPOUT: tl.constexpr):
+    """The program's model b (grid axis 1), its example count, and with DROPOUT its factor 1 / (1 - rate) and
+    mask bits (model_bits); without, the count and BITS stand in for the two (unused)."""
+    b = tl.program_id(1).to(tl.int64)
+    count = tl.load(COUNT + b)
+    inv_keep = count
+    if DROPOUT:
+        inv_keep = tl.load(INV_KEEP + b)
+        BITS = model_bits(BITS, b, width, stride_ib)
+    return b, count, inv_keep, BITS
+
+
+@triton.jit
+def neuron_chunk(width, BLOCK_N: tl.constexpr):
+    """The program's chunk of BLOCK_N neurons (grid axis 0): its first neuron k0, offs_k and mask_k (k < N)."""
+    k0 = tl.program_id(0) * BLOCK_N
+    offs_k = k0 + tl.arange(0, BLOCK_N)
+    return k0, offs_k, offs_k < width
+
+
+@triton.jit
+def tile_slots(M, N_, d0, end, BLOCK_D: tl.constexpr):
+    """Slots [d0, d0 + BLOCK_D) of one model's examples (M, N_: its row of indices), those before `end` valid:
+    offs_d, mask_d and the rows m, n of U and V they read."""
+    offs_d = d0 + tl.arange(0, BLOCK_D)
+    mask_d = offs_d < end
+    m = tl.load(M + offs_d, mask=mask_d, other=0)
+    n = tl.load(N_ + offs_d, mask=mask_d, other=0)
+    return offs_d, mask_d, m, n
 
 
 @triton.jit
@@ -96,43 +110,6 @@ def preactivation(U, V, m, n, k, mask, stride_up, stride_vp):
 
 
 @triton.jit
-def block_span(BLOCKS, j, p, side):
-    """Block j of the "block" order (BLOCKS: one model's block_order offsets): its slots [start, end) and its
-    first rows of U (row_m) and V (row_n); blocks run row by row over the (m, n) table."""
-    blocks = tl.cdiv(p, side)
-    return tl.load(BLOCKS + j), tl.load(BLOCKS + j + 1), (j // blocks) * side, (j % blocks) * side
-
-
-@triton.jit
-def block_rows(U, row0, k, mask_k, p, side, stride, WINDOW: tl.constexpr, TRANSPOSED: tl.constexpr):
-    """Rows [row0, row0 + side) of U (one model's) at neurons k, one block's rows in the "block" order: a
-    (WINDOW, K) tile, or (K, WINDOW) if TRANSPOSED (k then (K, 1), else (1, K)); rows past the block or p are 0."""
-    offs_w = tl.arange(0, WINDOW)
-    inside = (offs_w < side) & (row0 + offs_w < p)
-    if TRANSPOSED:
-        return tl.load(U + (row0 + offs_w)[None, :] * stride + k, mask=mask_k & inside[None, :], other=0.0)
-    else:
-        return tl.load(U + (row0 + offs_w)[:, None] * stride + k, mask=inside[:, None] & mask_k, other=0.0)
-
-
-@triton.jit
-def gathered_preactivation(u, v, m, n, row_m, row_n, k, mask, WINDOW: tl.constexpr, TRANSPOSED: tl.constexpr):
-    """`preactivation` of a tile inside one block of the (m, n) table, from the block's rows of U and V
-    (`block_rows` from row_m and row_n): each example's row is gathered on chip instead of loaded from memory on
-    its own, so a tile of 64 examples reads 2 x 25 rows (p 97) instead of 2 x 64, and the backward, whose
-    neurons stay fixed over a block, reads them once per block. Tiles are (D, K) with m, n (D, 1) and k (1, K);
-    TRANSPOSED: (K, D), m, n (1, D), k (K, 1). mask: the tile's valid entries."""
-    # each example's row in the window, broadcast to the tile's shape (k * 0) and kept inside it on masked slots
-    at_m = tl.minimum(tl.maximum(m - row_m, 0), WINDOW - 1) + k * 0
-    at_n = tl.minimum(tl.maximum(n - row_n, 0), WINDOW - 1) + k * 0
-    if TRANSPOSED:
-        pre = tl.gather(u, at_m, 1) + tl.gather(v, at_n, 1)
-    else:
-        pre = tl.gather(u, at_m, 0) + tl.gather(v, at_n, 0)
-    return tl.where(mask, pre, 0.0)
-
-
-@triton.jit
 def activation(pre, ACT: tl.constexpr):
     if ACT == 0:
         return pre * pre
@@ -142,8 +119,64 @@ def activation(pre, ACT: tl.constexpr):
 
 @triton.jit
 def activation_grad(pre, ACT: tl.constexpr):
-    """phi'(pre); 0 at pre 0 for both activations, which the backward's dropout relies on (kernels/backward.py)."""
+    """phi'(pre); 0 at pre 0 for both activations, which the backward's dropout relies on (hidden_grad)."""
     if ACT == 0:
         return 2.0 * pre
     else:
         return tl.where(pre > 0.0, 1.0, 0.0)
+
+
+@triton.jit
+def output_chunk(h, WT, offs_p, mask_p, offs_k, stride_tp, PRECISION: tl.constexpr):
+    """h @ W[b, k, :] for one chunk of neurons offs_k, h (D, K): W's rows from the forward's transposed copy WT
+    (model b's); its padding is zero, so no mask on k < width."""
+    w_t = tl.load(WT + offs_p[:, None] * stride_tp + offs_k[None, :],
+                  mask=mask_p[:, None] & (offs_k < stride_tp)[None, :], other=0.0)
+    return dot(h, tl.trans(w_t), PRECISION)
+
+
+@triton.jit
+def loss_head(out, y, offs_d, mask_d, offs_p, mask_p, p, count, LOSS, G, PRED, stride_gd, LOSS_KIND: tl.constexpr,
+              TRAIN: tl.constexpr):
+    """From the outputs out (D, P) of slots offs_d and their labels y: each example's loss into LOSS, and in
+    training its output gradient into G (rows of stride_gd), else its prediction into PRED (LOSS, G, PRED: model
+    b's). MSE: mean_q (out - onehot(y))^2 and 2 (out - onehot(y)) / (p count); CE: logsumexp(out) - out[y] and
+    (softmax(out) - onehot(y)) / count."""
+    target = tl.where(offs_p[None, :] == y[:, None], 1.0, 0.0)
+    if LOSS_KIND == 0:
+        diff = tl.where(mask_p[None, :], out - target, 0.0)
+        loss = tl.sum(diff * diff, axis=1) / p
+        grad = diff * (2.0 / (p * count.to(tl.float32)))
+    else:
+        logits = tl.where(mask_p[None, :], out, float("-inf"))
+        shifted = logits - tl.max(logits, axis=1)[:, None]
+        e = tl.exp(shifted)
+        total = tl.sum(e, axis=1)
+        loss = tl.log(total) - tl.sum(tl.where(target > 0, shifted, 0.0), axis=1)
+        grad = (e / total[:, None] - target) / count.to(tl.float32)
+    tl.store(LOSS + offs_d, loss, mask=mask_d)
+    if TRAIN:  # the whole padded row: grad is 0 past p, so the backward reads G without a mask on p
+        tl.store(G + offs_d[:, None] * stride_gd + offs_p[None, :], grad.to(G.dtype.element_ty),
+                 mask=mask_d[:, None] & (offs_p < stride_gd)[None, :])
+    else:
+        pred = tl.argmax(tl.where(mask_p[None, :], out, float("-inf")), axis=1)
+        tl.store(PRED + offs_d, pred.to(tl.int32), mask=mask_d)
+
+
+@triton.jit
+def g_tile(G, offs_d, mask_d, offs_p, stride_gd):
+    """G's rows offs_d (model b's G), (D, P). They are zero past p up to their padded length stride_gd, so the mask
+    on p can be one the compiler sees is constant over 16-byte vectors."""
+    return tl.load(G + offs_d[:, None] * stride_gd + offs_p[None, :],
+                   mask=mask_d[:, None] & (offs_p < stride_gd)[None, :], other=0.0)
+
+
+@triton.jit
+def hidden_grad(d_h, pre, mask, inv_keep, ACT: tl.constexpr, DROPOUT: tl.constexpr):
+    """dS = dL/dh phi'(pre) times the dropout factor, zero outside `mask`. A dropped unit's pre is 0, where both
+    activations' derivative is 0 already, so only the kept units' 1 / (1 - rate) is left to apply: a scalar (no
+    mask tile kept across the dots). Masked neurons have zero rows of W, so their dS is zero already."""
+    d_s = d_h * activation_grad(pre, ACT)
+    if DROPOUT:
+        d_s = d_s * inv_keep
+    return tl.where(mask, d_s, 0.0)

@@ -9,7 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
-from fastgrok.kernels.hidden import aligned, alignment
+from fastgrok.kernels.hidden import aligned
+from fastgrok.kernels.layout import alignment
 from fastgrok.optim import OPTIMIZER_CODES, coefficients
 
 

@@ -11,8 +11,9 @@ from compare import assert_close
 from philox import dropout_mask
 
 from fastgrok import reference
-from fastgrok.backends import TritonBackend
-from fastgrok.families.mlp import grads
+from fastgrok.bench import TRITON_STEPS
+from fastgrok.families import mlp as one_hot
+from fastgrok.families.mlp_triton import TritonBackend
 from fastgrok.config import Hyper, Settings
 from fastgrok.population import Population
 
@@ -41,7 +42,7 @@ def test_one_step_at_real_size_matches_reference(scatter, width, models):
         mask = dropout_mask(int(pop.dropout_seed[b]), 0, h.dropout, pairs, width) if h.dropout else None
         value = reference.train_step(mlp, opt, *(t[b, :d].cpu() for t in (pop.train_m, pop.train_n, pop.train_y)), "mse", mask)
         refs[b] = (mlp, value)
-    losses = TritonBackend("fp32", scatter=scatter).step(pop)
+    losses = TRITON_STEPS[scatter]("fp32").step(pop)
     for b, (mlp, value) in refs.items():
         assert_close(f"loss[{b}]", losses[b], torch.tensor(value))
         for name, ours, theirs in (("U", pop.U[b], mlp.U.T), ("V", pop.V[b], mlp.V.T), ("W", pop.W[b], mlp.W.T)):
@@ -66,7 +67,7 @@ def test_torch_backend_with_batchnorm_and_minibatches_at_real_size():
     batches = lambda b, t: [x[b, : int(pop.D[b])].cpu()[batch_slots(hypers[b].seed, int(pop.D[b]), 256, t)]  # noqa: E731
                             for x in (pop.train_m, pop.train_n, pop.train_y)]
     m, n, y, valid, D = pop.batch()
-    ours = grads(pop.U, pop.V, pop.W, m, n, y, valid, D, None, "quad", "mse", (pop.bn_weight, pop.bn_bias))[1:6]
+    ours = one_hot.grads(pop.U, pop.V, pop.W, m, n, y, valid, D, None, "quad", "mse", (pop.bn_weight, pop.bn_bias))[1:6]
     for b in picks:
         grads = {}
         for dtype in (torch.float32, torch.float64):
@@ -135,51 +136,48 @@ def test_torch_backend_outputs_padded_to_8_change_nothing(monkeypatch, loss):
 
 @pytest.mark.parametrize("scatter", ["window", "block"])
 def test_deterministic_and_together_equals_alone_at_real_size(scatter):
+    """Two runs of 1024 models give the same bits, and models 7 (dropout) and 800 trained alone the same losses at
+    every step and the same U, V, W as in the population."""
     hypers = grid()
-    runs = []
-    for _ in range(2):
-        pop = Population(hypers, Settings(p=P), "cuda")
-        engine = TritonBackend("tf32", scatter=scatter)
-        for _ in range(3):
-            engine.step(pop)
-        runs.append(pop)
+
+    def train(hs):
+        pop, engine = Population(hs, Settings(p=P), "cuda"), TRITON_STEPS[scatter]("tf32")
+        return pop, torch.stack([engine.step(pop) for _ in range(3)])
+
+    (pop, losses), (again, losses_again) = train(hypers), train(hypers)
+    assert torch.equal(losses, losses_again)
     for name in ("U", "V", "W"):
-        assert torch.equal(getattr(runs[0], name), getattr(runs[1], name)), name
+        assert torch.equal(getattr(pop, name), getattr(again, name)), name
     for b in (7, 800):
-        alone = Population([hypers[b]], Settings(p=P), "cuda")
-        engine = TritonBackend("tf32", scatter=scatter)
-        for _ in range(3):
-            engine.step(alone)
-        assert torch.equal(runs[0].U[b], alone.U[0])
+        alone, alone_losses = train([hypers[b]])
+        assert torch.equal(losses[:, b], alone_losses[:, 0]), f"losses[{b}]"
+        for name in ("U", "V", "W"):
+            assert torch.equal(getattr(pop, name)[b], getattr(alone, name)[0]), f"{name}[{b}]"
 
 
 @pytest.mark.parametrize("scatter", ["window", "block"])
 @pytest.mark.parametrize("precision", ["tf32", "tf32x3", "bf16"])
 def test_low_precision_by_the_error_ratio_rule(precision, scatter):
     assert_gradients_by_the_error_ratio_rule(Population(grid(models=64), Settings(p=P), "cuda"),
-                                             TritonBackend(precision, scatter=scatter))
+                                             TRITON_STEPS[scatter](precision))
 
 
 @pytest.mark.parametrize("scatter", ["window", "block"])
 def test_bf16_backward_reads_g_stored_in_bf16_as_it_would_round_fp32_g(scatter):
-    """In bf16 the forward stores G in bf16 (kernels/forward.py g_dtype), which is exact only if the backward's
+    """In bf16 the forward stores G in bf16 (kernels/layout.py g_dtype), which is exact only if the backward's
     dots round an fp32 G to the same bf16 numbers torch's round-to-nearest-even gives: bit for bit the same
     gradients from an fp32 G and from its bf16 copy in the forward's padded rows."""
-    from fastgrok.kernels.backward import backward
-    from fastgrok.kernels.forward import g_row
+    from fastgrok.kernels.layout import g_row
 
     pop = Population(grid(models=64), Settings(p=P), "cuda")
-    engine = TritonBackend("bf16", scatter=scatter)
+    engine = TRITON_STEPS[scatter]("bf16")
     data = engine.step_data(pop)
     G = engine.forward(pop, data)[1]
     assert G.dtype == torch.bfloat16 and G.stride(1) == g_row(P, "bf16") == 104
     g32 = torch.randn(G.shape, device="cuda", generator=torch.Generator("cuda").manual_seed(0)) * 1e-3
     g16 = torch.zeros(*G.shape[:2], g_row(P, "bf16"), device="cuda", dtype=torch.bfloat16)
     g16[..., :P] = g32
-    kw = dict(act=0, precision="bf16", dropout=data["masks"], fused=engine.fused, scatter=scatter,
-              blocks=data["blocks"], **engine.backward_tiles)
-    args = (pop.U, pop.V, pop.W, data["m"], data["n"], data["count"])
-    for name, a, b in zip(("dU", "dV", "dW"), backward(*args, g32, **kw), backward(*args, g16[..., :P], **kw)):
+    for name, a, b in zip(("dU", "dV", "dW"), engine.backward(pop, data, g32), engine.backward(pop, data, g16[..., :P])):
         assert torch.equal(a, b), name
 
 
@@ -187,7 +185,7 @@ def test_bf16_backward_reads_g_stored_in_bf16_as_it_would_round_fp32_g(scatter):
 @pytest.mark.parametrize("precision", ["fp32", "tf32", "tf32x3", "bf16"])
 def test_p_above_128_launches_in_every_precision(precision, p):
     """p 131 and 300 pad to P 256 and 512 inside the kernels, where the launchers shrink the tiles to fit shared
-    memory (kernels/forward.py fit): without that the default tf32 backward at p 300 asked for 400 KB of the
+    memory (kernels/layout.py fit): without that the default tf32 backward at p 300 asked for 400 KB of the
     H100's 227 KB and could not launch. Gradients by the error-ratio rule (fp32: against torch in fp32)."""
     assert_gradients_by_the_error_ratio_rule(Population(grid(models=16), Settings(p=p), "cuda"), TritonBackend(precision))
 
@@ -198,13 +196,13 @@ def assert_gradients_by_the_error_ratio_rule(pop, engine):
     data["masks"] = None  # the reference below has no dropout
     ours = engine.backward(pop, data, engine.forward(pop, data)[1])
     args = (pop.train_m, pop.train_n, pop.train_y, pop.valid, data["D"].double(), None, "quad", "mse")
-    ref64 = grads(*(t.double() for t in (pop.U, pop.V, pop.W)), *args)[1:]
+    ref64 = one_hot.grads(*(t.double() for t in (pop.U, pop.V, pop.W)), *args)[1:]
     old = torch.backends.cuda.matmul.allow_tf32
     try:
         # torch's closest to tf32x3 is fp32
         torch.backends.cuda.matmul.allow_tf32 = precision in ("tf32", "bf16")
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16"):
-            same = grads(pop.U, pop.V, pop.W, *args[:4], data["D"], None, "quad", "mse")[1:]
+            same = one_hot.grads(pop.U, pop.V, pop.W, *args[:4], data["D"], None, "quad", "mse")[1:]
     finally:
         torch.backends.cuda.matmul.allow_tf32 = old
     for name, x, t, r in zip(("dU", "dV", "dW"), ours, same, ref64):

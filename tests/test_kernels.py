@@ -10,7 +10,9 @@ from compare import assert_close  # noqa: E402
 from philox import dropout_mask  # noqa: E402
 
 from fastgrok import reference  # noqa: E402
-from fastgrok.backends import TorchBackend, TritonBackend  # noqa: E402
+from fastgrok.backends import TorchBackend  # noqa: E402
+from fastgrok.families.mlp_triton import TritonBackend  # noqa: E402
+from fastgrok.bench import TRITON_STEPS, TritonBlockBackend  # noqa: E402
 from fastgrok.config import Hyper, Settings  # noqa: E402
 from fastgrok.data import batch_slots  # noqa: E402
 from fastgrok.population import Population  # noqa: E402
@@ -65,7 +67,7 @@ def test_one_step_matches_reference(act, loss, optimizer):
                                  loss=LOSS_CODES[loss], precision="fp32", train=True, dropout=data["masks"])
     grads = {"window": backward(pop.U, pop.V, pop.W, data["m"], data["n"], data["count"], G, act=ACT_CODES[act],
                                 precision="fp32", dropout=data["masks"])}
-    block = TritonBackend("fp32", scatter="block")  # its own example order, so its own forward
+    block = TritonBlockBackend("fp32")  # its own example order, so its own forward
     block_data = block.step_data(pop)
     grads["block"] = block.backward(pop, block_data, block.forward(pop, block_data)[1])
     for b, (mlp, opt, m, n, y) in enumerate(ref.models):
@@ -111,7 +113,7 @@ def test_minibatch_trajectory_with_dropout_matches_reference(scatter):
     bs = 8
     pop = Population(hypers(), Settings(p=P, batch_size=bs), DEVICE)
     ref = Reference(pop)
-    engine = TritonBackend("fp32", scatter=scatter)
+    engine = TRITON_STEPS[scatter]("fp32")
     for t in range(12):
         losses = engine.step(pop)
         for b, (mlp, opt, m, n, y) in enumerate(ref.models):
@@ -127,8 +129,9 @@ def test_minibatch_trajectory_with_dropout_matches_reference(scatter):
 
 
 def run(hs, steps, settings=None, fused=False, scatter="window"):
+    """pop after `steps` steps of the Triton step with this scatter (fastgrok.bench.TRITON_STEPS)."""
     pop = Population(hs, settings or Settings(p=P), DEVICE)
-    engine = TritonBackend("fp32", fused=fused, scatter=scatter)
+    engine = TRITON_STEPS[scatter]("fp32", fused=fused)
     for _ in range(steps):
         engine.step(pop)
     return pop
@@ -199,9 +202,10 @@ def test_tile_sizes_do_not_change_the_gradients(block_d, block_n):
 
 def test_p_above_128_shrinks_the_tiles_and_still_matches_reference():
     """p 131 pads to P 256 inside the kernels, where the launchers halve the tiles to fit shared memory
-    (kernels/forward.py fit; tests/test_kernel_compile.py checks the fit): one step with dropout, as reference.py.
+    (kernels/layout.py fit; tests/test_kernel_compile.py checks the fit): one step with dropout, as reference.py.
     A larger p than the other interpreter tests, with few examples (alpha 0.02, 0.03) to stay quick."""
-    from fastgrok.kernels.forward import TILES, fit
+    from fastgrok.kernels.forward import TILES
+    from fastgrok.kernels.layout import fit
 
     assert fit(TILES["block_d"], TILES["block_n"], 131) == (TILES["block_d"] // 2, TILES["block_n"] // 2)
     pop = Population([Hyper(xi=0.2, alpha=0.02, width=20, seed=1),
@@ -220,8 +224,8 @@ def test_p_above_128_shrinks_the_tiles_and_still_matches_reference():
     DEVICE == "cpu", reason="the interpreter has no bf16 dots"))])
 def test_memory_estimate_covers_what_a_triton_step_holds(precision):
     from fastgrok.data import task_table
-    from fastgrok.kernels.dropout import words
-    from fastgrok.kernels.forward import forward, g_row, transposed_weights
+    from fastgrok.kernels.forward import forward, transposed_weights
+    from fastgrok.kernels.layout import g_row, words
     from fastgrok.planner import bytes_per_model
 
     pop = Population(hypers(), Settings(p=P), DEVICE)
@@ -239,8 +243,8 @@ def test_memory_estimate_covers_what_a_triton_step_holds(precision):
     num_pairs = task_table("add", P)[2].numel()
     estimate = bytes_per_model(Settings(p=P), WIDTH, pop.train_m.shape[1], num_pairs, engine, dropout=True)
     assert used <= estimate <= 1.5 * used, (used, estimate)
-    # one more example costs its row of G as the kernels pad it (population.py writes g_row out: no triton there),
-    # its loss and three int32 indices (4 x 4 B), and its int64 training indices, label and valid flag (25 B);
+    # one more example costs its row of G as the kernels pad it (kernels/layout.py g_row), its loss and three int32
+    # indices (4 x 4 B), and its int64 training indices, label and valid flag (25 B);
     # with dropout its mask bits, a 4-byte word per 32 neurons (kernels/dropout.py)
     for p in (13, 97, 131):
         for precision, size in (("fp32", 4), ("bf16", 2)):
@@ -258,8 +262,9 @@ def test_rows_in_memory_are_padded_to_16_bytes_with_zeros():
     """The kernels move rows in 16-byte vectors: alignment() must be exact (the kernels round their sizes down to
     it), the forward's copy of W must hold W and zeros, and G's padding past p must be written as zeros, since the
     backward reads it without a mask on p."""
-    from fastgrok.kernels.forward import forward, g_row, transposed_weights
-    from fastgrok.kernels.hidden import LOSS_CODES, alignment
+    from fastgrok.kernels.forward import forward, transposed_weights
+    from fastgrok.kernels.hidden import LOSS_CODES
+    from fastgrok.kernels.layout import alignment, g_row
 
     assert [alignment(500, 97 * 500), alignment(512, 97 * 512), alignment(97), alignment(100, 4704 * 100)] == [4, 16, 1, 4]
     assert [g_row(97), g_row(97, "bf16"), g_row(8, "bf16"), g_row(13)] == [100, 104, 8, 16]
@@ -279,19 +284,22 @@ def test_rows_in_memory_are_padded_to_16_bytes_with_zeros():
             assert G[b, :count].abs().sum() > 0 and not rows[b, :count, P:].any(), (loss, b)
 
 
-def test_populations_larger_than_one_grid_axis_are_launched_in_slices(monkeypatch):
-    import fastgrok.kernels.forward as forward_module
+@pytest.mark.parametrize("scatter", ["window", "block"])
+def test_populations_larger_than_one_grid_axis_are_launched_in_slices(monkeypatch, scatter):
+    """Every launch (dropout masks, forward, backward, evaluation) goes through layout.launch, which slices the
+    population at MAX_GRID_Y models: with 2, three models take two launches of each kernel."""
+    from fastgrok.kernels import layout
 
-    expected = run(hypers(), 2)
-    monkeypatch.setattr(forward_module, "MAX_GRID_Y", 2)  # CUDA allows 65535 models per launch; here 2
-    sliced = run(hypers(), 2)
+    expected = run(hypers(), 2, scatter=scatter)
+    monkeypatch.setattr(layout, "MAX_GRID_Y", 2)  # CUDA allows 65535 models per launch; here 2
+    sliced = run(hypers(), 2, scatter=scatter)
     for name in ("U", "V", "W"):
         assert torch.equal(getattr(sliced, name), getattr(expected, name)), name
     assert torch.equal(sliced.evaluate(TritonBackend("fp32"))["test_acc"], expected.evaluate(TritonBackend("fp32"))["test_acc"])
 
 
 def test_tile_order_keeps_the_windowed_scatter_to_a_few_windows_per_tile():
-    """The FLOP saving bench/NOTES.md predicts: at p 97, alpha 0.5, a tile of 32 examples in tile order spans
+    """The FLOP saving docs/performance.md predicts: at p 97, alpha 0.5, a tile of 32 examples in tile order spans
     about 2.5 windows of 16 rows of dU and dV together, against 2 x 128 / 16 = 16 for the full one-hot dots."""
     from fastgrok.kernels.backward import tile_order
 
@@ -333,8 +341,11 @@ def test_block_scatter_and_forward_match_over_many_and_empty_blocks():
     """p 37: 2 x 2 blocks of 19 rows. Model 0 has examples everywhere (several tiles of 16 per block), model 1 only
     in the first block (three blocks empty), model 2 none; dropout on, 23 neurons in chunks of 16 (some masked).
     The block scatter against the windowed one, the block forward against the per-example one."""
-    from fastgrok.kernels.backward import backward, block_count, block_order, block_side
+    from fastgrok.kernels import block
+    from fastgrok.kernels.backward import backward
+    from fastgrok.kernels.block import block_count, block_order, block_side
     from fastgrok.kernels.dropout import masks
+    from fastgrok.kernels.forward import forward
 
     p, width, d_max = 37, 23, 300
     assert (block_side(p), block_count(p)) == (19, 2)
@@ -368,8 +379,8 @@ def test_block_scatter_and_forward_match_over_many_and_empty_blocks():
     runs = [("fp32", False, True, 16), ("fp32", True, True, 16), ("fp32", True, True, 128)]
     runs += [("tf32", True, True, 16), ("tf32", True, False, 16)] if DEVICE == "cpu" else []
     for precision, fused, g_twice, block_n in runs:
-        ours = backward(U, V, W, m, n, count, G, act=1, precision=precision, dropout=dropout,
-                        scatter="block", blocks=blocks, fused=fused, g_twice=g_twice, **{**tiles, "block_n": block_n})
+        ours = block.backward(U, V, W, m, n, count, G, blocks, act=1, precision=precision, dropout=dropout,
+                              fused=fused, g_twice=g_twice, **{**tiles, "block_n": block_n})
         for name, a, b in zip(("dU", "dV", "dW"), ours, expected):
             # the same sums in another order: rounding relative to the largest terms
             assert_close(f"{name} (block scatter, {precision}, fused {fused}, G twice {g_twice}, {block_n} neurons)",
@@ -378,13 +389,11 @@ def test_block_scatter_and_forward_match_over_many_and_empty_blocks():
 
     # the forward walks the same blocks, reading U, V rows from a window per block: the same losses, G and
     # predictions as one load per example (the window holds the rows, exactly), on the valid slots
-    from fastgrok.kernels.forward import forward
-
     y = torch.randint(0, p, m.shape, generator=gen).int().to(DEVICE)
     valid = valid.to(DEVICE)
     for train, loss in ((True, 0), (True, 1), (False, 0)):
         kw = dict(act=0, loss=loss, precision="fp32", train=train, dropout=dropout if train else None, **tiles)
-        for name, a, b in zip(("loss", "G", "pred"), forward(U, V, W, m, n, y, count, blocks=blocks, **kw),
+        for name, a, b in zip(("loss", "G", "pred"), block.forward(U, V, W, m, n, y, count, blocks, **kw),
                               forward(U, V, W, m, n, y, count, **kw)):
             if b is not None:
                 assert_close(f"{name} (block forward, train {train}, loss {loss})", a[valid], b[valid], atol=1e-6)
@@ -395,7 +404,8 @@ def test_dropout_masks_are_the_philox_draws_of_each_pair_and_neuron(width):
     """The step's masks, drawn once into bits (kernels/dropout.py): bit k % 32 of word k // 32 of slot d is
     tests/philox.py's draw for pair m_d p + n_d and neuron k, at widths that end inside a word (23, 70) or on one
     (64), for rates 0 (all kept), 0.25 and 0.9, on every slot a model has."""
-    from fastgrok.kernels.dropout import masks, words
+    from fastgrok.kernels.dropout import masks
+    from fastgrok.kernels.layout import words
 
     gen = torch.Generator().manual_seed(width)
     p, d_max, count = 11, 40, torch.tensor([40, 7, 0])

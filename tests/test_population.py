@@ -141,7 +141,8 @@ def test_minibatch_and_batchnorm_settings_are_checked():
         Population(mixed_hypers(), Settings(p=P, batch_size=70))
     with pytest.raises(ConfigError, match="at least 2 with BatchNorm"):
         Settings(p=P, batch_size=1, batchnorm=True).check()
-    from fastgrok.backends import TritonBackend, make_backend
+    from fastgrok.backends import make_backend
+    from fastgrok.families.mlp_triton import TritonBackend
 
     with pytest.raises(ConfigError, match="BatchNorm runs on --backend torch"):
         TritonBackend().check(Settings(batchnorm=True))
@@ -151,7 +152,8 @@ def test_minibatch_and_batchnorm_settings_are_checked():
 
 def test_auto_takes_torch_for_a_p_the_kernels_do_not_take():
     """The kernels take p up to TritonBackend.MAX_P; above it auto trains on torch (any p), triton is refused."""
-    from fastgrok.backends import TritonBackend, make_backend
+    from fastgrok.backends import make_backend
+    from fastgrok.families.mlp_triton import TritonBackend
     from fastgrok.bench import check_variant
 
     cuda, big = torch.device("cuda"), Settings(p=TritonBackend.MAX_P + 1)

@@ -137,7 +137,7 @@ class OneHotMLP(Family):
 
     @property
     def fused(self) -> dict:
-        from fastgrok.backends import TritonBackend
+        from fastgrok.families.mlp_triton import TritonBackend
 
         return {"triton": TritonBackend}
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU measurements issue 3 owes, in stages that each fit one device call (10 minutes):
+# The GPU measurements owed (docs/performance.md), in stages that each fit one device call (10 minutes):
 #   bash bench/gpu_session.sh tests      GPU parity tests + kernel tests on CUDA
 #   bash bench/gpu_session.sh bench      fastgrok bench: every variant but torch.compile, N 128/512/2048, B 1..max
 #   bash bench/gpu_session.sh compiled   the torch.compile baseline alone (its compiles take minutes)
@@ -16,7 +16,7 @@
 # PRECISION (profile, ncu, e2e), SCATTER (profile: a comma list, default window,block; ncu: one, default window;
 # fastgrok/bench.py TRITON_STEPS), DROPOUT (profile: every model's rate; the masks kernel is timed too), WIDTHS
 # (bench, profile), MODELS and VARIANTS (bench) pick what they run.
-# e2e and dropout also make issue 4's paper-scale phase diagrams (phase, ipr with its spectra, test90_step); their PNGs, tables and logs
+# e2e and dropout also make the paper-scale phase diagrams (phase, ipr with its spectra, test90_step); their PNGs, tables and logs
 # come back as $OUT/<stage>.tar.gz (no weights). Several stages go in one call, each with a time limit:
 #   bash bench/gpu_session.sh tests:230 sweep:150 precision:170
 # (a machine stays warm only 30 s after a call; a fresh one took about 30 s to start on 2026-11-22).
@@ -43,7 +43,7 @@ case "$1" in
   bench) fastgrok bench --width "${WIDTHS:-512,128,2048}" --models "${MODELS:-1,64,1024,max}" \
            --variants "${VARIANTS:-torch,torch-tf32,triton-fp32,triton-tf32,triton-tf32x3,triton-bf16,triton-tf32-block,triton-bf16-block}" \
            --out "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"
-         python3 bench/plot_bench.py "$OUT/bench.json" | tee -a "$OUT/bench.log" ;;  # bench.png with issue 3's targets, their table
+         python3 bench/plot_bench.py "$OUT/bench.json" | tee -a "$OUT/bench.log" ;;  # bench.png with the H100 targets, their table
   compiled) fastgrok bench --width 128,512,2048 --models 1024 --variants torch-compile --out "$OUT/bench-compiled.json" 2>&1 | tee "$OUT/bench-compiled.log" ;;
   precision) python3 bench/validate_precision.py --out "$OUT/precision.json" 2>&1 | tee "$OUT/precision.log" ;;
   e2e|dropout)

@@ -1,7 +1,7 @@
-"""Draw a `fastgrok bench` JSON again (model-steps/s against population size, a panel per width), with issue 3's
-targets on one H100 dotted in, beside the JSON (bench.json -> bench.png), and print the tables the README's
-"Measured" section takes from it: each target against the best rate measured for it, and per width the best
-Triton variant against the best PyTorch one:
+"""Draw a `fastgrok bench` JSON again (model-steps/s against population size, a panel per width), with the
+targets on one H100 dotted in, beside the JSON (bench.json -> bench.png), and print the tables docs/performance.md
+takes from it: each target against the best rate measured for it, and per width the best Triton variant against
+the best PyTorch one:
 
     python bench/plot_bench.py bench/results/h100-2026-11-22/bench.json
 """
@@ -14,7 +14,7 @@ from pathlib import Path
 
 from fastgrok.plots import bench_throughput
 
-# issue 3, p 97, alpha 0.5, MSE, full-batch AdamW on one H100: (variant, N) -> model-steps/s
+# the targets on one H100 (docs/performance.md), p 97, alpha 0.5, MSE, full-batch AdamW: (variant, N) -> model-steps/s
 TARGETS = {("triton-tf32", 512): 150_000, ("triton-fp32", 512): 30_000, ("triton-bf16", 512): 250_000,
            ("triton-tf32", 128): 400_000, ("triton-tf32", 2048): 40_000}
 

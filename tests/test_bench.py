@@ -65,37 +65,53 @@ def test_a_variant_that_does_not_fit_is_reported_and_the_rest_still_measured(mon
     assert rows["torch-tf32"]["note"] == "does not fit" and rows["torch-tf32"]["model_steps_per_s"] == 0
 
 
-def test_sweep_summary_picks_the_defaults_the_h100_sweep_measured_fastest():
-    """bench/sweep_blocks.py --summary on the committed H100 sweep (2026-11-22) names the tiles kernels/*.py took
-    from it: forward 64 x 32 x 4 warps, one fused windowed backward launch at 64 x 64 x 4 warps."""
-    import subprocess
-    import sys
+def _bench_script(name: str):
+    import importlib.util
     from pathlib import Path
 
-    root = Path(__file__).resolve().parent.parent
-    result = subprocess.run([sys.executable, "bench/sweep_blocks.py", "--summary",
-                             "bench/results/h100-2026-11-22/sweep.json"], cwd=root, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    lines = {line.split(":")[0].strip(): line for line in result.stdout.splitlines()[1:]}
-    assert "36,749" in lines["backward window fused"]
-    assert "{'block_d': 64, 'block_n': 64, 'num_warps': 4}" in lines["backward window fused"]
-    assert "{'block_d': 64, 'block_n': 32, 'num_warps': 4}" in lines["forward window"]
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parent.parent / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_sweep_summary_keeps_the_fastest_configuration_of_each_kind():
+    """bench/sweep_blocks.py's summary of a sweep made up here: per kind (the forward in each example order, the
+    backward per scatter, fused or in two launches) the configuration with the most model-steps/s."""
+    sweep_blocks = _bench_script("sweep_blocks")
+    tiles = [{"block_d": d, "block_n": 32, "num_warps": 4} for d in (16, 32, 64)]
+    results = [{"forward_tiles": tiles[0], "model_steps_per_s": 10.0},
+               {"forward_tiles": tiles[1], "model_steps_per_s": 30.0},
+               {"forward_tiles": tiles[2], "scatter": "block", "model_steps_per_s": 50.0},
+               {"backward_tiles": tiles[0], "scatter": "window", "fused": True, "model_steps_per_s": 20.0},
+               {"backward_tiles": tiles[1], "scatter": "window", "fused": True, "model_steps_per_s": 5.0},
+               {"backward_tiles": tiles[2], "scatter": "window", "fused": False, "model_steps_per_s": 7.0}]
+    best = sweep_blocks.best(results)
+    assert {kind: r["model_steps_per_s"] for kind, r in best.items()} == {
+        "forward window": 30.0, "forward block": 50.0, "backward window fused": 20.0, "backward window two launches": 7.0}
+
+
+def test_the_kernels_defaults_are_the_fastest_tiles_the_h100_sweep_measured():
+    """kernels/forward.py TILES and the tf32 backward's default (one fused launch) are the configurations that ran
+    fastest in the committed H100 sweep (N 512, B 1024, tf32, 2026-11-22), read from its JSON here."""
+    import json
+    from pathlib import Path
+
     from fastgrok.kernels import backward, forward
-    assert forward.TILES == {"block_d": 64, "block_n": 32, "num_warps": 4}
-    assert backward.default_step("tf32") == (True, {"block_d": 64, "block_n": 64, "num_warps": 4})
+
+    sweep = json.loads((Path(__file__).resolve().parent.parent / "bench/results/h100-2026-11-22/sweep.json").read_text())
+    window = [r for r in sweep["results"] if r.get("scatter", "window") == "window"]
+    fastest_forward = max((r for r in window if "forward_tiles" in r), key=lambda r: r["model_steps_per_s"])
+    fastest_backward = max((r for r in window if "backward_tiles" in r), key=lambda r: r["model_steps_per_s"])
+    assert forward.TILES == fastest_forward["forward_tiles"]
+    assert backward.default_step("tf32") == (fastest_backward["fused"], fastest_backward["backward_tiles"])
 
 
 def test_the_targets_table_takes_each_variants_fastest_population_size():
     """bench/plot_bench.py's tables on a report made up here: each target against the fastest population size of
     its variant (a failed point, recorded at 0, never counts), a target with nothing measured said so, and per
     width the best Triton variant against the best PyTorch one beside the reference loop."""
-    import importlib.util
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parent.parent
-    spec = importlib.util.spec_from_file_location("plot_bench", root / "bench" / "plot_bench.py")
-    plot_bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(plot_bench)
+    plot_bench = _bench_script("plot_bench")
 
     def row(backend, models, rate):
         return {"backend": backend, "width": 512, "models": models, "model_steps_per_s": rate}

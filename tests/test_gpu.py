@@ -28,7 +28,7 @@ def grid(width=WIDTH, models=B):
 
 
 @pytest.mark.parametrize("scatter", ["window", "block"])
-@pytest.mark.parametrize("width, models", [(WIDTH, B), (8, 64), (4096, 16)])  # issue 3: widths 8 to 4096
+@pytest.mark.parametrize("width, models", [(WIDTH, B), (8, 64), (4096, 16)])  # widths 8 to 4096
 def test_one_step_at_real_size_matches_reference(scatter, width, models):
     hypers = grid(width, models)
     pop = Population(hypers, Settings(p=P), "cuda")

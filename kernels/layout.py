@@ -1,6 +1,6 @@
 """Host side of the Triton step: the layout of its buffers in memory, their sizes, the tiles' fit, and the one
-launch loop. Imports no triton, so that the memory planner (fastgrok/population.py) counts the kernels' bytes from
-the functions the launchers allocate with, on machines without triton too.
+launch loop. Imports no triton, so that the memory planner (fastgrok/planner.py, through the MLP's TritonBackend)
+counts the kernels' bytes from the functions the launchers allocate with, on machines without triton too.
 
     G      (B, Dmax, g_row(p))    the output gradient, g_dtype: rows of p padded with zeros to 16 bytes
     WT     (B, p, w_row(N))       the forward's transposed copy of W, w_dtype: rows of N padded with zeros to 16

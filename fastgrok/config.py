@@ -6,6 +6,7 @@ import itertools
 import math
 import numbers
 from dataclasses import asdict, dataclass, fields
+from fractions import Fraction
 
 import numpy as np
 
@@ -118,24 +119,40 @@ def parse_betas(text: str) -> tuple[float, float]:
     return betas
 
 
-def check_hyper(h: Hyper) -> None:
-    rules = {
-        "xi": (0.0 <= h.xi <= 1.0, "in [0, 1]"),
-        "alpha": (0.0 < h.alpha < 1.0, "in (0, 1)"),
-        "width": (h.width >= 1, "at least 1"),
-        "wd": (h.wd >= 0.0, "non-negative"),
-        "dropout": (0.0 <= h.dropout < 1.0, "in [0, 1)"),
-        "lr": (h.lr > 0.0, "positive"),
-        "seed": (h.seed >= 0, "non-negative"),
-    }
-    for axis, (ok, want) in rules.items():
-        value = getattr(h, axis)
-        if not ok or (isinstance(value, float) and not math.isfinite(value)):
-            raise ConfigError(f"--{axis} must be {want}, got {value}")
+# the values each grid axis takes, and how the command line says it
+AXIS_RULES = {
+    "xi": (lambda v: 0.0 <= v <= 1.0, "in [0, 1]"),
+    "alpha": (lambda v: 0.0 < v < 1.0, "in (0, 1)"),
+    "width": (lambda v: v >= 1, "at least 1"),
+    "wd": (lambda v: v >= 0.0, "non-negative"),
+    "dropout": (lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
+    "lr": (lambda v: v > 0.0, "positive"),
+    "seed": (lambda v: 0 <= v < 2**63, "in [0, 2^63)"),  # seeds key 64-bit random streams (data.stream_seed)
+}
+
+
+def check_value(axis: str, value) -> None:
+    ok, want = AXIS_RULES[axis]
+    if not ok(value) or (isinstance(value, float) and not math.isfinite(value)):
+        raise ConfigError(f"--{axis} must be {want}, got {value}")
+
+
+def _number(axis: str, text: str):
+    """One value of an axis: a whole number, exactly, for the integer axes (a seed of 2^53 + 1 is not 2^53)."""
+    if axis not in INT_AXES:
+        return float(text)
+    try:
+        return int(text)
+    except ValueError:
+        value = float(text)  # 1e3
+        if not value.is_integer():
+            raise ConfigError(f"--{axis} takes whole numbers, got {text!r}") from None
+        return int(value)
 
 
 def parse_axis(axis: str, spec: str) -> list:
-    """'0,0.35' -> [0.0, 0.35]; '0:0.9:19' -> 19 evenly spaced values from 0 to 0.9 inclusive."""
+    """'0,0.35' -> [0.0, 0.35]; '0:0.9:19' -> 19 evenly spaced values from 0 to 0.9 inclusive (whole numbers,
+    rounded, on the integer axes)."""
     text = str(spec).strip()
     bad = ConfigError(f"--{axis}: cannot read {spec!r}; give a comma list like 0,0.35 or start:stop:count like 0:0.9:19")
     try:
@@ -144,18 +161,20 @@ def parse_axis(axis: str, spec: str) -> list:
             count = int(count)
             if count < 1:
                 raise ValueError
-            values = np.linspace(float(start), float(stop), count).tolist()
+            if axis in INT_AXES:
+                first, last = _number(axis, start), _number(axis, stop)
+                values = [first + round(Fraction(last - first) * k / max(1, count - 1)) for k in range(count)]
+            else:
+                values = np.linspace(float(start), float(stop), count).tolist()
         else:
-            values = [float(v) for v in text.split(",")]
-    except ValueError:
+            values = [_number(axis, v) for v in text.split(",")]
+    except ConfigError:
+        raise
+    except (ValueError, OverflowError):
         raise bad from None
     if not values or any(not math.isfinite(v) for v in values):
         raise bad
-    if axis in INT_AXES:
-        if any(abs(v - round(v)) > 1e-9 for v in values) and ":" not in text:
-            raise ConfigError(f"--{axis} takes whole numbers, got {spec!r}")
-        values = [int(round(v)) for v in values]
-    else:
+    if axis not in INT_AXES:
         values = [float(f"{v:.12g}") for v in values]  # 0.30000000000000004 -> 0.3
     return list(dict.fromkeys(values))  # drop repeats, keep order
 
@@ -173,10 +192,10 @@ class Grid:
             raise ConfigError(f"unknown grid axis {sorted(unknown)[0]!r}; axes are {', '.join(AXES)}")
         defaults = asdict(Hyper())
         axes = {a: (parse_axis(a, specs[a]) if specs.get(a) is not None else [defaults[a]]) for a in AXES}
-        grid = cls(axes)
-        for h in grid.models():
-            check_hyper(h)
-        return grid
+        for a, values in axes.items():  # the values of each axis, not each of the product's models
+            for value in values:
+                check_value(a, value)
+        return cls(axes)
 
     @classmethod
     def of(cls, **axes) -> "Grid":
@@ -187,6 +206,14 @@ class Grid:
 
     def models(self) -> list[Hyper]:
         return [Hyper(**dict(zip(AXES, values))) for values in itertools.product(*(self.axes[a] for a in AXES))]
+
+    def model(self, i: int) -> Hyper:
+        """Model i of models(), without building the others: its index read as digits of the axes' sizes."""
+        values = {}
+        for a in reversed(AXES):
+            i, k = divmod(i, len(self.axes[a]))
+            values[a] = self.axes[a][k]
+        return Hyper(**values)
 
     def __len__(self) -> int:
         return math.prod(len(v) for v in self.axes.values())

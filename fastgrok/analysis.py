@@ -29,7 +29,7 @@ from fastgrok.ipr import FFTS, HIGH_IPR, neuron_ipr, neuron_spectra
 from fastgrok.phases import PHASES
 from fastgrok.population import METRICS
 from fastgrok.results import (csv_cell, load_populations, read_config, read_history, read_models, read_weights,
-                              recipe, settings_of, write_atomic, write_csv)
+                              recipe, settings_of, status, write_atomic, write_csv)
 
 # --order -> what the table and the figure call it
 ORDERS = {"low": "lowest-IPR neurons first", "high": "highest-IPR neurons first",
@@ -37,10 +37,11 @@ ORDERS = {"low": "lowest-IPR neurons first", "high": "highest-IPR neurons first"
 
 
 def unfinished(run: Path) -> str | None:
-    """None for a complete run; otherwise what of it is not trained yet (an interrupted run, or one still
-    training): its part-trained models are analysed at the step they reached, and its unstarted ones not at all."""
+    """None for a complete run; otherwise what of it is not trained yet (an interrupted run, one still training,
+    or one that stopped without finishing): its part-trained models are analysed at the step they reached, and its
+    unstarted ones not at all."""
     config = read_config(run)
-    if config.get("status") == "complete":
+    if config["status"] == "complete":
         return None
     rows, steps, total = read_models(run), config["settings"]["steps"], len(Grid(config["grid"]))
     short, missing = sum(r.steps < steps for r in rows), total - len(rows)
@@ -48,7 +49,7 @@ def unfinished(run: Path) -> str | None:
         return None
     parts = [f"{short} part-trained (analysed at the step they reached)"] * bool(short)
     parts += [f"{missing} not started (left out)"] * bool(missing)
-    return (f"this run is {config.get('status')}: of its {total} {plural('model', total)}, {' and '.join(parts)}; "
+    return (f"this run is {status(run, config)}: of its {total} {plural('model', total)}, {' and '.join(parts)}; "
             f"`fastgrok train --resume {run}` finishes it")
 
 

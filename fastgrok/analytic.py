@@ -47,7 +47,7 @@ def analytic_grid(p: int, widths: str, seed: int = 0, alpha: float = 0.5, device
         raise ConfigError(f"the analytic solution needs p >= 3, got {p}")
     grid = Grid.parse({"width": widths, "seed": str(seed), "alpha": str(alpha)})
     settings, dev = Settings(op="add", p=p, steps=0, act="quad"), resolve_device(device)
-    plan(grid.models(), settings, dev, TorchBackend())
+    plan(grid, settings, dev, TorchBackend())
     return grid, settings, dev
 
 

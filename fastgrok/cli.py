@@ -74,15 +74,18 @@ def fail_os(e: OSError) -> None:
     fail(f"{e.filename}: {e.strerror}" if e.filename is not None and e.strerror else str(e))
 
 
-def _call(fn, *args, **kwargs):
-    """Call a library function; bad input (ConfigError) or an unusable path (OSError) becomes a one-line error."""
+def _call(fn, *args, before_fail=None, **kwargs):
+    """Call a library function; bad input (ConfigError) or an unusable path (OSError) becomes a one-line error,
+    printed after before_fail() (a progress bar stopped, so that nothing is drawn below the error)."""
     from fastgrok.errors import ConfigError
 
     try:
         return fn(*args, **kwargs)
-    except ConfigError as e:
-        fail(str(e))
-    except OSError as e:
+    except (ConfigError, OSError) as e:
+        if before_fail is not None:
+            before_fail()
+        if isinstance(e, ConfigError):
+            fail(str(e))
         fail_os(e)
 
 
@@ -127,7 +130,7 @@ def train(
         if resume is not None:
             _call(presets.check_resume, {**axes, **shared, "preset": preset, "out": out}, dry_run)
             run = _call(training.resume, resume, device=device, backend=backend, precision=precision,
-                        on_start=progress.start, on_step=progress.step)
+                        on_start=progress.start, on_step=progress.step, before_fail=progress.stop)
         else:
             request = _call(presets.resolve, preset, axes, shared, device)
             if dry_run:
@@ -137,7 +140,8 @@ def train(
                 return _print_plan(plan, out)
             progress.request = request
             run = _call(training.train, request.grid, request.settings, out, device=device, backend=backend,
-                        precision=precision, on_start=progress.start, on_step=progress.step)
+                        precision=precision, on_start=progress.start, on_step=progress.step,
+                        before_fail=progress.stop)
     except training.Interrupted as e:
         progress.stop()
         r = e.run
@@ -148,6 +152,8 @@ def train(
     finally:
         progress.stop()
     if run.nothing_left:
+        for note in run.notes:
+            typer.echo(f"Note: {note}.", err=True)
         typer.echo(f"{run.out} is complete: nothing left to train.")
         return
     _print_summary(run, progress.grid)
@@ -171,6 +177,7 @@ def _print_plan(plan, out) -> None:
     from rich.table import Table
 
     from fastgrok.config import plural
+    from fastgrok.planner import bytes_text
 
     s, models = plan.settings, len(plan.grid)
     console = Console(width=max(100, Console().width))
@@ -182,26 +189,29 @@ def _print_plan(plan, out) -> None:
     table = Table(title=f"{len(plan.populations)} population(s), trained one after another")
     for c in ("population", "width", "models", "training set", "planned memory", "estimated time"):
         table.add_column(c, justify="right")
-    for k, pop in enumerate(plan.populations):
+    shown = PLAN_ROWS if len(plan.populations) > PLAN_ROWS + 1 else len(plan.populations)
+    for k, pop in enumerate(plan.populations[:shown]):
         low, high = pop.sizes
         span = f"{low:,}" if low == high else f"{low:,}-{high:,}"
-        table.add_row(str(k), str(pop.width), f"{len(pop.ids):,}", span, _size(pop.memory), _duration(pop.seconds))
+        table.add_row(str(k), str(pop.width), f"{pop.models:,}", span, bytes_text(pop.memory), _duration(pop.seconds))
+    if shown < len(plan.populations):
+        rest = plan.populations[shown:]
+        table.add_row(f"{shown}-{len(plan.populations) - 1}", "", f"{sum(p.models for p in rest):,}", "",
+                      f"up to {bytes_text(max(p.memory for p in rest))}", _duration(sum(p.seconds for p in rest)))
     console.print(table)
     console.print(f"About {_duration(plan.seconds)} in all on this {plan.device.type} device, estimated from "
-                  f"{plan.probe} (more when the machine is busy). A population may take {_size(plan.budget)} of "
-                  f"it ({plan.budget_share}).", soft_wrap=True)
+                  f"{plan.probe} (more when the machine is busy). A population may take {bytes_text(plan.budget)} of "
+                  f"it ({plan.budget_share}). The run writes about {bytes_text(sum(plan.disk))} (weights "
+                  f"{bytes_text(plan.disk[0])}, history {bytes_text(plan.disk[1])}).", soft_wrap=True)
 
 
-def _size(nbytes: int) -> str:
-    """Bytes in the largest binary unit that leaves a whole part: 3.2 GiB, 940.5 MiB, 12.0 KiB."""
-    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
-        if nbytes >= 1 << shift:
-            return f"{nbytes / (1 << shift):,.1f} {unit}"
-    return f"{nbytes} B"
+PLAN_ROWS = 30  # populations --dry-run lists one by one; the rest in a row
 
 
 def _duration(seconds: float) -> str:
     """A time to the precision an estimate has: 45 s, 12 min, 3.4 h."""
+    if seconds != seconds:
+        return "-"
     if seconds < 90:
         return f"{seconds:.0f} s"
     if seconds < 90 * 60:
@@ -492,6 +502,19 @@ def plot(run: RunArg, models: Annotated[Optional[str], typer.Option(help="Model 
     for path in _call(analysis.curves, run, models=models):
         typer.echo(f"wrote {path}")
     _note_unfinished(run)
+
+
+@command()
+def check(run: RunArg) -> None:
+    """Check a run directory's files without loading its weights: what it holds, and each file that is missing or
+    damaged, with the fix. Exit code 2 when a population cannot be used."""
+    from fastgrok.results import inspect_run
+
+    found = _call(inspect_run, run)
+    for line in found.report(run):
+        typer.echo(line)
+    if found.problems:
+        raise typer.Exit(2)
 
 
 @command()

@@ -102,11 +102,11 @@ def checked_train_size(num_pairs: int, alpha: float) -> int:
     return d
 
 
-def check_training_sets(hypers, settings) -> None:
-    """Every model's alpha leaves at least one training and one test pair, and its training set holds at least
-    one batch: checked before a run writes anything."""
+def check_training_sets(alphas, settings) -> None:
+    """Every alpha leaves at least one training and one test pair, and its training set holds at least one
+    batch: checked before a run writes anything."""
     num_pairs = pair_count(settings.op, settings.p)
-    for alpha in sorted({h.alpha for h in hypers}):
+    for alpha in sorted(set(alphas)):
         d = checked_train_size(num_pairs, alpha)
         if settings.batch_size is not None and d < settings.batch_size:
             raise ConfigError(f"--batch-size {settings.batch_size} is larger than the training set of alpha "

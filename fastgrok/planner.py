@@ -10,9 +10,13 @@ that fits a share of the device's memory (BUDGETS).
 from __future__ import annotations
 
 import math
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
+from fastgrok.config import AXES, Grid
 from fastgrok.data import check_training_sets, pair_count, train_size
 from fastgrok.errors import ConfigError
 from fastgrok.families import family_of
@@ -86,38 +90,163 @@ def models_that_fit(settings, width: int, d_max: int, num_pairs: int, device: to
     return fits
 
 
+# What a run keeps in host memory per model as it trains: its models.csv row, as a ModelRow and as cells (1.7 KB
+# measured with tracemalloc, Python 3.11, 2026-12-02); rounded up.
+HOST_BYTES_PER_MODEL = 2048
+# A model's share of the files beside its weights: its history rows (int32 model and step, 8 float64 metrics: 72 B
+# a logged step, before compression) and its models.csv line (about 200 B).
+HISTORY_BYTES_PER_LOG, TABLE_BYTES = 72, 200
+
+
+def run_bytes(grid: Grid, settings) -> tuple[int, int, int]:
+    """About what a run writes to disk: its weights (each model's tensors, fp32), its history and models.csv."""
+    family = family_of(settings)
+    per_value = len(grid) // len(grid.axes["width"])  # models of each width
+    weights = per_value * sum(4 * sum(math.prod(spec.shape) for spec in family.tensors(settings, w).values())
+                              for w in grid.axes["width"])
+    logs = len({*range(0, settings.steps + 1, settings.log_every), settings.steps})
+    return weights, len(grid) * logs * HISTORY_BYTES_PER_LOG, len(grid) * TABLE_BYTES
+
+
+def check_room(grid: Grid, settings, out: Path | None) -> None:
+    """Refuse, with the numbers, a grid whose run the disk at `out` (default: runs/ here) could not hold, or whose
+    bookkeeping would not fit the host's memory: counted from the grid's axes, before anything is built."""
+    weights, history, table = run_bytes(grid, settings)
+    where = Path(out) if out is not None else Path("runs")
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    free = shutil.disk_usage(where).free
+    if weights + history + table > free:
+        raise ConfigError(f"{len(grid):,} models would write about {bytes_text(weights + history + table)} "
+                          f"({bytes_text(weights)} of weights, {bytes_text(history)} of history) to {where}, which "
+                          f"has {bytes_text(free)} free; a smaller grid, or --out on a larger disk")
+    host, available = len(grid) * HOST_BYTES_PER_MODEL, host_memory()
+    if host > available:
+        raise ConfigError(f"{len(grid):,} models: their models.csv rows alone take about {bytes_text(host)} of host "
+                          f"memory while training, more than the {bytes_text(available)} available; split the grid "
+                          "into several runs")
+
+
+def bytes_text(nbytes: int) -> str:
+    """Bytes in the largest binary unit that leaves a whole part: 3.2 GiB, 940.5 MiB, 12.0 KiB."""
+    for unit, shift in (("PiB", 50), ("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if nbytes >= 1 << shift:
+            return f"{nbytes / (1 << shift):,.1f} {unit}"
+    return f"{nbytes} B"
+
+
+def host_memory() -> int:
+    """The host memory available (/proc/meminfo's MemAvailable; 16 GiB where it cannot tell)."""
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return 16 << 30
+
+
 def memory_budget(device: torch.device) -> int:
-    """Bytes a population may use: BUDGETS's share of the free GPU memory or of the available host memory
-    (8 GiB where /proc/meminfo cannot tell)."""
+    """Bytes a population may use: BUDGETS's share of the free GPU memory or of the available host memory."""
     share = BUDGETS[device.type][0]
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(share * free)
-    try:
-        with open("/proc/meminfo") as f:
-            info = dict(line.split(":", 1) for line in f)
-        return int(share * int(info["MemAvailable"].split()[0]) * 1024)
-    except (OSError, KeyError, ValueError):
-        return 8 << 30
+    return int(share * host_memory())
 
 
-def plan(hypers: list, settings, device: torch.device, engine, budget: int | None = None) -> list[list[int]]:
-    """Split a grid into populations: one width each, as many models as fit the memory budget."""
-    check_training_sets(hypers, settings)
+@dataclass(frozen=True)
+class Group:
+    """The models of a grid with one width (its index in the width axis) and one training-set size d (the alphas,
+    by index, that give it), in model-id order: a lattice of the grid's ids, so that any run of it is found by
+    arithmetic, never by listing the grid's models."""
+
+    grid: Grid
+    width: int
+    alphas: tuple[int, ...]
+    d: int
+
+    def __len__(self) -> int:
+        return len(self.grid.axes["xi"]) * len(self.alphas) * self._inner
+
+    @property
+    def _inner(self) -> int:
+        """Models per (xi, alpha, width): the axes after width in AXES."""
+        return math.prod(len(self.grid.axes[a]) for a in AXES[AXES.index("width") + 1 :])
+
+    def ids(self, start: int, stop: int) -> list[int]:
+        """The model ids at positions [start, stop) of the group."""
+        inner, axes = self._inner, self.grid.axes
+        per_xi = len(self.alphas) * inner
+        out = []
+        for k in range(start, stop):
+            xi, rest = divmod(k, per_xi)
+            alpha, tail = divmod(rest, inner)
+            out.append(((xi * len(axes["alpha"]) + self.alphas[alpha]) * len(axes["width"]) + self.width) * inner + tail)
+        return out
+
+
+@dataclass(frozen=True)
+class Planned:
+    """One population of a plan: runs (group, start, stop) of its width's groups, in the planner's order."""
+
+    width: int
+    parts: tuple[tuple[Group, int, int], ...]
+
+    def __len__(self) -> int:
+        return sum(stop - start for _, start, stop in self.parts)
+
+    @property
+    def sizes(self) -> tuple[int, int]:
+        """The smallest and largest training set of its models."""
+        return min(g.d for g, _, _ in self.parts), max(g.d for g, _, _ in self.parts)
+
+    def ids(self) -> list[int]:
+        return [i for group, start, stop in self.parts for i in group.ids(start, stop)]
+
+    def examples(self, batch_size: int | None = None) -> int:
+        """The examples a step of the population sees, over all its models."""
+        return sum((stop - start) * min(group.d, batch_size or group.d) for group, start, stop in self.parts)
+
+    def sample(self, k: int) -> list[int]:
+        """About k of its model ids, evenly spaced in its order (without listing the others)."""
+        step = max(1, math.ceil(len(self) / k))
+        out, offset = [], 0
+        for group, start, stop in self.parts:
+            first = start + (-offset) % step
+            out += [group.ids(j, j + 1)[0] for j in range(first, stop, step)]
+            offset += stop - start
+        return out
+
+
+def plan(grid: Grid, settings, device: torch.device, engine, budget: int | None = None) -> list[Planned]:
+    """Split a grid into populations: one width each, as many models as fit the memory budget. The work grows
+    with the populations, not with the models: a population is a few runs of lattices of the grid's ids."""
+    check_training_sets(grid.axes["alpha"], settings)
     budget = memory_budget(device) if budget is None else budget
     num_pairs = pair_count(settings.op, settings.p)
-    by_width: dict[int, list[int]] = {}
-    for i, h in enumerate(hypers):
-        by_width.setdefault(h.width, []).append(i)
+    dropout = any(v > 0 for v in grid.axes["dropout"])
+    by_size: dict[int, list[int]] = {}
+    for k, alpha in enumerate(grid.axes["alpha"]):
+        by_size.setdefault(train_size(num_pairs, alpha), []).append(k)
     populations = []
-    for width, ids in by_width.items():
+    for w, width in enumerate(grid.axes["width"]):
         # by training-set size, so that a population (and a CPU chunk of one) holds models of similar D; largest
         # first, because a GPU starts a launch's programs roughly in order and the backward's take time in
         # proportion to D: the longest then start first and the shortest fill the end, instead of a last wave of
         # the longest ones (the 1,156-model diagrams mix alpha 0.1 to 0.9 in one population)
-        ids.sort(key=lambda i: train_size(num_pairs, hypers[i].alpha), reverse=True)
-        d_max = train_size(num_pairs, hypers[ids[0]].alpha)
-        per_pop = models_that_fit(settings, width, d_max, num_pairs, device, budget, engine,
-                                  any(hypers[i].dropout > 0 for i in ids))
-        populations += [ids[i : i + per_pop] for i in range(0, len(ids), per_pop)]
+        groups = [Group(grid, w, tuple(alphas), d) for d, alphas in sorted(by_size.items(), reverse=True)]
+        per_pop = models_that_fit(settings, width, groups[0].d, num_pairs, device, budget, engine, dropout)
+        parts, room = [], per_pop
+        for group in groups:
+            start = 0
+            while start < len(group):
+                stop = min(len(group), start + room)
+                parts.append((group, start, stop))
+                room -= stop - start
+                start = stop
+                if room == 0:
+                    populations.append(Planned(width, tuple(parts)))
+                    parts, room = [], per_pop
+        if parts:
+            populations.append(Planned(width, tuple(parts)))
     return populations

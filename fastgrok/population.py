@@ -40,7 +40,7 @@ class Population:
         self.width, p = widths.pop(), settings.p
         B = len(hypers)
 
-        check_training_sets(hypers, settings)
+        check_training_sets({h.alpha for h in hypers}, settings)
         m_all, n_all, z_all = task_table(settings.op, p)
         # Each model's split and initial weights come from its own generators, so they are drawn on all the
         # host's cores at once (torch releases the GIL): the same numbers, several times faster for big grids.

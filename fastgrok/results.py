@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import csv
 import datetime
+import errno
 import itertools
 import json
 import math
+import os
 import platform
 import subprocess
 import sys
@@ -35,7 +37,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from fastgrok import __version__
@@ -154,8 +156,12 @@ def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
     try:
         write(tmp)
         tmp.replace(path)
-    except Exception:  # a write that failed (disk full, path a directory...) leaves nothing behind; a kill
+    except Exception as e:  # a write that failed (disk full, path a directory...) leaves nothing behind; a kill
         tmp.unlink(missing_ok=True)  # does, and reopening the run deletes it
+        if isinstance(e, SafetensorError):  # safetensors reports a full disk in its own words, as no OSError
+            full = "No space left" in str(e) or "StorageFull" in str(e)
+            raise OSError(errno.ENOSPC if full else errno.EIO, os.strerror(errno.ENOSPC) if full else str(e),
+                          str(path)) from e
         raise
 
 
@@ -215,41 +221,38 @@ class RunWriter:
             **(extra or {}),
         }
         self.config["written"] = []  # one entry per population file, in the order they were written
-        self.populations = 0
+        self.names: set[str] = set()  # population names given out
         self.rows: dict[int, list[str]] = {}  # models.csv, written whole from here: training owns the file
         self.write_config()
         self._write_models()
 
     @classmethod
-    def reopen(cls, out: Path, steps: int) -> tuple["RunWriter", set[int], list[dict]]:
-        """Continue an interrupted run: keep the populations that finished all `steps` and those saved with
-        their state (to continue from it), delete the files and rows of any other. Returns the writer, the ids
-        of the models done, and the "written" entries of the populations to continue."""
+    def reopen(cls, found: "Inspection", out: Path) -> "RunWriter":
+        """Continue the interrupted run `found` (inspect_run of `out`): keep the populations that finished and
+        those saved part-trained with their state, delete every other population file and any orphan (a write a
+        kill cut short, a state left behind by a finished population), and rewrite models.csv with the kept
+        populations' rows (only training's columns: what `fastgrok ipr` added describes weights that training is
+        about to change)."""
         self = cls.__new__(cls)
-        self.out, self.config = Path(out), read_config(out)
+        self.out, self.config = Path(out), found.config
         self.lock = _lock(self.out)
-        for tmp in (*self.out.glob(".*.tmp"), *self.out.glob("*/.*.tmp")):  # a write the kill cut short
-            tmp.unlink()
-        written = self.config.get("written", [])
-        partial = [w for w in written if w["steps"] < steps and w.get("state") and self._state_path(w["name"]).is_file()]
-        kept = [w for w in written if w["steps"] == steps] + partial
-        for w in written:
+        kept = found.populations
+        for path in found.orphans:
+            path.unlink(missing_ok=True)
+        for w in found.config["written"]:
             if w not in kept:
                 for path in (self.out / "history" / f"{w['name']}.parquet",
                              self.out / "weights" / f"{w['name']}.safetensors", self._state_path(w["name"])):
                     path.unlink(missing_ok=True)
-        done = {m for w in kept if w["steps"] == steps for m in w["models"]}
-        # only the training columns: what `fastgrok ipr` added describes weights that training is about to change
-        keep = done | {m for w in partial for m in w["models"]}
-        with open(self.out / "models.csv", newline="") as f:
-            self.rows = {int(r["model"]): [r[c] for c in MODEL_COLUMNS] for r in csv.DictReader(f)
-                         if int(r["model"]) in keep}
+        self.rows = {m: row.cells() for m, row in found.rows.items()}
         self._write_models()
-        self.config.update(status="running", written=kept)
+        self.config.update(status="running", written=[w for w in found.config["written"] if w in kept])
         self.config.setdefault("resumed", []).append(datetime.datetime.now().isoformat(timespec="seconds"))
-        self.populations = 1 + max((int(w["name"][3:]) for w in kept), default=-1)
+        self.names = {w["name"] for w in kept}
+        for folder in ("history", "weights"):
+            (self.out / folder).mkdir(exist_ok=True)
         self.write_config()
-        return self, done, partial
+        return self
 
     def write_config(self) -> None:
         write_atomic(self.out / "config.json", lambda tmp: tmp.write_text(json.dumps(self.config, indent=2) + "\n"))
@@ -263,8 +266,11 @@ class RunWriter:
         write_csv(self.out / "models.csv", [MODEL_COLUMNS, *(self.rows[m] for m in sorted(self.rows))])
 
     def new_name(self) -> str:
-        self.populations += 1
-        return f"pop{self.populations - 1:03d}"
+        """The first free name: pop000, pop001, ...; a population retrained after its files were lost takes its
+        name again."""
+        name = next(f"pop{k:03d}" for k in itertools.count() if f"pop{k:03d}" not in self.names)
+        self.names.add(name)
+        return name
 
     def add_population(self, rows: list[ModelRow], history: dict[str, np.ndarray], weights: dict[str, torch.Tensor],
                        state: dict[str, torch.Tensor] | None = None, name: str | None = None) -> str:
@@ -304,37 +310,190 @@ class RunWriter:
 # ---- reading a run back ---------------------------------------------------------------------------------
 
 
+class RunError(ConfigError):
+    """A run directory whose files cannot be used as they are: the message names the file and the fix."""
+
+
 def read_config(run: Path) -> dict:
+    """config.json, checked: the grid, the settings and the list of populations written must be readable."""
     path = Path(run) / "config.json"
     if not path.is_file():
         raise ConfigError(f"{run} is not a fastgrok run directory (no config.json)")
-    return json.loads(path.read_text())
+    try:
+        config = json.loads(path.read_text())
+        grid = config["grid"]
+        if set(grid) != set(AXES) or not all(isinstance(v, list) and v for v in grid.values()):
+            raise ValueError("no valid grid")
+        settings_of(config).check(training=False)
+        n = len(Grid(grid))
+        for w in config["written"]:
+            if not (isinstance(w["name"], str) and w["name"].startswith("pop") and isinstance(w["steps"], int)
+                    and all(isinstance(m, int) and 0 <= m < n for m in w["models"])):
+                raise ValueError(f"a bad entry of 'written': {w}")
+        if config["status"] not in ("running", "complete", "interrupted"):
+            raise ValueError(f"unknown status {config['status']!r}")
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        why = f"no {e}" if isinstance(e, KeyError) else str(e).splitlines()[0]
+        raise RunError(f"{path} is damaged ({why}): restore it from a copy; the run cannot be read without "
+                       "it") from None
+    return config
+
+
+def status(run: Path, config: dict) -> str:
+    """The run's status in words; for a run config.json calls running, whether a process is still writing it
+    (it holds the run's lock) or it stopped without finishing (killed, or its machine went down)."""
+    if config["status"] != "running":
+        return config["status"]
+    try:
+        _lock(Path(run)).close()
+    except ConfigError:
+        return "still training"
+    except OSError:  # a run one may not write: whether it is live cannot be told
+        return "running"
+    return "unfinished (its process was killed or crashed)"
+
+
+@dataclass
+class Inspection:
+    """What a run directory holds, file by file (inspect_run)."""
+
+    config: dict
+    rows: dict[int, ModelRow]  # the models.csv rows of the populations below
+    finished: list[dict]  # config.json "written" entries of populations that trained every step, files intact
+    partial: list[dict]  # those saved part-trained with their state (to continue from it), files intact
+    problems: dict[str, str]  # population name -> why its files cannot be used
+    orphans: list[Path]  # files no entry accounts for: a write a kill cut short, a state left after finishing
+
+    @property
+    def populations(self) -> list[dict]:
+        return self.finished + self.partial
+
+    def report(self, run: Path) -> list[str]:
+        """What the run holds in a line, then a line for each population that cannot be used and each leftover
+        file, with the fix (what `fastgrok check` prints)."""
+        total, steps = len(Grid(self.config["grid"])), self.config["settings"]["steps"]
+        trained = sum(len(w["models"]) for w in self.finished)
+        partial = sum(len(w["models"]) for w in self.partial)
+        lines = [f"{run}: {status(run, self.config)}; {trained} of {total} models trained, {partial} saved "
+                 f"part-trained, {total - trained - partial} to train ({steps} steps each)"
+                 + ("; every file intact" if not self.problems else "")]
+        lines += [f"damaged: {why} (population {name}); `fastgrok train --resume {run}` trains it again, or restore "
+                  "the file" for name, why in self.problems.items()]
+        lines += [f"leftover: {path} (a write cut short, or a state its population no longer needs); "
+                  f"`fastgrok train --resume {run}` removes it" for path in self.orphans]
+        return lines
+
+
+def inspect_run(run: Path) -> Inspection:
+    """Check every file of a run without loading its weights: config.json, models.csv, and each written
+    population's weights, history and (unfinished) state. Populations whose files are missing, damaged or without
+    their rows in models.csv are `problems` (resume retrains them); config.json is the index of what was saved,
+    so files it does not list are orphans."""
+    run = Path(run)
+    config = read_config(run)
+    steps, grid = config["settings"]["steps"], Grid(config["grid"])
+    cells, csv_problem, unreadable = _models_csv(run)
+    if unreadable and config["written"]:  # the index of every saved model: nothing can be trusted, or retrained over
+        raise RunError(f"{unreadable}: restore it from a copy (a resume would train every population again)")
+    finished, partial, problems, listed = [], [], {}, set()
+    rows: dict[int, ModelRow] = {}
+    for w in config["written"]:
+        name = w["name"]
+        files = [run / "weights" / f"{name}.safetensors", run / "history" / f"{name}.parquet"]
+        if w["steps"] < steps:
+            if not w.get("state"):  # interrupted at a second Ctrl-C before any save: trains again
+                continue
+            files.append(run / "weights" / f"{name}.state.safetensors")
+        listed.update(files)
+        why = next((why for f in files if (why := _file_problem(f, w["models"])) is not None), None)
+        if why is None and (missing := [m for m in w["models"] if m not in cells]):
+            why = (csv_problem or f"{run / 'models.csv'} has no row for model {missing[0]}")
+        if why is not None:
+            problems[name] = why
+            continue
+        try:
+            read = {m: ModelRow.from_cells(cells[m], grid.model(m)) for m in w["models"]}
+            other = next((m for m in w["models"] if not all(
+                math.isclose(float(cells[m][a]), read[m][a], rel_tol=1e-5) for a in AXES)), None)
+        except (ValueError, TypeError) as e:
+            problems[name] = f"{run / 'models.csv'} is damaged (a row of {name}: {e})"
+            continue
+        if other is not None:
+            problems[name] = f"{run / 'models.csv'}: model {other} is not the grid's model {other} in config.json"
+            continue
+        rows |= read
+        (finished if w["steps"] == steps else partial).append(w)
+    found = {*run.glob(".*.tmp"), *run.glob("*/.*.tmp"), *run.glob("weights/*.safetensors"),
+             *run.glob("history/*.parquet")}
+    return Inspection(config, rows, finished, partial, problems, sorted(found - listed))
+
+
+def _file_problem(path: Path, models: list[int]) -> str | None:
+    """Why a population file cannot be used, or None: read as far as its header (weights: also its model ids)."""
+    if not path.is_file():
+        return f"{path} is missing"
+    try:
+        if path.suffix == ".parquet":
+            pq.read_metadata(path)
+        else:
+            with safe_open(str(path), framework="pt") as saved:
+                if saved.get_tensor("model").tolist() != models:
+                    return f"{path} holds other models than config.json lists"
+    except (OSError, ValueError, SafetensorError) as e:  # pyarrow's ArrowInvalid is a ValueError
+        return f"{path} is damaged ({str(e).splitlines()[0]})"
+    return None
+
+
+def _models_csv(run: Path) -> tuple[dict[int, dict[str, str]], str | None, str | None]:
+    """models.csv's lines by model id, as text; why some line could not be read; and why the file could not be
+    read at all (missing, no header). None where there is nothing to say."""
+    path = run / "models.csv"
+    try:
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            missing = [c for c in MODEL_COLUMNS if c not in (reader.fieldnames or ())]
+            if missing:
+                why = f"{path} is damaged (no {missing[0]} column)"
+                return {}, why, why
+            cells, bad = {}, None
+            for line, row in enumerate(reader, start=2):
+                if None in row.values() or None in row or not row["model"].isdigit():
+                    bad = bad or f"{path} is damaged (line {line})"
+                    continue
+                cells[int(row["model"])] = row
+            return cells, bad, None
+    except FileNotFoundError:
+        return {}, f"{path} is missing", f"{path} is missing"
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        why = f"{path} is damaged ({str(e).splitlines()[0]})"
+        return {}, why, why
+
+
+def trained(run: Path) -> Inspection:
+    """inspect_run, for commands that read what training saved: every population listed must be whole (else a
+    RunError naming the file and the fix), and there must be one."""
+    found = inspect_run(run)
+    if found.problems:
+        name, why = next(iter(found.problems.items()))
+        raise RunError(f"{why}: population {name}; `fastgrok train --resume {run}` retrains it, or restore the file")
+    if not found.rows:
+        raise RunError(f"{run} holds no trained model yet (the run is {status(run, found.config)}): "
+                       f"`fastgrok train --resume {run}` trains it")
+    return found
 
 
 def read_models(run: Path) -> list[ModelRow]:
-    """models.csv as ModelRows, each model's grid values exactly as config.json's grid has them (models.csv holds
-    12 digits, and a diagram's cells and a rebuilt training split need the grid's own values)."""
-    path = Path(run) / "models.csv"
-    if not path.is_file():
-        raise ConfigError(f"{run} is not a fastgrok run directory (no models.csv)")
-    hypers = Grid(read_config(run)["grid"]).models()
-    rows = []
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in MODEL_COLUMNS if c not in (reader.fieldnames or ())]
-        if missing:
-            raise ConfigError(f"{path} has no {missing[0]} column: it was written by another version of fastgrok")
-        for cells in reader:
-            model = int(cells["model"])
-            exact = hypers[model] if 0 <= model < len(hypers) else None
-            if exact is None or not all(math.isclose(float(cells[a]), getattr(exact, a), rel_tol=1e-5) for a in AXES):
-                raise ConfigError(f"{path}: model {model} is not the grid's model {model} in config.json")
-            rows.append(ModelRow.from_cells(cells, exact))
-    return rows
+    """The models.csv rows of every population saved whole, in model order, each model's grid values exactly
+    as config.json's grid has them (models.csv holds 12 digits; a diagram's cells and a rebuilt training split
+    need the grid's own values). A run with nothing saved yet, or a damaged file, is a RunError."""
+    return sorted(trained(run).rows.values(), key=lambda r: r.model)
 
 
 def read_history(run: Path) -> pa.Table:
-    return pq.read_table(Path(run) / "history")
+    """Every metric of every saved model at every logged step, from the history files config.json lists."""
+    found = trained(run)
+    return pa.concat_tables([pq.read_table(Path(run) / "history" / f"{w['name']}.parquet")
+                             for w in sorted(found.populations, key=lambda w: w["name"])])
 
 
 # Analysis reads a run's weights a piece at a time, whole models of at most this many bytes: its memory does not
@@ -343,14 +502,12 @@ READ_BYTES = 256 << 20
 
 
 def read_weights(run: Path, models: set[int] | None = None) -> Iterator[dict[str, torch.Tensor]]:
-    """The run's weights when asked for: dicts of U, V, W, model (and BatchNorm's tensors), each of one
-    population's models, at most READ_BYTES of them. With `models`, only their rows are read, a run of
-    consecutive rows at a time, and a population file holding none of them no further than its model ids (a
-    model per phase of a 1,156-model run at N 500: 3 MB, not 670)."""
-    for f in sorted((Path(run) / "weights").glob("pop*.safetensors")):
-        if f.name.endswith(".state.safetensors"):
-            continue
-        with safe_open(str(f), framework="pt") as saved:
+    """The run's weights when asked for: dicts of the family's tensors and `model`, each of one population's
+    models, at most READ_BYTES of them. With `models`, only their rows are read, a run of consecutive rows at a
+    time, and a population file holding none of them no further than its model ids (a model per phase of a
+    1,156-model run at N 500: 3 MB, not 670). Only the populations config.json lists, checked (trained)."""
+    for w in sorted(trained(run).populations, key=lambda w: w["name"]):
+        with safe_open(str(Path(run) / "weights" / f"{w['name']}.safetensors"), framework="pt") as saved:
             ids = saved.get_tensor("model")
             names = [name for name in saved.keys() if name != "model"]
             rows = torch.arange(len(ids)) if models is None else torch.tensor(
@@ -396,8 +553,8 @@ def load_populations(run: Path, device: str | torch.device = "cpu", models: set[
     memory."""
     from fastgrok.population import Population
 
-    settings = settings_of(read_config(run))
-    rows = {r["model"]: r for r in read_models(run)}
+    found = trained(run)
+    settings, rows = settings_of(found.config), found.rows
     wanted = set(rows) if models is None else set(models) & set(rows)
     for weights in read_weights(run, wanted):
         ids = weights["model"].tolist()

@@ -4,6 +4,7 @@ interrupted run (`resume`) to the results an uninterrupted one gives."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import math
 import signal
 import sys
@@ -20,16 +21,16 @@ import torch
 from fastgrok import planner, process
 from fastgrok.backends import make_backend
 from fastgrok.config import Grid, Settings
-from fastgrok.data import check_training_sets, pair_count, train_size
+from fastgrok.data import check_training_sets, pair_count
 from fastgrok.device import resolve_device
 from fastgrok.ipr import model_ipr
 from fastgrok.phases import THRESHOLD, TOL, phase
 from fastgrok.population import METRICS, Population
-from fastgrok.results import (HISTORY_COLUMNS, ModelRow, RunWriter, check_not_busy, check_out_dir, default_out_dir,
-                              read_config, read_models, read_population, settings_of)
+from fastgrok.results import (HISTORY_COLUMNS, ModelRow, RunError, RunWriter, check_not_busy,
+                              check_out_dir, default_out_dir, inspect_run, read_config, read_population, settings_of)
 
-# A population still training is saved (weights, optimizer state, history) at the first logged step after
-# this many seconds since its last save, so a killed run loses at most that much work (--resume continues).
+# A population still training is saved (weights, optimizer state, history) after the first step that ends this many
+# seconds after its last save, logged or not, so a killed run loses at most that much work (--resume continues).
 CHECKPOINT_SECONDS = 600.0
 
 
@@ -45,6 +46,7 @@ class Run:
     models: int  # the grid's models
     steps: int  # the steps each model trains
     nothing_left: bool = False  # resume() of a run that was already complete
+    notes: list[str] = field(default_factory=list)  # what resume() repaired
 
     @property
     def finished(self) -> int:
@@ -90,49 +92,61 @@ def train(grid: Grid, settings: Settings, out: str | Path | None = None, *, devi
     `budget`."""
     settings.check()
     dev = resolve_device(device)
-    hypers = grid.models()
-    check_training_sets(hypers, settings)
+    check_training_sets(grid.axes["alpha"], settings)
     engine = _engine(backend, dev, precision, settings)
     if populations is None:
-        populations = planner.plan(hypers, settings, dev, engine, budget)
+        planned = planner.plan(grid, settings, dev, engine, budget)
+        jobs, sizes = [(p.ids, None) for p in planned], [len(p) for p in planned]
+    else:
+        jobs, sizes = [(lambda ids=ids: ids, None) for ids in populations], [len(ids) for ids in populations]
+    out = Path(out) if out is not None else None
+    planner.check_room(grid, settings, out)
     if out is None:
         out = default_out_dir()  # once every option is known good: a refused run leaves no directory behind
-    writer = RunWriter(Path(out), grid, settings, dev, engine.name, engine.precision,
-                       extra={"populations": [len(ids) for ids in populations]})
-    start = Start(writer.out, grid, settings, dev, engine.name, len(hypers), len(hypers) * settings.steps,
-                  len(populations), resumed=False, notes=_notes(engine, precision))
-    return _Training(writer, engine, grid, settings, dev, on_step).run([(ids, None) for ids in populations], [],
-                                                                       start, on_start)
+    writer = RunWriter(out, grid, settings, dev, engine.name, engine.precision, extra={"populations": sizes})
+    start = Start(writer.out, grid, settings, dev, engine.name, len(grid), len(grid) * settings.steps, len(jobs),
+                  resumed=False, notes=_notes(engine, precision))
+    return _Training(writer, engine, grid, settings, dev, on_step).run(jobs, [], start, on_start)
 
 
 def resume(out: str | Path, *, device: str = "auto", backend="auto", precision: str | None = None,
            on_start: Callable[[Start], None] | None = None, on_step: Callable[[int, int], None] | None = None,
            budget: int | None = None) -> Run:
     """Continue the interrupted run in `out`: finished populations stay, a population saved with its state (at the
-    interrupt, or by a checkpoint every CHECKPOINT_SECONDS) continues from it, the rest trains again from its
-    seeds; the results are those of an uninterrupted run. It keeps the run's precision unless one is given."""
+    interrupt, or by a checkpoint every CHECKPOINT_SECONDS) continues from it, and the rest trains again from its
+    seeds, also a population whose files are missing or damaged (results.inspect_run); the results are those of an
+    uninterrupted run. It keeps the run's precision unless one is given. A run with every model trained is marked
+    complete (a kill may have come after its last save) and trains nothing."""
     out = Path(out)
-    config = read_config(out)
+    read_config(out)
     check_not_busy(out)
+    found = inspect_run(out)
+    config = found.config
     grid, settings = Grid(config["grid"]), settings_of(config)
-    rows = read_models(out)
-    if config["status"] == "complete" or all(r.steps == settings.steps for r in rows) and len(rows) == len(grid):
-        return Run(out, rows, "complete", 0.0, 0, len(grid), settings.steps, nothing_left=True)
+    done = {m for w in found.finished for m in w["models"]}
+    if len(done) == len(grid):
+        notes = [f"config.json said {config['status']!r} (stopped after its last save): marked complete"
+                 ] * (config["status"] != "complete") + [f"removed {len(found.orphans)} leftover file(s)"] * bool(found.orphans)
+        if notes:
+            RunWriter.reopen(found, out).finish("complete", models_written=len(done))
+        return Run(out, sorted(found.rows.values(), key=lambda r: r.model), "complete", 0.0, 0, len(grid),
+                   settings.steps, nothing_left=True, notes=notes)
     given = precision
     precision = config.get("precision") if precision is None else precision
     dev = resolve_device(device)
     engine = _engine(backend, dev, precision, settings)
-    writer, done, unfinished = RunWriter.reopen(out, settings.steps)
-    continuing = {m for w in unfinished for m in w["models"]}
-    hypers = grid.models()
-    todo = [i for i in range(len(hypers)) if i not in done and i not in continuing]
-    planned = planner.plan([hypers[i] for i in todo], settings, dev, engine, budget) if todo else []
-    jobs = [(w["models"], w["name"]) for w in unfinished] + [([todo[j] for j in ids], None) for ids in planned]
-    steps_done = sum(len(w["models"]) * w["steps"] for w in unfinished)
-    left = len(hypers) - len(done)
+    writer = RunWriter.reopen(found, out)
+    # the populations of a fresh plan, less the models trained or continuing from a save
+    skip = done | {m for w in found.partial for m in w["models"]}
+    fresh = [ids for p in planner.plan(grid, settings, dev, engine, budget) if (ids := [i for i in p.ids() if i not in skip])]
+    jobs = ([(lambda w=w: w["models"], w["name"]) for w in found.partial]
+            + [(lambda ids=ids: ids, None) for ids in fresh])
+    steps_done = sum(len(w["models"]) * w["steps"] for w in found.partial)
+    left = len(grid) - len(done)
+    notes = _notes(engine, given) + [f"{why}: population {name} trains again" for name, why in found.problems.items()]
     start = Start(out, grid, settings, dev, engine.name, left, left * settings.steps - steps_done, len(jobs),
-                  resumed=True, notes=_notes(engine, given))
-    kept = [r for r in rows if r.model in done]
+                  resumed=True, notes=notes)
+    kept = [found.rows[m] for m in sorted(done)]
     return _Training(writer, engine, grid, settings, dev, on_step).run(jobs, kept, start, on_start)
 
 
@@ -155,8 +169,8 @@ def _notes(engine, precision: str | None) -> list[str]:
 
 @dataclass(frozen=True)
 class PlannedPopulation:
-    ids: list[int]
     width: int
+    models: int
     sizes: tuple[int, int]  # smallest and largest training set
     memory: int  # bytes the planner reserves
     seconds: float  # estimated from measured steps (estimate_seconds)
@@ -173,6 +187,7 @@ class Plan:
     populations: list[PlannedPopulation]
     budget: int
     budget_share: str
+    disk: int  # bytes the run would write (planner.run_bytes)
     probe: str  # how the time was estimated
     notes: list[str]
 
@@ -184,40 +199,49 @@ class Plan:
 def plan(grid: Grid, settings: Settings, out: str | Path | None = None, *, device: str = "auto", backend="auto",
          precision: str | None = None, budget: int | None = None, estimate: bool = True) -> Plan:
     """The populations `train` would make of the grid, their memory and, with `estimate`, the time each would
-    take on this device, from a few steps measured on a sample of its models. Nothing is written; `out`, if
-    given, is checked as train would."""
+    take on this device, from a few steps measured on a sample of each width's models. Nothing is written; `out`,
+    if given, is checked as train would. The work grows with the populations and widths, not with the models."""
     settings.check()
     if out is not None:
         check_out_dir(Path(out))
     dev = resolve_device(device)
-    hypers = grid.models()
+    check_training_sets(grid.axes["alpha"], settings)
     engine = _engine(backend, dev, precision, settings)
+    planner.check_room(grid, settings, Path(out) if out is not None else None)
     budget = planner.memory_budget(dev) if budget is None else budget
     pairs = pair_count(settings.op, settings.p)
-    planned = []
-    for ids in planner.plan(hypers, settings, dev, engine, budget):
-        width = hypers[ids[0]].width
-        sizes = [train_size(pairs, hypers[i].alpha) for i in ids]
-        memory = planner.population_bytes(settings, width, max(sizes), pairs, len(ids), engine,
-                                          any(hypers[i].dropout > 0 for i in ids), dev)
-        seconds = estimate_seconds([hypers[i] for i in ids], settings, dev, engine) if estimate else math.nan
-        planned.append(PlannedPopulation(ids, width, (min(sizes), max(sizes)), memory, seconds))
-    probe = f"{PROBE_STEPS} steps and an evaluation of up to {PROBE_MODELS[dev.type]} of each population's models"
-    return Plan(grid, settings, dev, engine.name, planned, budget, planner.BUDGETS[dev.type][1], probe,
-                _notes(engine, precision))
+    dropout = any(v > 0 for v in grid.axes["dropout"])
+    planned = planner.plan(grid, settings, dev, engine, budget)
+    cost = {}  # width -> (seconds per example-step, seconds per model evaluated)
+    if estimate:
+        for width in grid.axes["width"]:
+            mine = [p for p in planned if p.width == width]
+            sample = [grid.model(i) for p in mine for i in p.sample(max(1, PROBE_MODELS[dev.type] // len(mine)))]
+            cost[width] = estimate_costs(sample[: PROBE_MODELS[dev.type]], settings, dev, engine)
+    logs = len({*range(0, settings.steps + 1, settings.log_every), settings.steps})
+    populations = []
+    for p in planned:
+        memory = planner.population_bytes(settings, p.width, p.sizes[1], pairs, len(p), engine, dropout, dev)
+        seconds = math.nan
+        if estimate:
+            per_example, per_model = cost[p.width]
+            seconds = settings.steps * per_example * p.examples(settings.batch_size) + logs * per_model * len(p)
+        populations.append(PlannedPopulation(p.width, len(p), p.sizes, memory, seconds))
+    probe = f"{PROBE_STEPS} steps and an evaluation of up to {PROBE_MODELS[dev.type]} models of each width"
+    return Plan(grid, settings, dev, engine.name, populations, budget, planner.BUDGETS[dev.type][1],
+                planner.run_bytes(grid, settings), probe, _notes(engine, precision))
 
 
-PROBE_MODELS = {"cpu": 8, "cuda": 256}  # models of a population whose steps estimate its time
+PROBE_MODELS = {"cpu": 8, "cuda": 256}  # models whose steps estimate a width's time
 PROBE_STEPS = 3
 
 
-def estimate_seconds(hypers: list, settings: Settings, device: torch.device, engine) -> float:
-    """Seconds to train these models (one population) on `device`: the time of PROBE_STEPS steps and of one
-    evaluation of an evenly spaced sample of them, after a step to warm up, scaled to all of them and to the
-    run's steps and logs. A GPU's time per model falls with the population's size, so a sample larger than
-    PROBE_MODELS runs faster per model than measured: an upper estimate there."""
-    sample = hypers[:: max(1, math.ceil(len(hypers) / PROBE_MODELS[device.type]))]
-    pop = Population(sample, settings, device)
+def estimate_costs(hypers: list, settings: Settings, device: torch.device, engine) -> tuple[float, float]:
+    """(seconds per example of a model's step, seconds per model of an evaluation) on `device`, from the time of
+    PROBE_STEPS steps and one evaluation of a population of these models, after a step to warm up. A GPU's time
+    per model falls with the population's size, so for populations larger than the sample the estimate is an
+    upper one there."""
+    pop = Population(hypers, settings, device)
     engine.step(pop)
     _sync(device)
     begin = time.perf_counter()
@@ -229,8 +253,7 @@ def estimate_seconds(hypers: list, settings: Settings, device: torch.device, eng
     pop.evaluate(engine)
     _sync(device)
     per_log = time.perf_counter() - begin
-    logs = len({*range(0, settings.steps + 1, settings.log_every), settings.steps})
-    return (settings.steps * per_step + logs * per_log) * len(hypers) / len(sample)
+    return per_step / float(pop.batch_counts.sum()), per_log / len(pop)
 
 
 def _sync(device: torch.device) -> None:
@@ -298,7 +321,7 @@ class _Training:
     def __init__(self, writer: RunWriter, engine, grid: Grid, settings: Settings, device: torch.device,
                  on_step: Callable[[int, int], None] | None):
         self.writer, self.engine, self.grid, self.settings, self.device = writer, engine, grid, settings, device
-        self.hypers = grid.models()
+        self.grid = grid
         self.on_step = on_step
         self.model_steps = 0
         # where the seconds go (config.json "time_split"): building populations, training steps, logging (evaluation
@@ -306,9 +329,10 @@ class _Training:
         self.split = dict.fromkeys(("setup", "steps", "logging", "saving"), 0.0)
         self.clock = time.perf_counter()
 
-    def run(self, jobs: list[tuple[list[int], str | None]], rows: list[ModelRow], start: Start,
+    def run(self, jobs: list[tuple[Callable[[], list[int]], str | None]], rows: list[ModelRow], start: Start,
             on_start: Callable[[Start], None] | None) -> Run:
-        """Train each job (model ids, and the saved population it continues or None), then mark the run finished.
+        """Train each job (its model ids when asked, built then; and the saved population it continues, or None),
+        then mark the run finished.
         Ctrl-C or SIGTERM: the population in flight is saved at the step it reached, then Interrupted."""
         began = time.perf_counter()
         try:
@@ -318,13 +342,15 @@ class _Training:
                 for ids, name in jobs:
                     if stop.asked:
                         raise KeyboardInterrupt
-                    new_rows, interrupted = self.population(ids, name, stop)
+                    new_rows, interrupted = self.population(ids(), name, stop)
                     rows += new_rows
                     if interrupted:
                         raise KeyboardInterrupt
             return self.finish("complete", rows, began)
         except KeyboardInterrupt:
             raise Interrupted(self.finish("interrupted", rows, began)) from None
+        except OSError as e:  # a file of the run could not be written (a full disk): say what is kept
+            raise RunError(self.write_failed(e, rows, began)) from None
         finally:
             self.writer.close()  # also when an error ends the run, so a --resume in this process may write it
 
@@ -332,7 +358,7 @@ class _Training:
         """Train one population to the end (or to a stop request) and save it: its rows, and whether it stopped."""
         steps = self.settings.steps
         self.lap("steps")
-        pop = Population([self.hypers[i] for i in ids], self.settings, self.device, model_ids=ids)
+        pop = Population([self.grid.model(i) for i in ids], self.settings, self.device, model_ids=ids)
         if name is None:
             name = self.writer.new_name()
             history = _History(self.engine)
@@ -349,10 +375,10 @@ class _Training:
                 self.engine.step(pop)
                 self.model_steps += len(pop)
                 if self.on_schedule(pop.step):
-                    metrics = self.log(history, pop)
-                    if pop.step < steps and time.perf_counter() - saved_at >= CHECKPOINT_SECONDS:
-                        self.save(pop, name, history, metrics)
-                        saved_at = time.perf_counter()
+                    self.log(history, pop)
+                if pop.step < steps and time.perf_counter() - saved_at >= CHECKPOINT_SECONDS:
+                    self.save(pop, name, history, self.metrics(history, pop))
+                    saved_at = time.perf_counter()
                 if self.on_step is not None:
                     self.on_step(len(pop), pop.step)
                 if stop.asked:
@@ -382,6 +408,16 @@ class _Training:
         self.lap("logging")
         return metrics
 
+    def metrics(self, history: _History, pop: Population) -> dict[str, torch.Tensor]:
+        """The metrics at pop's step: logged there, or evaluated now without a history row (a checkpoint between
+        logged steps; the history keeps the schedule an uninterrupted run logs)."""
+        if history.last is not None and history.last[0] == pop.step:
+            return history.last[1]
+        self.lap("steps")
+        metrics = pop.evaluate(self.engine)
+        self.lap("logging")
+        return metrics
+
     def save(self, pop: Population, name: str, history: _History, metrics) -> list[ModelRow]:
         self.lap("steps")
         table = history.table()
@@ -391,13 +427,30 @@ class _Training:
         self.lap("saving")
         return rows
 
+    def write_failed(self, error: OSError, rows: list[ModelRow], began: float) -> str:
+        """The one line that says what failed and what the run keeps, once config.json says 'interrupted' (if
+        it can still be written)."""
+        where = f"{error.filename}: {error.strerror}" if error.filename else str(error)
+        try:
+            self.finish("interrupted", rows, began)
+            marked = "config.json says 'interrupted'"
+        except OSError:
+            marked = "config.json could not be updated and still says 'running'"
+        written, steps = self.writer.config["written"], self.settings.steps
+        finished = sum(len(w["models"]) for w in written if w["steps"] == steps)
+        partial = sum(len(w["models"]) for w in written if w["steps"] < steps)
+        then = "free some space" if error.errno == errno.ENOSPC else "fix that"
+        return (f"{where}. Kept: {finished} of {len(self.grid)} models trained and {partial} saved part-trained; "
+                f"{marked}. {then[0].upper()}{then[1:]}, then `fastgrok train --resume {self.writer.out}` "
+                "continues from what was saved")
+
     def finish(self, status: str, rows: list[ModelRow], began: float) -> Run:
         rows.sort(key=lambda r: r.model)
         seconds = time.perf_counter() - began
         self.writer.finish(status, seconds=round(seconds, 3), model_steps=self.model_steps,
                            model_steps_per_s=round(self.model_steps / max(seconds, 1e-9), 1), models_written=len(rows),
                            time_split={k: round(v, 3) for k, v in self.split.items()})
-        return Run(self.writer.out, rows, status, seconds, self.model_steps, len(self.hypers), self.settings.steps)
+        return Run(self.writer.out, rows, status, seconds, self.model_steps, len(self.grid), self.settings.steps)
 
 
 class _StopNow(KeyboardInterrupt):

@@ -177,7 +177,8 @@ def test_a_few_models_are_read_without_reading_the_populations_around_them(tmp_p
     assert [pop.model_ids for pop in pops] == [[3, 5, 11]] and pops[0].width == 12
     for b, m in enumerate(pops[0].model_ids):
         assert all(torch.equal(got[b], want) for got, want in zip((pops[0].U, pops[0].V, pops[0].W), full[m]))
-    assert sorted(spans) == [(name, rows) for name in "UVW" for rows in [(1, 3), (5, 6)]] + [("model", "all")] * 2
+    assert sorted(s for s in spans if s[0] != "model") == [(name, rows) for name in "UVW" for rows in [(1, 3), (5, 6)]]
+    assert {s for s in spans if s[0] == "model"} == {("model", "all")}  # each file's model ids: 8 bytes a model
 
 
 def test_analysis_reads_a_large_run_in_pieces_with_the_same_results(tmp_path, monkeypatch):
@@ -359,9 +360,9 @@ def test_phase_defaults_to_the_axes_the_grid_varies(tmp_path):
 
 
 def test_grid_values_six_digits_cannot_hold_keep_their_cells(tmp_path):
-    """xi 0:0.1:4 is 0, 1/30, 2/30, 0.1: models.csv once rounded 1/30 to 0.0333333, which matched no grid value,
-    so the diagram silently lost those cells. Old runs read back exact too; a models.csv that is not the
-    config's grid is refused."""
+    """xi 0:0.1:4 is 0, 1/30, 2/30, 0.1: a models.csv value matches its grid value only to its digits, so the
+    grid's own value is read back (else the diagram would lose the cells of 1/30 and 2/30), also from a models.csv
+    rounded to 6 digits; a models.csv that is not the config's grid is refused."""
     out = tmp_path / "thirds"
     args = ["train", "--p", "7", "--width", "4", "--steps", "2", "--xi", "0:0.1:4", "--out", str(out)]
     assert runner.invoke(app, args).exit_code == 0
@@ -369,7 +370,7 @@ def test_grid_values_six_digits_cannot_hold_keep_their_cells(tmp_path):
     assert [r["xi"] for r in read_models(out)] == grid_xi and "0.0333333333333" in (out / "models.csv").read_text()
     text = (out / "models.csv").read_text()
     (out / "models.csv").write_text(text.replace("0.0333333333333", "0.0333333").replace("0.0666666666667", "0.0666667"))
-    assert [r["xi"] for r in read_models(out)] == grid_xi  # a run written before the fix
+    assert [r["xi"] for r in read_models(out)] == grid_xi
     assert sorted(r["xi"] for r in analysis.phase_diagram(out, "xi", "alpha")) == grid_xi
     (out / "models.csv").write_text(text.replace("0.0333333333333", "0.5"))
     result = runner.invoke(app, ["phase", str(out)])

@@ -520,24 +520,28 @@ def test_a_run_being_written_is_refused_to_a_second_process(tmp_path, monkeypatc
     assert run("--resume", out).exit_code == 0
 
 
-def test_a_killed_run_resumes_from_its_last_checkpoint(tmp_path, monkeypatch):
+@pytest.mark.parametrize("log_every", [10, 1000])
+def test_a_killed_run_resumes_from_its_last_checkpoint(tmp_path, monkeypatch, log_every):
+    """A population still training is saved on time, whether its step is logged or not (--log-every past --steps
+    logs only the first and last step): a kill loses only the steps since its last save."""
     import fastgrok.train
 
-    assert run(*RESUMABLE, "--out", tmp_path / "straight").exit_code == 0
-    monkeypatch.setattr(fastgrok.train, "CHECKPOINT_SECONDS", 0.0)  # save at every logged step
+    args = [*RESUMABLE, "--log-every", log_every]
+    assert run(*args, "--out", tmp_path / "straight").exit_code == 0
+    monkeypatch.setattr(fastgrok.train, "CHECKPOINT_SECONDS", 0.0)  # save after every step
 
     def crash():
         raise SystemExit(137)  # nothing is written after this: as if the process were killed
 
-    _stop_at(monkeypatch, 56, crash)  # second population at its 26th step: last saved at step 20
+    _stop_at(monkeypatch, 56, crash)  # second population at its 26th step: last saved at step 25
     out = tmp_path / "killed"
-    assert run(*RESUMABLE, "--out", out).exit_code == 137
+    assert run(*args, "--out", out).exit_code == 137
     assert read_config(out)["status"] == "running"
-    assert [w["steps"] for w in read_config(out)["written"]] == [30, 20]
+    assert [w["steps"] for w in read_config(out)["written"]] == [30, 25]
     assert runner.invoke(app, ["ipr", str(out)]).exit_code == 0  # the saved state is no population of its own
     calls = _stop_at(monkeypatch, 0, None)
     assert run("--resume", out).exit_code == 0
-    assert calls["n"] == 10  # steps 21..30 of the second population
+    assert calls["n"] == 5  # steps 26..30 of the second population
     _same_results(out, tmp_path / "straight")
 
 
@@ -604,22 +608,20 @@ def test_a_run_killed_while_writing_a_checkpoint_resumes_from_the_one_before(tmp
     import fastgrok.train
 
     assert run(*RESUMABLE, "--out", tmp_path / "straight").exit_code == 0
-    monkeypatch.setattr(fastgrok.train, "CHECKPOINT_SECONDS", 0.0)  # save at every logged step
-    real, states = fastgrok.results.save_file, {"n": 0}
+    monkeypatch.setattr(fastgrok.train, "CHECKPOINT_SECONDS", 0.0)  # save after every step
+    real = fastgrok.results.save_file
 
     def save_file(tensors, path):
-        if "exp_avg.U" in tensors:
-            states["n"] += 1
-            if states["n"] == 4:  # the second population's second checkpoint (step 20): killed mid-write
-                with open(path, "wb") as f:
-                    f.write(b"\0" * 100)
-                raise SystemExit(137)
+        if "exp_avg.U" in tensors and tensors["model"].tolist() == [1, 3] and int(tensors["step"]) == 20:
+            with open(path, "wb") as f:  # the second population's checkpoint at step 20: killed mid-write
+                f.write(b"\0" * 100)
+            raise SystemExit(137)
         real(tensors, path)
 
     monkeypatch.setattr(fastgrok.results, "save_file", save_file)
     out = tmp_path / "killed"
     assert run(*RESUMABLE, "--out", out).exit_code == 137
-    assert [w["steps"] for w in read_config(out)["written"]] == [30, 10]
+    assert [w["steps"] for w in read_config(out)["written"]] == [30, 19]
     monkeypatch.setattr(fastgrok.results, "save_file", real)
     result = run("--resume", out)
     assert result.exit_code == 0, result.output

@@ -369,15 +369,16 @@ def test_each_model_gets_the_weights_its_own_seed_draws():
 def test_plan_groups_by_width_and_puts_the_largest_training_sets_first():
     """Each population holds one width, as many models as the budget allows, largest training set first (a GPU
     then starts the longest backward programs first); every model lands in exactly one population."""
+    from fastgrok.config import Grid
     from fastgrok.data import pair_count, train_size
     from fastgrok.planner import plan, population_bytes
 
     settings = Settings(p=13)
-    alphas = [0.3, 0.9, 0.1, 0.5, 0.7, 0.2]
-    hypers = [Hyper(alpha=a, width=w, seed=i) for i, (a, w) in enumerate((a, w) for w in (8, 16) for a in alphas)]
+    grid = Grid.parse({"alpha": "0.3,0.9,0.1,0.5,0.7,0.2", "width": "8,16"})
     num_pairs = pair_count("add", 13)
     budget = population_bytes(settings, 16, train_size(num_pairs, 0.9), num_pairs, 4, TorchBackend(), device="cpu")
-    populations = plan(hypers, settings, torch.device("cpu"), TorchBackend(), budget=budget)
+    populations = [p.ids() for p in plan(grid, settings, torch.device("cpu"), TorchBackend(), budget=budget)]
+    hypers = grid.models()
     assert sorted(i for ids in populations for i in ids) == list(range(len(hypers)))
     assert [len(ids) for ids in populations][-2:] == [4, 2]  # the 16-wide models: 4 a population
     for ids in populations:
@@ -385,6 +386,36 @@ def test_plan_groups_by_width_and_puts_the_largest_training_sets_first():
         sizes = [train_size(num_pairs, hypers[i].alpha) for i in ids]
         assert sizes == sorted(sizes, reverse=True)
     assert [hypers[i].alpha for i in populations[-1]] == [0.2, 0.1]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_a_plan_is_the_grids_models_sorted_and_cut_without_listing_them(monkeypatch, seed):
+    """The planner finds each population's models by arithmetic on the grid's axes; what it finds is the grid's
+    models by width, then training-set size (largest first, alphas of equal size by model id), cut into
+    populations of what fits: listed here the slow way, on grids of random axes."""
+    import random
+
+    from fastgrok.config import Grid
+    from fastgrok.data import pair_count, train_size
+    from fastgrok.planner import models_that_fit, plan
+
+    rng = random.Random(seed)
+    pick = lambda values: ",".join(rng.sample(values, rng.randint(1, len(values))))  # noqa: E731
+    grid = Grid.parse({"xi": pick(["0", "0.2", "0.4"]), "alpha": pick(["0.3", "0.31", "0.5", "0.7", "0.9"]),
+                       "width": pick(["8", "12", "16"]), "wd": pick(["0", "1"]), "dropout": pick(["0", "0.2"]),
+                       "seed": pick(["0", "1", "2"])})
+    settings, engine, cpu = Settings(p=13), TorchBackend(), torch.device("cpu")
+    budget = rng.choice([10**6, 3 * 10**6, 10**8])
+    hypers, pairs = grid.models(), pair_count("add", 13)
+    expected = []
+    for width in grid.axes["width"]:
+        ids = sorted((i for i, h in enumerate(hypers) if h.width == width),
+                     key=lambda i: -train_size(pairs, hypers[i].alpha))
+        fits = models_that_fit(settings, width, train_size(pairs, hypers[ids[0]].alpha), pairs, cpu, budget, engine,
+                               any(h.dropout > 0 for h in hypers))
+        expected += [ids[k : k + fits] for k in range(0, len(ids), fits)]
+    monkeypatch.setattr(Grid, "models", lambda self: pytest.fail("the planner listed the grid's models"))
+    assert [p.ids() for p in plan(grid, settings, cpu, engine, budget)] == expected
 
 
 def test_models_that_fit_is_the_most_models_within_the_budget():

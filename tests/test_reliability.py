@@ -174,6 +174,30 @@ def test_a_damaged_population_file_is_named_and_resume_retrains_it(tmp_path, str
     same_results(out, straight)
 
 
+def test_a_damaged_state_is_named_and_its_population_trained_again(tmp_path, straight, monkeypatch):
+    """An interrupted population continues from its state file; cut short, that file is named and resume trains
+    the population from its seeds instead."""
+    real, calls = TorchBackend.step, {"n": 0}
+
+    def step(self, pop):
+        calls["n"] += 1
+        if calls["n"] == 35:  # Ctrl-C at the second population's 5th step
+            raise KeyboardInterrupt
+        return real(self, pop)
+
+    monkeypatch.setattr(TorchBackend, "step", step)
+    out = tmp_path / "run"
+    assert run("train", *TWO, "--out", out).exit_code == 130
+    monkeypatch.undo()
+    state = out / "weights/pop001.state.safetensors"
+    state.write_bytes(state.read_bytes()[:1000])
+    for command in ANALYSES:
+        one_line_error(run(*command, out), "pop001.state.safetensors is damaged", "--resume")
+    result = run("train", "--resume", out)
+    assert result.exit_code == 0 and "pop001.state.safetensors is damaged" in result.output, result.output
+    same_results(out, straight)
+
+
 @pytest.mark.parametrize("damage, names", [
     (lambda out: (out / "config.json").write_text((out / "config.json").read_text()[:200]), "config.json is damaged"),
     (lambda out: (out / "config.json").write_text(json.dumps({**read_config(out), "grid": None})), "config.json"),

@@ -162,6 +162,8 @@ def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
             full = "No space left" in str(e) or "StorageFull" in str(e)
             raise OSError(errno.ENOSPC if full else errno.EIO, os.strerror(errno.ENOSPC) if full else str(e),
                           str(path)) from e
+        if isinstance(e, OSError) and e.filename is None:  # pyarrow's names no file
+            raise OSError(e.errno, os.strerror(e.errno) if e.errno else str(e), str(path)) from e
         raise
 
 

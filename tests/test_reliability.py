@@ -274,3 +274,16 @@ def test_a_hyper_is_read_from_the_grid_by_its_index():
     grid = Grid.parse({"xi": "0,0.1,0.2", "wd": "0,5", "seed": "0,1,2", "width": "8,16"})
     assert [grid.model(i) for i in range(len(grid))] == grid.models()
     assert grid.model(len(grid) - 1) == Hyper(xi=0.2, width=16, wd=5.0, seed=2)
+
+
+def test_a_write_that_fails_names_its_file_and_leaves_nothing_behind(tmp_path):
+    """pyarrow reports a full disk as an OSError without a file name ("Error writing bytes to file"): the error
+    names the file it was writing, in the system's words, and no temporary file stays."""
+    def write(tmp):
+        tmp.write_bytes(b"part")
+        raise OSError(28, "Error writing bytes to file. Detail: [errno 28] No space left on device")
+
+    with pytest.raises(OSError) as caught:
+        results.write_atomic(tmp_path / "history.parquet", write)
+    assert caught.value.filename == str(tmp_path / "history.parquet")
+    assert caught.value.strerror == "No space left on device" and not list(tmp_path.iterdir())

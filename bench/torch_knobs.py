@@ -79,7 +79,7 @@ def worker(conn, knob: str, value, steps: int) -> None:
     """A process with one value of a PER_PROCESS knob: times the case it is sent, holding one case at a time."""
     module, setting, _, cases = KNOBS[knob]
     setattr(module, setting, value)
-    process.tune_cpu_malloc()
+    process.tune_cpu()
     held = None
     while (case := conn.recv()) is not None:
         if held is None or held[0] != case:
@@ -105,7 +105,7 @@ def main() -> None:
     default, default_tf32 = getattr(module, setting), torch.backends.cuda.matmul.allow_tf32
     workers = {}
     if device.type == "cpu" and args.knob not in PER_PROCESS:
-        process.tune_cpu_malloc()  # as a run on the CPU does
+        process.tune_cpu()  # as a run on the CPU does
     if args.knob in PER_PROCESS:
         context = multiprocessing.get_context("spawn")
         for label, value in values.items():

@@ -195,7 +195,7 @@ def prune(run: Path, order: str = "low", models: str | None = None, every: int |
         raise ConfigError("--every must be at least 1")
     device = resolve_device(device)
     if device.type == "cpu":
-        process.tune_cpu_malloc()
+        process.tune_cpu()
     run = Path(run)
     rows = read_models(run)
     chosen = select_models(rows, models)

@@ -226,7 +226,7 @@ def run(widths=(128, 500), models=("1", "16"), p: int = 97, alpha: float = 0.5, 
             raise ConfigError(f"--out {out} is a directory; give a file name such as {out / 'bench.json'}")
         out.parent.mkdir(parents=True, exist_ok=True)
     if dev.type == "cpu":
-        process.tune_cpu_malloc()
+        process.tune_cpu()
     settings = Settings(p=p)
     d = train_size(pair_count(settings.op, p), alpha)
     for width in widths:  # the least demanding variant asked for must fit one model of every width

@@ -155,7 +155,7 @@ def _engine(backend, device: torch.device, precision: str | None, settings: Sett
     engine = make_backend(backend, device, precision, settings) if isinstance(backend, str) else backend
     engine.check(settings)
     if device.type == "cpu":
-        process.tune_cpu_malloc()
+        process.tune_cpu()
     return engine
 
 

@@ -105,10 +105,15 @@ def ipr(run: Path, fft: str = "rfft", threshold: float = HIGH_IPR, models: str |
     phase_of = {r.model: r.phase for r in rows}
     table = {}
     per_model = {column: {} for column in IPR_COLUMNS}
+    extra = {}  # the family's other weight vectors' mean IPR per model (Family.ipr_extra), by column
     values: dict[int, np.ndarray] = {}
     for weights in read_weights(run, set(chosen) if chosen is not None else None):  # a piece at a time
         ids = weights["model"].tolist()
-        result = neuron_ipr(family.ipr_parts({k: v.to(device) for k, v in weights.items()}), fft)
+        tensors = {k: v.to(device) for k, v in weights.items()}
+        result = neuron_ipr(family.ipr_parts(tensors), fft)
+        for name, part in family.ipr_extra(tensors).items():
+            column = extra.setdefault(f"{name}_ipr", {})
+            column.update(zip(weights["model"].tolist(), neuron_ipr({name: part}, fft).model_mean().tolist()))
         high, mean = result.high_fraction(threshold).tolist(), result.model_mean().tolist()
         dead_count = result.dead.sum(1).tolist()
         neuron_mean, dead = result.mean.cpu().numpy(), result.dead.cpu().numpy()
@@ -128,7 +133,7 @@ def ipr(run: Path, fft: str = "rfft", threshold: float = HIGH_IPR, models: str |
     arrays = {k: pa.array(v, mask=np.isnan(v)) if v.dtype.kind == "f" else pa.array(v) for k, v in columns.items()}
     # missing IPR (zero vectors) are nulls, not NaN
     write_atomic(run / "ipr.parquet", lambda tmp: pq.write_table(pa.table(arrays), tmp))
-    _update_models_csv(run, per_model)
+    _update_models_csv(run, {**per_model, **extra})
     if chosen is not None and len(chosen) <= 9:
         groups = {f"model {m} ({phase_of[m]})": values[m] for m in chosen}
     else:

@@ -58,7 +58,7 @@ def finish_step(pop: Population, losses: torch.Tensor, grads, update) -> torch.T
     pop.diverged |= ~ok
     pop.step += 1
     update(pop.settings.optimizer, pop.optimized, grads, pop.exp_avg, pop.exp_avg_sq, pop.step, pop.lr, pop.wd,
-           pop.beta1, pop.beta2, pop.eps, active=~pop.diverged)
+           pop.beta1, pop.beta2, pop.eps, active=~pop.diverged, decay=pop.decays)
     return losses
 
 

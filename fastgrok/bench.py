@@ -8,10 +8,12 @@ Every variant's first steps are checked against reference.py before anything is 
 from __future__ import annotations
 
 import contextlib
+import copy
 import datetime
 import json
 import math
 import time
+import weakref
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -23,6 +25,7 @@ from fastgrok.config import Hyper, Settings
 from fastgrok.data import check_task, pair_count, train_size
 from fastgrok.errors import ConfigError
 from fastgrok.device import device_name, resolve_device
+from fastgrok.families import FAMILIES, family_of
 from fastgrok.families.mlp_triton import TritonBackend
 from fastgrok.planner import memory_budget, models_that_fit
 from fastgrok.population import Population
@@ -71,6 +74,58 @@ class TritonBlockBackend(TritonBackend):
                               fused=self.fused, **self.backward_tiles)
 
 
+class VmapBackend:
+    """The baseline torch.func offers for many models: the family's reference module, its parameters stacked
+    (stack_module_state), each model's loss gradient by vmap(grad(functional_call)) over the stacked models, and a
+    torch AdamW over the stacked tensors (every model the first one's lr and weight decay). It keeps its own
+    parameters, starting from the population's."""
+
+    name = "torch-vmap"
+
+    def __init__(self, compile: bool = False):
+        self.compile = compile
+        self.name = "torch-vmap" + ("-compile" if compile else "")
+        self._state = weakref.WeakKeyDictionary()
+
+    def check(self, settings) -> None:
+        if settings.batchnorm:
+            raise ConfigError("the vmap baseline has no BatchNorm")
+
+    def step_bytes(self, settings, width: int, d: int, models: int, device: torch.device, dropout: bool) -> int:
+        return models * family_of(settings).step_bytes(settings, width, d)
+
+    def eval_bytes(self, settings, width: int) -> int:
+        return family_of(settings).eval_bytes(settings, width)
+
+    def step(self, pop: Population) -> torch.Tensor:
+        if pop not in self._state:
+            self._state[pop] = self._prepare(pop)
+        params, gradient, opt = self._state[pop]
+        m, n, y, valid, D = pop.batch()
+        grads, losses = gradient(params, m, n, y, valid, D)
+        for name, p in params.items():
+            p.grad = grads[name]
+        opt.step()
+        return losses
+
+    def _prepare(self, pop: Population):
+        models = [pop.model(b).to(pop.device) for b in range(len(pop))]
+        params, _ = torch.func.stack_module_state(models)
+        base = copy.deepcopy(models[0]).to("meta")
+        loss_name = pop.settings.loss
+
+        def loss(p, m, n, y, valid, D):
+            per_example = reference.per_example_loss(torch.func.functional_call(base, p, (m, n)), y, loss_name)
+            return torch.where(valid, per_example, 0.0).sum() / D
+
+        gradient = torch.func.vmap(torch.func.grad_and_value(loss), randomness="different")
+        if self.compile:
+            gradient = torch.compile(gradient, dynamic=False)
+        h, s = pop.hypers[0], pop.settings
+        opt = torch.optim.AdamW(list(params.values()), lr=h.lr, betas=s.betas, eps=s.eps, weight_decay=h.wd)
+        return params, gradient, opt
+
+
 # The Triton step by its scatter, for the scripts that compare them (bench/sweep_blocks.py, bench/profile_step.py)
 TRITON_STEPS = {"window": TritonBackend, "block": TritonBlockBackend}
 # name -> (precision of its matmuls, whether torch may use TF32, how to build it)
@@ -78,6 +133,8 @@ VARIANTS = {
     "torch": ("fp32", False, lambda: TorchBackend()),
     "torch-tf32": ("tf32", True, lambda: TorchBackend()),
     "torch-compile": ("tf32", True, lambda: TorchBackend(compile=True)),
+    "torch-vmap": ("fp32", False, lambda: VmapBackend()),
+    "torch-vmap-compile": ("tf32", True, lambda: VmapBackend(compile=True)),
     "triton-fp32": ("fp32", False, lambda: TritonBackend("fp32")),
     "triton-tf32": ("tf32", False, lambda: TritonBackend("tf32")),
     "triton-tf32x3": ("fp32", False, lambda: TritonBackend("tf32x3")),
@@ -86,7 +143,8 @@ VARIANTS = {
     "triton-tf32-block": ("tf32", False, lambda: TritonBlockBackend("tf32")),
     "triton-bf16-block": ("bf16", False, lambda: TritonBlockBackend("bf16")),
 }
-DEFAULT_VARIANTS = {"cpu": ("torch",), "cuda": tuple(VARIANTS)}
+DEFAULT_VARIANTS = {"cpu": ("torch", "torch-vmap"), "cuda": tuple(VARIANTS)}
+GPU_ONLY = ("triton", "torch-compile", "torch-vmap-compile")  # variants (by prefix) that run only on a GPU
 PARITY = {"fp32": 1e-4, "tf32": 2e-2, "bf16": 5e-2}  # relative loss error allowed in the pre-timing check
 
 
@@ -102,8 +160,10 @@ class Result:
     note: str = ""
 
 
-def flops_per_model_step(p: int, width: int, d: int) -> int:
-    return 6 * d * width * p
+def flops_per_model_step(p: int, width: int, d: int, settings: Settings | None = None) -> int:
+    """The family's FLOPs of one model-step (the MLP's 6 D N p by default)."""
+    settings = Settings(p=p) if settings is None else settings
+    return family_of(settings).flops(settings, width, d)
 
 
 def _sync(device: torch.device) -> None:
@@ -201,8 +261,9 @@ class Interrupted(Exception):
 
 
 def run(widths=(128, 500), models=("1", "16"), p: int = 97, alpha: float = 0.5, device: str = "cpu",
-        variants: tuple[str, ...] | None = None, log=print, out: Path | None = None) -> dict:
-    """models: population sizes; "max" is the largest that the memory planner fits for each variant.
+        variants: tuple[str, ...] | None = None, log=print, out: Path | None = None, model: str = "mlp") -> dict:
+    """models: population sizes; "max" is the largest that the memory planner fits for each variant. model: the
+    family, at its default settings (fastgrok.families); the Triton variants are the MLP's.
 
     out: a JSON file the report is written to after every result (and its figure, out with .png, at the end and
     on an interrupt), so that a benchmark cut short (a time limit, Ctrl-C) keeps what it measured; Ctrl-C raises
@@ -214,12 +275,18 @@ def run(widths=(128, 500), models=("1", "16"), p: int = 97, alpha: float = 0.5, 
         raise ConfigError(f"--width and --models take positive whole numbers (or 'max'), got {widths!r}, {models!r}")
     if not 0 < alpha < 1:
         raise ConfigError(f"--alpha must be in (0, 1), got {alpha}")
-    variants = variants or DEFAULT_VARIANTS[dev.type]
+    if model not in FAMILIES:
+        raise ConfigError(f"unknown model {model!r}; choose one of {', '.join(FAMILIES)}")
+    family = FAMILIES[model]
+    variants = variants or tuple(v for v in DEFAULT_VARIANTS[dev.type]
+                                 if not v.startswith("triton") or "triton" in family.fused)
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise ConfigError(f"unknown benchmark variant {unknown[0]!r}; choose from {', '.join(VARIANTS)}")
-    if dev.type == "cpu" and any(v.startswith("triton") or v == "torch-compile" for v in variants):
-        raise ConfigError("the triton and torch-compile variants are GPU benchmarks; on a CPU use torch")
+    if dev.type == "cpu" and any(v.startswith(GPU_ONLY) for v in variants):
+        raise ConfigError("the triton and compiled variants are GPU benchmarks; on a CPU use torch or torch-vmap")
+    if any(v.startswith("triton") for v in variants) and "triton" not in family.fused:
+        raise ConfigError(f"the {model} model has no triton kernels; use the torch variants")
     if out is not None:
         out = Path(out)
         if out.is_dir():
@@ -227,7 +294,7 @@ def run(widths=(128, 500), models=("1", "16"), p: int = 97, alpha: float = 0.5, 
         out.parent.mkdir(parents=True, exist_ok=True)
     if dev.type == "cpu":
         process.tune_cpu()
-    settings = Settings(p=p)
+    settings = Settings(p=p, **{**family.defaults, "model": model})
     d = train_size(pair_count(settings.op, p), alpha)
     for width in widths:  # the least demanding variant asked for must fit one model of every width
         engines = [VARIANTS[v][2]() for v in variants]
@@ -246,8 +313,9 @@ def run(widths=(128, 500), models=("1", "16"), p: int = 97, alpha: float = 0.5, 
         "threads": torch.get_num_threads(),
         "peaks_tflops": {},
         "failed": {},
-        "setting": {"p": p, "alpha": alpha, "train_examples": train_size(p * p, alpha), "loss": settings.loss,
-                    "optimizer": settings.optimizer, "flops_per_model_step": "6 D N p"},
+        "setting": {"model": model, "p": p, "alpha": alpha, "train_examples": train_size(p * p, alpha),
+                    "loss": settings.loss, "optimizer": settings.optimizer,
+                    "flops_per_model_step": (family.flops.__doc__ or "").strip().split(":")[0]},
         "results": [],
     }
     try:
@@ -284,7 +352,7 @@ def _measure(report, widths, models, variants, settings, alpha, dev, log, save) 
             log(_line(result))
 
     for width in widths:
-        flops = flops_per_model_step(p, width, d)
+        flops = flops_per_model_step(p, width, d, settings)
         sec = reference_seconds(settings, width, alpha, dev)
         add(Result("reference", width, 1, 1 / sec, flops / sec / 1e12, _percent(flops / sec, peaks, "fp32"), sec))
         for name in variants:

@@ -16,6 +16,7 @@ from fastgrok.config import DEFAULT_PRECISION, PRECISIONS, Hyper, Settings
 
 GRID = "Grid (each: a comma list 0,0.35 or start:stop:count 0:0.9:19)"
 SHARED = "Shared settings"
+FAMILY = "The deep MLP's and the transformer's settings"
 PLAIN_PROGRESS_SECONDS = 60.0  # a progress line this often when stderr is not a terminal
 HYPER, SETTINGS = Hyper(), Settings()  # the defaults the help shows
 
@@ -93,15 +94,17 @@ def _call(fn, *args, before_fail=None, **kwargs):
 def train(
     xi: Annotated[Optional[str], typer.Option(help="Corrupted fraction of training labels" + _default(HYPER.xi), rich_help_panel=GRID)] = None,
     alpha: Annotated[Optional[str], typer.Option(help="Training fraction of the p^2 pairs" + _default(HYPER.alpha), rich_help_panel=GRID)] = None,
-    width: Annotated[Optional[str], typer.Option(help="Hidden width N" + _default(HYPER.width), rich_help_panel=GRID)] = None,
+    width: Annotated[Optional[str], typer.Option(help="Hidden width N (a transformer's d_model)" + _default(HYPER.width), rich_help_panel=GRID)] = None,
+    d_model: Annotated[Optional[str], typer.Option("--d-model", help="The transformer's width, as --width", rich_help_panel=GRID)] = None,
     wd: Annotated[Optional[str], typer.Option(help="Weight decay" + _default(HYPER.wd), rich_help_panel=GRID)] = None,
-    dropout: Annotated[Optional[str], typer.Option(help="Dropout rate on the pre-activation" + _default(HYPER.dropout), rich_help_panel=GRID)] = None,
+    dropout: Annotated[Optional[str], typer.Option(help="Dropout rate: on the pre-activation (MLPs), on the embeddings, attention and MLP outputs (transformer)" + _default(HYPER.dropout), rich_help_panel=GRID)] = None,
     lr: Annotated[Optional[str], typer.Option(help="Learning rate" + _default(HYPER.lr), rich_help_panel=GRID)] = None,
     seed: Annotated[Optional[str], typer.Option(help="Model seed: init, data split and noise" + _default(HYPER.seed), rich_help_panel=GRID)] = None,
+    model: Annotated[Optional[str], typer.Option(help="mlp (W phi(U e_m + V e_n), the paper's), deep-mlp (--depth ReLU layers) or transformer" + _default(SETTINGS.model), rich_help_panel=SHARED)] = None,
     op: Annotated[Optional[str], typer.Option(help="add, sub, mul, div, x2y2 (m²+n²), x2xyy2 (m²+mn+n²)" + _default(SETTINGS.op), rich_help_panel=SHARED)] = None,
     p: Annotated[Optional[int], typer.Option("--p", help="Modulus" + _default(SETTINGS.p), rich_help_panel=SHARED)] = None,
     steps: Annotated[Optional[int], typer.Option(help="Training steps (full batch, or minibatches with --batch-size)" + _default(SETTINGS.steps), rich_help_panel=SHARED)] = None,
-    act: Annotated[Optional[str], typer.Option(help="Activation: quad (x²) or relu" + _default(SETTINGS.act), rich_help_panel=SHARED)] = None,
+    act: Annotated[Optional[str], typer.Option(help="Activation: quad (x²) or relu (mlp); relu or gelu (deep-mlp, transformer)" + _default(f"{SETTINGS.act} (mlp), relu (the others)"), rich_help_panel=SHARED)] = None,
     loss: Annotated[Optional[str], typer.Option(help="mse or ce" + _default(SETTINGS.loss), rich_help_panel=SHARED)] = None,
     optimizer: Annotated[Optional[str], typer.Option(help="adamw, adam or sgd" + _default(SETTINGS.optimizer), rich_help_panel=SHARED)] = None,
     betas: Annotated[Optional[str], typer.Option(help="Adam betas" + _default(",".join(f"{b:g}" for b in SETTINGS.betas)), rich_help_panel=SHARED)] = None,
@@ -110,6 +113,11 @@ def train(
     log_every: Annotated[Optional[int], typer.Option(help="Log every metric of every model every K steps" + _default(SETTINGS.log_every), rich_help_panel=SHARED)] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Minibatch size: each model's training set reshuffled every epoch, the remainder dropped; --steps counts minibatch steps" + _default("full batch"), rich_help_panel=SHARED)] = None,
     batchnorm: Annotated[Optional[bool], typer.Option("--batchnorm/--no-batchnorm", help="BatchNorm1d after the activation, running statistics at evaluation (torch backend)" + _default("off"), rich_help_panel=SHARED)] = None,
+    depth: Annotated[Optional[int], typer.Option(help="deep-mlp: hidden ReLU layers" + _default(SETTINGS.depth), rich_help_panel=FAMILY)] = None,
+    layers: Annotated[Optional[int], typer.Option(help="transformer: blocks" + _default(SETTINGS.layers), rich_help_panel=FAMILY)] = None,
+    heads: Annotated[Optional[int], typer.Option(help="transformer: attention heads (dividing d_model)" + _default(SETTINGS.heads), rich_help_panel=FAMILY)] = None,
+    layernorm: Annotated[Optional[bool], typer.Option("--layernorm/--no-layernorm", help="transformer: LayerNorm before attention, MLP and readout" + _default("off, as the authors'"), rich_help_panel=FAMILY)] = None,
+    scale: Annotated[Optional[str], typer.Option(help="transformer: mup (output scale 1/d, attention 1/d_head: the authors' notebook) or sp (1/sqrt(d), 1/sqrt(d_head))" + _default(SETTINGS.scale), rich_help_panel=FAMILY)] = None,
     preset: Annotated[Optional[str], typer.Option(help="A named run (see `fastgrok presets`); options given override it. With no grid option: cpu-demo on a CPU, paper-xi-wd on a GPU")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:K")] = "auto",
     backend: Annotated[str, typer.Option(help="auto (triton on a GPU, torch on a CPU), torch, or triton (on a CPU only under TRITON_INTERPRET=1)")] = "auto",
@@ -123,16 +131,17 @@ def train(
     from fastgrok import train as training
 
     axes = dict(xi=xi, alpha=alpha, width=width, wd=wd, dropout=dropout, lr=lr, seed=seed)
-    shared = dict(op=op, p=p, steps=steps, act=act, loss=loss, optimizer=optimizer, betas=betas, noise=noise,
-                  data_seed=data_seed, log_every=log_every, batch_size=batch_size, batchnorm=batchnorm)
+    shared = dict(model=model, op=op, p=p, steps=steps, act=act, loss=loss, optimizer=optimizer, betas=betas,
+                  noise=noise, data_seed=data_seed, log_every=log_every, batch_size=batch_size, batchnorm=batchnorm,
+                  depth=depth, layers=layers, heads=heads, layernorm=layernorm, scale=scale)
     progress = _Progress()
     try:
         if resume is not None:
-            _call(presets.check_resume, {**axes, **shared, "preset": preset, "out": out}, dry_run)
+            _call(presets.check_resume, {**axes, **shared, "d_model": d_model, "preset": preset, "out": out}, dry_run)
             run = _call(training.resume, resume, device=device, backend=backend, precision=precision,
                         on_start=progress.start, on_step=progress.step, before_fail=progress.stop)
         else:
-            request = _call(presets.resolve, preset, axes, shared, device)
+            request = _call(presets.resolve, preset, axes, shared, device, d_model=d_model)
             if dry_run:
                 plan = _call(training.plan, request.grid, request.settings, out, device=device, backend=backend,
                              precision=precision)
@@ -356,7 +365,8 @@ def presets() -> None:
 def bench(
     width: Annotated[str, typer.Option(help="Widths N, comma list")] = "128,500",
     models: Annotated[str, typer.Option(help="Population sizes B, comma list; 'max' = what fits in memory")] = "1,16",
-    variants: Annotated[Optional[str], typer.Option(help="Comma list from torch, torch-tf32, torch-compile, triton-fp32, triton-tf32, triton-tf32x3, triton-bf16" + _default("torch on a CPU, all on a GPU"))] = None,
+    variants: Annotated[Optional[str], typer.Option(help="Comma list from torch, torch-tf32, torch-compile, torch-vmap, torch-vmap-compile, triton-fp32, triton-tf32, triton-tf32x3, triton-bf16" + _default("torch and torch-vmap on a CPU, all the model has on a GPU"))] = None,
+    model: Annotated[str, typer.Option(help="mlp, deep-mlp or transformer, at its default settings")] = SETTINGS.model,
     p: Annotated[int, typer.Option("--p", help="Modulus")] = SETTINGS.p,
     alpha: Annotated[float, typer.Option(help="Training fraction")] = HYPER.alpha,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:K")] = "auto",
@@ -370,7 +380,7 @@ def bench(
     sizes = [b.strip() for b in models.split(",")]
     chosen = tuple(v.strip() for v in variants.split(",")) if variants else None
     try:
-        _call(benchmark.run, widths, sizes, p=p, alpha=alpha, device=device, variants=chosen, out=out)
+        _call(benchmark.run, widths, sizes, p=p, alpha=alpha, device=device, variants=chosen, out=out, model=model)
     except benchmark.Interrupted as e:
         done = len(e.report["results"])
         kept = f", written to {out} and {out.with_suffix('.png')} (marked \"interrupted\")" if out else ""

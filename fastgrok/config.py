@@ -56,6 +56,12 @@ class Settings:
     log_every: int = 100
     batch_size: int | None = None  # examples per step (minibatches reshuffled every epoch); None: full batch
     batchnorm: bool = False        # BatchNorm1d after the activation (torch backend)
+    # the deep MLP's and the transformer's own (fastgrok.families checks them; other families ignore them)
+    depth: int = 3                 # deep-mlp: hidden ReLU layers (the paper's Fig. 7b: 3 of width 500)
+    layers: int = 1                # transformer: blocks (the paper's Fig. 7a: 1)
+    heads: int = 4                 # transformer: attention heads, dividing the width (d_model)
+    layernorm: bool = False        # transformer: LayerNorm before attention, MLP and readout (the authors': off)
+    scale: str = "mup"             # transformer: output scale 1/d and attention 1/d_head (muP) or 1/sqrt(d), 1/sqrt(d_head) (sp)
 
     def __post_init__(self):
         # numpy scalars (a value taken from an array) as Python numbers, so that config.json can hold them
@@ -77,7 +83,7 @@ class Settings:
         from fastgrok.reference import ACTIVATIONS, LOSSES, OPTIMIZERS, check_choice
 
         # from Python, a wrong type must read as a clear error too, not as a TypeError deep inside a step
-        for name in ("p", "steps", "log_every", "batch_size", "data_seed"):
+        for name in ("p", "steps", "log_every", "batch_size", "data_seed", "depth", "layers", "heads"):
             value = getattr(self, name)
             if value is None and name in ("batch_size", "data_seed"):  # optional
                 continue
@@ -91,6 +97,7 @@ class Settings:
             raise ConfigError(f"eps must be a number in (0, 1), got {self.eps!r}")
         check_choice("model", self.model, FAMILIES)
         check_task(self.op, self.p)
+        FAMILIES[self.model].check(self)
         check_choice("activation", self.act, ACTIVATIONS)
         check_choice("loss", self.loss, LOSSES)
         check_choice("optimizer", self.optimizer, OPTIMIZERS)

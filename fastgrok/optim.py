@@ -11,7 +11,8 @@ that a population matches the reference within fp32 rounding:
 
 `coefficients` computes the per-model scalars on the host in float64, as torch does in Python; the torch
 path below and the Triton kernel (kernels/optimizer.py) both consume them. Models whose `active` flag is off
-keep their parameters and moments unchanged.
+keep their parameters and moments unchanged. A tensor whose `decay` flag is off (a LayerNorm's, as torch
+users leave norms out of weight decay) is stepped with no weight decay.
 """
 
 from __future__ import annotations
@@ -41,14 +42,23 @@ def _col(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return x.view(-1, *([1] * (like.dim() - 1))).to(like.dtype)
 
 
+def per_tensor(name: str, step: int, lr, wd, beta1, beta2, decay) -> list[dict[str, torch.Tensor]]:
+    """coefficients for each tensor: with the models' weight decay, or none where its decay flag is off."""
+    with_wd = coefficients(name, step, lr, wd, beta1, beta2)
+    without = coefficients(name, step, lr, torch.zeros_like(wd), beta1, beta2) if not all(decay) else with_wd
+    return [with_wd if flag else without for flag in decay]
+
+
 @torch.no_grad()
 def step_(name: str, params, grads, exp_avgs, exp_avg_sqs, step: int, lr, wd, beta1, beta2, eps,
-          active: torch.Tensor) -> None:
-    """One optimizer step in place. lr, wd, beta1, beta2, eps, active: (B,) tensors."""
-    c = coefficients(name, step, lr, wd, beta1, beta2)
+          active: torch.Tensor, decay: tuple[bool, ...] | None = None) -> None:
+    """One optimizer step in place. lr, wd, beta1, beta2, eps, active: (B,) tensors; decay: a flag per tensor
+    (default: every tensor decays)."""
+    coefs = per_tensor(name, step, lr, wd, beta1, beta2, decay or (True,) * len(params))
     frozen = (~active).nonzero().flatten()
     for i, (param, grad) in enumerate(zip(params, grads)):
-        col = lambda key: _col(c[key], param)  # noqa: E731
+        c = coefs[i]
+        col = lambda key: _col(c[key], param)  # noqa: E731,B023
         state = (param,) if name == "sgd" else (param, exp_avgs[i], exp_avg_sqs[i])
         # Frozen models' rows are put back after the update. On a CPU that is 1.8-5x faster than computing every
         # value out of place and selecting with torch.where (the cpu-demo population's optimizer step: 1.4-4

@@ -36,6 +36,7 @@ class Population:
         settings.check(training=False)
         self.hypers, self.settings, self.device = list(hypers), settings, torch.device(device)
         self.family = family_of(settings)
+        self.family.check_widths(settings, widths)
         self.model_ids = list(model_ids) if model_ids is not None else list(range(len(hypers)))
         self.width, p = widths.pop(), settings.p
         B = len(hypers)
@@ -76,6 +77,7 @@ class Population:
                                                                           device=dev)
                         for name, t in stacked.items()}
         self.optimized_names = self.family.trained(settings)
+        self.decays = tuple(specs[name].decay for name in self.optimized_names)  # weight decay, tensor by tensor
         self.batch_size = settings.batch_size
         if self.batch_size is not None:
             self._epoch = torch.full((B,), -1)  # the epoch each model's minibatch order `_order` belongs to

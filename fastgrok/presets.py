@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from fastgrok.config import Grid, Settings, parse_betas
 from fastgrok.errors import ConfigError
+from fastgrok.families import FAMILIES
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,30 @@ PRESETS = {
         "alpha x xi phase diagrams at four dropout rates, N 500, p 97: 17 x 17 x 4 = 1,156 models",
         axes={"alpha": "0.1:0.9:17", "xi": "0:0.8:17", "dropout": "0,0.3,0.6,0.9"},
     ),
+    "transformer-diagram": Preset(
+        "the transformer of the paper's Fig. 7a (1 layer, d 128, 4 heads, ReLU, MSE, AdamW lr 1e-3, 3000 steps), "
+        "alpha x xi at four weight decays, p 97: 17 x 17 x 4 = 1,156 models",
+        axes={"alpha": "0.1:0.9:17", "xi": "0:0.8:17", "wd": "0,1,5,10", "width": "128", "lr": "0.001"},
+        settings={"model": "transformer", "steps": 3000},
+    ),
+    "deep-mlp-diagram": Preset(
+        "the deeper ReLU MLP of the paper's Fig. 7b (3 hidden layers of width 500), alpha x xi at four weight "
+        "decays, p 97: 17 x 17 x 4 = 1,156 models",
+        axes={"alpha": "0.1:0.9:17", "xi": "0:0.8:17", "wd": "0,5,15,20", "width": "500"},
+        settings={"model": "deep-mlp", "depth": 3},
+    ),
+    "transformer-cpu": Preset(
+        "the transformer's phases in a few minutes on 2 CPU cores (p 23, d 64, lr 5e-3, 1500 steps): "
+        "5 alpha x 5 xi x weight decay 0 and 5 = 50 models",
+        axes={"alpha": "0.5:0.9:5", "xi": "0:0.4:5", "wd": "0,5", "width": "64", "lr": "0.005"},
+        settings={"model": "transformer", "p": 23, "steps": 1500},
+    ),
+    "deep-mlp-cpu": Preset(
+        "the deeper MLP's phases in a few minutes on 2 CPU cores (p 41, 2 hidden layers of width 128, lr 3e-3, "
+        "3000 steps): 4 alpha x 4 xi x weight decay 0 and 10 = 32 models",
+        axes={"alpha": "0.45:0.9:4", "xi": "0:0.3:4", "wd": "0,10", "width": "128", "lr": "0.003"},
+        settings={"model": "deep-mlp", "depth": 2, "p": 41, "steps": 3000},
+    ),
 }
 
 
@@ -55,12 +80,17 @@ class Request:
     overrides: tuple[str, ...] = ()  # the options given on top of the preset, as typed
 
 
-def resolve(preset: str | None, axes: dict, shared: dict, device: str = "auto") -> Request:
+def resolve(preset: str | None, axes: dict, shared: dict, device: str = "auto", d_model: str | None = None) -> Request:
     """The grid and settings of `fastgrok train`: the preset's (the default preset when no grid axis is given,
-    default_preset of the device), with every option given overriding it. axes: grid axis -> spec as typed (None:
-    not given); shared: Settings field -> value (None: not given; betas as typed, '0.9,0.98')."""
+    default_preset of the device), with every option given overriding it, and the model family's own defaults
+    under both. axes: grid axis -> spec as typed (None: not given); shared: Settings field -> value (None: not
+    given; betas as typed, '0.9,0.98'); d_model: the transformer's name for the width axis."""
     from fastgrok.device import resolve_device
 
+    if d_model is not None:
+        if axes.get("width") is not None:
+            raise ConfigError("--d-model is the transformer's --width: give one of them")
+        axes = {**axes, "width": d_model}
     device_type = resolve_device(device).type
     default = preset is None and all(v is None for v in axes.values())
     if default:
@@ -71,6 +101,9 @@ def resolve(preset: str | None, axes: dict, shared: dict, device: str = "auto") 
     given = {k.replace("_", "-"): v for k, v in {**axes, **shared}.items() if v is not None}
     overrides = tuple(f"--{'' if v else 'no-'}{k}" if isinstance(v, bool) else f"--{k} {v}" for k, v in given.items())
     values = {**chosen.settings, **{k: v for k, v in shared.items() if v is not None}}
+    family = FAMILIES.get(values.get("model", Settings.model))
+    if family is not None:  # what the family starts from (the deeper ones: relu), unless given (Settings.check)
+        values = {**family.defaults, **values}
     if isinstance(values.get("betas"), str):
         values["betas"] = parse_betas(values["betas"])
     settings = Settings(**values)

@@ -23,6 +23,7 @@ from fastgrok.backends import make_backend
 from fastgrok.config import Grid, Settings
 from fastgrok.data import check_training_sets, pair_count
 from fastgrok.device import resolve_device
+from fastgrok.families import family_of
 from fastgrok.ipr import model_ipr
 from fastgrok.phases import THRESHOLD, TOL, phase
 from fastgrok.population import METRICS, Population
@@ -93,6 +94,7 @@ def train(grid: Grid, settings: Settings, out: str | Path | None = None, *, devi
     settings.check()
     dev = resolve_device(device)
     check_training_sets(grid.axes["alpha"], settings)
+    family_of(settings).check_widths(settings, grid.axes["width"])
     engine = _engine(backend, dev, precision, settings)
     if populations is None:
         planned = planner.plan(grid, settings, dev, engine, budget)
@@ -206,6 +208,7 @@ def plan(grid: Grid, settings: Settings, out: str | Path | None = None, *, devic
         check_out_dir(Path(out))
     dev = resolve_device(device)
     check_training_sets(grid.axes["alpha"], settings)
+    family_of(settings).check_widths(settings, grid.axes["width"])
     engine = _engine(backend, dev, precision, settings)
     planner.check_room(grid, settings, Path(out) if out is not None else None)
     budget = planner.memory_budget(dev) if budget is None else budget

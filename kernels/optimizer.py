@@ -11,7 +11,7 @@ import triton.language as tl
 
 from fastgrok.kernels.hidden import aligned
 from fastgrok.kernels.layout import alignment
-from fastgrok.optim import OPTIMIZER_CODES, coefficients
+from fastgrok.optim import OPTIMIZER_CODES, per_tensor
 
 
 @triton.jit
@@ -51,10 +51,11 @@ def _optimizer_kernel(
 
 
 def optimizer_step_(name: str, params, grads, exp_avgs, exp_avg_sqs, step: int, lr, wd, beta1, beta2, eps,
-                    active: torch.Tensor, block: int = 1024) -> None:
-    c = {k: v.float() for k, v in coefficients(name, step, lr, wd, beta1, beta2).items()}
+                    active: torch.Tensor, decay: tuple[bool, ...] | None = None, block: int = 1024) -> None:
+    coefs = per_tensor(name, step, lr, wd, beta1, beta2, decay or (True,) * len(params))
     active = active.to(torch.int8)
-    for param, grad, m, v in zip(params, grads, exp_avgs, exp_avg_sqs):
+    for i, (param, grad, m, v) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs)):
+        c = {k: t.float() for k, t in coefs[i].items()}
         B = param.shape[0]
         numel = param[0].numel()
         assert param.is_contiguous() and grad.is_contiguous() and grad.shape == param.shape

@@ -15,7 +15,7 @@ def test_bench_checks_then_times_and_writes_json(tmp_path):
     assert "All results match" in result.output
     report = json.loads(out.read_text())
     rows = {(r["backend"], r["models"]): r for r in report["results"]}
-    assert set(rows) == {("reference", 1), ("torch", 1), ("torch", 3)}
+    assert set(rows) == {("reference", 1), ("torch", 1), ("torch", 3), ("torch-vmap", 1), ("torch-vmap", 3)}
     assert all(r["model_steps_per_s"] > 0 and r["tflops"] > 0 for r in rows.values())
     assert report["setting"]["train_examples"] == int(0.5 * 13 * 13) and report["versions"]["torch"]
     assert f"wrote {out} and {out.with_suffix('.png')}" in result.output

@@ -190,7 +190,7 @@ def test_ctrl_c_keeps_what_was_done(tmp_path, monkeypatch):
         (["--width", "0"], "--width must be at least 1"),
         (["--steps", "0"], "steps must be at least 1"),
         (["--op", "pow"], "unknown op"),
-        (["--act", "tanh"], "unknown activation"),
+        (["--act", "tanh"], "the mlp model takes --act quad or relu, got 'tanh'"),
         (["--loss", "l1"], "unknown loss"),
         (["--optimizer", "lion"], "unknown optimizer"),
         (["--noise", "pink"], "unknown noise"),

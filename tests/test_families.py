@@ -70,7 +70,7 @@ class Toy(Family):
 @pytest.fixture
 def toy(monkeypatch):
     monkeypatch.setitem(FAMILIES, "toy", Toy())
-    return Settings(model="toy", p=P, steps=40, log_every=20, loss="ce")
+    return Settings(model="toy", p=P, steps=40, log_every=20, loss="ce", act="relu")
 
 
 def test_a_family_of_a_few_lines_trains_saves_and_loads_through_the_generic_code(tmp_path, toy):

@@ -12,12 +12,14 @@ model's tensors, so a new family is one file here (plus its kernels, if it has a
     reference(settings, hyper, t)   one model as the plain nn.Module of fastgrok.reference
     ipr_parts(t), prune(t, keep)    the weight vectors over the p residues whose IPR describes each unit, and the
                                     tensors with some units dropped
+    ipr_extra(t)                    other weight vectors over the p residues whose mean IPR a model reports
     step_bytes, eval_bytes, row_bytes   working memory of a torch step, of evaluation per example, and of one
                                     example's widest activation row (the memory planner and CPU chunking)
     fused                           the backends with kernels of its own: name -> a class taking the precision
 
-A family is looked up by Settings.model in FAMILIES. The paper's one-hot MLP (fastgrok.families.mlp) is the
-first; the math of each family lives in fastgrok.reference.
+A family is looked up by Settings.model in FAMILIES: the paper's one-hot MLP (fastgrok.families.mlp, with Triton
+kernels), its deeper ReLU MLP (deep_mlp) and the authors' encoder-only transformer (transformer). The math of each
+family lives in fastgrok.reference.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from fastgrok import reference
+from fastgrok.errors import ConfigError
 
 if TYPE_CHECKING:
     from torch import nn
@@ -38,12 +41,13 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class Spec:
     """One tensor of a model: its shape, whether the optimizer trains it (else it is a buffer, saved with the
-    weights but never updated by a gradient: BatchNorm's running statistics), and the constant it starts at
-    when the family's init does not draw it."""
+    weights but never updated by a gradient: BatchNorm's running statistics), the constant it starts at when the
+    family's init does not draw it, and whether weight decay applies to it."""
 
     shape: tuple[int, ...]
     trained: bool = True
     fill: float | None = None
+    decay: bool = True  # weight decay applies to it (not to a LayerNorm's weight and bias)
 
 
 class Family:
@@ -53,6 +57,18 @@ class Family:
     name: str = ""
     about: str = ""
     fused: dict = {}  # backend name -> class(precision), for families with kernels of their own
+    acts: tuple[str, ...] = ("relu", "gelu")  # the activations it takes
+    defaults: dict = {"act": "relu"}  # the settings the command line gives it unless told otherwise
+
+    def check(self, settings: Settings) -> None:
+        """Refuse settings the family cannot take, with a ConfigError that says why."""
+        if settings.act not in self.acts:
+            raise ConfigError(f"the {self.name} model takes --act {' or '.join(self.acts)}, got {settings.act!r}")
+        if settings.batchnorm:
+            raise ConfigError(f"--batchnorm is the 2-layer MLP's; the {self.name} model has none")
+
+    def check_widths(self, settings: Settings, widths) -> None:
+        """Refuse widths the family cannot take with these settings (a transformer's heads must divide them)."""
 
     def tensors(self, settings: Settings, width: int) -> dict[str, Spec]:
         raise NotImplementedError
@@ -75,6 +91,11 @@ class Family:
         """name -> (tensor (B, ...), the dim along the p residues): each unit's weight vectors, whose rfft IPR
         is averaged into the unit's IPR (fastgrok.ipr). The other non-batch dim indexes the units."""
         raise NotImplementedError
+
+    def ipr_extra(self, t: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, int]]:
+        """name -> (tensor (B, ...), the dim along the p residues): weight vectors that are not a unit's, whose
+        mean IPR `fastgrok ipr` adds to models.csv as <name>_ipr (the transformer's embedding dimensions)."""
+        return {}
 
     def prune(self, t: dict[str, torch.Tensor], keep: torch.Tensor) -> dict[str, torch.Tensor]:
         """t with the units where keep (B, units) is 0 contributing nothing to any output."""
@@ -128,6 +149,11 @@ class Family:
         """Bytes of one example's widest activation row: the torch backend's CPU pieces are sized by it."""
         raise NotImplementedError
 
+    def flops(self, settings: Settings, width: int, d: int) -> int:
+        """FLOPs of one model-step on d examples, counted as the benchmark reports them: three times the forward's
+        matmuls (the backward's two products per forward one); gathers and elementwise work not counted."""
+        raise NotImplementedError
+
 
 FAMILIES: dict[str, Family] = {}
 
@@ -142,4 +168,4 @@ def family_of(settings: Settings) -> Family:
     return FAMILIES[settings.model]
 
 
-from fastgrok.families import mlp  # noqa: E402,F401  (registers the one-hot MLP)
+from fastgrok.families import deep_mlp, mlp, transformer  # noqa: E402,F401  (each registers its family)

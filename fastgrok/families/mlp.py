@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from fastgrok import reference
+from fastgrok.errors import ConfigError
 from fastgrok.families import Family, Spec, register
 
 BN_EPS, BN_MOMENTUM = 1e-5, 0.1  # BatchNorm1d's defaults
@@ -134,6 +135,12 @@ def grads(U, V, W, m, n, y, valid, D, mask, act: str, loss: str, bn=None):
 class OneHotMLP(Family):
     name = "mlp"
     about = "W phi(U e_m + V e_n): the paper's 2-layer MLP on one-hot inputs"
+    acts = ("quad", "relu")  # the written-out backward's and the kernels'
+    defaults = {}
+
+    def check(self, settings):
+        if settings.act not in self.acts:
+            raise ConfigError(f"the mlp model takes --act {' or '.join(self.acts)}, got {settings.act!r}")
 
     @property
     def fused(self) -> dict:
@@ -206,6 +213,10 @@ class OneHotMLP(Family):
 
     def row_bytes(self, settings, width):
         return 4 * max(width, settings.p)
+
+    def flops(self, settings, width, d):
+        """6 D N p: the output layer's forward, dW and dH (the first layer is a gather)."""
+        return 6 * d * width * settings.p
 
 
 MLP = register(OneHotMLP())

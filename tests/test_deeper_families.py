@@ -1,0 +1,240 @@
+"""The deep MLP and the transformer as populations, against their reference.py modules: one step (every gradient
+and updated tensor), thirty steps, models together as alone, per-model hyper-parameters and dropout, a diverging
+model frozen without touching its neighbours, resume as uninterrupted, bad options refused, and the paper's
+phenomena at a small size."""
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from compare import assert_close
+from fastgrok import reference
+from fastgrok.backends import TorchBackend, make_backend
+from fastgrok.cli import app
+from fastgrok.config import Hyper, Settings
+from fastgrok.data import generator
+from fastgrok.errors import ConfigError
+from fastgrok.population import Population
+
+P, WIDTH = 11, 8
+CASES = {  # a family and the settings of its own that change its math
+    "deep-mlp, depth 1": dict(model="deep-mlp", depth=1),
+    "deep-mlp, depth 3": dict(model="deep-mlp", depth=3),
+    "transformer": dict(model="transformer", layers=1, heads=2),
+    "transformer, 2 layers, LayerNorm": dict(model="transformer", layers=2, heads=4, layernorm=True),
+    "transformer, sp scale, gelu, CE": dict(model="transformer", heads=2, scale="sp", act="gelu", loss="ce"),
+}
+
+
+def settings(case, **extra):
+    return Settings(p=P, **{"act": "relu", **CASES[case], **extra})
+
+
+def mixed_hypers(width=WIDTH):
+    return [Hyper(xi=0.3, alpha=0.5, width=width, wd=1.0, lr=1e-2, seed=1),
+            Hyper(xi=0.0, alpha=0.7, width=width, wd=0.0, lr=3e-3, seed=2),
+            Hyper(xi=0.6, alpha=0.35, width=width, wd=5.0, lr=2e-2, seed=3, dropout=0.2)]
+
+
+def reference_models(pop):
+    """Each model as its family's reference module with a torch optimizer, its data and its dropout stream."""
+    s, out = pop.settings, []
+    for b, h in enumerate(pop.hypers):
+        net = pop.model(b)
+        d = int(pop.D[b])
+        gen = generator(h.seed, "dropout") if h.dropout > 0 else None
+        out.append((net, reference.make_optimizer(net, s.optimizer, h.lr, h.wd, s.betas, s.eps),
+                    pop.train_m[b, :d], pop.train_n[b, :d], pop.train_y[b, :d], gen))
+    return out
+
+
+def as_reference(pop, b, tensors):
+    """Model b's population tensors (weights or gradients) as its reference module's parameters, by name."""
+    return dict(pop.family.reference(pop.settings, pop.hypers[b], {k: t[b] for k, t in tensors.items()})
+                .named_parameters())
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+@pytest.mark.parametrize("case", CASES)
+def test_one_step_matches_the_reference_in_every_gradient_and_tensor(case, optimizer):
+    s = settings(case, optimizer=optimizer)
+    pop = Population(mixed_hypers(), s)
+    refs = reference_models(pop)
+    units = pop.family.dropout_units(s, WIDTH)
+    masks = torch.ones(len(pop), pop.train_m.shape[1], units)  # what the first step draws
+    for b, (net, opt, m, n, y, gen) in enumerate(refs):
+        if gen is not None:
+            masks[b, : m.numel()] = reference.dropout_mask((m.numel(), units), net.dropout, generator(pop.hypers[b].seed, "dropout"))
+    terms = pop.family.grads(pop.tensors, pop.train_m, pop.train_n, pop.train_y, pop.valid, pop.D.float(), masks, s)
+    losses, grads = terms[0], dict(zip(pop.optimized_names, terms[1:]))
+    reference_grads = []
+    for b, (net, opt, m, n, y, gen) in enumerate(refs):
+        net.train()
+        value = reference.per_example_loss(net(m, n, masks[b, : m.numel()]), y, s.loss).mean()
+        value.backward()
+        assert_close(f"loss[{b}]", losses[b], value)
+        reference_grads.append({k: w.grad.clone() for k, w in net.named_parameters()})
+        for name, g in as_reference(pop, b, {**pop.tensors, **grads}).items():
+            assert_close(f"grad {name}[{b}]", g, reference_grads[b][name])
+        net.zero_grad()
+    TorchBackend().step(pop)
+    for b, (net, opt, m, n, y, gen) in enumerate(refs):
+        reference.train_step(net, opt, m, n, y, s.loss, masks[b, : m.numel()])
+        for name, ours in as_reference(pop, b, pop.tensors).items():
+            theirs = dict(net.named_parameters())[name]
+            # Adam's first step moves a weight by lr g / (|g| + eps): where |g| is within 100 eps its size follows
+            # the gradient's last digits (a 1.91e-8 against 1.90e-8 here), so there only its bound lr is checked
+            loose = reference_grads[b][name].abs() < 100 * s.eps if optimizer == "adamw" else torch.zeros_like(ours, dtype=bool)
+            assert_close(f"{name}[{b}] after a step", ours[~loose], theirs[~loose])
+            assert ((ours - theirs)[loose].abs() <= 2 * pop.hypers[b].lr).all(), name
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_thirty_steps_follow_the_reference(case):
+    """Losses at every step and every tensor at the end, dropout drawn from each model's own stream."""
+    s = settings(case)
+    pop = Population(mixed_hypers(), s)
+    refs = reference_models(pop)
+    units, engine = pop.family.dropout_units(s, WIDTH), TorchBackend()
+    for step in range(30):
+        losses = engine.step(pop)
+        for b, (net, opt, m, n, y, gen) in enumerate(refs):
+            mask = reference.dropout_mask((m.numel(), units), net.dropout, gen) if gen is not None else None
+            assert_close(f"loss[{b}] at step {step}", losses[b], torch.tensor(reference.train_step(net, opt, m, n, y, s.loss, mask)),
+                         atol=1e-5, rtol=1e-4)
+    for b, (net, *_) in enumerate(refs):
+        for name, ours in as_reference(pop, b, pop.tensors).items():
+            assert_close(f"{name}[{b}] after 30 steps", ours, dict(net.named_parameters())[name], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("case", ["deep-mlp, depth 3", "transformer, 2 layers, LayerNorm"])
+def test_models_together_train_as_alone(case):
+    s, hypers = settings(case), mixed_hypers()
+    together = Population(hypers, s)
+    for _ in range(10):
+        TorchBackend().step(together)
+    for b, h in enumerate(hypers):
+        alone = Population([h], s)
+        for _ in range(10):
+            TorchBackend().step(alone)
+        for name, t in together.tensors.items():
+            assert_close(f"{name}[{b}] together vs alone", t[b], alone.tensors[name][0], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["deep-mlp, depth 3", "transformer"])
+def test_a_diverging_model_is_frozen_and_leaves_its_neighbours_alone(case):
+    s, hypers = settings(case), mixed_hypers()
+    pop = Population(hypers, s)
+    first = next(iter(pop.tensors))
+    pop.tensors[first][1].view(-1)[0] = float("nan")
+    frozen = {k: t[1].clone() for k, t in pop.tensors.items()}
+    for _ in range(5):
+        TorchBackend().step(pop)
+    assert pop.diverged.tolist() == [False, True, False]
+    for k, t in pop.tensors.items():
+        assert torch.equal(t[1].isnan(), frozen[k].isnan()) and torch.equal(t[1].nan_to_num(), frozen[k].nan_to_num()), k
+    for b in (0, 2):
+        alone = Population([hypers[b]], s)
+        for _ in range(5):
+            TorchBackend().step(alone)
+        for k, t in pop.tensors.items():
+            assert_close(f"{k}[{b}] beside a NaN model", t[b], alone.tensors[k][0], atol=1e-6, rtol=1e-5)
+
+
+def test_a_transformers_layernorms_take_no_weight_decay():
+    """As the authors' optimizer (timm's param_groups_weight_decay): decay on the 2-D maps, none on 1-D norms."""
+    pop = Population([Hyper(width=WIDTH, wd=1e3)], settings("transformer, 2 layers, LayerNorm"))
+    decays = dict(zip(pop.optimized_names, pop.decays))
+    assert not any(v for k, v in decays.items() if "_ln" in k) and all(v for k, v in decays.items() if "_ln" not in k)
+
+
+runner = CliRunner()
+
+
+@pytest.mark.parametrize("family", [["--model", "deep-mlp", "--depth", "2"],
+                                    ["--model", "transformer", "--heads", "2", "--dropout", "0.1"]])
+def test_resume_gives_the_uninterrupted_run(tmp_path, monkeypatch, family):
+    args = ["train", *family, "--p", "7", "--width", "8,16", "--xi", "0,0.3", "--steps", "20", "--log-every", "5"]
+    assert runner.invoke(app, [*args, "--out", str(tmp_path / "straight")]).exit_code == 0
+    real, calls = TorchBackend.step, {"n": 0}
+
+    def step(self, pop):
+        calls["n"] += 1
+        if calls["n"] == 27:  # the second population at its 7th step
+            raise KeyboardInterrupt
+        return real(self, pop)
+
+    monkeypatch.setattr(TorchBackend, "step", step)
+    assert runner.invoke(app, [*args, "--out", str(tmp_path / "run")]).exit_code == 130
+    monkeypatch.setattr(TorchBackend, "step", real)
+    assert runner.invoke(app, ["train", "--resume", str(tmp_path / "run")]).exit_code == 0
+    for path in ("models.csv", "weights/pop000.safetensors", "weights/pop001.safetensors", "history/pop001.parquet"):
+        assert (tmp_path / "run" / path).read_bytes() == (tmp_path / "straight" / path).read_bytes(), path
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "transformer", "--d-model", "16", "--heads", "3"], "--heads 3 does not divide d_model"),
+    (["--model", "transformer", "--act", "quad"], "the transformer model takes --act relu or gelu"),
+    (["--model", "transformer", "--backend", "triton"], "has no triton backend"),
+    (["--model", "transformer", "--scale", "ntk"], "unknown scale"),
+    (["--model", "transformer", "--width", "16", "--d-model", "32"], "give one of them"),
+    (["--model", "deep-mlp", "--depth", "0"], "--depth must be at least 1"),
+    (["--model", "deep-mlp", "--batchnorm"], "--batchnorm is the 2-layer MLP's"),
+    (["--model", "mlp", "--act", "gelu"], "the mlp model takes --act quad or relu"),
+    (["--model", "cnn"], "unknown model"),
+])
+def test_a_familys_bad_options_are_one_line(tmp_path, args, message):
+    result = runner.invoke(app, ["train", "--p", "7", "--xi", "0", "--steps", "2", *args, "--out", str(tmp_path / "r")])
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1 and message in lines[0], result.output
+    assert not (tmp_path / "r").exists()
+
+
+def test_auto_takes_torch_for_a_family_without_kernels():
+    assert make_backend("auto", torch.device("cpu"), settings=settings("transformer")).name == "torch"
+    with pytest.raises(ConfigError, match="has no triton backend"):
+        make_backend("triton", torch.device("cpu"), settings=settings("deep-mlp, depth 1"))
+
+
+PEAK = """
+import sys
+import torch
+import fastgrok.backends as backends
+from fastgrok import process
+from fastgrok.config import Hyper, Settings
+from fastgrok.population import Population
+process.tune_cpu()
+backends.CPU_CHUNK_BYTES = 1 << 40  # the whole population at once, as on a GPU: hundreds of MiB, no piece overhead
+settings = Settings(**eval(sys.argv[1]))
+width, models = int(sys.argv[2]), int(sys.argv[3])
+pop = Population([Hyper(width=width, seed=i) for i in range(models)], settings)
+engine = backends.TorchBackend()
+status = lambda key: int(next(l for l in open("/proc/self/status") if l.startswith(key)).split()[1]) * 1024
+open("/proc/self/clear_refs", "w").write("5")  # the high-water mark from here
+before = status("VmRSS:")
+engine.step(pop)
+planned = engine.step_bytes(settings, width, int(pop.D.max()), models, torch.device("cpu"), False)
+print(status("VmHWM:") - before, planned)
+"""
+
+
+@pytest.mark.parametrize("family, width, models", [
+    (dict(model="deep-mlp", depth=3, p=41, act="relu"), 128, 32),
+    (dict(model="transformer", layers=2, p=31, act="relu"), 64, 16),
+])
+def test_the_planners_step_memory_is_within_20_percent_of_the_measured_peak(family, width, models):
+    """A step's working memory as the planner counts it (the family's activations, the gradients and their sum
+    the CPU backend adds) against the rise of the process's peak resident memory over one step, in a process of
+    its own (100 MiB or so). A fixed mmap threshold makes glibc map every large tensor on its own and unmap it when
+    freed, so the peak is the live memory's, the same from run to run, not the adaptive allocator's."""
+    import os
+    import subprocess
+    import sys
+
+    if not os.path.exists("/proc/self/clear_refs"):
+        pytest.skip("needs Linux's /proc to reset the peak resident memory")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}
+    out = subprocess.run([sys.executable, "-c", PEAK, repr(family), str(width), str(models)], check=True,
+                         capture_output=True, text=True, env=env).stdout.split()
+    measured, planned = map(int, out)
+    assert 0.8 * measured <= planned <= 1.2 * measured, (measured, planned)

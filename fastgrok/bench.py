@@ -25,7 +25,7 @@ from fastgrok.config import Hyper, Settings
 from fastgrok.data import check_task, pair_count, train_size
 from fastgrok.errors import ConfigError
 from fastgrok.device import device_name, resolve_device
-from fastgrok.families import FAMILIES, family_of
+from fastgrok.families import FAMILIES, check_options, family_of
 from fastgrok.families.mlp_triton import TritonBackend
 from fastgrok.planner import memory_budget, models_that_fit
 from fastgrok.population import Population
@@ -261,9 +261,11 @@ class Interrupted(Exception):
 
 
 def run(widths=(128, 500), models=("1", "16"), p: int = 97, alpha: float = 0.5, device: str = "cpu",
-        variants: tuple[str, ...] | None = None, log=print, out: Path | None = None, model: str = "mlp") -> dict:
+        variants: tuple[str, ...] | None = None, log=print, out: Path | None = None, model: str = "mlp",
+        family_settings: dict | None = None) -> dict:
     """models: population sizes; "max" is the largest that the memory planner fits for each variant. model: the
-    family, at its default settings (fastgrok.families); the Triton variants are the MLP's.
+    family (fastgrok.families), at its defaults updated by family_settings (depth, layers, heads, layernorm, scale);
+    the Triton variants are the MLP's.
 
     out: a JSON file the report is written to after every result (and its figure, out with .png, at the end and
     on an interrupt), so that a benchmark cut short (a time limit, Ctrl-C) keeps what it measured; Ctrl-C raises
@@ -278,6 +280,7 @@ def run(widths=(128, 500), models=("1", "16"), p: int = 97, alpha: float = 0.5, 
     if model not in FAMILIES:
         raise ConfigError(f"unknown model {model!r}; choose one of {', '.join(FAMILIES)}")
     family = FAMILIES[model]
+    check_options(model, family_settings or {})
     variants = variants or tuple(v for v in DEFAULT_VARIANTS[dev.type]
                                  if not v.startswith("triton") or "triton" in family.fused)
     unknown = [v for v in variants if v not in VARIANTS]
@@ -294,7 +297,9 @@ def run(widths=(128, 500), models=("1", "16"), p: int = 97, alpha: float = 0.5, 
         out.parent.mkdir(parents=True, exist_ok=True)
     if dev.type == "cpu":
         process.tune_cpu()
-    settings = Settings(p=p, **{**family.defaults, "model": model})
+    settings = Settings(p=p, **{**family.defaults, **(family_settings or {}), "model": model})
+    settings.check()
+    family.check_widths(settings, widths)
     d = train_size(pair_count(settings.op, p), alpha)
     for width in widths:  # the least demanding variant asked for must fit one model of every width
         engines = [VARIANTS[v][2]() for v in variants]
@@ -313,7 +318,8 @@ def run(widths=(128, 500), models=("1", "16"), p: int = 97, alpha: float = 0.5, 
         "threads": torch.get_num_threads(),
         "peaks_tflops": {},
         "failed": {},
-        "setting": {"model": model, "p": p, "alpha": alpha, "train_examples": train_size(p * p, alpha),
+        "setting": {"model": model, **(family_settings or {}), "p": p, "alpha": alpha,
+                    "train_examples": train_size(p * p, alpha),
                     "loss": settings.loss, "optimizer": settings.optimizer,
                     "flops_per_model_step": (family.flops.__doc__ or "").strip().split(":")[0]},
         "results": [],

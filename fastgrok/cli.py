@@ -366,8 +366,11 @@ def bench(
     width: Annotated[str, typer.Option(help="Widths N, comma list")] = "128,500",
     models: Annotated[str, typer.Option(help="Population sizes B, comma list; 'max' = what fits in memory")] = "1,16",
     variants: Annotated[Optional[str], typer.Option(help="Comma list from torch, torch-tf32, torch-compile, torch-vmap, torch-vmap-compile, triton-fp32, triton-tf32, triton-tf32x3, triton-bf16" + _default("torch and torch-vmap on a CPU, all the model has on a GPU"))] = None,
-    model: Annotated[str, typer.Option(help="mlp, deep-mlp or transformer, at its default settings")] = SETTINGS.model,
+    model: Annotated[str, typer.Option(help="mlp, deep-mlp or transformer, at its default settings but for the options below")] = SETTINGS.model,
     p: Annotated[int, typer.Option("--p", help="Modulus")] = SETTINGS.p,
+    depth: Annotated[Optional[int], typer.Option(help="deep-mlp: hidden ReLU layers" + _default(SETTINGS.depth))] = None,
+    layers: Annotated[Optional[int], typer.Option(help="transformer: blocks" + _default(SETTINGS.layers))] = None,
+    heads: Annotated[Optional[int], typer.Option(help="transformer: attention heads" + _default(SETTINGS.heads))] = None,
     alpha: Annotated[float, typer.Option(help="Training fraction")] = HYPER.alpha,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:K")] = "auto",
     out: Annotated[Optional[Path], typer.Option(help="Write the results as JSON here (rewritten after every result), and their figure beside it")] = None,
@@ -380,7 +383,9 @@ def bench(
     sizes = [b.strip() for b in models.split(",")]
     chosen = tuple(v.strip() for v in variants.split(",")) if variants else None
     try:
-        _call(benchmark.run, widths, sizes, p=p, alpha=alpha, device=device, variants=chosen, out=out, model=model)
+        family = {k: v for k, v in dict(depth=depth, layers=layers, heads=heads).items() if v is not None}
+        _call(benchmark.run, widths, sizes, p=p, alpha=alpha, device=device, variants=chosen, out=out, model=model,
+              family_settings=family)
     except benchmark.Interrupted as e:
         done = len(e.report["results"])
         kept = f", written to {out} and {out.with_suffix('.png')} (marked \"interrupted\")" if out else ""

@@ -56,8 +56,9 @@ def init_weights(p: int, width: int, generator: torch.Generator) -> tuple[torch.
 
 def per_example_loss(out: torch.Tensor, labels: torch.Tensor, loss: str) -> torch.Tensor:
     """Loss of each example: out (..., p), labels (...) -> (...). MSE averages over the p outputs."""
-    if loss == "mse":  # the one-hot target by scatter: F.one_hot checks its labels on the host, which vmap refuses
-        target = torch.zeros_like(out).scatter_(-1, labels[..., None], 1.0)
+    if loss == "mse":  # the one-hot target by comparison: F.one_hot checks its labels on the host, which vmap
+        # refuses, and vmap has no batching rule for an in-place scatter (it would loop over the models)
+        target = (labels[..., None] == torch.arange(out.shape[-1], device=out.device)).to(out.dtype)
         return ((out - target) ** 2).mean(-1)
     if loss == "ce":
         return F.cross_entropy(out.flatten(0, -2), labels.flatten(), reduction="none").view(labels.shape)

@@ -44,6 +44,7 @@ from fastgrok import __version__
 from fastgrok.config import AXES, Grid, Hyper, Settings
 from fastgrok.device import device_name
 from fastgrok.errors import ConfigError
+from fastgrok.families import FAMILIES
 from fastgrok.population import METRICS
 
 MODEL_COLUMNS = ("model", *AXES, "train_acc", "test_acc", "clean_acc", "corrupted_acc", "inverted_acc",
@@ -541,8 +542,13 @@ def recipe(config: dict) -> str:
     settings, grid = settings_of(config), config["grid"]
     parts = [f"p {settings.p}", *(f"{a} {v[0]:g}" for a, v in grid.items() if len(v) == 1 and a != "seed"),
              f"{settings.steps} steps", settings.batching]
+    family = FAMILIES[settings.model]
+    default = Settings(**family.defaults)  # the paper's settings, as the command line gives them to this family
     parts += [f"{k} {getattr(settings, k)}" for k in ("op", "act", "loss", "optimizer", "noise")
-              if getattr(settings, k) != getattr(Settings(), k)]
+              if getattr(settings, k) != getattr(default, k)]
+    if settings.model != Settings.model:  # the family first, with its own options where not their defaults
+        parts[:0] = [settings.model, *(f"{k} {getattr(settings, k)}" for k in family.options
+                                       if getattr(settings, k) != getattr(default, k))]
     return ", ".join(parts)
 
 

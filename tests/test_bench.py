@@ -165,3 +165,14 @@ def test_a_point_that_fails_is_recorded_in_strict_json_and_the_rest_measured(tmp
     rows = {(r["backend"], r["models"]): r for r in report["results"]}
     assert rows[("torch", 1)]["seconds_per_step"] is None and "planted failure" in rows[("torch", 1)]["note"]
     assert rows[("torch", 2)]["model_steps_per_s"] > 0 and rows[("reference", 1)]["model_steps_per_s"] > 0
+
+
+def test_bench_takes_a_familys_settings_and_refuses_another_familys():
+    report = bench.run(widths=[8], models=["2"], p=7, model="transformer", family_settings={"layers": 2, "heads": 2},
+                       log=lambda *_: None)
+    assert report["setting"] | {"layers": 2, "heads": 2} == report["setting"] and not report["failed"]
+    assert {r["backend"] for r in report["results"]} == {"reference", "torch", "torch-vmap"}
+    result = CliRunner().invoke(app, ["bench", "--model", "mlp", "--depth", "2", "--p", "7"])
+    assert result.exit_code == 2 and result.output.strip() == "error: --depth is the deep-mlp model's option; this run's model is mlp"
+    result = CliRunner().invoke(app, ["bench", "--model", "transformer", "--heads", "3", "--width", "16", "--p", "7"])
+    assert result.exit_code == 2 and "--heads 3 does not divide d_model" in result.output

@@ -182,6 +182,9 @@ def test_resume_gives_the_uninterrupted_run(tmp_path, monkeypatch, family):
     (["--model", "deep-mlp", "--batchnorm"], "--batchnorm is the 2-layer MLP's"),
     (["--model", "mlp", "--act", "gelu"], "the mlp model takes --act quad or relu"),
     (["--model", "cnn"], "unknown model"),
+    (["--model", "mlp", "--depth", "2"], "--depth is the deep-mlp model's option; this run's model is mlp"),
+    (["--model", "deep-mlp", "--layernorm"], "--layernorm is the transformer model's option"),
+    (["--d-model", "16"], "--d-model is the transformer's width; this run's model is mlp"),
 ])
 def test_a_familys_bad_options_are_one_line(tmp_path, args, message):
     result = runner.invoke(app, ["train", "--p", "7", "--xi", "0", "--steps", "2", *args, "--out", str(tmp_path / "r")])

@@ -16,6 +16,9 @@ model's tensors, so a new family is one file here (plus its kernels, if it has a
     step_bytes, eval_bytes, row_bytes   working memory of a torch step, of evaluation per example, and of one
                                     example's widest activation row (the memory planner and CPU chunking)
     fused                           the backends with kernels of its own: name -> a class taking the precision
+    check, check_widths, acts, options, defaults
+                                    the settings it refuses, the activations it takes, the Settings fields that
+                                    are its own (another family's is refused), what the command line gives it
 
 A family is looked up by Settings.model in FAMILIES: the paper's one-hot MLP (fastgrok.families.mlp, with Triton
 kernels), its deeper ReLU MLP (deep_mlp) and the authors' encoder-only transformer (transformer). The math of each
@@ -59,6 +62,7 @@ class Family:
     fused: dict = {}  # backend name -> class(precision), for families with kernels of their own
     acts: tuple[str, ...] = ("relu", "gelu")  # the activations it takes
     defaults: dict = {"act": "relu"}  # the settings the command line gives it unless told otherwise
+    options: tuple[str, ...] = ()  # the Settings fields that are its own (--depth, --heads, ...)
 
     def check(self, settings: Settings) -> None:
         """Refuse settings the family cannot take, with a ConfigError that says why."""
@@ -161,6 +165,15 @@ FAMILIES: dict[str, Family] = {}
 def register(family: Family) -> Family:
     FAMILIES[family.name] = family
     return family
+
+
+def check_options(model: str, given) -> None:
+    """Refuse an option of another family (`--depth` for a transformer) rather than ignore it. given: the names of
+    the Settings fields given explicitly."""
+    for name in given:
+        owners = [f.name for f in FAMILIES.values() if name in f.options]
+        if owners and model not in owners:
+            raise ConfigError(f"--{name} is the {owners[0]} model's option; this run's model is {model}")
 
 
 def family_of(settings: Settings) -> Family:

@@ -22,6 +22,7 @@ from fastgrok.families.mlp import pre_activation
 
 class DeepOneHotMLP(Family):
     name = "deep-mlp"
+    options = ("depth",)
     about = "W phi(H_k ... phi(U e_m + V e_n)): --depth ReLU layers of width N, no biases (the paper's Fig. 7b)"
 
     def check(self, settings):

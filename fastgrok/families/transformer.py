@@ -36,6 +36,7 @@ def _layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> to
 
 class EncoderTransformer(Family):
     name = "transformer"
+    options = ("layers", "heads", "layernorm", "scale")
     about = ("embeddings, --layers blocks of --heads-head attention and a 4 d ReLU MLP, residuals, no biases, the "
              "readout at the last position (the paper's Fig. 7a); the width is d_model")
 

@@ -36,9 +36,9 @@ CPU_CHUNK_BYTES = 4 << 20
 def cpu_pieces(family, settings, width: int, d: int) -> tuple[int, int]:
     """The pieces a CPU step of the torch backend goes through: chunks of this many models, each in spans of
     this many examples (d: the step's examples of the population's largest model)."""
-    row = family.row_bytes(settings, width)
-    chunk = max(1, CPU_CHUNK_BYTES // (row * d))
-    span = d if family.whole_batch(settings) else max(16, CPU_CHUNK_BYTES // row)
+    row, budget = family.row_bytes(settings, width), CPU_CHUNK_BYTES * family.cpu_piece_scale
+    chunk = max(1, budget // (row * d))
+    span = d if family.whole_batch(settings) else max(16, budget // row)
     return chunk, span
 
 

@@ -21,19 +21,22 @@ CASES = {  # a family and the settings of its own that change its math
     "deep-mlp, depth 1": dict(model="deep-mlp", depth=1),
     "deep-mlp, depth 3": dict(model="deep-mlp", depth=3),
     "transformer": dict(model="transformer", layers=1, heads=2),
+    # without dropout a single block's attention comes from per-token tables (EncoderTransformer._single_block_attention)
+    "transformer, no dropout, LayerNorm": dict(model="transformer", layers=1, heads=4, layernorm=True, dropout=0.0),
     "transformer, 2 layers, LayerNorm": dict(model="transformer", layers=2, heads=4, layernorm=True),
     "transformer, sp scale, gelu, CE": dict(model="transformer", heads=2, scale="sp", act="gelu", loss="ce"),
 }
 
 
 def settings(case, **extra):
-    return Settings(p=P, **{"act": "relu", **CASES[case], **extra})
+    return Settings(p=P, **{"act": "relu", **{k: v for k, v in CASES[case].items() if k != "dropout"}, **extra})
 
 
-def mixed_hypers(width=WIDTH):
+def mixed_hypers(case, width=WIDTH):
+    """Three models, the third with dropout (unless the case says otherwise: then no model has any)."""
     return [Hyper(xi=0.3, alpha=0.5, width=width, wd=1.0, lr=1e-2, seed=1),
             Hyper(xi=0.0, alpha=0.7, width=width, wd=0.0, lr=3e-3, seed=2),
-            Hyper(xi=0.6, alpha=0.35, width=width, wd=5.0, lr=2e-2, seed=3, dropout=0.2)]
+            Hyper(xi=0.6, alpha=0.35, width=width, wd=5.0, lr=2e-2, seed=3, dropout=CASES[case].get("dropout", 0.2))]
 
 
 def reference_models(pop):
@@ -58,7 +61,7 @@ def as_reference(pop, b, tensors):
 @pytest.mark.parametrize("case", CASES)
 def test_one_step_matches_the_reference_in_every_gradient_and_tensor(case, optimizer):
     s = settings(case, optimizer=optimizer)
-    pop = Population(mixed_hypers(), s)
+    pop = Population(mixed_hypers(case), s)
     refs = reference_models(pop)
     units = pop.family.dropout_units(s, WIDTH)
     masks = torch.ones(len(pop), pop.train_m.shape[1], units)  # what the first step draws
@@ -93,7 +96,7 @@ def test_one_step_matches_the_reference_in_every_gradient_and_tensor(case, optim
 def test_thirty_steps_follow_the_reference(case):
     """Losses at every step and every tensor at the end, dropout drawn from each model's own stream."""
     s = settings(case)
-    pop = Population(mixed_hypers(), s)
+    pop = Population(mixed_hypers(case), s)
     refs = reference_models(pop)
     units, engine = pop.family.dropout_units(s, WIDTH), TorchBackend()
     for step in range(30):
@@ -107,9 +110,9 @@ def test_thirty_steps_follow_the_reference(case):
             assert_close(f"{name}[{b}] after 30 steps", ours, dict(net.named_parameters())[name], atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("case", ["deep-mlp, depth 3", "transformer, 2 layers, LayerNorm"])
+@pytest.mark.parametrize("case", ["deep-mlp, depth 3", "transformer, 2 layers, LayerNorm", "transformer, no dropout, LayerNorm"])
 def test_models_together_train_as_alone(case):
-    s, hypers = settings(case), mixed_hypers()
+    s, hypers = settings(case), mixed_hypers(case)
     together = Population(hypers, s)
     for _ in range(10):
         TorchBackend().step(together)
@@ -123,7 +126,7 @@ def test_models_together_train_as_alone(case):
 
 @pytest.mark.parametrize("case", ["deep-mlp, depth 3", "transformer"])
 def test_a_diverging_model_is_frozen_and_leaves_its_neighbours_alone(case):
-    s, hypers = settings(case), mixed_hypers()
+    s, hypers = settings(case), mixed_hypers(case)
     pop = Population(hypers, s)
     first = next(iter(pop.tensors))
     pop.tensors[first][1].view(-1)[0] = float("nan")

@@ -14,7 +14,8 @@ model's tensors, so a new family is one file here (plus its kernels, if it has a
                                     tensors with some units dropped
     ipr_extra(t)                    other weight vectors over the p residues whose mean IPR a model reports
     step_bytes, eval_bytes, row_bytes   working memory of a torch step, of evaluation per example, and of one
-                                    example's widest activation row (the memory planner and CPU chunking)
+                                    example's widest activation row (the memory planner and CPU chunking);
+                                    cpu_piece_scale: the CPU pieces' size, as a multiple of the MLP's
     fused                           the backends with kernels of its own: name -> a class taking the precision
     check, check_widths, acts, options, defaults
                                     the settings it refuses, the activations it takes, the Settings fields that
@@ -63,6 +64,7 @@ class Family:
     acts: tuple[str, ...] = ("relu", "gelu")  # the activations it takes
     defaults: dict = {"act": "relu"}  # the settings the command line gives it unless told otherwise
     options: tuple[str, ...] = ()  # the Settings fields that are its own (--depth, --heads, ...)
+    cpu_piece_scale: int = 1  # its CPU step's pieces are this many times backends.CPU_CHUNK_BYTES (measured)
 
     def check(self, settings: Settings) -> None:
         """Refuse settings the family cannot take, with a ConfigError that says why."""

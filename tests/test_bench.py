@@ -17,6 +17,8 @@ def test_bench_checks_then_times_and_writes_json(tmp_path):
     rows = {(r["backend"], r["models"]): r for r in report["results"]}
     assert set(rows) == {("reference", 1), ("torch", 1), ("torch", 3), ("torch-vmap", 1), ("torch-vmap", 3)}
     assert all(r["model_steps_per_s"] > 0 and r["tflops"] > 0 for r in rows.values())
+    # % of the fp32 peak measured in the same run (a 1024 x 1024 matmul on a CPU): one model of N 8 is far below it
+    assert report["peaks_tflops"]["fp32"] > 0 and all(0 < r["percent_of_peak"] < 50 for r in rows.values())
     assert report["setting"]["train_examples"] == int(0.5 * 13 * 13) and report["versions"]["torch"]
     assert f"wrote {out} and {out.with_suffix('.png')}" in result.output
     assert out.with_suffix(".png").stat().st_size > 10_000  # model-steps/s against B, a line per variant
@@ -127,17 +129,25 @@ def test_the_targets_table_takes_each_variants_fastest_population_size():
 
 
 def _second_timing_raises(monkeypatch, error: BaseException) -> None:
-    """Make the benchmark's second timed call raise `error`: the reference loop is timed first, then the torch
-    backend's first population size."""
-    real, calls = bench._timed, []
+    """Make the benchmark's second timed step raise `error`: the reference loop is timed first, then the torch
+    backend's first population size (the peak's matmul, timed before both, is not counted)."""
+    real, real_peaks, calls, peaking = bench._timed, bench.measure_peaks, [], []
+
+    def peaks(*args, **kwargs):
+        peaking.append(1)
+        try:
+            return real_peaks(*args, **kwargs)
+        finally:
+            peaking.pop()
 
     def timed(*args, **kwargs):
-        calls.append(1)
+        calls.extend([] if peaking else [1])
         if len(calls) == 2:
             raise error
         return real(*args, **kwargs)
 
     monkeypatch.setattr(bench, "_timed", timed)
+    monkeypatch.setattr(bench, "measure_peaks", peaks)
 
 
 def test_an_interrupted_benchmark_keeps_the_results_measured_before_it(tmp_path, monkeypatch):

@@ -125,6 +125,7 @@ def train(
     out: Annotated[Optional[Path], typer.Option(help="Run directory (must be new or empty)" + _default("runs/<timestamp>"))] = None,
     resume: Annotated[Optional[Path], typer.Option(help="Continue an interrupted run directory from where it stopped (same results as an uninterrupted run)")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Check the options and print the plan (populations, their models, memory and estimated time, from a few measured steps) without training or writing anything")] = False,
+    world_size: Annotated[Optional[int], typer.Option(help="With --dry-run: share the populations among this many processes, each on a device like this one, and show which trains each" + _default(1))] = None,
 ) -> None:
     """Train a grid of models (the product of the grid options) and write a run directory."""
     from fastgrok import presets
@@ -135,6 +136,8 @@ def train(
                   noise=noise, data_seed=data_seed, log_every=log_every, batch_size=batch_size, batchnorm=batchnorm,
                   depth=depth, layers=layers, heads=heads, layernorm=layernorm, scale=scale)
     progress = _Progress()
+    if world_size is not None and not dry_run:
+        fail("--world-size goes with --dry-run: it shows how a plan's populations would be shared among processes")
     try:
         if resume is not None:
             _call(presets.check_resume, {**axes, **shared, "d_model": d_model, "preset": preset, "out": out}, dry_run)
@@ -144,7 +147,7 @@ def train(
             request = _call(presets.resolve, preset, axes, shared, device, d_model=d_model)
             if dry_run:
                 plan = _call(training.plan, request.grid, request.settings, out, device=device, backend=backend,
-                             precision=precision)
+                             precision=precision, processes=1 if world_size is None else world_size)
                 _announce(request, planning=True)
                 return _print_plan(plan, out)
             progress.request = request
@@ -195,19 +198,34 @@ def _print_plan(plan, out) -> None:
     console.print(f"Plan, nothing trained (--dry-run): {_models(models)} ({plan.grid.describe()}) on {plan.device} "
                   f"({plan.backend}), p {s.p}, op {s.op}, {s.steps} {plural('step', s.steps)}, {s.batching}: "
                   f"{models * s.steps:,} model-steps" + (f" -> {out}" if out is not None else ""), soft_wrap=True)
-    table = Table(title=f"{len(plan.populations)} population(s), trained one after another")
-    for c in ("population", "width", "models", "training set", "planned memory", "estimated time"):
+    shared = plan.processes > 1
+    title = (f"{len(plan.populations)} population(s) shared by {plan.processes} processes, each training its own one "
+             f"after another" if shared else f"{len(plan.populations)} population(s), trained one after another")
+    table = Table(title=title)
+    for c in ("population", *(["process"] if shared else []), "width", "models", "training set", "planned memory",
+              "estimated time"):
         table.add_column(c, justify="right")
     shown = PLAN_ROWS if len(plan.populations) > PLAN_ROWS + 1 else len(plan.populations)
     for k, pop in enumerate(plan.populations[:shown]):
         low, high = pop.sizes
         span = f"{low:,}" if low == high else f"{low:,}-{high:,}"
-        table.add_row(str(k), str(pop.width), f"{pop.models:,}", span, bytes_text(pop.memory), _duration(pop.seconds))
+        table.add_row(str(k), *([str(pop.rank)] if shared else []), str(pop.width), f"{pop.models:,}", span,
+                      bytes_text(pop.memory), _duration(pop.seconds))
     if shown < len(plan.populations):
         rest = plan.populations[shown:]
-        table.add_row(f"{shown}-{len(plan.populations) - 1}", "", f"{sum(p.models for p in rest):,}", "",
-                      f"up to {bytes_text(max(p.memory for p in rest))}", _duration(sum(p.seconds for p in rest)))
+        table.add_row(f"{shown}-{len(plan.populations) - 1}", *([""] if shared else []), "",
+                      f"{sum(p.models for p in rest):,}", "", f"up to {bytes_text(max(p.memory for p in rest))}",
+                      _duration(sum(p.seconds for p in rest)))
     console.print(table)
+    if shared:
+        ranks = Table(title="per process (the run takes as long as the slowest)")
+        for c in ("process", "populations", "models", "largest memory", "estimated time"):
+            ranks.add_column(c, justify="right")
+        for r, seconds in enumerate(plan.rank_seconds):
+            mine = [p for p in plan.populations if p.rank == r]
+            ranks.add_row(str(r), f"{len(mine):,}", f"{sum(p.models for p in mine):,}",
+                          bytes_text(max((p.memory for p in mine), default=0)), _duration(seconds))
+        console.print(ranks)
     console.print(f"About {_duration(plan.seconds)} in all on this {plan.device.type} device, estimated from "
                   f"{plan.probe} (more when the machine is busy). A population may take {bytes_text(plan.budget)} of "
                   f"it ({plan.budget_share}). The run writes about {bytes_text(sum(plan.disk))} (weights "

@@ -207,6 +207,13 @@ class Planned:
         """The examples a step of the population sees, over all its models."""
         return sum((stop - start) * min(group.d, batch_size or group.d) for group, start, stop in self.parts)
 
+    def cost(self, settings) -> int:
+        """The FLOPs its training takes (the family's count of a model-step, times the steps): what shares() balances.
+        From the grid and settings alone, so that every process of a run computes the same shares."""
+        flops = family_of(settings).flops
+        return settings.steps * sum((stop - start) * flops(settings, self.width, min(group.d, settings.batch_size or group.d))
+                                    for group, start, stop in self.parts)
+
     def sample(self, k: int) -> list[int]:
         """About k of its model ids, evenly spaced in its order (without listing the others)."""
         step = max(1, math.ceil(len(self) / k))
@@ -250,3 +257,17 @@ def plan(grid: Grid, settings, device: torch.device, engine, budget: int | None 
         if parts:
             populations.append(Planned(width, tuple(parts)))
     return populations
+
+
+def shares(populations: list[Planned], settings, processes: int) -> list[int]:
+    """The process (rank) that trains each population, for a run spread over `processes`: the most costly first,
+    each to the process with the least cost so far (the lowest rank on a tie). Only the plan decides it, so every
+    process computes the same shares, and a population is the same one whatever the number of processes."""
+    if processes < 1:
+        raise ConfigError(f"--world-size must be at least 1, got {processes}")
+    loads, owner = [0] * processes, [0] * len(populations)
+    costs = [p.cost(settings) for p in populations]
+    for k in sorted(range(len(populations)), key=lambda k: (-costs[k], k)):
+        rank = min(range(processes), key=lambda r: (loads[r], r))
+        owner[k], loads[rank] = rank, loads[rank] + costs[k]
+    return owner

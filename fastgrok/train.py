@@ -176,6 +176,7 @@ class PlannedPopulation:
     sizes: tuple[int, int]  # smallest and largest training set
     memory: int  # bytes the planner reserves
     seconds: float  # estimated from measured steps (estimate_seconds)
+    rank: int = 0  # the process that trains it (planner.shares)
 
 
 @dataclass(frozen=True)
@@ -192,17 +193,25 @@ class Plan:
     disk: int  # bytes the run would write (planner.run_bytes)
     probe: str  # how the time was estimated
     notes: list[str]
+    processes: int = 1  # the processes the populations are shared by
 
     @property
     def seconds(self) -> float:
-        return sum(p.seconds for p in self.populations)
+        """The run's time: its slowest process's."""
+        return max(self.rank_seconds)
+
+    @property
+    def rank_seconds(self) -> list[float]:
+        return [sum(p.seconds for p in self.populations if p.rank == r) for r in range(self.processes)]
 
 
 def plan(grid: Grid, settings: Settings, out: str | Path | None = None, *, device: str = "auto", backend="auto",
-         precision: str | None = None, budget: int | None = None, estimate: bool = True) -> Plan:
+         precision: str | None = None, budget: int | None = None, estimate: bool = True, processes: int = 1) -> Plan:
     """The populations `train` would make of the grid, their memory and, with `estimate`, the time each would
-    take on this device, from a few steps measured on a sample of each width's models. Nothing is written; `out`,
-    if given, is checked as train would. The work grows with the populations and widths, not with the models."""
+    take on this device, from a few steps measured on a sample of each width's models; with `processes`, the one
+    of that many processes (each on a device like this one) that trains each (planner.shares). Nothing is
+    written; `out`, if given, is checked as train would. The work grows with the populations and widths, not with
+    the models."""
     settings.check()
     if out is not None:
         check_out_dir(Path(out))
@@ -215,6 +224,7 @@ def plan(grid: Grid, settings: Settings, out: str | Path | None = None, *, devic
     pairs = pair_count(settings.op, settings.p)
     dropout = any(v > 0 for v in grid.axes["dropout"])
     planned = planner.plan(grid, settings, dev, engine, budget)
+    ranks = planner.shares(planned, settings, processes)
     cost = {}  # width -> (seconds per example-step, seconds per model evaluated)
     if estimate:
         for width in grid.axes["width"]:
@@ -223,16 +233,16 @@ def plan(grid: Grid, settings: Settings, out: str | Path | None = None, *, devic
             cost[width] = estimate_costs(sample[: PROBE_MODELS[dev.type]], settings, dev, engine)
     logs = len({*range(0, settings.steps + 1, settings.log_every), settings.steps})
     populations = []
-    for p in planned:
+    for p, rank in zip(planned, ranks):
         memory = planner.population_bytes(settings, p.width, p.sizes[1], pairs, len(p), engine, dropout, dev)
         seconds = math.nan
         if estimate:
             per_example, per_model = cost[p.width]
             seconds = settings.steps * per_example * p.examples(settings.batch_size) + logs * per_model * len(p)
-        populations.append(PlannedPopulation(p.width, len(p), p.sizes, memory, seconds))
+        populations.append(PlannedPopulation(p.width, len(p), p.sizes, memory, seconds, rank))
     probe = f"{PROBE_STEPS} steps and an evaluation of up to {PROBE_MODELS[dev.type]} models of each width"
     return Plan(grid, settings, dev, engine.name, populations, budget, planner.BUDGETS[dev.type][1],
-                planner.run_bytes(grid, settings), probe, _notes(engine, precision))
+                planner.run_bytes(grid, settings), probe, _notes(engine, precision), processes)
 
 
 PROBE_MODELS = {"cpu": 8, "cuda": 256}  # models whose steps estimate a width's time

@@ -13,6 +13,9 @@
 #                                        the "block" one is kernels/block.py)
 #   bash bench/gpu_session.sh ncu        Nsight Compute on the forward and backward kernels (N 512, B 1024)
 #   bash bench/gpu_session.sh torchpad   the torch baselines with p padded to 8 against unpadded, fp32 and TF32
+#   bash bench/gpu_session.sh families   the transformer (d 128) and deep MLP (3 x 500) at p 97: population against
+#                                        the reference loop, vmap and torch.compile (docs/performance.md, open
+#                                        question 11), and their planned memory against a step's peak
 # PRECISION (profile, ncu, e2e), SCATTER (profile: a comma list, default window,block; ncu: one, default window;
 # fastgrok/bench.py TRITON_STEPS), DROPOUT (profile: every model's rate; the masks kernel is timed too), WIDTHS
 # (bench, profile), MODELS and VARIANTS (bench) pick what they run.
@@ -87,6 +90,12 @@ PY
          python3 bench/profile_step.py --precision "${PRECISION:-tf32}" --scatter "${SCATTER:-window}" --width 512 --models 1024 >/dev/null
        ncu --import "$OUT/step-$name.ncu-rep" --page details > "$OUT/ncu-$name.txt"
        grep -E "^  [a-z_]+kernel|Duration|Throughput|Registers|Achieved Occupancy|Warp Cycles Per Issued|Stall|L2 Hit|DRAM" "$OUT/ncu-$name.txt" ;;
+  families) for model in "transformer --width 128" "deep-mlp --depth 3 --width 500"; do
+      fastgrok bench --model $model --models "${MODELS:-1,64,1024}" \
+        --variants "${VARIANTS:-torch,torch-tf32,torch-compile,torch-vmap,torch-vmap-compile}" \
+        --out "$OUT/bench-${model%% *}.json" 2>&1 | tee "$OUT/bench-${model%% *}.log"
+    done
+    python3 -m pytest -q --timeout 300 tests/test_gpu.py -k deeper_family 2>&1 | tee "$OUT/families_tests.log" ;;
   torchpad) python3 bench/torch_knobs.py --knob gpu-pad --out "$OUT/torch-pad.json" 2>&1 | tee "$OUT/torch-pad.log" ;;
   sweep) python3 bench/sweep_blocks.py --out "$OUT/sweep.json" 2>&1 | tee "$OUT/sweep.log"
          python3 bench/sweep_blocks.py --summary "$OUT/sweep.json" 2>&1 | tee -a "$OUT/sweep.log" ;;

@@ -115,6 +115,27 @@ def test_torch_backend_peak_memory_is_within_the_planners_estimate(monkeypatch, 
     assert peak <= estimate, f"a step used {peak / 2**20:.1f} MiB per model, the planner assumes {estimate / 2**20:.1f}"
 
 
+@pytest.mark.parametrize("settings, width", [(Settings(model="deep-mlp", depth=3, act="relu", p=P), 500),
+                                             (Settings(model="transformer", act="relu", p=P), 128)])
+def test_a_deeper_familys_planned_memory_is_within_20_percent_of_a_steps_peak(settings, width):
+    """The paper's deep MLP and transformer, 64 models of p 97: the planner's bytes a model (tensors, data and
+    the family's step bytes, fitted on the CPU) against the peak a torch step allocates on the GPU."""
+    from fastgrok.backends import TorchBackend
+    from fastgrok.data import task_table
+    from fastgrok.planner import bytes_per_model
+
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    pop = Population([Hyper(width=width, seed=i) for i in range(64)], settings, "cuda")
+    TorchBackend().step(pop)
+    torch.cuda.synchronize()
+    peak = (torch.cuda.max_memory_allocated() - base) / len(pop)
+    num_pairs = task_table("add", P)[2].numel()
+    estimate = bytes_per_model(settings, width, pop.train_m.shape[1], num_pairs, TorchBackend())
+    assert 0.8 * peak <= estimate <= 1.2 * peak, f"peak {peak / 2**20:.1f} MiB a model, planned {estimate / 2**20:.1f}"
+
+
 @pytest.mark.parametrize("loss", ["mse", "ce"])
 def test_torch_backend_outputs_padded_to_8_change_nothing(monkeypatch, loss):
     """With GPU_PAD_BELOW above p (what bench/torch_knobs.py --knob gpu-pad times), p 97's outputs are padded to

@@ -4,6 +4,7 @@ returned; heavy imports stay inside the commands, so that --help is instant."""
 from __future__ import annotations
 
 import datetime
+import os
 import time
 from pathlib import Path
 from typing import Annotated, Optional
@@ -125,7 +126,7 @@ def train(
     out: Annotated[Optional[Path], typer.Option(help="Run directory (must be new or empty)" + _default("runs/<timestamp>"))] = None,
     resume: Annotated[Optional[Path], typer.Option(help="Continue an interrupted run directory from where it stopped (same results as an uninterrupted run)")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Check the options and print the plan (populations, their models, memory and estimated time, from a few measured steps) without training or writing anything")] = False,
-    world_size: Annotated[Optional[int], typer.Option(help="With --dry-run: share the populations among this many processes, each on a device like this one, and show which trains each" + _default(1))] = None,
+    world_size: Annotated[Optional[int], typer.Option(help="With --dry-run: share the populations among this many processes, each on a device like this one, and show which trains each" + _default("the launcher's WORLD_SIZE, or 1"))] = None,
 ) -> None:
     """Train a grid of models (the product of the grid options) and write a run directory."""
     from fastgrok import presets
@@ -146,10 +147,20 @@ def train(
         else:
             request = _call(presets.resolve, preset, axes, shared, device, d_model=d_model)
             if dry_run:
+                if world_size is None and int(os.environ.get("RANK", "0")) > 0:
+                    return  # under a launcher process 0 prints the plan, with every process's share
+                processes = int(os.environ.get("WORLD_SIZE", "1")) if world_size is None else world_size
                 plan = _call(training.plan, request.grid, request.settings, out, device=device, backend=backend,
-                             precision=precision, processes=1 if world_size is None else world_size)
+                             precision=precision, processes=processes)
                 _announce(request, planning=True)
                 return _print_plan(plan, out)
+            if int(os.environ.get("RANK", "0")) > 0:  # one of several processes (torchrun): process 0 reports
+                try:
+                    _call(training.train, request.grid, request.settings, out, device=device, backend=backend,
+                          precision=precision)
+                except training.Interrupted:
+                    raise typer.Exit(130) from None
+                return
             progress.request = request
             run = _call(training.train, request.grid, request.settings, out, device=device, backend=backend,
                         precision=precision, on_start=progress.start, on_step=progress.step,

@@ -200,6 +200,18 @@ def check_not_busy(run: Path) -> None:
     _lock(run).close()
 
 
+def write_population(out: Path, name: str, history: dict[str, np.ndarray], weights: dict[str, torch.Tensor],
+                     state: dict[str, torch.Tensor] | None = None) -> None:
+    """A population's history, weights and (unfinished) state files, each written whole."""
+    write_atomic(out / "history" / f"{name}.parquet", lambda tmp: pq.write_table(pa.table(history), tmp))
+    # a state holds the weights too: each tensor is copied to the host once
+    host = {k: v.detach().cpu().contiguous() for k, v in {**weights, **(state or {})}.items()}
+    for tensors, path in ((weights, out / "weights" / f"{name}.safetensors"),
+                          (state, out / "weights" / f"{name}.state.safetensors")):
+        if tensors is not None:
+            write_atomic(path, lambda tmp: save_file({k: host[k] for k in tensors}, str(tmp)))  # noqa: B023
+
+
 class RunWriter:
     def __init__(self, out: Path, grid: Grid, settings: Settings, device: torch.device, backend: str,
                  precision: str | None = None, extra: dict | None = None):
@@ -282,21 +294,21 @@ class RunWriter:
         trusts config.json's entries alone, and continues from a state file, which holds everything of one step.
         Writing under a `name` already written replaces that population's files, rows and entry."""
         name = name or self.new_name()
-        ids = [r.model for r in rows]
-        write_atomic(self.out / "history" / f"{name}.parquet", lambda tmp: pq.write_table(pa.table(history), tmp))
-        # a state holds the weights too: each tensor is copied to the host once
-        host = {k: v.detach().cpu().contiguous() for k, v in {**weights, **(state or {})}.items()}
-        for tensors, path in ((weights, self.out / "weights" / f"{name}.safetensors"), (state, self._state_path(name))):
-            if tensors is not None:
-                write_atomic(path, lambda tmp: save_file({k: host[k] for k in tensors}, str(tmp)))  # noqa: B023
-        self.rows |= {row.model: row.cells() for row in rows}
+        write_population(self.out, name, history, weights, state)
+        self.record(name, [row.cells() for row in rows], rows[0].steps if rows else 0, state is not None)
+        return name
+
+    def record(self, name: str, cells: list[list], steps: int, state: bool) -> None:
+        """A population whose files are written (here, or by another process of the run): its rows into
+        models.csv, then its entry into config.json; a finished one's state file goes."""
+        self.names.add(name)
+        self.rows |= {int(row[0]): row for row in cells}
         self._write_models()
-        entry = {"name": name, "models": ids, "steps": rows[0].steps if rows else 0, "state": state is not None}
+        entry = {"name": name, "models": [int(row[0]) for row in cells], "steps": steps, "state": state}
         self.config["written"] = [w for w in self.config["written"] if w["name"] != name] + [entry]
         self.write_config()
-        if state is None:
+        if not state:
             self._state_path(name).unlink(missing_ok=True)
-        return name
 
     def finish(self, status: str, **extra) -> None:
         """Mark the run finished (or interrupted), models.csv written once more whole."""

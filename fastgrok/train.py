@@ -18,16 +18,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fastgrok import planner, process
+from fastgrok import distributed, planner, process
 from fastgrok.backends import make_backend
 from fastgrok.config import Grid, Settings
 from fastgrok.data import check_training_sets, pair_count
 from fastgrok.device import resolve_device
+from fastgrok.distributed import world
+from fastgrok.errors import ConfigError
 from fastgrok.families import family_of
 from fastgrok.ipr import model_ipr
 from fastgrok.phases import THRESHOLD, TOL, phase
 from fastgrok.population import METRICS, Population
-from fastgrok.results import (HISTORY_COLUMNS, ModelRow, RunError, RunWriter, check_not_busy,
+from fastgrok.results import (HISTORY_COLUMNS, MODEL_COLUMNS, ModelRow, RunError, RunWriter, check_not_busy,
                               check_out_dir, default_out_dir, inspect_run, read_config, read_population, settings_of)
 
 # A population still training is saved (weights, optimizer state, history) after the first step that ends this many
@@ -92,23 +94,52 @@ def train(grid: Grid, settings: Settings, out: str | Path | None = None, *, devi
     `models` models. `populations` (model indices per population) defaults to planner.plan under the memory
     `budget`."""
     settings.check()
+    w = world()
     dev = resolve_device(device)
+    if w.shared and dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", w.local_rank)  # a launcher starts one process a GPU
     check_training_sets(grid.axes["alpha"], settings)
     family_of(settings).check_widths(settings, grid.axes["width"])
     engine = _engine(backend, dev, precision, settings)
     if populations is None:
         planned = planner.plan(grid, settings, dev, engine, budget)
-        jobs, sizes = [(p.ids, None) for p in planned], [len(p) for p in planned]
+        jobs, sizes = [(p.ids, None, False) for p in planned], [len(p) for p in planned]
+        if w.shared:  # this process's share, named as a single process would name them: pop<index in the plan>
+            owner = planner.shares(planned, settings, w.size)
+            jobs = [(p.ids, f"pop{k:03d}", False) for k, p in enumerate(planned) if owner[k] == w.rank]
     else:
-        jobs, sizes = [(lambda ids=ids: ids, None) for ids in populations], [len(ids) for ids in populations]
-    out = Path(out) if out is not None else None
-    planner.check_room(grid, settings, out)
-    if out is None:
-        out = default_out_dir()  # once every option is known good: a refused run leaves no directory behind
-    writer = RunWriter(out, grid, settings, dev, engine.name, engine.precision, extra={"populations": sizes})
-    start = Start(writer.out, grid, settings, dev, engine.name, len(grid), len(grid) * settings.steps, len(jobs),
+        if w.shared:
+            raise ConfigError("populations given by hand train on one process")
+        jobs, sizes = [(lambda ids=ids: ids, None, False) for ids in populations], [len(ids) for ids in populations]
+    mine = sum(len(ids()) for ids, _, _ in jobs)
+    if w.rank == 0:
+        try:
+            out = Path(out) if out is not None else None
+            planner.check_room(grid, settings, out)
+            if out is None:
+                out = default_out_dir()  # once every option is known good: a refused run leaves no directory behind
+            writer = RunWriter(out, grid, settings, dev, engine.name, engine.precision,
+                               extra={"populations": sizes, **({"processes": w.size} if w.shared else {})})
+        except (ConfigError, OSError) as e:
+            if w.shared:
+                distributed.fail_everywhere(w, str(e))
+            raise
+        if w.shared:
+            distributed.announce(w, "setup", distributed.setup_of(grid, settings, dev, sizes))
+            distributed.announce(w, "out", str(writer.out))
+    else:
+        out = Path(distributed.run_directory(w))
+        distributed.check_setup(w, distributed.setup_of(grid, settings, dev, sizes), out)
+        writer = distributed.RankWriter(w, out)
+    models = len(grid) if w.rank == 0 else mine  # process 0's progress counts every process's model-steps
+    start = Start(writer.out, grid, settings, dev, engine.name, models, models * settings.steps, len(jobs),
                   resumed=False, notes=_notes(engine, precision))
-    return _Training(writer, engine, grid, settings, dev, on_step).run(jobs, [], start, on_start)
+    training = _Training(writer, engine, grid, settings, dev, on_step)
+    if w.shared and w.rank == 0:
+        training.inbox = distributed.Inbox(w)
+    elif w.shared:
+        training.counter = distributed.StepCounter(w)
+    return training.run(jobs, [], start, on_start)
 
 
 def resume(out: str | Path, *, device: str = "auto", backend="auto", precision: str | None = None,
@@ -120,6 +151,9 @@ def resume(out: str | Path, *, device: str = "auto", backend="auto", precision: 
     uninterrupted run. It keeps the run's precision unless one is given. A run with every model trained is marked
     complete (a kill may have come after its last save) and trains nothing."""
     out = Path(out)
+    if world().shared:
+        raise ConfigError("--resume continues a run on one process: `python -m fastgrok train --resume RUN`, without "
+                          "a launcher (a run started on any number of processes)")
     read_config(out)
     check_not_busy(out)
     found = inspect_run(out)
@@ -141,8 +175,8 @@ def resume(out: str | Path, *, device: str = "auto", backend="auto", precision: 
     # the populations of a fresh plan, less the models trained or continuing from a save
     skip = done | {m for w in found.partial for m in w["models"]}
     fresh = [ids for p in planner.plan(grid, settings, dev, engine, budget) if (ids := [i for i in p.ids() if i not in skip])]
-    jobs = ([(lambda w=w: w["models"], w["name"]) for w in found.partial]
-            + [(lambda ids=ids: ids, None) for ids in fresh])
+    jobs = ([(lambda w=w: w["models"], w["name"], True) for w in found.partial]
+            + [(lambda ids=ids: ids, None, False) for ids in fresh])
     steps_done = sum(len(w["models"]) * w["steps"] for w in found.partial)
     left = len(grid) - len(done)
     notes = _notes(engine, given) + [f"{why}: population {name} trains again" for name, why in found.problems.items()]
@@ -334,6 +368,10 @@ class _Training:
     def __init__(self, writer: RunWriter, engine, grid: Grid, settings: Settings, device: torch.device,
                  on_step: Callable[[int, int], None] | None):
         self.writer, self.engine, self.grid, self.settings, self.device = writer, engine, grid, settings, device
+        # one of several processes: process 0 reads the others' posts and steps (inbox), the others count theirs
+        self.inbox: distributed.Inbox | None = None
+        self.counter: distributed.StepCounter | None = None
+        self.received, self.others, self.step = 0.0, [], 0
         self.grid = grid
         self.on_step = on_step
         self.model_steps = 0
@@ -342,20 +380,20 @@ class _Training:
         self.split = dict.fromkeys(("setup", "steps", "logging", "saving"), 0.0)
         self.clock = time.perf_counter()
 
-    def run(self, jobs: list[tuple[Callable[[], list[int]], str | None]], rows: list[ModelRow], start: Start,
+    def run(self, jobs: list[tuple[Callable[[], list[int]], str | None, bool]], rows: list[ModelRow], start: Start,
             on_start: Callable[[Start], None] | None) -> Run:
-        """Train each job (its model ids when asked, built then; and the saved population it continues, or None),
-        then mark the run finished.
+        """Train each job (its model ids when asked, built then; its name, or None for the next free one; whether
+        it continues from its saved state), then mark the run finished.
         Ctrl-C or SIGTERM: the population in flight is saved at the step it reached, then Interrupted."""
         began = time.perf_counter()
         try:
             if on_start is not None:
                 on_start(start)
             with _stop_requests() as stop:
-                for ids, name in jobs:
+                for ids, name, saved in jobs:
                     if stop.asked:
                         raise KeyboardInterrupt
-                    new_rows, interrupted = self.population(ids(), name, stop)
+                    new_rows, interrupted = self.population(ids(), name, saved, stop)
                     rows += new_rows
                     if interrupted:
                         raise KeyboardInterrupt
@@ -367,13 +405,13 @@ class _Training:
         finally:
             self.writer.close()  # also when an error ends the run, so a --resume in this process may write it
 
-    def population(self, ids: list[int], name: str | None, stop) -> tuple[list[ModelRow], bool]:
+    def population(self, ids: list[int], name: str | None, saved: bool, stop) -> tuple[list[ModelRow], bool]:
         """Train one population to the end (or to a stop request) and save it: its rows, and whether it stopped."""
         steps = self.settings.steps
         self.lap("steps")
         pop = Population([self.grid.model(i) for i in ids], self.settings, self.device, model_ids=ids)
-        if name is None:
-            name = self.writer.new_name()
+        if not saved:
+            name = name or self.writer.new_name()
             history = _History(self.engine)
             self.lap("setup")
             self.log(history, pop)
@@ -387,6 +425,9 @@ class _Training:
             while pop.step < steps:
                 self.engine.step(pop)
                 self.model_steps += len(pop)
+                self.step = pop.step
+                if self.counter is not None:
+                    self.counter.add(len(pop))
                 if self.on_schedule(pop.step):
                     self.log(history, pop)
                 if pop.step < steps and time.perf_counter() - saved_at >= CHECKPOINT_SECONDS:
@@ -394,6 +435,8 @@ class _Training:
                     saved_at = time.perf_counter()
                 if self.on_step is not None:
                     self.on_step(len(pop), pop.step)
+                if self.inbox is not None and time.perf_counter() - self.received >= 1.0:
+                    self.receive()
                 if stop.asked:
                     interrupted = True
                     break
@@ -457,13 +500,40 @@ class _Training:
                 f"{marked}. {then[0].upper()}{then[1:]}, then `fastgrok train --resume {self.writer.out}` "
                 "continues from what was saved")
 
+    def receive(self, message: dict | None = None) -> None:
+        """Process 0: record the populations the others wrote since the last look (or this one message)."""
+        others = self.inbox.steps()
+        if others and self.on_step is not None:
+            self.on_step(others, self.step)
+        for m in [message] if message is not None else self.inbox.new():
+            if m["kind"] == "population":
+                self.writer.record(m["name"], m["cells"], m["steps"], m["state"])
+                self.others = [r for r in self.others if r.model not in {int(c[0]) for c in m["cells"]}] + [
+                    ModelRow.from_cells(dict(zip(MODEL_COLUMNS, c)), self.grid.model(int(c[0]))) for c in m["cells"]]
+        self.received = time.perf_counter()
+
     def finish(self, status: str, rows: list[ModelRow], began: float) -> Run:
+        if self.counter is not None:
+            self.counter.add(0, now=True)
+        if self.inbox is not None:  # the run ends when every process has: complete only if all of them are
+            self.inbox.wait_all(self.receive, WAIT_FOR_OTHERS[status])
+            if any(s != "complete" for s in self.inbox.finished.values()) or len(self.inbox.finished) < self.inbox.world.size - 1:
+                status = "interrupted"
+            self.writer.config["written"].sort(key=lambda w: w["name"])
+            rows = rows + self.others
+            self.model_steps += sum(r.steps for r in self.others)  # a fresh run's: every model from step 0
         rows.sort(key=lambda r: r.model)
         seconds = time.perf_counter() - began
         self.writer.finish(status, seconds=round(seconds, 3), model_steps=self.model_steps,
                            model_steps_per_s=round(self.model_steps / max(seconds, 1e-9), 1), models_written=len(rows),
                            time_split={k: round(v, 3) for k, v in self.split.items()})
         return Run(self.writer.out, rows, status, seconds, self.model_steps, len(self.grid), self.settings.steps)
+
+
+# seconds process 0 waits for the others to finish: a whole run's worth when it finished its own share first; after
+# a stop, the time the others take to save the population in flight (within torchrun's 30 s between its SIGTERM and
+# its SIGKILL)
+WAIT_FOR_OTHERS = {"complete": 7 * 24 * 3600.0, "interrupted": 20.0}
 
 
 class _StopNow(KeyboardInterrupt):

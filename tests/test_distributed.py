@@ -86,3 +86,95 @@ def test_a_bad_world_size_is_one_line(args, message):
 def test_python_m_fastgrok_is_the_command_line():
     out = subprocess.run([sys.executable, "-m", "fastgrok", "presets"], capture_output=True, text=True, check=True)
     assert "transformer-cpu" in out.stdout and "cpu-demo" in out.stdout
+
+
+ENV = {"OMP_NUM_THREADS": "1"}  # one thread a process, the same in the single-process run compared against
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "fastgrok"]
+FILES = ["models.csv", "history/pop000.parquet", "history/pop001.parquet", "weights/pop000.safetensors",
+         "weights/pop001.safetensors"]
+
+
+def fastgrok(*args, launcher=(sys.executable, "-m", "fastgrok"), check=True, **kwargs):
+    import os
+
+    return subprocess.run([*launcher, *map(str, args)], env={**os.environ, **ENV}, capture_output=True, text=True,
+                          check=check, **kwargs)
+
+
+def same_files(a, b):
+    for name in FILES:
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+
+
+def test_two_processes_write_the_run_one_process_writes(tmp_path):
+    import json
+
+    grid = ["train", "--p", "11", "--width", "8,12", "--xi", "0,0.3", "--alpha", "0.3,0.6", "--steps", "30",
+            "--log-every", "10"]
+    fastgrok(*grid, "--out", tmp_path / "one")
+    result = fastgrok(*grid, "--out", tmp_path / "two", launcher=TORCHRUN)
+    same_files(tmp_path / "one", tmp_path / "two")
+    config = json.loads((tmp_path / "two" / "config.json").read_text())
+    assert config["status"] == "complete" and config["processes"] == 2
+    assert [w["name"] for w in config["written"]] == ["pop000", "pop001"]
+    assert result.stdout.count("Results:") == 1 and "8 models" in result.stdout  # process 0 reports, for all
+
+
+def test_a_dry_run_under_the_launcher_prints_every_processs_share_once(tmp_path):
+    result = fastgrok("train", "--p", "11", "--width", "8,12,16", "--xi", "0,0.3", "--dry-run", launcher=TORCHRUN)
+    assert result.stdout.count("3 population(s) shared by 2 processes") == 1, result.stdout
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_process_killed_mid_run_loses_only_its_population_in_flight(tmp_path):
+    """SIGKILL to the second process: torchrun stops the first, which saves its population where it is; a plain
+    --resume on one process then finishes the run as an uninterrupted one."""
+    import json
+    import os
+    import signal
+    import time
+
+    if not os.path.exists("/proc/self/environ"):
+        pytest.skip("finds the second process by its environment in /proc")
+    grid = ["train", "--p", "13", "--width", "8,12", "--xi", "0,0.3", "--alpha", "0.3,0.6", "--steps", "6000",
+            "--log-every", "1000"]
+    fastgrok(*grid, "--out", tmp_path / "straight")
+    launcher = subprocess.Popen([*TORCHRUN, *grid, "--out", str(tmp_path / "run")], env={**os.environ, **ENV},
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    second = None
+    for _ in range(600):  # the second process, once it has started training (its run directory is announced)
+        time.sleep(0.05)
+        for pid in os.listdir("/proc"):
+            try:
+                environ = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+            except (OSError, ValueError):
+                continue
+            if b"RANK=1" in environ and str(tmp_path).encode() in open(f"/proc/{pid}/cmdline", "rb").read():
+                second = int(pid)
+        if second is not None and (tmp_path / "run" / "config.json").exists():
+            break
+    assert second is not None
+    time.sleep(1.0)
+    os.kill(second, signal.SIGKILL)
+    assert launcher.wait(timeout=120) != 0
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["status"] == "interrupted" and all(w["steps"] < 6000 for w in config["written"])
+    fastgrok("train", "--resume", tmp_path / "run")
+    same_files(tmp_path / "straight", tmp_path / "run")
+
+
+def test_processes_that_disagree_on_the_command_are_refused_in_one_line(tmp_path):
+    """The second process given other settings (here --steps) says so on one line; the launcher stops the run."""
+    script = tmp_path / "disagree.py"
+    script.write_text(
+        "import os, sys\n"
+        "from fastgrok.cli import app\n"
+        f"steps = '30' if os.environ['RANK'] == '0' else '40'\n"
+        f"sys.argv = ['fastgrok', 'train', '--p', '11', '--width', '8,12', '--xi', '0', '--steps', steps, "
+        f"'--out', {str(tmp_path / 'run')!r}]\n"
+        "app()\n")
+    result = fastgrok(script, launcher=[sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                        "--nproc-per-node", "2"], check=False)
+    assert result.returncode != 0
+    lines = [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and "process 1 differs from process 0 in its settings" in lines[0], lines

@@ -146,15 +146,16 @@ def train(
                         on_start=progress.start, on_step=progress.step, before_fail=progress.stop)
         else:
             request = _call(presets.resolve, preset, axes, shared, device, d_model=d_model)
+            rank = int(os.environ.get("RANK", "0"))  # under a launcher (torchrun), this process's
             if dry_run:
-                if world_size is None and int(os.environ.get("RANK", "0")) > 0:
+                if world_size is None and rank > 0:
                     return  # under a launcher process 0 prints the plan, with every process's share
                 processes = int(os.environ.get("WORLD_SIZE", "1")) if world_size is None else world_size
                 plan = _call(training.plan, request.grid, request.settings, out, device=device, backend=backend,
                              precision=precision, processes=processes)
                 _announce(request, planning=True)
                 return _print_plan(plan, out)
-            if int(os.environ.get("RANK", "0")) > 0:  # one of several processes (torchrun): process 0 reports
+            if rank > 0:  # one of several processes: process 0 reports
                 try:
                     _call(training.train, request.grid, request.settings, out, device=device, backend=backend,
                           precision=precision)

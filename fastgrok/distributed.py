@@ -10,9 +10,11 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from fastgrok.errors import ConfigError
+from fastgrok.results import write_population, written_entry
 
 PREFIX = "fastgrok/"
 
@@ -124,20 +126,15 @@ class RankWriter:
     them in config.json and models.csv (RunWriter.record); then that it finished, and how."""
 
     def __init__(self, w: World, out):
-        from pathlib import Path
-
         self.world, self.out = w, Path(out)
         self.config = {"written": []}
 
     def add_population(self, rows, history, weights, state=None, name: str | None = None) -> str:
-        from fastgrok.results import write_population
-
         write_population(self.out, name, history, weights, state)
-        steps = rows[0].steps if rows else 0
-        entry = {"name": name, "models": [r.model for r in rows], "steps": steps, "state": state is not None}
+        cells, steps = [r.cells() for r in rows], rows[0].steps if rows else 0
+        entry = written_entry(name, cells, steps, state is not None)
         self.config["written"] = [e for e in self.config["written"] if e["name"] != name] + [entry]
-        post(self.world, {"kind": "population", "name": name, "cells": [r.cells() for r in rows], "steps": steps,
-                          "state": state is not None})
+        post(self.world, {"kind": "population", **entry, "cells": cells})
         return name
 
     def finish(self, status: str, **extra) -> None:
@@ -150,8 +147,6 @@ class RankWriter:
 def setup_of(grid, settings, device, sizes: list[int]) -> str:
     """What every process of a run must agree on: the grid, the settings, the kind of device and the plan (the
     models of each population, which follow from each device's memory)."""
-    from dataclasses import asdict
-
     return json.dumps({"grid": grid.axes, "settings": asdict(settings), "device": device.type, "plan": sizes},
                       sort_keys=True, default=str)
 

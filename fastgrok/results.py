@@ -212,6 +212,12 @@ def write_population(out: Path, name: str, history: dict[str, np.ndarray], weigh
             write_atomic(path, lambda tmp: save_file({k: host[k] for k in tensors}, str(tmp)))  # noqa: B023
 
 
+def written_entry(name: str, cells: list[list], steps: int, state: bool) -> dict:
+    """A population's entry in config.json's "written": its name, model ids (from its models.csv rows), the step
+    it reached and whether it left a state to continue from."""
+    return {"name": name, "models": [int(row[0]) for row in cells], "steps": steps, "state": state}
+
+
 class RunWriter:
     def __init__(self, out: Path, grid: Grid, settings: Settings, device: torch.device, backend: str,
                  precision: str | None = None, extra: dict | None = None):
@@ -304,7 +310,7 @@ class RunWriter:
         self.names.add(name)
         self.rows |= {int(row[0]): row for row in cells}
         self._write_models()
-        entry = {"name": name, "models": [int(row[0]) for row in cells], "steps": steps, "state": state}
+        entry = written_entry(name, cells, steps, state)
         self.config["written"] = [w for w in self.config["written"] if w["name"] != name] + [entry]
         self.write_config()
         if not state:

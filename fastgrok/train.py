@@ -104,14 +104,15 @@ def train(grid: Grid, settings: Settings, out: str | Path | None = None, *, devi
     if populations is None:
         planned = planner.plan(grid, settings, dev, engine, budget)
         jobs, sizes = [(p.ids, None, False) for p in planned], [len(p) for p in planned]
+        mine = sizes
         if w.shared:  # this process's share, named as a single process would name them: pop<index in the plan>
             owner = planner.shares(planned, settings, w.size)
             jobs = [(p.ids, f"pop{k:03d}", False) for k, p in enumerate(planned) if owner[k] == w.rank]
+            mine = [len(p) for k, p in enumerate(planned) if owner[k] == w.rank]
     else:
         if w.shared:
             raise ConfigError("populations given by hand train on one process")
         jobs, sizes = [(lambda ids=ids: ids, None, False) for ids in populations], [len(ids) for ids in populations]
-    mine = sum(len(ids()) for ids, _, _ in jobs)
     if w.rank == 0:
         try:
             out = Path(out) if out is not None else None
@@ -131,7 +132,7 @@ def train(grid: Grid, settings: Settings, out: str | Path | None = None, *, devi
         out = Path(distributed.run_directory(w))
         distributed.check_setup(w, distributed.setup_of(grid, settings, dev, sizes), out)
         writer = distributed.RankWriter(w, out)
-    models = len(grid) if w.rank == 0 else mine  # process 0's progress counts every process's model-steps
+    models = sum(mine) if w.rank > 0 else len(grid)  # process 0's progress counts every process's model-steps
     start = Start(writer.out, grid, settings, dev, engine.name, models, models * settings.steps, len(jobs),
                   resumed=False, notes=_notes(engine, precision))
     training = _Training(writer, engine, grid, settings, dev, on_step)
@@ -371,7 +372,7 @@ class _Training:
         # one of several processes: process 0 reads the others' posts and steps (inbox), the others count theirs
         self.inbox: distributed.Inbox | None = None
         self.counter: distributed.StepCounter | None = None
-        self.received, self.others, self.step = 0.0, [], 0
+        self.received, self.others, self.step = 0.0, {}, 0  # others: model id -> its row, from another process
         self.grid = grid
         self.on_step = on_step
         self.model_steps = 0
@@ -500,16 +501,16 @@ class _Training:
                 f"{marked}. {then[0].upper()}{then[1:]}, then `fastgrok train --resume {self.writer.out}` "
                 "continues from what was saved")
 
-    def receive(self, message: dict | None = None) -> None:
-        """Process 0: record the populations the others wrote since the last look (or this one message)."""
+    def receive(self) -> None:
+        """Process 0: count the others' model-steps and record the populations they wrote since the last look."""
         others = self.inbox.steps()
         if others and self.on_step is not None:
             self.on_step(others, self.step)
-        for m in [message] if message is not None else self.inbox.new():
-            if m["kind"] == "population":
+        for m in self.inbox.new():
+            if m["kind"] == "population":  # a later save of a population replaces its rows
                 self.writer.record(m["name"], m["cells"], m["steps"], m["state"])
-                self.others = [r for r in self.others if r.model not in {int(c[0]) for c in m["cells"]}] + [
-                    ModelRow.from_cells(dict(zip(MODEL_COLUMNS, c)), self.grid.model(int(c[0]))) for c in m["cells"]]
+                self.others |= {int(c[0]): ModelRow.from_cells(dict(zip(MODEL_COLUMNS, c)), self.grid.model(int(c[0])))
+                                for c in m["cells"]}
         self.received = time.perf_counter()
 
     def finish(self, status: str, rows: list[ModelRow], began: float) -> Run:
@@ -520,8 +521,8 @@ class _Training:
             if any(s != "complete" for s in self.inbox.finished.values()) or len(self.inbox.finished) < self.inbox.world.size - 1:
                 status = "interrupted"
             self.writer.config["written"].sort(key=lambda w: w["name"])
-            rows = rows + self.others
-            self.model_steps += sum(r.steps for r in self.others)  # a fresh run's: every model from step 0
+            rows = rows + list(self.others.values())
+            self.model_steps += sum(r.steps for r in self.others.values())  # a fresh run's: every model from step 0
         rows.sort(key=lambda r: r.model)
         seconds = time.perf_counter() - began
         self.writer.finish(status, seconds=round(seconds, 3), model_steps=self.model_steps,

@@ -4,7 +4,7 @@ returned; heavy imports stay inside the commands, so that --help is instant."""
 from __future__ import annotations
 
 import datetime
-import os
+import functools
 import time
 from pathlib import Path
 from typing import Annotated, Optional
@@ -126,10 +126,11 @@ def train(
     out: Annotated[Optional[Path], typer.Option(help="Run directory (must be new or empty)" + _default("runs/<timestamp>"))] = None,
     resume: Annotated[Optional[Path], typer.Option(help="Continue an interrupted run directory from where it stopped (same results as an uninterrupted run)")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Check the options and print the plan (populations, their models, memory and estimated time, from a few measured steps) without training or writing anything")] = False,
+    population_size: Annotated[Optional[int], typer.Option(help="At most this many models a population: more, smaller populations, to keep more processes busy (a launcher's: each population trains on one)" + _default("as many as fit the device's memory"))] = None,
     world_size: Annotated[Optional[int], typer.Option(help="With --dry-run: share the populations among this many processes, each on a device like this one, and show which trains each" + _default("the launcher's WORLD_SIZE, or 1"))] = None,
 ) -> None:
     """Train a grid of models (the product of the grid options) and write a run directory."""
-    from fastgrok import presets
+    from fastgrok import distributed, presets
     from fastgrok import train as training
 
     axes = dict(xi=xi, alpha=alpha, width=width, wd=wd, dropout=dropout, lr=lr, seed=seed)
@@ -139,33 +140,32 @@ def train(
     progress = _Progress()
     if world_size is not None and not dry_run:
         fail("--world-size goes with --dry-run: it shows how a plan's populations would be shared among processes")
+    rank, size, _ = distributed.launched()  # under a launcher (torchrun, srun), this process's place
     try:
         if resume is not None:
-            _call(presets.check_resume, {**axes, **shared, "d_model": d_model, "preset": preset, "out": out}, dry_run)
-            run = _call(training.resume, resume, device=device, backend=backend, precision=precision,
-                        on_start=progress.start, on_step=progress.step, before_fail=progress.stop)
+            _call(presets.check_resume, {**axes, **shared, "d_model": d_model, "preset": preset, "out": out,
+                                           "population_size": population_size}, dry_run)
+            work = functools.partial(training.resume, resume, device=device, backend=backend, precision=precision)
         else:
             request = _call(presets.resolve, preset, axes, shared, device, d_model=d_model)
-            rank = int(os.environ.get("RANK", "0"))  # under a launcher (torchrun), this process's
             if dry_run:
                 if world_size is None and rank > 0:
                     return  # under a launcher process 0 prints the plan, with every process's share
-                processes = int(os.environ.get("WORLD_SIZE", "1")) if world_size is None else world_size
                 plan = _call(training.plan, request.grid, request.settings, out, device=device, backend=backend,
-                             precision=precision, processes=processes)
+                             precision=precision, processes=size if world_size is None else world_size,
+                             population_size=population_size)
                 _announce(request, planning=True)
                 return _print_plan(plan, out)
-            if rank > 0:  # one of several processes: process 0 reports
-                try:
-                    _call(training.train, request.grid, request.settings, out, device=device, backend=backend,
-                          precision=precision)
-                except training.Interrupted:
-                    raise typer.Exit(130) from None
-                return
             progress.request = request
-            run = _call(training.train, request.grid, request.settings, out, device=device, backend=backend,
-                        precision=precision, on_start=progress.start, on_step=progress.step,
-                        before_fail=progress.stop)
+            work = functools.partial(training.train, request.grid, request.settings, out, device=device,
+                                     backend=backend, precision=precision, population_size=population_size)
+        if rank > 0:  # one of several processes: process 0 reports, for all
+            try:
+                _call(work)
+            except training.Interrupted:
+                raise typer.Exit(130) from None
+            return
+        run = _call(work, on_start=progress.start, on_step=progress.step, before_fail=progress.stop)
     except training.Interrupted as e:
         progress.stop()
         r = e.run

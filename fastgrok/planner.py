@@ -225,10 +225,15 @@ class Planned:
         return out
 
 
-def plan(grid: Grid, settings, device: torch.device, engine, budget: int | None = None) -> list[Planned]:
-    """Split a grid into populations: one width each, as many models as fit the memory budget. The work grows
-    with the populations, not with the models: a population is a few runs of lattices of the grid's ids."""
+def plan(grid: Grid, settings, device: torch.device, engine, budget: int | None = None,
+         most: int | None = None) -> list[Planned]:
+    """Split a grid into populations: one width each, as many models as fit the memory budget, and at most `most`
+    (--population-size: smaller populations, for a run spread over more processes than the memory alone would
+    make populations). The work grows with the populations, not with the models: a population is a few runs of
+    lattices of the grid's ids."""
     check_training_sets(grid.axes["alpha"], settings)
+    if most is not None and most < 1:
+        raise ConfigError(f"--population-size must be at least 1, got {most}")
     budget = memory_budget(device) if budget is None else budget
     num_pairs = pair_count(settings.op, settings.p)
     dropout = any(v > 0 for v in grid.axes["dropout"])
@@ -243,6 +248,7 @@ def plan(grid: Grid, settings, device: torch.device, engine, budget: int | None 
         # the longest ones (the 1,156-model diagrams mix alpha 0.1 to 0.9 in one population)
         groups = [Group(grid, w, tuple(alphas), d) for d, alphas in sorted(by_size.items(), reverse=True)]
         per_pop = models_that_fit(settings, width, groups[0].d, num_pairs, device, budget, engine, dropout)
+        per_pop = min(per_pop, most or per_pop)
         parts, room = [], per_pop
         for group in groups:
             start = 0
@@ -260,14 +266,54 @@ def plan(grid: Grid, settings, device: torch.device, engine, budget: int | None 
 
 
 def shares(populations: list[Planned], settings, processes: int) -> list[int]:
-    """The process (rank) that trains each population, for a run spread over `processes`: the most costly first,
-    each to the process with the least cost so far (the lowest rank on a tie). Only the plan decides it, so every
-    process computes the same shares, and a population is the same one whatever the number of processes."""
+    """The process (rank) that trains each population of a plan, for a run spread over `processes` (balance of
+    their costs). Only the plan decides it, so a population is the same one whatever the number of processes."""
+    return balance([p.cost(settings) for p in populations], processes)
+
+
+def idle_note(populations: int, processes: int, models: int) -> list[str]:
+    """What to say when processes are left without a population (each population trains on one process)."""
+    if populations >= processes:
+        return []
+    idle = processes - populations
+    return [f"{idle} of the {processes} processes {'has' if idle == 1 else 'have'} no population to train (the plan "
+            f"has {populations}): --population-size {math.ceil(models / processes)} splits the models among them all"]
+
+
+def balance(costs: list[int], processes: int) -> list[int]:
+    """The process that takes each job of these costs: the most costly first, each to the process with the least
+    cost so far (the lowest rank on a tie)."""
     if processes < 1:
         raise ConfigError(f"--world-size must be at least 1, got {processes}")
-    loads, owner = [0] * processes, [0] * len(populations)
-    costs = [p.cost(settings) for p in populations]
-    for k in sorted(range(len(populations)), key=lambda k: (-costs[k], k)):
+    loads, owner = [0] * processes, [0] * len(costs)
+    for k in sorted(range(len(costs)), key=lambda k: (-costs[k], k)):
         rank = min(range(processes), key=lambda r: (loads[r], r))
         owner[k], loads[rank] = rank, loads[rank] + costs[k]
     return owner
+
+
+def job_cost(grid: Grid, settings, ids: list[int], steps: int) -> int:
+    """The FLOPs of `steps` steps of a population of these models (Planned.cost, for any list of models: a
+    resumed run's, some of whose populations continue from a save)."""
+    pairs, flops = pair_count(settings.op, settings.p), family_of(settings).flops
+    return steps * sum(flops(settings, h.width, min(d := train_size(pairs, h.alpha), settings.batch_size or d))
+                       for h in map(grid.model, ids))
+
+
+def job_bytes(grid: Grid, settings, ids: list[int], engine, device: torch.device) -> int:
+    """Device memory of a population of these models (population_bytes; one width)."""
+    hypers = [grid.model(i) for i in ids]
+    pairs = pair_count(settings.op, settings.p)
+    return population_bytes(settings, hypers[0].width, max(train_size(pairs, h.alpha) for h in hypers), pairs,
+                            len(hypers), engine, any(v > 0 for v in grid.axes["dropout"]), device)
+
+
+def check_fits(jobs: list[list[int]], grid: Grid, settings, engine, device: torch.device, who: str) -> None:
+    """Refuse, before training, a device that cannot hold the largest of the populations given it (planned on
+    another process's device)."""
+    budget = memory_budget(device)
+    for ids in jobs:
+        if (need := job_bytes(grid, settings, ids, engine, device)) > budget:
+            raise ConfigError(f"{who} on {device} cannot hold its population of {len(ids)} models: it needs "
+                              f"{bytes_text(need)}, and this device can give a population {bytes_text(budget)} "
+                              f"({BUDGETS[device.type][1]}); free the device, or run every process on devices alike")

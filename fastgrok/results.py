@@ -15,6 +15,10 @@ few minutes while it trains, so an interrupted or killed run keeps its work; con
 ("written") and `RunWriter.reopen` continues from them (--resume), an unfinished population from its last state.
 Every file is written beside its place under a hidden temporary name and then renamed over it, so a run killed
 mid-write keeps the previous whole file, never a torn one. A writing process holds a lock on .lock.
+
+A run trained by several processes (fastgrok.distributed) also holds, under logs/, each process's log and, until
+the run completes or is resumed, the journal of the populations the processes other than 0 saved: what process 0
+records in config.json and models.csv, kept in case it stopped before recording it.
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ from fastgrok.population import METRICS
 
 MODEL_COLUMNS = ("model", *AXES, "train_acc", "test_acc", "clean_acc", "corrupted_acc", "inverted_acc",
                  "train_loss", "phase", "test_loss", "diverged", "steps", "train90_step", "test90_step")
+JOURNALS = "logs/*.saves.jsonl"  # one per process other than 0 (distributed.RankWriter)
 INT_COLUMNS = ("model", "width", "seed", "steps", "train90_step", "test90_step", "dead_neurons")
 
 
@@ -273,6 +278,7 @@ class RunWriter:
         for folder in ("history", "weights"):
             (self.out / folder).mkdir(exist_ok=True)
         self.write_config()
+        self._drop_journals()  # what they held is in config.json now
         return self
 
     def write_config(self) -> None:
@@ -321,7 +327,13 @@ class RunWriter:
         self._write_models()
         self.config.update(status=status, finished=datetime.datetime.now().isoformat(timespec="seconds"), **extra)
         self.write_config()
+        if status == "complete":  # every process's populations recorded
+            self._drop_journals()
         self.close()
+
+    def _drop_journals(self) -> None:
+        for path in self.out.glob(JOURNALS):
+            path.unlink(missing_ok=True)
 
     def close(self) -> None:
         """Let another process write the run (the lock goes with the process too, however it ends)."""
@@ -414,6 +426,7 @@ def inspect_run(run: Path) -> Inspection:
     config = read_config(run)
     steps, grid = config["settings"]["steps"], Grid(config["grid"])
     cells, csv_problem, unreadable = _models_csv(run)
+    _adopt_journals(run, config, cells)
     if unreadable and config["written"]:  # the index of every saved model: nothing can be trusted, or retrained over
         raise RunError(f"{unreadable}: restore it from a copy (a resume would train every population again)")
     finished, partial, problems, listed = [], [], {}, set()
@@ -447,6 +460,29 @@ def inspect_run(run: Path) -> Inspection:
     found = {*run.glob(".*.tmp"), *run.glob("*/.*.tmp"), *run.glob("weights/*.safetensors"),
              *run.glob("history/*.parquet")}
     return Inspection(config, rows, finished, partial, problems, sorted(found - listed))
+
+
+def _adopt_journals(run: Path, config: dict, cells: dict[int, dict[str, str]]) -> None:
+    """Enter in `config` and `cells` (config.json and models.csv as read) the populations that processes other than
+    0 saved and journalled but process 0 did not record (it stopped first): a later save of a population listed
+    with the same models, or one not listed. Their files are then checked like any other's."""
+    entries = {w["name"]: w for w in config["written"]}
+    for path in sorted(run.glob(JOURNALS)):
+        try:
+            lines = path.read_text().splitlines()
+        except OSError:
+            continue
+        for line in lines:
+            try:
+                m = json.loads(line)
+            except ValueError:  # a line a kill cut short
+                continue
+            old = entries.get(m["name"])
+            if old is not None and (old["steps"] >= m["steps"] or old["models"] != [int(c[0]) for c in m["cells"]]):
+                continue
+            entries[m["name"]] = written_entry(m["name"], m["cells"], m["steps"], m["state"])
+            cells |= {int(c[0]): dict(zip(MODEL_COLUMNS, ("" if v is None else str(v) for v in c))) for c in m["cells"]}
+    config["written"] = list(entries.values())
 
 
 def _file_problem(path: Path, models: list[int]) -> str | None:

@@ -12,7 +12,7 @@ import threading
 import time
 import types
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -82,65 +82,72 @@ class Interrupted(Exception):
         self.run = run
 
 
+@dataclass
+class _Job:
+    """A population to train: its model ids (listed when it starts), its name, whether it continues from its
+    saved state, and its cost (planner.job_cost: what a run over several processes balances)."""
+
+    ids: Callable[[], list[int]]
+    name: str | None
+    saved: bool = False
+    cost: int = 0
+
+    def published(self) -> dict:
+        return {"models": self.ids(), "name": self.name, "saved": self.saved, "cost": self.cost}
+
+
 def train(grid: Grid, settings: Settings, out: str | Path | None = None, *, device: str = "auto", backend="auto",
           precision: str | None = None, on_start: Callable[[Start], None] | None = None,
           on_step: Callable[[int, int], None] | None = None, budget: int | None = None,
-          populations: list[list[int]] | None = None) -> Run:
+          populations: list[list[int]] | None = None, population_size: int | None = None) -> Run:
     """Train every model of `grid` into the new run directory `out` (default: a new runs/<timestamp>). Ctrl-C (or
     SIGTERM) writes what is done, then raises Interrupted; `resume(out)` continues it.
 
     backend: a name ("auto", "torch", "triton") or a backend object; precision: the fused kernels' dot precision.
     on_start(Start) is called before the first step; on_step(models, step) after every step of a population of
-    `models` models. `populations` (model indices per population) defaults to planner.plan under the memory
-    `budget`."""
+    `models` models. `populations` (model ids per population) defaults to planner.plan under the memory `budget`,
+    of at most `population_size` models.
+
+    Started by a launcher as one of several processes (distributed.world), process 0 plans the run and each process
+    trains its share of the populations; a launcher's restart of the processes (torchrun --max-restarts, a
+    requeued SLURM job) resumes the run its first attempt began (distributed.restarted_run)."""
     settings.check()
     w = world()
-    dev = resolve_device(device)
-    if w.shared and dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", w.local_rank)  # a launcher starts one process a GPU
-    check_training_sets(grid.axes["alpha"], settings)
-    family_of(settings).check_widths(settings, grid.axes["width"])
-    engine = _engine(backend, dev, precision, settings)
-    if populations is None:
-        planned = planner.plan(grid, settings, dev, engine, budget)
-        jobs, sizes = [(p.ids, None, False) for p in planned], [len(p) for p in planned]
-        mine = sizes
-        if w.shared:  # this process's share, named as a single process would name them: pop<index in the plan>
-            owner = planner.shares(planned, settings, w.size)
-            jobs = [(p.ids, f"pop{k:03d}", False) for k, p in enumerate(planned) if owner[k] == w.rank]
-            mine = [len(p) for k, p in enumerate(planned) if owner[k] == w.rank]
-    else:
+    out = Path(out) if out is not None else None
+    if populations is not None and w.shared:
+        raise ConfigError("populations given by hand train on one process")
+    if populations is None and (again := distributed.restarted_run(w, out)) is not None:
+        return resume(again, device=device, backend=backend, precision=precision, on_start=on_start,
+                      on_step=on_step, budget=budget)
+    try:
+        dev = _device(device, w)
+        check_training_sets(grid.axes["alpha"], settings)
+        family_of(settings).check_widths(settings, grid.axes["width"])
+        engine = _engine(backend, dev, precision, settings)
+        if w.rank > 0:
+            return _follow(w, dev, engine, on_step, grid=grid, settings=settings)
+        if populations is None:
+            planned = planner.plan(grid, settings, dev, engine, budget, population_size)
+            jobs = [_Job(p.ids, f"pop{k:03d}", cost=p.cost(settings) if w.shared else 0) for k, p in enumerate(planned)]
+        else:
+            jobs = [_Job(lambda ids=ids: ids, None) for ids in populations]
+        planner.check_room(grid, settings, out)
+        if out is None:
+            out = default_out_dir()  # once every option is known good: a refused run leaves no directory behind
+        extra = {"populations": [len(p) for p in planned] if populations is None else [len(p) for p in populations]}
         if w.shared:
-            raise ConfigError("populations given by hand train on one process")
-        jobs, sizes = [(lambda ids=ids: ids, None, False) for ids in populations], [len(ids) for ids in populations]
-    if w.rank == 0:
-        try:
-            out = Path(out) if out is not None else None
-            planner.check_room(grid, settings, out)
-            if out is None:
-                out = default_out_dir()  # once every option is known good: a refused run leaves no directory behind
-            writer = RunWriter(out, grid, settings, dev, engine.name, engine.precision,
-                               extra={"populations": sizes, **({"processes": w.size} if w.shared else {})})
-        except (ConfigError, OSError) as e:
-            if w.shared:
-                distributed.fail_everywhere(w, str(e))
-            raise
-        if w.shared:
-            distributed.announce(w, "setup", distributed.setup_of(grid, settings, dev, sizes))
-            distributed.announce(w, "out", str(writer.out))
-    else:
-        out = Path(distributed.run_directory(w))
-        distributed.check_setup(w, distributed.setup_of(grid, settings, dev, sizes), out)
-        writer = distributed.RankWriter(w, out)
-    models = sum(mine) if w.rank > 0 else len(grid)  # process 0's progress counts every process's model-steps
-    start = Start(writer.out, grid, settings, dev, engine.name, models, models * settings.steps, len(jobs),
-                  resumed=False, notes=_notes(engine, precision))
-    training = _Training(writer, engine, grid, settings, dev, on_step)
-    if w.shared and w.rank == 0:
-        training.inbox = distributed.Inbox(w)
-    elif w.shared:
-        training.counter = distributed.StepCounter(w)
-    return training.run(jobs, [], start, on_start)
+            extra["processes"] = w.size
+        if population_size is not None:
+            extra["population_size"] = population_size  # the plan's, which a resume makes again
+        if (name := distributed.launcher_id()) is not None:
+            extra["launcher"] = name  # so that a restart of the launch finds the run
+        writer = RunWriter(out, grid, settings, dev, engine.name, engine.precision, extra=extra)
+    except (ConfigError, OSError) as e:
+        if w.shared and w.rank == 0:
+            distributed.fail_everywhere(w, str(e))
+        raise
+    return _lead(w, writer, jobs, engine, grid, settings, dev, on_start, on_step, resumed=False,
+                 notes=_notes(engine, precision), rows=[])
 
 
 def resume(out: str | Path, *, device: str = "auto", backend="auto", precision: str | None = None,
@@ -149,42 +156,112 @@ def resume(out: str | Path, *, device: str = "auto", backend="auto", precision: 
     """Continue the interrupted run in `out`: finished populations stay, a population saved with its state (at the
     interrupt, or by a checkpoint every CHECKPOINT_SECONDS) continues from it, and the rest trains again from its
     seeds, also a population whose files are missing or damaged (results.inspect_run); the results are those of an
-    uninterrupted run. It keeps the run's precision unless one is given. A run with every model trained is marked
-    complete (a kill may have come after its last save) and trains nothing."""
-    out = Path(out)
-    if world().shared:
-        raise ConfigError("--resume continues a run on one process: `python -m fastgrok train --resume RUN`, without "
-                          "a launcher (a run started on any number of processes)")
-    read_config(out)
-    check_not_busy(out)
-    found = inspect_run(out)
-    config = found.config
-    grid, settings = Grid(config["grid"]), settings_of(config)
-    done = {m for w in found.finished for m in w["models"]}
-    if len(done) == len(grid):
-        notes = [f"config.json said {config['status']!r} (stopped after its last save): marked complete"
-                 ] * (config["status"] != "complete") + [f"removed {len(found.orphans)} leftover file(s)"] * bool(found.orphans)
-        if notes:
-            RunWriter.reopen(found, out).finish("complete", models_written=len(done))
-        return Run(out, sorted(found.rows.values(), key=lambda r: r.model), "complete", 0.0, 0, len(grid),
-                   settings.steps, nothing_left=True, notes=notes)
-    given = precision
-    precision = config.get("precision") if precision is None else precision
-    dev = resolve_device(device)
-    engine = _engine(backend, dev, precision, settings)
-    writer = RunWriter.reopen(found, out)
-    # the populations of a fresh plan, less the models trained or continuing from a save
-    skip = done | {m for w in found.partial for m in w["models"]}
-    fresh = [ids for p in planner.plan(grid, settings, dev, engine, budget) if (ids := [i for i in p.ids() if i not in skip])]
-    jobs = ([(lambda w=w: w["models"], w["name"], True) for w in found.partial]
-            + [(lambda ids=ids: ids, None, False) for ids in fresh])
-    steps_done = sum(len(w["models"]) * w["steps"] for w in found.partial)
-    left = len(grid) - len(done)
+    uninterrupted run, on any number of processes. It keeps the run's precision unless one is given. A run with
+    every model trained is marked complete (a kill may have come after its last save) and trains nothing."""
+    out, w = Path(out), world()
+    if w.rank > 0:
+        dev = _device(device, w)
+        return _follow(w, dev, None, on_step, backend=backend, precision=precision)
+    try:
+        read_config(out)
+        check_not_busy(out)
+        found = inspect_run(out)
+        config = found.config
+        grid, settings = Grid(config["grid"]), settings_of(config)
+        done = {m for e in found.finished for m in e["models"]}
+        if len(done) == len(grid):
+            notes = [f"config.json said {config['status']!r} (stopped after its last save): marked complete"
+                     ] * (config["status"] != "complete") + [f"removed {len(found.orphans)} leftover file(s)"] * bool(found.orphans)
+            if notes:
+                RunWriter.reopen(found, out).finish("complete", models_written=len(done))
+            if w.shared:
+                distributed.publish(w, out, [], precision=config.get("precision"))
+                distributed.Inbox(w).wait_all(lambda: None, WAIT_FOR_OTHERS["interrupted"])
+            return Run(out, sorted(found.rows.values(), key=lambda r: r.model), "complete", 0.0, 0, len(grid),
+                       settings.steps, nothing_left=True, notes=notes)
+        given = precision
+        precision = config.get("precision") if precision is None else precision
+        dev = _device(device, w)
+        engine = _engine(backend, dev, precision, settings)
+        writer = RunWriter.reopen(found, out)
+    except (ConfigError, OSError) as e:
+        if w.shared:
+            distributed.fail_everywhere(w, str(e))
+        raise
+    # the populations saved part-trained, then those of a fresh plan less the models trained or continuing
+    def cost(ids: list[int], steps: int) -> int:  # what several processes balance
+        return planner.job_cost(grid, settings, ids, steps) if w.shared else 0
+
+    jobs = [_Job(lambda p=p: p["models"], p["name"], True, cost(p["models"], settings.steps - p["steps"]))
+            for p in found.partial]
+    skip = done | {m for p in found.partial for m in p["models"]}
+    for p in planner.plan(grid, settings, dev, engine, budget, config.get("population_size")):
+        if ids := [i for i in p.ids() if i not in skip]:
+            jobs.append(_Job(lambda ids=ids: ids, writer.new_name(), cost=cost(ids, settings.steps)))
     notes = _notes(engine, given) + [f"{why}: population {name} trains again" for name, why in found.problems.items()]
-    start = Start(out, grid, settings, dev, engine.name, left, left * settings.steps - steps_done, len(jobs),
-                  resumed=True, notes=notes)
     kept = [found.rows[m] for m in sorted(done)]
-    return _Training(writer, engine, grid, settings, dev, on_step).run(jobs, kept, start, on_start)
+    already = sum(len(e["models"]) * e["steps"] for e in found.partial)
+    return _lead(w, writer, jobs, engine, grid, settings, dev, on_start, on_step, resumed=True, notes=notes,
+                 rows=kept, already=already)
+
+
+def _device(device: str, w) -> torch.device:
+    dev = resolve_device(device)
+    if w.shared and dev.type == "cuda" and dev.index is None:
+        # a launcher starts one process a GPU: the local rank's among those visible, or the only one visible (SLURM's
+        # --gpus-per-task 1 gives each task its own CUDA_VISIBLE_DEVICES)
+        dev = torch.device("cuda", w.local_rank % torch.cuda.device_count())
+    return dev
+
+
+def _lead(w, writer, jobs: list[_Job], engine, grid: Grid, settings: Settings, dev: torch.device, on_start, on_step,
+          *, resumed: bool, notes: list[str], rows: list[ModelRow], already: int = 0) -> Run:
+    """Process 0 (or the only one): publish the jobs to the others, train its share, record theirs."""
+    left = len(grid) - len(rows)  # the models that train now, on every process: process 0's progress counts them all
+    notes = notes + planner.idle_note(len(jobs), w.size, left)
+    start = Start(writer.out, grid, settings, dev, engine.name, left, left * settings.steps - already, len(jobs),
+                  resumed=resumed, notes=notes)
+    training = _Training(writer, engine, grid, settings, dev, on_step)
+    if w.shared:
+        published = [j.published() for j in jobs]
+        distributed.publish(w, writer.out, published, grid=grid.axes, settings=asdict(settings), device=dev.type,
+                            precision=engine.precision)
+        jobs = [j for j, rank in zip(jobs, planner.balance([j.cost for j in jobs], w.size)) if rank == 0]
+        planner.check_fits([j.ids() for j in jobs], grid, settings, engine, dev, "process 0")
+        training.inbox = distributed.Inbox(w)
+        training.process_log = distributed.ProcessLog(w, writer.out, f"{dev} ({engine.name}), {len(jobs)} of "
+                                                      f"{len(published)} populations")
+    return training.run([(j.ids, j.name, j.saved) for j in jobs], rows, start, on_start)
+
+
+def _follow(w, dev: torch.device, engine, on_step, *, grid: Grid | None = None, settings: Settings | None = None,
+            backend="auto", precision: str | None = None) -> Run:
+    """A process other than 0: take its share of what process 0 published and train it. Training a fresh run, its
+    command (grid, settings) must be process 0's; resuming, they are the run's."""
+    theirs = distributed.setup(w)
+    out = Path(theirs["out"])
+    if not theirs["jobs"]:
+        distributed.RankWriter(w, out).finish("complete")
+        config = read_config(out)
+        return Run(out, [], "complete", 0.0, 0, len(Grid(config["grid"])), config["settings"]["steps"], nothing_left=True)
+    if grid is not None:
+        distributed.check_agrees(w, theirs, {"grid": grid.axes, "settings": asdict(settings), "device": dev.type})
+    else:
+        config = read_config(out)
+        grid, settings = Grid(config["grid"]), settings_of(config)
+        distributed.check_agrees(w, theirs, {"device": dev.type})
+        engine = _engine(backend, dev, precision if precision is not None else theirs["precision"], settings)
+    owner = planner.balance([j["cost"] for j in theirs["jobs"]], w.size)
+    jobs = [j for j, rank in zip(theirs["jobs"], owner) if rank == w.rank]
+    planner.check_fits([j["models"] for j in jobs], grid, settings, engine, dev, f"process {w.rank}")
+    writer = distributed.RankWriter(w, out)
+    models = sum(len(j["models"]) for j in jobs)
+    start = Start(out, grid, settings, dev, engine.name, models, models * settings.steps, len(jobs), resumed=False)
+    training = _Training(writer, engine, grid, settings, dev, on_step)
+    training.counter = distributed.StepCounter(w)
+    training.process_log = distributed.ProcessLog(w, out, f"{dev} ({engine.name}), {len(jobs)} of "
+                                                  f"{len(theirs['jobs'])} populations")
+    return training.run([(lambda j=j: j["models"], j["name"], j["saved"]) for j in jobs], [], start, None)
 
 
 def _engine(backend, device: torch.device, precision: str | None, settings: Settings):
@@ -241,7 +318,8 @@ class Plan:
 
 
 def plan(grid: Grid, settings: Settings, out: str | Path | None = None, *, device: str = "auto", backend="auto",
-         precision: str | None = None, budget: int | None = None, estimate: bool = True, processes: int = 1) -> Plan:
+         precision: str | None = None, budget: int | None = None, estimate: bool = True, processes: int = 1,
+         population_size: int | None = None) -> Plan:
     """The populations `train` would make of the grid, their memory and, with `estimate`, the time each would
     take on this device, from a few steps measured on a sample of each width's models; with `processes`, the one
     of that many processes (each on a device like this one) that trains each (planner.shares). Nothing is
@@ -258,7 +336,7 @@ def plan(grid: Grid, settings: Settings, out: str | Path | None = None, *, devic
     budget = planner.memory_budget(dev) if budget is None else budget
     pairs = pair_count(settings.op, settings.p)
     dropout = any(v > 0 for v in grid.axes["dropout"])
-    planned = planner.plan(grid, settings, dev, engine, budget)
+    planned = planner.plan(grid, settings, dev, engine, budget, population_size)
     ranks = planner.shares(planned, settings, processes)
     cost = {}  # width -> (seconds per example-step, seconds per model evaluated)
     if estimate:
@@ -277,7 +355,8 @@ def plan(grid: Grid, settings: Settings, out: str | Path | None = None, *, devic
         populations.append(PlannedPopulation(p.width, len(p), p.sizes, memory, seconds, rank))
     probe = f"{PROBE_STEPS} steps and an evaluation of up to {PROBE_MODELS[dev.type]} models of each width"
     return Plan(grid, settings, dev, engine.name, populations, budget, planner.BUDGETS[dev.type][1],
-                planner.run_bytes(grid, settings), probe, _notes(engine, precision), processes)
+                planner.run_bytes(grid, settings), probe,
+                _notes(engine, precision) + planner.idle_note(len(planned), processes, len(grid)), processes)
 
 
 PROBE_MODELS = {"cpu": 8, "cuda": 256}  # models whose steps estimate a width's time
@@ -372,7 +451,9 @@ class _Training:
         # one of several processes: process 0 reads the others' posts and steps (inbox), the others count theirs
         self.inbox: distributed.Inbox | None = None
         self.counter: distributed.StepCounter | None = None
+        self.process_log: distributed.ProcessLog | None = None  # its own populations, one of several processes
         self.received, self.others, self.step = 0.0, {}, 0  # others: model id -> its row, from another process
+        self.others_steps = 0
         self.grid = grid
         self.on_step = on_step
         self.model_steps = 0
@@ -398,7 +479,7 @@ class _Training:
                     rows += new_rows
                     if interrupted:
                         raise KeyboardInterrupt
-            return self.finish("complete", rows, began)
+                return self.finish("complete", rows, began, stop)
         except KeyboardInterrupt:
             raise Interrupted(self.finish("interrupted", rows, began)) from None
         except OSError as e:  # a file of the run could not be written (a full disk): say what is kept
@@ -421,7 +502,10 @@ class _Training:
             pop.load_state(state)
             history = _History(self.engine, saved, keep=lambda step: self.on_schedule(step) and step <= pop.step)
             self.lap("setup")
+        if self.process_log is not None:
+            self.process_log.began_population(name, len(pop), pop.hypers[0].width, pop.step)
         saved_at, interrupted = time.perf_counter(), False
+        self.began = (saved_at, pop.step)
         try:
             while pop.step < steps:
                 self.engine.step(pop)
@@ -482,6 +566,10 @@ class _Training:
         self.writer.add_population(rows, table, pop.weights(),
                                    state=pop.state() if pop.step < self.settings.steps else None, name=name)
         self.lap("saving")
+        if self.process_log is not None:
+            began, step = self.began
+            self.process_log.saved(name, pop.step, self.settings.steps, (pop.step - step) * len(pop),
+                                   time.perf_counter() - began)
         return rows
 
     def write_failed(self, error: OSError, rows: list[ModelRow], began: float) -> str:
@@ -504,6 +592,7 @@ class _Training:
     def receive(self) -> None:
         """Process 0: count the others' model-steps and record the populations they wrote since the last look."""
         others = self.inbox.steps()
+        self.others_steps += others
         if others and self.on_step is not None:
             self.on_step(others, self.step)
         for m in self.inbox.new():
@@ -513,16 +602,18 @@ class _Training:
                                 for c in m["cells"]}
         self.received = time.perf_counter()
 
-    def finish(self, status: str, rows: list[ModelRow], began: float) -> Run:
+    def finish(self, status: str, rows: list[ModelRow], began: float, stop=None) -> Run:
         if self.counter is not None:
             self.counter.add(0, now=True)
         if self.inbox is not None:  # the run ends when every process has: complete only if all of them are
-            self.inbox.wait_all(self.receive, WAIT_FOR_OTHERS[status])
-            if any(s != "complete" for s in self.inbox.finished.values()) or len(self.inbox.finished) < self.inbox.world.size - 1:
+            self.inbox.wait_all(self.receive, WAIT_FOR_OTHERS[status], stop)
+            if not self.inbox.all_complete():
                 status = "interrupted"
             self.writer.config["written"].sort(key=lambda w: w["name"])
             rows = rows + list(self.others.values())
-            self.model_steps += sum(r.steps for r in self.others.values())  # a fresh run's: every model from step 0
+            self.model_steps += self.others_steps
+        if self.process_log is not None:
+            self.process_log.finished(status)
         rows.sort(key=lambda r: r.model)
         seconds = time.perf_counter() - began
         self.writer.finish(status, seconds=round(seconds, 3), model_steps=self.model_steps,
@@ -531,10 +622,10 @@ class _Training:
         return Run(self.writer.out, rows, status, seconds, self.model_steps, len(self.grid), self.settings.steps)
 
 
-# seconds process 0 waits for the others to finish: a whole run's worth when it finished its own share first; after
-# a stop, the time the others take to save the population in flight (within torchrun's 30 s between its SIGTERM and
-# its SIGKILL)
-WAIT_FOR_OTHERS = {"complete": 7 * 24 * 3600.0, "interrupted": 20.0}
+# seconds process 0 waits for the others to finish: a whole run's worth when it finished its own share first (a stop
+# request ends the wait); after a stop, about the time the others take to save their population in flight (what they
+# save later is in their journal)
+WAIT_FOR_OTHERS = {"complete": 7 * 24 * 3600.0, "interrupted": 10.0}
 
 
 class _StopNow(KeyboardInterrupt):
@@ -545,16 +636,22 @@ class _StopNow(KeyboardInterrupt):
 def _stop_requests():
     """Ctrl-C, or a scheduler's SIGTERM (a job's time limit), while training. Python would raise between any two
     operations, in the middle of an optimizer update (U updated, V not) whose state would then be saved; instead
-    the first signal asks the loop to stop after the step in flight, and a second stops at once (_StopNow)."""
-    stop = types.SimpleNamespace(asked=False)
+    the first signal asks the loop to stop after the step in flight, and a second Ctrl-C stops at once (_StopNow).
+    Started by a launcher, a process counts only a Ctrl-C a second or more after the first: the launcher's stop
+    reaches it several times at once (torchrun passes on the Ctrl-C its processes got from the terminal too, and
+    SLURM signals every process of a job step)."""
+    stop = types.SimpleNamespace(asked=False, at=0.0)
     if threading.current_thread() is not threading.main_thread():  # only the main thread gets signals
         yield stop
         return
+    grace = 1.0 if distributed.launcher_id() is not None else 0.0
 
     def ask(signum, frame):
         if stop.asked:
-            raise _StopNow
-        stop.asked = True
+            if signum == signal.SIGINT and time.monotonic() - stop.at >= grace:
+                raise _StopNow
+            return
+        stop.asked, stop.at = True, time.monotonic()
         print("\nStopping after the step in flight, then saving (Ctrl-C again: stop now, losing the population "
               "training since its last save).", file=sys.stderr, flush=True)
 

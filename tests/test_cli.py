@@ -461,6 +461,21 @@ def test_resume_finishes_an_interrupted_run_with_the_results_of_an_uninterrupted
     assert run("--resume", out).output.strip().endswith("nothing left to train.")
 
 
+def test_resume_splits_the_grid_as_the_run_did(tmp_path, monkeypatch):
+    """--population-size is part of the plan: a resumed run makes its populations of the same size again."""
+    def ctrl_c():
+        raise KeyboardInterrupt
+
+    _stop_at(monkeypatch, 4, ctrl_c)  # populations of 5, 5 and 2 models: the first stopped at step 3
+    out = tmp_path / "run"
+    assert run(*SMALL, "--xi", "0,0.2,0.4,0.6,0.8,1", "--alpha", "0.3,0.6", "--population-size", "5", "--out",
+               out).exit_code == 130
+    assert read_config(out)["population_size"] == 5
+    _stop_at(monkeypatch, 0, None)
+    assert run("--resume", out).exit_code == 0
+    assert [len(w["models"]) for w in read_config(out)["written"]] == [5, 5, 2]
+
+
 def test_analysing_an_unfinished_run_says_what_is_not_trained_yet(tmp_path, monkeypatch):
     """Phases of an interrupted run are those of the step each model reached: the analysis says so, and how many
     models it left out because they never started; once the run is finished, nothing is said."""

@@ -2,8 +2,14 @@
 plan alone, shown by `fastgrok train --dry-run --world-size K`, and `python -m fastgrok`, the entry point a
 launcher such as torchrun starts."""
 
+import csv
+import json
+import os
+import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -13,6 +19,7 @@ from fastgrok import planner
 from fastgrok.backends import TorchBackend
 from fastgrok.cli import app
 from fastgrok.config import Grid, Settings
+from fastgrok.errors import ConfigError
 
 runner = CliRunner()
 
@@ -92,11 +99,12 @@ ENV = {"OMP_NUM_THREADS": "1"}  # one thread a process, the same in the single-p
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "fastgrok"]
 FILES = ["models.csv", "history/pop000.parquet", "history/pop001.parquet", "weights/pop000.safetensors",
          "weights/pop001.safetensors"]
+# long enough to stop in the middle (about 5 s on one core), two populations of 4 models
+LONG = ["train", "--p", "13", "--width", "8,12", "--xi", "0,0.3", "--alpha", "0.3,0.6", "--steps", "6000",
+        "--log-every", "1000"]
 
 
 def fastgrok(*args, launcher=(sys.executable, "-m", "fastgrok"), check=True, **kwargs):
-    import os
-
     return subprocess.run([*launcher, *map(str, args)], env={**os.environ, **ENV}, capture_output=True, text=True,
                           check=check, **kwargs)
 
@@ -106,9 +114,15 @@ def same_files(a, b):
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
 
 
-def test_two_processes_write_the_run_one_process_writes(tmp_path):
-    import json
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """LONG trained without a stop, on one process."""
+    out = tmp_path_factory.mktemp("straight") / "run"
+    fastgrok(*LONG, "--out", out)
+    return out
 
+
+def test_two_processes_write_the_run_one_process_writes(tmp_path):
     grid = ["train", "--p", "11", "--width", "8,12", "--xi", "0,0.3", "--alpha", "0.3,0.6", "--steps", "30",
             "--log-every", "10"]
     fastgrok(*grid, "--out", tmp_path / "one")
@@ -118,6 +132,10 @@ def test_two_processes_write_the_run_one_process_writes(tmp_path):
     assert config["status"] == "complete" and config["processes"] == 2
     assert [w["name"] for w in config["written"]] == ["pop000", "pop001"]
     assert result.stdout.count("Results:") == 1 and "8 models" in result.stdout  # process 0 reports, for all
+    # each process's own log names the population it trained; the journal goes once everything is recorded
+    logs = {k: (tmp_path / "two" / "logs" / f"process-{k}.log").read_text() for k in (0, 1)}
+    assert "pop001: finished" in logs[0] and "pop000: finished" in logs[1] and "complete" in logs[1], logs
+    assert not list((tmp_path / "two" / "logs").glob("*.jsonl"))
 
 
 def test_a_dry_run_under_the_launcher_prints_every_processs_share_once(tmp_path):
@@ -126,41 +144,114 @@ def test_a_dry_run_under_the_launcher_prints_every_processs_share_once(tmp_path)
     assert not any(tmp_path.iterdir())
 
 
-def test_a_process_killed_mid_run_loses_only_its_population_in_flight(tmp_path):
-    """SIGKILL to the second process: torchrun stops the first, which saves its population where it is; a plain
-    --resume on one process then finishes the run as an uninterrupted one."""
-    import json
-    import os
-    import signal
-    import time
-
-    if not os.path.exists("/proc/self/environ"):
-        pytest.skip("finds the second process by its environment in /proc")
-    grid = ["train", "--p", "13", "--width", "8,12", "--xi", "0,0.3", "--alpha", "0.3,0.6", "--steps", "6000",
-            "--log-every", "1000"]
-    fastgrok(*grid, "--out", tmp_path / "straight")
-    launcher = subprocess.Popen([*TORCHRUN, *grid, "--out", str(tmp_path / "run")], env={**os.environ, **ENV},
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    second = None
-    for _ in range(600):  # the second process, once it has started training (its run directory is announced)
+def processes(tmp_path, count=2, after=None):
+    """The pids of the launched processes whose command line names tmp_path, by rank, once they train (the run's
+    config.json is written) and, if given, once `after` exists."""
+    found = {}
+    for _ in range(600):
         time.sleep(0.05)
         for pid in os.listdir("/proc"):
             try:
                 environ = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+                cmdline = open(f"/proc/{pid}/cmdline", "rb").read()
             except (OSError, ValueError):
                 continue
-            if b"RANK=1" in environ and str(tmp_path).encode() in open(f"/proc/{pid}/cmdline", "rb").read():
-                second = int(pid)
-        if second is not None and (tmp_path / "run" / "config.json").exists():
-            break
-    assert second is not None
+            rank = next((int(v[5:]) for v in environ if v.startswith(b"RANK=")), None)
+            if rank is not None and str(tmp_path).encode() in cmdline and b"fastgrok" in cmdline:
+                found[rank] = int(pid)
+        if len(found) == count and (tmp_path / "run" / "config.json").exists() and (after is None or after.exists()):
+            return found
+    raise AssertionError(f"the launched processes were not found: {found}")
+
+
+needs_proc = pytest.mark.skipif(not os.path.exists("/proc/self/environ"),
+                                reason="finds the launched processes by their environment in /proc")
+
+
+@needs_proc
+def test_a_process_killed_mid_run_loses_only_its_population_in_flight(tmp_path, straight):
+    """SIGKILL to the second process: torchrun stops the first, which saves its population where it is; a plain
+    --resume on one process then finishes the run as an uninterrupted one."""
+    launcher = subprocess.Popen([*TORCHRUN, *LONG, "--out", str(tmp_path / "run")], env={**os.environ, **ENV},
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    pids = processes(tmp_path)
     time.sleep(1.0)
-    os.kill(second, signal.SIGKILL)
+    os.kill(pids[1], signal.SIGKILL)
     assert launcher.wait(timeout=120) != 0
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["status"] == "interrupted" and all(w["steps"] < 6000 for w in config["written"])
+    assert [w["name"] for w in config["written"]] == ["pop001"]  # the first process's, saved as it stopped
     fastgrok("train", "--resume", tmp_path / "run")
-    same_files(tmp_path / "straight", tmp_path / "run")
+    same_files(straight, tmp_path / "run")
+
+
+@needs_proc
+def test_sigterm_to_the_launcher_saves_every_process_and_resume_on_two_finishes(tmp_path, straight):
+    """A scheduler's SIGTERM to torchrun reaches every process, each saves its population at the step it reached;
+    `torchrun ... train --resume` on two processes continues each from there."""
+    launcher = subprocess.Popen([*TORCHRUN, *LONG, "--out", str(tmp_path / "run")], env={**os.environ, **ENV},
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    processes(tmp_path)
+    time.sleep(1.0)
+    launcher.send_signal(signal.SIGTERM)
+    assert launcher.wait(timeout=120) != 0
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["status"] == "interrupted"
+    assert sorted(w["name"] for w in config["written"]) == ["pop000", "pop001"]
+    assert all(0 < w["steps"] < 6000 and w["state"] for w in config["written"])
+    result = fastgrok("train", "--resume", tmp_path / "run", launcher=TORCHRUN)
+    assert result.stdout.count("Results:") == 1
+    same_files(straight, tmp_path / "run")
+    log = (tmp_path / "run" / "logs" / "process-1.log").read_text()
+    assert "from its save at step" in log, log  # the second attempt continued, not restarted
+
+
+@needs_proc
+def test_torchrun_max_restarts_resumes_after_process_0_is_lost(tmp_path, straight):
+    """Process 0 killed (its node lost): the second process's save after that is in its journal, not yet in
+    config.json; torchrun restarts both processes, which find the run their launch began and resume it."""
+    restarting = [*TORCHRUN[:3], "--max-restarts", "1", *TORCHRUN[3:]]
+    launcher = subprocess.Popen([*restarting, *LONG, "--out", str(tmp_path / "run")], env={**os.environ, **ENV},
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    pids = processes(tmp_path)
+    time.sleep(1.0)
+    os.kill(pids[0], signal.SIGKILL)
+    output = launcher.communicate(timeout=240)[0]
+    assert launcher.returncode == 0, output
+    assert "Resuming" in output and output.count("Results:") == 1, output
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["status"] == "complete" and len(config["resumed"]) == 1
+    same_files(straight, tmp_path / "run")
+    log = (tmp_path / "run" / "logs" / "process-0.log").read_text() + (tmp_path / "run" / "logs" / "process-1.log").read_text()
+    assert "pop000: 4 models of width 8, from its save at step" in log, log  # the journalled save, continued
+
+
+def test_a_journalled_population_process_0_did_not_record_is_kept(tmp_path):
+    """What another process saved after process 0 stopped is in its journal only: inspect_run counts it and
+    resume records it, trained, instead of training it again."""
+    from fastgrok import results
+
+    grid = ["train", "--p", "7", "--width", "6,8", "--xi", "0,0.2", "--steps", "20", "--log-every", "10"]
+    fastgrok(*grid, "--out", tmp_path / "run")
+    run, before = tmp_path / "run", (tmp_path / "run" / "models.csv").read_text()
+    config = json.loads((run / "config.json").read_text())
+    lost = config["written"].pop()  # as if process 1 wrote it, and process 0 stopped before recording it
+    rows = {int(r[0]): r for r in csv.reader(before.splitlines()[1:])}
+    cells = [[int(c) if c.isdigit() else c for c in rows[m]] for m in lost["models"]]
+    (run / "logs").mkdir()
+    (run / "logs" / "process-1.saves.jsonl").write_text(
+        json.dumps({"kind": "population", **lost, "cells": cells}) + "\n" + '{"kind": "popul')  # a torn last line
+    config["status"] = "interrupted"
+    (run / "config.json").write_text(json.dumps(config))
+    (run / "models.csv").write_text("\n".join(l for l in before.splitlines()
+                                              if l.split(",")[0] not in map(str, lost["models"])) + "\n")
+    found = results.inspect_run(run)
+    assert len(found.finished) == 2 and not found.problems and not found.orphans
+    result = fastgrok("train", "--resume", run)
+    assert "is complete: nothing left to train" in result.stdout
+    assert (run / "models.csv").read_text() == before
+    assert json.loads((run / "config.json").read_text())["status"] == "complete"
+    assert not (run / "logs" / "process-1.saves.jsonl").exists()
 
 
 def test_processes_that_disagree_on_the_command_are_refused_in_one_line(tmp_path):
@@ -178,3 +269,89 @@ def test_processes_that_disagree_on_the_command_are_refused_in_one_line(tmp_path
     assert result.returncode != 0
     lines = [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("error: ")]
     assert len(lines) == 1 and "process 1 differs from process 0 in its settings" in lines[0], lines
+
+
+@pytest.mark.parametrize("env, place", [
+    ({"WORLD_SIZE": "4", "RANK": "2", "LOCAL_RANK": "0"}, (2, 4, 0)),  # torchrun
+    ({"SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "8", "SLURM_PROCID": "5", "SLURM_LOCALID": "1",
+      "SLURM_NTASKS": "8"}, (5, 8, 1)),  # a task of `srun -n 8`
+    ({"SLURM_NTASKS": "8", "SLURM_PROCID": "0", "SLURM_LOCALID": "0"}, (0, 1, 0)),  # the batch script itself
+    ({"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1", "SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "4",
+      "SLURM_PROCID": "3"}, (1, 2, 1)),  # torchrun started by srun: torchrun's numbering
+])
+def test_a_process_knows_its_place_from_torchrun_or_srun(monkeypatch, env, place):
+    from fastgrok import distributed
+
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "SLURM_STEP_ID", "SLURM_STEP_NUM_TASKS", "SLURM_PROCID",
+                "SLURM_LOCALID", "SLURM_NTASKS"):
+        monkeypatch.delenv(var, raising=False)
+    for var, value in env.items():
+        monkeypatch.setenv(var, value)
+    assert distributed.launched() == place
+
+
+@pytest.mark.parametrize("nodes, first", [("vm", "vm"), ("gpu[03-05,09],cpu1", "gpu03"), ("n01,n02", "n01"),
+                                          ("a[1-2]-ib", "a1-ib"), ("rack[2,4]x[1-3]", "rack2x1")])
+def test_the_store_goes_on_the_first_node_of_the_slurm_list(nodes, first):
+    from fastgrok import distributed
+
+    assert distributed.first_listed(nodes) == first
+
+
+@pytest.mark.skipif(shutil.which("srun") is None, reason="needs a SLURM cluster (srun)")
+def test_srun_tasks_write_the_run_one_process_writes(tmp_path):
+    grid = ["train", "--p", "11", "--width", "8,12", "--xi", "0,0.3", "--alpha", "0.3,0.6", "--steps", "30",
+            "--log-every", "10"]
+    fastgrok(*grid, "--out", tmp_path / "one")
+    srun = ["srun", "--ntasks", "2", "--cpus-per-task", "1", "--kill-on-bad-exit=1", sys.executable, "-m", "fastgrok"]
+    result = fastgrok(*grid, "--out", tmp_path / "two", launcher=srun, timeout=300)
+    same_files(tmp_path / "one", tmp_path / "two")
+    config = json.loads((tmp_path / "two" / "config.json").read_text())
+    assert config["processes"] == 2 and config["launcher"].startswith("slurm:")
+    assert result.stdout.count("Results:") == 1
+
+
+def test_a_device_too_small_for_its_share_is_refused_before_training(monkeypatch):
+    """Process 0 plans on its own device; another whose device holds less says so before it trains."""
+    populations, settings = planned()
+    grid = populations[0].parts[0][0].grid
+    widest = max(populations, key=lambda p: planner.job_bytes(grid, settings, p.ids(), TorchBackend(), torch.device("cpu")))
+    need = planner.job_bytes(grid, settings, widest.ids(), TorchBackend(), torch.device("cpu"))
+    monkeypatch.setattr(planner, "memory_budget", lambda device: need)
+    planner.check_fits([p.ids() for p in populations], grid, settings, TorchBackend(), torch.device("cpu"), "process 3")
+    monkeypatch.setattr(planner, "memory_budget", lambda device: need - 1)
+    with pytest.raises(ConfigError, match=f"process 3 on cpu cannot hold its population of {len(widest)} models"):
+        planner.check_fits([p.ids() for p in populations], grid, settings, TorchBackend(), torch.device("cpu"),
+                           "process 3")
+
+
+def test_processes_on_different_kinds_of_device_are_refused():
+    from fastgrok import distributed
+
+    w = distributed.World(rank=2, size=4)
+    distributed.check_agrees(w, {"device": "cuda"}, {"device": "cuda"})
+    with pytest.raises(ConfigError, match="process 2 differs from process 0 in its kind of device"):
+        distributed.check_agrees(w, {"device": "cuda"}, {"device": "cpu"})
+
+
+def test_population_size_splits_a_grid_for_more_processes():
+    """One width of 8 models fits one population; a launcher's 3 processes would leave 2 idle, which the plan
+    says, with the --population-size that gives each process a population."""
+    args = ["train", "--p", "11", "--width", "8", "--xi", "0:0.5:8", "--steps", "30", "--dry-run", "--world-size", "3"]
+    result = runner.invoke(app, args)
+    assert "2 of the 3 processes have no population to train (the plan has 1): --population-size 3" in result.output
+    result = runner.invoke(app, [*args, "--population-size", "3"])
+    assert "3 population(s) shared by 3 processes" in result.output and "no population" not in result.output
+    rows = [[c.strip() for c in line.split("│")[1:-1]] for line in result.output.split("per process")[0].splitlines()
+            if line.startswith("│")]
+    assert [int(r[3]) for r in rows] == [3, 3, 2] and sorted(r[1] for r in rows) == ["0", "1", "2"]
+    result = runner.invoke(app, [*args, "--population-size", "0"])
+    assert result.exit_code == 2 and "--population-size must be at least 1, got 0" in result.output
+
+
+def test_population_size_bounds_every_population_and_keeps_each_model_once():
+    grid = Grid.of(xi=[0.0, 0.1, 0.2, 0.3, 0.4], alpha=[0.3, 0.6, 0.9], width=[8, 16])
+    settings = Settings(p=13, steps=10)
+    populations = planner.plan(grid, settings, torch.device("cpu"), TorchBackend(), most=4)
+    assert all(len(p) <= 4 and {grid.model(i).width for i in p.ids()} == {p.width} for p in populations)
+    assert sorted(i for p in populations for i in p.ids()) == list(range(len(grid)))

@@ -271,13 +271,24 @@ def shares(populations: list[Planned], settings, processes: int) -> list[int]:
     return balance([p.cost(settings) for p in populations], processes)
 
 
-def idle_note(populations: int, processes: int, models: int) -> list[str]:
-    """What to say when processes are left without a population (each population trains on one process)."""
-    if populations >= processes:
+def share_notes(costs: list[int], processes: int, models: int) -> list[str]:
+    """What to say about populations of these costs shared among `processes`: processes left without one (each
+    population trains on one process), or a most loaded process far above the mean; either way the
+    --population-size that gives each process a few populations, which balance() then evens out."""
+    if processes <= 1:
         return []
-    idle = processes - populations
-    return [f"{idle} of the {processes} processes {'has' if idle == 1 else 'have'} no population to train (the plan "
-            f"has {populations}): --population-size {math.ceil(models / processes)} splits the models among them all"]
+    size = math.ceil(models / (4 * processes))
+    if len(costs) < processes:
+        idle = processes - len(costs)
+        return [f"{idle} of the {processes} processes {'has' if idle == 1 else 'have'} no population to train (the "
+                f"plan has {len(costs)}): --population-size {size} gives each a few"]
+    owner = balance(costs, processes)
+    loads = [sum(c for c, r in zip(costs, owner) if r == k) for k in range(processes)]
+    mean = sum(loads) / processes
+    if max(loads) > 1.1 * mean:
+        return [f"the most loaded process has {max(loads) / mean - 1:.0%} more work than the mean, and the run waits "
+                f"for it: --population-size {size} gives each process a few populations to even out"]
+    return []
 
 
 def balance(costs: list[int], processes: int) -> list[int]:

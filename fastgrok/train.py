@@ -218,7 +218,8 @@ def _lead(w, writer, jobs: list[_Job], engine, grid: Grid, settings: Settings, d
           *, resumed: bool, notes: list[str], rows: list[ModelRow], already: int = 0) -> Run:
     """Process 0 (or the only one): publish the jobs to the others, train its share, record theirs."""
     left = len(grid) - len(rows)  # the models that train now, on every process: process 0's progress counts them all
-    notes = notes + planner.idle_note(len(jobs), w.size, left)
+    if w.shared:
+        notes = notes + planner.share_notes([j.cost for j in jobs], w.size, left)
     start = Start(writer.out, grid, settings, dev, engine.name, left, left * settings.steps - already, len(jobs),
                   resumed=resumed, notes=notes)
     training = _Training(writer, engine, grid, settings, dev, on_step)
@@ -356,7 +357,8 @@ def plan(grid: Grid, settings: Settings, out: str | Path | None = None, *, devic
     probe = f"{PROBE_STEPS} steps and an evaluation of up to {PROBE_MODELS[dev.type]} models of each width"
     return Plan(grid, settings, dev, engine.name, populations, budget, planner.BUDGETS[dev.type][1],
                 planner.run_bytes(grid, settings), probe,
-                _notes(engine, precision) + planner.idle_note(len(planned), processes, len(grid)), processes)
+                _notes(engine, precision) + planner.share_notes([p.cost(settings) for p in planned], processes, len(grid)),
+                processes)
 
 
 PROBE_MODELS = {"cpu": 8, "cuda": 256}  # models whose steps estimate a width's time

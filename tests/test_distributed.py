@@ -335,18 +335,26 @@ def test_processes_on_different_kinds_of_device_are_refused():
 
 
 def test_population_size_splits_a_grid_for_more_processes():
-    """One width of 8 models fits one population; a launcher's 3 processes would leave 2 idle, which the plan
-    says, with the --population-size that gives each process a population."""
-    args = ["train", "--p", "11", "--width", "8", "--xi", "0:0.5:8", "--steps", "30", "--dry-run", "--world-size", "3"]
+    """One width of 24 models fits one population; a launcher's 3 processes would leave 2 idle, which the plan
+    says, with the --population-size that gives each process a few populations."""
+    args = ["train", "--p", "11", "--width", "8", "--xi", "0:0.5:24", "--steps", "30", "--dry-run", "--world-size", "3"]
     result = runner.invoke(app, args)
-    assert "2 of the 3 processes have no population to train (the plan has 1): --population-size 3" in result.output
-    result = runner.invoke(app, [*args, "--population-size", "3"])
+    assert "2 of the 3 processes have no population to train (the plan has 1): --population-size 2" in result.output
+    result = runner.invoke(app, [*args, "--population-size", "8"])
     assert "3 population(s) shared by 3 processes" in result.output and "no population" not in result.output
     rows = [[c.strip() for c in line.split("│")[1:-1]] for line in result.output.split("per process")[0].splitlines()
             if line.startswith("│")]
-    assert [int(r[3]) for r in rows] == [3, 3, 2] and sorted(r[1] for r in rows) == ["0", "1", "2"]
+    assert [int(r[3]) for r in rows] == [8, 8, 8] and sorted(r[1] for r in rows) == ["0", "1", "2"]
     result = runner.invoke(app, [*args, "--population-size", "0"])
     assert result.exit_code == 2 and "--population-size must be at least 1, got 0" in result.output
+
+
+def test_uneven_shares_are_said_with_the_size_that_evens_them():
+    """Four populations of costs 4, 1, 1, 1 on 2 processes: 4 against 3, the mean 3.5; 1, 1, 1, 1 even."""
+    assert planner.share_notes([4, 1, 1, 1], 2, 80) == [
+        "the most loaded process has 14% more work than the mean, and the run waits for it: --population-size 10 "
+        "gives each process a few populations to even out"]
+    assert planner.share_notes([1, 1, 1, 1], 2, 80) == [] and planner.share_notes([4, 1], 1, 80) == []
 
 
 def test_population_size_bounds_every_population_and_keeps_each_model_once():

@@ -102,7 +102,7 @@ def train(
     lr: Annotated[Optional[str], typer.Option(help="Learning rate" + _default(HYPER.lr), rich_help_panel=GRID)] = None,
     seed: Annotated[Optional[str], typer.Option(help="Model seed: init, data split and noise" + _default(HYPER.seed), rich_help_panel=GRID)] = None,
     model: Annotated[Optional[str], typer.Option(help="mlp (W phi(U e_m + V e_n), the paper's), deep-mlp (--depth ReLU layers) or transformer" + _default(SETTINGS.model), rich_help_panel=SHARED)] = None,
-    op: Annotated[Optional[str], typer.Option(help="add, sub, mul, div, x2y2 (m²+n²), x2xyy2 (m²+mn+n²)" + _default(SETTINGS.op), rich_help_panel=SHARED)] = None,
+    op: Annotated[Optional[str], typer.Option(help="add, sub, mul, div, x2y2 (x²+y²), x2xyy2 (x²+xy+y²), or a polynomial in x, y: \"x^2+y^2\", \"xy+x\", \"x/(y^2+1)\"" + _default(SETTINGS.op), rich_help_panel=SHARED)] = None,
     p: Annotated[Optional[int], typer.Option("--p", help="Modulus" + _default(SETTINGS.p), rich_help_panel=SHARED)] = None,
     steps: Annotated[Optional[int], typer.Option(help="Training steps (full batch, or minibatches with --batch-size)" + _default(SETTINGS.steps), rich_help_panel=SHARED)] = None,
     act: Annotated[Optional[str], typer.Option(help="Activation: quad (x²) or relu (mlp); relu or gelu (deep-mlp, transformer)" + _default(f"{SETTINGS.act} (mlp), relu (the others)"), rich_help_panel=SHARED)] = None,

@@ -1,6 +1,7 @@
 """Modular-arithmetic tasks, train/test splits and label corruption, as index tensors.
 
-A task is every valid pair (m, n) of residues mod p with its label z = (m op n) mod p. A model's data is
+A task is every valid pair (m, n) of residues mod p with its label z = (m op n) mod p: a named op (OPS) or any
+polynomial in x = m, y = n (fastgrok.polynomials). A model's data is
 that table shuffled with its split seed: the first int(alpha * P) pairs train, the rest test (P = number of
 pairs). Its first int(xi * D) training examples have their labels replaced (paper: drawn uniformly from all
 p labels, so a drawn label equals the true one with probability 1/p). Labels are drawn for all D training
@@ -18,13 +19,15 @@ import torch
 from fastgrok.errors import ConfigError
 
 OPS = {
-    "add": "m + n",
-    "sub": "m - n",
-    "mul": "m * n",
-    "div": "m / n (n != 0, p prime)",
-    "x2y2": "m^2 + n^2",
-    "x2xyy2": "m^2 + m n + n^2",
+    "add": "x + y",
+    "sub": "x - y",
+    "mul": "x * y",
+    "div": "x / y (y != 0, p prime)",
+    "x2y2": "x^2 + y^2",
+    "x2xyy2": "x^2 + x y + y^2",
 }
+# the named ops as polynomials (fastgrok.polynomials); div is not one: it leaves out the pairs with y = 0
+POLYNOMIALS = {"add": "x+y", "sub": "x-y", "mul": "x*y", "x2y2": "x^2+y^2", "x2xyy2": "x^2+x*y+y^2"}
 NOISES = {
     "uniform": "labels drawn uniformly from all p (the paper's)",
     "wrong": "labels drawn uniformly from the p - 1 wrong ones",
@@ -36,12 +39,13 @@ def is_prime(p: int) -> bool:
 
 
 def check_task(op: str, p: int) -> None:
-    if op not in OPS:
-        raise ConfigError(f"unknown op {op!r}; choose one of {', '.join(OPS)}")
+    """A named op (OPS) or a polynomial in x, y (fastgrok.polynomials) defined on every pair mod p."""
     if p < 2:
         raise ConfigError(f"p must be at least 2, got {p}")
     if op == "div" and not is_prime(p):
         raise ConfigError(f"div needs a prime p (every nonzero n invertible); {p} is not prime")
+    if op not in OPS:
+        task_table(op, p)  # a polynomial: read, and evaluated on every pair (a divisor that can be 0 is refused)
 
 
 def pair_count(op: str, p: int) -> int:
@@ -52,16 +56,26 @@ def pair_count(op: str, p: int) -> int:
 
 def task_table(op: str, p: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """All valid pairs in canonical order (m major): m, n, z as int64 tensors of length P."""
-    check_task(op, p)
+    from fastgrok import polynomials
+
+    if p < 2:
+        raise ConfigError(f"p must be at least 2, got {p}")
     m, n = (t.reshape(-1) for t in torch.meshgrid(torch.arange(p), torch.arange(p), indexing="ij"))
     if op == "div":
+        if not is_prime(p):
+            raise ConfigError(f"div needs a prime p (every nonzero n invertible); {p} is not prime")
         keep = n != 0
         m, n = m[keep], n[keep]
         inverse = torch.tensor([0] + [pow(k, p - 2, p) for k in range(1, p)])
-        z = m * inverse[n]
-    else:
-        z = {"add": m + n, "sub": m - n, "mul": m * n, "x2y2": m * m + n * n, "x2xyy2": m * m + m * n + n * n}[op]
-    return m, n, z % p
+        return m, n, m * inverse[n] % p
+    if op not in OPS and not any(c in op for c in "xy0123456789"):
+        raise ConfigError(f"unknown op {op!r}; choose one of {', '.join(OPS)}, or give a polynomial in x, y such as "
+                          "x^2+y^2")
+    tree = polynomials.parse(POLYNOMIALS.get(op, op))
+    if polynomials.has_division(tree) and not is_prime(p):
+        raise ConfigError(f"--op {op!r} divides, which needs a prime p (every nonzero residue invertible); {p} is "
+                          "not prime")
+    return m, n, polynomials.evaluate(tree, (m, n), p)
 
 
 def stream_seed(seed: int, stream: str, *index: int) -> int:

@@ -1,0 +1,171 @@
+"""Modular polynomials as tasks: `--op "x^2+y^2"`, `--op "xy+x"`, `--op "3x-(y+1)^2"`.
+
+An expression in the variables x, y (or x1, x2) with integer constants, +, -, *, / (by a residue that is never 0),
+^ (or **) to a non-negative integer power, unary minus and parentheses, a product also written by juxtaposition
+(2x, xy, 3(x+y)); read by a small recursive-descent parser (never eval), and evaluated on every pair of residues
+mod p at once, each operation reduced mod p:
+
+    expr   := term (("+" | "-") term)*
+    term   := unary (("*" | "/") unary | power)*
+    unary  := "-" unary | power
+    power  := atom (("^" | "**") integer)?
+    atom   := integer | variable | "(" expr ")"
+
+The label of the pair (x, y) is the expression's value mod p.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+from fastgrok.errors import ConfigError
+
+_TOKEN = re.compile(r"\s*(?:(\d+)|(x[12]|[xy])|(\*\*|[-+*/^()]))")
+MAX_POWER = 64  # far above any degree a network is asked to learn; bounds the work of evaluating x^k
+
+
+@dataclass(frozen=True)
+class Node:
+    """An expression tree: kind is "num" (value), "var" (value: the operand's index), "neg", "pow" (value: the
+    exponent) or one of + - * / with children `args`."""
+
+    kind: str
+    value: int = 0
+    args: tuple[Node, ...] = ()
+
+
+def _tokens(text: str) -> list[str]:
+    out, k = [], 0
+    text = text.rstrip()
+    while k < len(text):
+        match = _TOKEN.match(text, k)
+        if match is None:
+            raise ConfigError(f"cannot read --op {text!r} at {text[k:].strip()!r}: a polynomial takes x, y (or x1, "
+                              "x2), integers, + - * / ^ and parentheses")
+        out.append(next(g for g in match.groups() if g is not None))
+        k = match.end()
+    return out
+
+
+class _Parser:
+    def __init__(self, text: str):
+        self.text, self.tokens, self.k = text, _tokens(text), 0
+
+    def fail(self, what: str) -> ConfigError:
+        at = " ".join(self.tokens[self.k :]) or "the end"
+        return ConfigError(f"cannot read --op {self.text!r}: {what} at {at!r}")
+
+    def peek(self) -> str | None:
+        return self.tokens[self.k] if self.k < len(self.tokens) else None
+
+    def take(self) -> str:
+        self.k += 1
+        return self.tokens[self.k - 1]
+
+    def parse(self) -> Node:
+        if not self.tokens:
+            raise ConfigError("--op is empty: give a polynomial such as x^2+y^2, or a named op")
+        node = self.expr()
+        if self.peek() is not None:
+            raise self.fail("expected an operator")
+        return node
+
+    def expr(self) -> Node:
+        node = self.term()
+        while self.peek() in ("+", "-"):
+            node = Node(self.take(), args=(node, self.term()))
+        return node
+
+    def term(self) -> Node:
+        node = self.unary()
+        while True:
+            if self.peek() in ("*", "/"):
+                node = Node(self.take(), args=(node, self.unary()))
+            elif self.peek() is not None and self.peek() not in ("+", "-", ")", "^", "**"):
+                node = Node("*", args=(node, self.power()))  # juxtaposition: 2x, xy, 3(x+y)
+            else:
+                return node
+
+    def unary(self) -> Node:
+        if self.peek() == "-":
+            self.take()
+            return Node("neg", args=(self.unary(),))
+        return self.power()
+
+    def power(self) -> Node:
+        node = self.atom()
+        if self.peek() in ("^", "**"):
+            self.take()
+            exponent = self.peek()
+            if exponent is None or not exponent.isdigit():
+                raise self.fail("a power takes a non-negative integer exponent")
+            self.take()
+            if int(exponent) > MAX_POWER:
+                raise ConfigError(f"--op {self.text!r}: powers above {MAX_POWER} are not taken, got {exponent}")
+            node = Node("pow", int(exponent), (node,))
+        return node
+
+    def atom(self) -> Node:
+        token = self.peek()
+        if token is None:
+            raise self.fail("expected a number, a variable or '('")
+        self.take()
+        if token.isdigit():
+            return Node("num", int(token))
+        if token in ("x", "x1"):
+            return Node("var", 0)
+        if token in ("y", "x2"):
+            return Node("var", 1)
+        if token == "(":
+            node = self.expr()
+            if self.peek() != ")":
+                raise self.fail("expected ')'")
+            self.take()
+            return node
+        self.k -= 1
+        raise self.fail("expected a number, a variable or '('")
+
+
+def parse(text: str) -> Node:
+    """The expression tree of a polynomial (ConfigError, naming where, if it cannot be read)."""
+    return _Parser(text).parse()
+
+
+def has_division(node: Node) -> bool:
+    return node.kind == "/" or any(has_division(a) for a in node.args)
+
+
+def evaluate(node: Node, operands: tuple[torch.Tensor, ...], p: int) -> torch.Tensor:
+    """The expression's value mod p (int64, operands' shape) at the residues `operands` (x, y). Division
+    multiplies by the inverse (p prime); a divisor that is 0 somewhere is a ConfigError."""
+    shape = operands[0].shape
+    if node.kind == "num":
+        return torch.full(shape, node.value % p, dtype=torch.long)
+    if node.kind == "var":
+        return operands[node.value] % p
+    values = [evaluate(a, operands, p) for a in node.args]
+    if node.kind == "neg":
+        return (-values[0]) % p
+    if node.kind == "pow":
+        out, base, e = torch.ones(shape, dtype=torch.long), values[0], node.value
+        while e:  # square and multiply, reduced mod p at each product
+            if e & 1:
+                out = out * base % p
+            base, e = base * base % p, e >> 1
+        return out % p
+    a, b = values
+    if node.kind == "+":
+        return (a + b) % p
+    if node.kind == "-":
+        return (a - b) % p
+    if node.kind == "*":
+        return a * b % p
+    if bool((b == 0).any()):
+        raise ConfigError(f"the polynomial divides by a residue that is 0 for some inputs mod {p} (at x = "
+                          f"{int(operands[0][b == 0][0])}, y = {int(operands[1][b == 0][0])}): it is not defined on "
+                          "every pair; --op div leaves out the pairs with y = 0")
+    inverse = torch.tensor([0] + [pow(k, p - 2, p) for k in range(1, p)])
+    return a * inverse[b] % p

@@ -1,0 +1,86 @@
+"""Polynomials as tasks (--op "x^2+y^2"): the parser's precedence, powers, signs and juxtaposition, evaluation
+mod p against plain integer arithmetic, the named ops as polynomials, and one-line errors for bad input."""
+
+import re
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from fastgrok.cli import app
+from fastgrok.data import OPS, POLYNOMIALS, task_table
+from fastgrok.errors import ConfigError
+
+runner = CliRunner()
+P = 11
+
+
+def labels(op: str, p: int = P) -> list[int]:
+    return task_table(op, p)[2].tolist()
+
+
+def expected(f, p: int = P) -> list[int]:
+    """f(x, y) in Python's integers, reduced mod p, over the pairs in canonical order (x major)."""
+    return [f(x, y) % p for x in range(p) for y in range(p)]
+
+
+@pytest.mark.parametrize("op, f", [
+    ("x+y*2", lambda x, y: x + 2 * y),  # * before +
+    ("x-y-1", lambda x, y: (x - y) - 1),  # left to right
+    ("-x^2", lambda x, y: -(x**2)),  # ^ before unary minus
+    ("(-x)^2", lambda x, y: x**2),
+    ("x^3+y^0", lambda x, y: x**3 + 1),
+    ("-3x+y", lambda x, y: -3 * x + y),  # negative coefficients, juxtaposition
+    ("xy+x", lambda x, y: x * y + x),
+    ("3(x+y)^2", lambda x, y: 3 * (x + y) ** 2),
+    ("2x^2y", lambda x, y: 2 * x**2 * y),
+    ("x1*x2 + x2**2", lambda x, y: x * y + y**2),  # x1, x2 and ** spelled the other way
+    ("x^13 - x", lambda x, y: x**13 - x),  # powers past p, reduced as they go
+    ("123456789*x", lambda x, y: 123456789 * x),
+])
+def test_a_polynomial_is_read_with_the_usual_precedence_and_evaluated_mod_p(op, f):
+    assert labels(op) == expected(f)
+
+
+def test_division_multiplies_by_the_inverse_where_the_divisor_is_never_zero():
+    # y^2 + 1 has no root mod 11 (-1 is not a square mod a prime 3 mod 4)
+    inverse = {k: pow(k, P - 2, P) for k in range(1, P)}
+    assert labels("x/(y^2+1)") == expected(lambda x, y: x * inverse[(y * y + 1) % P])
+
+
+@pytest.mark.parametrize("name", sorted(POLYNOMIALS))
+def test_the_named_ops_are_their_polynomials(name):
+    assert labels(name) == labels(POLYNOMIALS[name]) and name in OPS
+
+
+@pytest.mark.parametrize("op, p, message", [
+    ("x+", P, "cannot read --op 'x+': expected a number, a variable or '(' at 'the end'"),
+    ("x^^2", P, "a power takes a non-negative integer exponent"),
+    ("x+y)", P, "expected an operator at ')'"),
+    ("x+z", P, "cannot read --op 'x+z' at 'z'"),
+    ("x^100", P, "powers above 64 are not taken"),
+    ("", P, "unknown op ''"),
+    ("2^3^2", P, "expected an operator at '^ 2'"),  # a tower of powers is written with parentheses
+    ("foo", P, "unknown op 'foo'"),
+    ("x/y", P, "divides by a residue that is 0 for some inputs mod 11"),
+    ("x/(y+1)", 9, "divides, which needs a prime p"),
+])
+def test_bad_polynomials_are_refused(op, p, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        task_table(op, p)
+
+
+def test_a_bad_polynomial_is_one_line_from_the_command_line(tmp_path):
+    result = runner.invoke(app, ["train", "--op", "x/y", "--p", "7", "--xi", "0", "--out", tmp_path / "run"])
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1 and "not defined on every pair" in lines[0], result.output
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_polynomial_trains_as_its_named_op(tmp_path):
+    """--op "x^2+y^2" is x2y2: the same labels, so the same run."""
+    args = ["train", "--p", "7", "--width", "8", "--xi", "0,0.2", "--steps", "20", "--log-every", "10"]
+    for op, out in (("x2y2", "named"), ("x^2 + y^2", "polynomial")):
+        assert runner.invoke(app, [*args, "--op", op, "--out", tmp_path / out]).exit_code == 0
+    assert (tmp_path / "named" / "models.csv").read_text() == (tmp_path / "polynomial" / "models.csv").read_text()
+    assert torch.equal(task_table("x^2 + y^2", 7)[2], task_table("x2y2", 7)[2])

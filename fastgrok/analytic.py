@@ -77,8 +77,8 @@ def analytic_run(out=None, p: int = 97, widths: str = "500", op: str = "add", se
         for name, w in zip("UVW", analytic_weights(p, h.width, h.seed)):
             pop.tensors[name].copy_(w[None])
         metrics = pop.evaluate()
-        m_all, n_all, z_all = pop.pairs
-        pred, _ = pop.family.outputs(pop.tensors, m_all[None], n_all[None], z_all[None], settings)
+        x_all, z_all = pop.table
+        pred, _ = pop.family.outputs(pop.tensors, x_all[:, None], z_all[None], settings)
         history = {"model": [model], "step": [0], **{k: [v[0].item()] for k, v in metrics.items()}}
         history["ipr"] = [model_ipr(pop.family, pop.tensors)[0].item()]
         row = model_rows(pop, metrics, history)[0]

@@ -95,8 +95,8 @@ class TorchBackend:
         """One step for every model; returns the (B,) training losses before the update."""
         s, family = pop.settings, pop.family
         grads = self._grads(family)
-        m, n, y, valid, D = pop.batch()
-        B, d_max = m.shape
+        x, y, valid, D = pop.batch()
+        B, d_max = y.shape
         counts = pop.batch_counts
         chunk, span = cpu_pieces(family, s, pop.width, d_max) if pop.device.type == "cpu" else (B, d_max)
         results = None
@@ -110,7 +110,7 @@ class TorchBackend:
             part = None
             for start in range(0, d, span):  # losses (means over D, not over the span) and gradients add up
                 ex = (sl, slice(start, min(start + span, d)))
-                terms = grads(part_tensors, m[ex], n[ex], y[ex], valid[ex], D[sl],
+                terms = grads(part_tensors, x[(slice(None), *ex)], y[ex], valid[ex], D[sl],
                               None if masks is None else masks[:, ex[1]], s)
                 part = terms if part is None else [a.add_(t) for a, t in zip(part, terms)]
             if chunk >= B:
@@ -125,9 +125,9 @@ class TorchBackend:
         family.after_step(pop.tensors, rest[trained:], pop.diverged)
         return losses
 
-    def outputs(self, t, m, n, y, settings):
+    def outputs(self, t, x, y, settings):
         """Predictions and per-example losses of a chunk of models (Population.evaluate)."""
-        return family_of(settings).outputs(t, m, n, y, settings)
+        return family_of(settings).outputs(t, x, y, settings)
 
     def eval_bytes(self, settings, width: int) -> int:
         return family_of(settings).eval_bytes(settings, width)

@@ -101,8 +101,8 @@ class VmapBackend:
         if pop not in self._state:
             self._state[pop] = self._prepare(pop)
         params, gradient, opt = self._state[pop]
-        m, n, y, valid, D = pop.batch()
-        grads, losses = gradient(params, m, n, y, valid, D)
+        x, y, valid, D = pop.batch()
+        grads, losses = gradient(params, x.movedim(1, 0), y, valid, D)  # vmap over the models: x's dim 1
         for name, p in params.items():
             p.grad = grads[name]
         opt.step()
@@ -114,8 +114,8 @@ class VmapBackend:
         base = copy.deepcopy(models[0]).to("meta")
         loss_name = pop.settings.loss
 
-        def loss(p, m, n, y, valid, D):
-            per_example = reference.per_example_loss(torch.func.functional_call(base, p, (m, n)), y, loss_name)
+        def loss(p, x, y, valid, D):
+            per_example = reference.per_example_loss(torch.func.functional_call(base, p, tuple(x)), y, loss_name)
             return torch.where(valid, per_example, 0.0).sum() / D
 
         gradient = torch.func.vmap(torch.func.grad_and_value(loss), randomness="different")
@@ -224,8 +224,8 @@ def reference_seconds(settings: Settings, width: int, alpha: float, device: torc
     mlp = pop.model(0).to(device)
     opt = reference.make_optimizer(mlp, settings.optimizer, 1e-2, 0.0, settings.betas, settings.eps)
     d = int(pop.D[0])
-    m, n, y = (t[0, :d].to(device) for t in (pop.train_m, pop.train_n, pop.train_y))
-    return _timed(lambda: reference.train_step(mlp, opt, m, n, y, settings.loss), device)
+    x, y = pop.train_x[:, 0, :d].to(device), pop.train_y[0, :d].to(device)
+    return _timed(lambda: reference.train_step(mlp, opt, x, y, settings.loss), device)
 
 
 def check_variant(name: str, settings: Settings, width: int, alpha: float, device: torch.device) -> float:
@@ -243,8 +243,7 @@ def check_variant(name: str, settings: Settings, width: int, alpha: float, devic
             losses = engine.step(pop).cpu()
         for b, (mlp, opt) in enumerate(zip(refs, opts)):
             d = int(pop.D[b])
-            ref = reference.train_step(mlp, opt, *(t[b, :d].cpu() for t in (pop.train_m, pop.train_n, pop.train_y)),
-                                       settings.loss)
+            ref = reference.train_step(mlp, opt, pop.train_x[:, b, :d].cpu(), pop.train_y[b, :d].cpu(), settings.loss)
             worst = max(worst, abs(losses[b].item() - ref) / abs(ref))
     if not worst <= PARITY[precision]:
         raise AssertionError(f"{name} disagrees with reference.py: relative loss error {worst:.2e}")
@@ -252,7 +251,7 @@ def check_variant(name: str, settings: Settings, width: int, alpha: float, devic
 
 
 def max_models(settings: Settings, width: int, alpha: float, device: torch.device, engine) -> int:
-    num_pairs = pair_count(settings.op, settings.p)
+    num_pairs = pair_count(settings.op, settings.p, settings.terms)
     return models_that_fit(settings, width, train_size(num_pairs, alpha), num_pairs, device, memory_budget(device),
                            engine)
 

@@ -103,9 +103,10 @@ def train(
     seed: Annotated[Optional[str], typer.Option(help="Model seed: init, data split and noise" + _default(HYPER.seed), rich_help_panel=GRID)] = None,
     model: Annotated[Optional[str], typer.Option(help="mlp (W phi(U e_m + V e_n), the paper's), deep-mlp (--depth ReLU layers) or transformer" + _default(SETTINGS.model), rich_help_panel=SHARED)] = None,
     op: Annotated[Optional[str], typer.Option(help="add, sub, mul, div, x2y2 (x²+y²), x2xyy2 (x²+xy+y²), or a polynomial in x, y: \"x^2+y^2\", \"xy+x\", \"x/(y^2+1)\"" + _default(SETTINGS.op), rich_help_panel=SHARED)] = None,
+    terms: Annotated[Optional[int], typer.Option(help="Operands of the task: 2 (x, y), or S, x1..xS (the mlp model): add sums them, mul multiplies them, a polynomial names them; the activation is then x^S (--act pow)" + _default(2), rich_help_panel=SHARED)] = None,
     p: Annotated[Optional[int], typer.Option("--p", help="Modulus" + _default(SETTINGS.p), rich_help_panel=SHARED)] = None,
     steps: Annotated[Optional[int], typer.Option(help="Training steps (full batch, or minibatches with --batch-size)" + _default(SETTINGS.steps), rich_help_panel=SHARED)] = None,
-    act: Annotated[Optional[str], typer.Option(help="Activation: quad (x²) or relu (mlp); relu or gelu (deep-mlp, transformer)" + _default(f"{SETTINGS.act} (mlp), relu (the others)"), rich_help_panel=SHARED)] = None,
+    act: Annotated[Optional[str], typer.Option(help="Activation: quad (x²), relu or pow (x^S on S operands) (mlp); relu or gelu (deep-mlp, transformer)" + _default(f"{SETTINGS.act} (mlp; pow with --terms 3 or more), relu (the others)"), rich_help_panel=SHARED)] = None,
     loss: Annotated[Optional[str], typer.Option(help="mse or ce" + _default(SETTINGS.loss), rich_help_panel=SHARED)] = None,
     optimizer: Annotated[Optional[str], typer.Option(help="adamw, adam or sgd" + _default(SETTINGS.optimizer), rich_help_panel=SHARED)] = None,
     betas: Annotated[Optional[str], typer.Option(help="Adam betas" + _default(",".join(f"{b:g}" for b in SETTINGS.betas)), rich_help_panel=SHARED)] = None,
@@ -134,7 +135,7 @@ def train(
     from fastgrok import train as training
 
     axes = dict(xi=xi, alpha=alpha, width=width, wd=wd, dropout=dropout, lr=lr, seed=seed)
-    shared = dict(model=model, op=op, p=p, steps=steps, act=act, loss=loss, optimizer=optimizer, betas=betas,
+    shared = dict(model=model, op=op, terms=terms, p=p, steps=steps, act=act, loss=loss, optimizer=optimizer, betas=betas,
                   noise=noise, data_seed=data_seed, log_every=log_every, batch_size=batch_size, batchnorm=batchnorm,
                   depth=depth, layers=layers, heads=heads, layernorm=layernorm, scale=scale)
     progress = _Progress()

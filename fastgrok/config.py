@@ -44,6 +44,7 @@ class Settings:
 
     model: str = "mlp"  # the model family (fastgrok.families)
     op: str = "add"
+    terms: int = 2  # operands of the task: (x, y), or x1..xS (the MLP only)
     p: int = 97
     steps: int = 2000
     act: str = "quad"
@@ -80,10 +81,10 @@ class Settings:
     def check(self, training: bool = True) -> None:
         from fastgrok.data import NOISES, check_task
         from fastgrok.families import FAMILIES
-        from fastgrok.reference import ACTIVATIONS, LOSSES, OPTIMIZERS, check_choice
+        from fastgrok.reference import ACT_NAMES, LOSSES, OPTIMIZERS, check_choice
 
         # from Python, a wrong type must read as a clear error too, not as a TypeError deep inside a step
-        for name in ("p", "steps", "log_every", "batch_size", "data_seed", "depth", "layers", "heads"):
+        for name in ("p", "terms", "steps", "log_every", "batch_size", "data_seed", "depth", "layers", "heads"):
             value = getattr(self, name)
             if value is None and name in ("batch_size", "data_seed"):  # optional
                 continue
@@ -96,9 +97,9 @@ class Settings:
         if not (isinstance(self.eps, numbers.Real) and 0.0 < self.eps < 1.0):
             raise ConfigError(f"eps must be a number in (0, 1), got {self.eps!r}")
         check_choice("model", self.model, FAMILIES)
-        check_task(self.op, self.p)
+        check_task(self.op, self.p, self.terms)
         FAMILIES[self.model].check(self)
-        check_choice("activation", self.act, ACTIVATIONS)
+        check_choice("activation", self.act, ACT_NAMES)
         check_choice("loss", self.loss, LOSSES)
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
         check_choice("noise", self.noise, NOISES)

@@ -1,7 +1,8 @@
 """Modular-arithmetic tasks, train/test splits and label corruption, as index tensors.
 
 A task is every valid pair (m, n) of residues mod p with its label z = (m op n) mod p: a named op (OPS) or any
-polynomial in x = m, y = n (fastgrok.polynomials). A model's data is
+polynomial in x = m, y = n (fastgrok.polynomials); on S operands (--terms S) every tuple (x1..xS), labelled by
+their sum (add), product (mul) or a polynomial in x1..xS. A model's data is
 that table shuffled with its split seed: the first int(alpha * P) pairs train, the rest test (P = number of
 pairs). Its first int(xi * D) training examples have their labels replaced (paper: drawn uniformly from all
 p labels, so a drawn label equals the true one with probability 1/p). Labels are drawn for all D training
@@ -38,44 +39,87 @@ def is_prime(p: int) -> bool:
     return p >= 2 and all(p % d for d in range(2, int(p**0.5) + 1))
 
 
-def check_task(op: str, p: int) -> None:
-    """A named op (OPS) or a polynomial in x, y (fastgrok.polynomials) defined on every pair mod p."""
+MAX_TERMS = 8
+
+
+def polynomial_of(op: str, terms: int) -> str | None:
+    """The polynomial a named op stands for on `terms` operands (None for div and for a polynomial given as
+    such): add and mul of any number of operands, the others of two."""
+    if op == "add" and terms != 2:
+        return "+".join(f"x{k}" for k in range(1, terms + 1))
+    if op == "mul" and terms != 2:
+        return "*".join(f"x{k}" for k in range(1, terms + 1))
+    if op in OPS and terms != 2:
+        raise ConfigError(f"--op {op} takes 2 operands; with --terms {terms} give add, mul or a polynomial in "
+                          f"x1..x{terms}")
+    return POLYNOMIALS.get(op)
+
+
+def check_terms(terms: int) -> None:
+    if not 2 <= terms <= MAX_TERMS:
+        raise ConfigError(f"--terms must be between 2 and {MAX_TERMS}, got {terms}")
+
+
+def check_task(op: str, p: int, terms: int = 2) -> None:
+    """A named op (OPS) or a polynomial in x, y (x1..xS; fastgrok.polynomials) defined on every input mod p."""
     if p < 2:
         raise ConfigError(f"p must be at least 2, got {p}")
+    check_terms(terms)
     if op == "div" and not is_prime(p):
         raise ConfigError(f"div needs a prime p (every nonzero n invertible); {p} is not prime")
-    if op not in OPS:
-        task_table(op, p)  # a polynomial: read, and evaluated on every pair (a divisor that can be 0 is refused)
+    if op == "div" and terms != 2:
+        raise ConfigError(f"--op div takes 2 operands, got --terms {terms}")
+    if op != "div" and (op not in OPS or terms != 2):
+        from fastgrok import polynomials
+
+        if polynomials.has_division(_polynomial(op, p, terms)):
+            task_table(op, p, terms)  # on every input: a divisor that is 0 somewhere is refused
 
 
-def pair_count(op: str, p: int) -> int:
-    """The number of valid pairs of a task, without building its table: p^2, or p (p - 1) for div."""
-    check_task(op, p)
-    return p * (p - 1) if op == "div" else p * p
+def pair_count(op: str, p: int, terms: int = 2) -> int:
+    """The number of valid inputs of a task, without building its table: p^S, or p (p - 1) for div."""
+    check_task(op, p, terms)
+    return p * (p - 1) if op == "div" else p**terms
 
 
-def task_table(op: str, p: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """All valid pairs in canonical order (m major): m, n, z as int64 tensors of length P."""
+def _operands(p: int, terms: int) -> torch.Tensor:
+    """Every tuple of `terms` residues mod p in canonical order (the first operand major): (S, p^S)."""
+    grids = torch.meshgrid(*[torch.arange(p)] * terms, indexing="ij")
+    return torch.stack([g.reshape(-1) for g in grids])
+
+
+def _polynomial(op: str, p: int, terms: int):
+    """The expression tree of a named op or a polynomial (fastgrok.polynomials), checked against p."""
     from fastgrok import polynomials
 
-    if p < 2:
-        raise ConfigError(f"p must be at least 2, got {p}")
-    m, n = (t.reshape(-1) for t in torch.meshgrid(torch.arange(p), torch.arange(p), indexing="ij"))
-    if op == "div":
-        if not is_prime(p):
-            raise ConfigError(f"div needs a prime p (every nonzero n invertible); {p} is not prime")
-        keep = n != 0
-        m, n = m[keep], n[keep]
-        inverse = torch.tensor([0] + [pow(k, p - 2, p) for k in range(1, p)])
-        return m, n, m * inverse[n] % p
     if op not in OPS and not any(c in op for c in "xy0123456789"):
         raise ConfigError(f"unknown op {op!r}; choose one of {', '.join(OPS)}, or give a polynomial in x, y such as "
                           "x^2+y^2")
-    tree = polynomials.parse(POLYNOMIALS.get(op, op))
+    tree = polynomials.parse(polynomial_of(op, terms) or op, terms)
     if polynomials.has_division(tree) and not is_prime(p):
         raise ConfigError(f"--op {op!r} divides, which needs a prime p (every nonzero residue invertible); {p} is "
                           "not prime")
-    return m, n, polynomials.evaluate(tree, (m, n), p)
+    return tree
+
+
+def task_table(op: str, p: int, terms: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """All valid inputs in canonical order (the first operand major): their residues x (S, P) and labels z (P,),
+    int64."""
+    if p < 2:
+        raise ConfigError(f"p must be at least 2, got {p}")
+    check_terms(terms)
+    x = _operands(p, terms)
+    if op == "div":
+        if terms != 2:
+            raise ConfigError(f"--op div takes 2 operands, got --terms {terms}")
+        if not is_prime(p):
+            raise ConfigError(f"div needs a prime p (every nonzero n invertible); {p} is not prime")
+        x = x[:, x[1] != 0]
+        inverse = torch.tensor([0] + [pow(k, p - 2, p) for k in range(1, p)])
+        return x, x[0] * inverse[x[1]] % p
+    from fastgrok import polynomials
+
+    return x, polynomials.evaluate(_polynomial(op, p, terms), tuple(x), p)
 
 
 def stream_seed(seed: int, stream: str, *index: int) -> int:
@@ -119,7 +163,7 @@ def checked_train_size(num_pairs: int, alpha: float) -> int:
 def check_training_sets(alphas, settings) -> None:
     """Every alpha leaves at least one training and one test pair, and its training set holds at least one
     batch: checked before a run writes anything."""
-    num_pairs = pair_count(settings.op, settings.p)
+    num_pairs = pair_count(settings.op, settings.p, settings.terms)
     for alpha in sorted(set(alphas)):
         d = checked_train_size(num_pairs, alpha)
         if settings.batch_size is not None and d < settings.batch_size:

@@ -40,12 +40,13 @@ def tensor_bytes(settings, width: int) -> int:
     return 4 * sum(math.prod(s.shape) * (4 if s.trained else 1) for s in specs)
 
 
-def data_bytes(d_max: int, num_pairs: int, batch_size: int | None = None) -> int:
-    """One model's data: the int64 pair order, training indices and labels, the valid mask and per-model scalars
-    (seeds, counts, hyper-parameters); with minibatches the epoch order and a batch's indices and labels."""
-    data = 8 * num_pairs + 8 * 3 * d_max + d_max + 256
+def data_bytes(d_max: int, num_pairs: int, batch_size: int | None = None, terms: int = 2) -> int:
+    """One model's data: the int64 order of the inputs, the training examples' operands and labels, the valid
+    mask and per-model scalars (seeds, counts, hyper-parameters); with minibatches the epoch order and a batch's
+    operands and labels."""
+    data = 8 * num_pairs + 8 * (terms + 1) * d_max + d_max + 256
     if batch_size is not None:
-        data += 8 * d_max + 8 * 3 * min(d_max, batch_size)
+        data += 8 * d_max + 8 * (terms + 1) * min(d_max, batch_size)
     return data
 
 
@@ -53,20 +54,21 @@ def bytes_per_model(settings, width: int, d_max: int, num_pairs: int, engine, dr
                     device: torch.device | str = "cuda") -> int:
     """One model alone, beside its evaluation: its tensors, its data and its step's working memory."""
     d = min(d_max, settings.batch_size or d_max)
-    return (tensor_bytes(settings, width) + data_bytes(d_max, num_pairs, settings.batch_size)
+    return (tensor_bytes(settings, width) + data_bytes(d_max, num_pairs, settings.batch_size, settings.terms)
             + engine.step_bytes(settings, width, d, 1, torch.device(device), dropout))
 
 
 def population_bytes(settings, width: int, d_max: int, num_pairs: int, models: int, engine, dropout: bool = False,
                      device: torch.device | str = "cuda") -> int:
     """Device memory of a population of `models` models of this width and largest training set: their tensors
-    and data, the step's working memory as `engine` states it, and the evaluation's (at most eval_limit: chunks
-    of models, or spans of one model's pairs)."""
+    and data, the step's working memory as `engine` states it, the evaluation's (at most eval_limit: chunks
+    of models, or spans of one model's pairs) and the task's table."""
     d = min(d_max, settings.batch_size or d_max)  # the examples of a step
-    own = tensor_bytes(settings, width) + data_bytes(d_max, num_pairs, settings.batch_size)
+    own = tensor_bytes(settings, width) + data_bytes(d_max, num_pairs, settings.batch_size, settings.terms)
     step = engine.step_bytes(settings, width, d, models, torch.device(device), dropout)
     evaluation = min(eval_limit(device), models * num_pairs * engine.eval_bytes(settings, width))
-    return models * own + step + evaluation
+    table = 8 * (settings.terms + 1) * num_pairs  # every input's operands and label, once for the population
+    return models * own + step + evaluation + table
 
 
 def models_that_fit(settings, width: int, d_max: int, num_pairs: int, device: torch.device, budget: int, engine,
@@ -78,7 +80,9 @@ def models_that_fit(settings, width: int, d_max: int, num_pairs: int, device: to
 
     if size(1) > budget:
         raise ConfigError(
-            f"one model of width {width} (p {settings.p}) needs about {size(1) / 2**30:,.1f} GiB, more "
+            f"one model of width {width} (p {settings.p}"
+            + (f", {settings.terms} operands: {num_pairs:,} inputs" if settings.terms != 2 else "")
+            + f") needs about {size(1) / 2**30:,.1f} GiB, more "
             f"than the {budget / 2**30:.1f} GiB this {device.type} device can give a population"
         )
     fits, too_many = 1, 2
@@ -235,7 +239,7 @@ def plan(grid: Grid, settings, device: torch.device, engine, budget: int | None 
     if most is not None and most < 1:
         raise ConfigError(f"--population-size must be at least 1, got {most}")
     budget = memory_budget(device) if budget is None else budget
-    num_pairs = pair_count(settings.op, settings.p)
+    num_pairs = pair_count(settings.op, settings.p, settings.terms)
     dropout = any(v > 0 for v in grid.axes["dropout"])
     by_size: dict[int, list[int]] = {}
     for k, alpha in enumerate(grid.axes["alpha"]):
@@ -306,7 +310,7 @@ def balance(costs: list[int], processes: int) -> list[int]:
 def job_cost(grid: Grid, settings, ids: list[int], steps: int) -> int:
     """The FLOPs of `steps` steps of a population of these models (Planned.cost, for any list of models: a
     resumed run's, some of whose populations continue from a save)."""
-    pairs, flops = pair_count(settings.op, settings.p), family_of(settings).flops
+    pairs, flops = pair_count(settings.op, settings.p, settings.terms), family_of(settings).flops
     return steps * sum(flops(settings, h.width, min(d := train_size(pairs, h.alpha), settings.batch_size or d))
                        for h in map(grid.model, ids))
 
@@ -314,7 +318,7 @@ def job_cost(grid: Grid, settings, ids: list[int], steps: int) -> int:
 def job_bytes(grid: Grid, settings, ids: list[int], engine, device: torch.device) -> int:
     """Device memory of a population of these models (population_bytes; one width)."""
     hypers = [grid.model(i) for i in ids]
-    pairs = pair_count(settings.op, settings.p)
+    pairs = pair_count(settings.op, settings.p, settings.terms)
     return population_bytes(settings, hypers[0].width, max(train_size(pairs, h.alpha) for h in hypers), pairs,
                             len(hypers), engine, any(v > 0 for v in grid.axes["dropout"]), device)
 

@@ -1,6 +1,6 @@
 """Modular polynomials as tasks: `--op "x^2+y^2"`, `--op "xy+x"`, `--op "3x-(y+1)^2"`.
 
-An expression in the variables x, y (or x1, x2) with integer constants, +, -, *, / (by a residue that is never 0),
+An expression in the variables x, y (or x1..xS, on S operands: --terms S) with integer constants, +, -, *, / (by a residue that is never 0),
 ^ (or **) to a non-negative integer power, unary minus and parentheses, a product also written by juxtaposition
 (2x, xy, 3(x+y)); read by a small recursive-descent parser (never eval), and evaluated on every pair of residues
 mod p at once, each operation reduced mod p:
@@ -23,7 +23,7 @@ import torch
 
 from fastgrok.errors import ConfigError
 
-_TOKEN = re.compile(r"\s*(?:(\d+)|(x[12]|[xy])|(\*\*|[-+*/^()]))")
+_TOKEN = re.compile(r"\s*(?:(\d+)|(x\d+|[xy])|(\*\*|[-+*/^()]))")
 MAX_POWER = 64  # far above any degree a network is asked to learn; bounds the work of evaluating x^k
 
 
@@ -44,15 +44,15 @@ def _tokens(text: str) -> list[str]:
         match = _TOKEN.match(text, k)
         if match is None:
             raise ConfigError(f"cannot read --op {text!r} at {text[k:].strip()!r}: a polynomial takes x, y (or x1, "
-                              "x2), integers, + - * / ^ and parentheses")
+                              "x2, ...), integers, + - * / ^ and parentheses")
         out.append(next(g for g in match.groups() if g is not None))
         k = match.end()
     return out
 
 
 class _Parser:
-    def __init__(self, text: str):
-        self.text, self.tokens, self.k = text, _tokens(text), 0
+    def __init__(self, text: str, terms: int):
+        self.text, self.tokens, self.k, self.terms = text, _tokens(text), 0, terms
 
     def fail(self, what: str) -> ConfigError:
         at = " ".join(self.tokens[self.k :]) or "the end"
@@ -115,10 +115,16 @@ class _Parser:
         self.take()
         if token.isdigit():
             return Node("num", int(token))
-        if token in ("x", "x1"):
-            return Node("var", 0)
-        if token in ("y", "x2"):
-            return Node("var", 1)
+        if token in ("x", "y"):
+            if self.terms != 2:
+                raise ConfigError(f"--op {self.text!r}: x and y name the operands of a 2-term task; with --terms "
+                                  f"{self.terms} they are x1..x{self.terms}")
+            return Node("var", 0 if token == "x" else 1)
+        if token.startswith("x"):
+            if not 1 <= int(token[1:]) <= self.terms:
+                raise ConfigError(f"--op {self.text!r}: {token} is not an operand of a {self.terms}-term task "
+                                  f"(x1..x{self.terms}; --terms sets how many)")
+            return Node("var", int(token[1:]) - 1)
         if token == "(":
             node = self.expr()
             if self.peek() != ")":
@@ -129,18 +135,19 @@ class _Parser:
         raise self.fail("expected a number, a variable or '('")
 
 
-def parse(text: str) -> Node:
-    """The expression tree of a polynomial (ConfigError, naming where, if it cannot be read)."""
-    return _Parser(text).parse()
+def parse(text: str, terms: int = 2) -> Node:
+    """The expression tree of a polynomial in `terms` operands (ConfigError, naming where, if it cannot be
+    read)."""
+    return _Parser(text, terms).parse()
 
 
 def has_division(node: Node) -> bool:
     return node.kind == "/" or any(has_division(a) for a in node.args)
 
 
-def evaluate(node: Node, operands: tuple[torch.Tensor, ...], p: int) -> torch.Tensor:
-    """The expression's value mod p (int64, operands' shape) at the residues `operands` (x, y). Division
-    multiplies by the inverse (p prime); a divisor that is 0 somewhere is a ConfigError."""
+def evaluate(node: Node, operands, p: int) -> torch.Tensor:
+    """The expression's value mod p (int64, an operand's shape) at the residues `operands` (x, y, or x1..xS).
+    Division multiplies by the inverse (p prime); a divisor that is 0 somewhere is a ConfigError."""
     shape = operands[0].shape
     if node.kind == "num":
         return torch.full(shape, node.value % p, dtype=torch.long)
@@ -164,8 +171,8 @@ def evaluate(node: Node, operands: tuple[torch.Tensor, ...], p: int) -> torch.Te
     if node.kind == "*":
         return a * b % p
     if bool((b == 0).any()):
-        raise ConfigError(f"the polynomial divides by a residue that is 0 for some inputs mod {p} (at x = "
-                          f"{int(operands[0][b == 0][0])}, y = {int(operands[1][b == 0][0])}): it is not defined on "
-                          "every pair; --op div leaves out the pairs with y = 0")
+        at = ", ".join(str(int(x[b == 0][0])) for x in operands)
+        raise ConfigError(f"the polynomial divides by a residue that is 0 for some inputs mod {p} (at ({at})): it is "
+                          "not defined on every input; --op div leaves out the pairs with y = 0")
     inverse = torch.tensor([0] + [pow(k, p - 2, p) for k in range(1, p)])
     return a * inverse[b] % p

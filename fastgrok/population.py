@@ -42,7 +42,7 @@ class Population:
         B = len(hypers)
 
         check_training_sets({h.alpha for h in hypers}, settings)
-        m_all, n_all, z_all = task_table(settings.op, p)
+        x_all, z_all = task_table(settings.op, p, settings.terms)
         # Each model's split and initial weights come from its own generators, so they are drawn on all the
         # host's cores at once (torch releases the GIL): the same numbers, several times faster for big grids.
         pool = ThreadPoolExecutor(max_workers=min(32, os.cpu_count() or 1))
@@ -58,10 +58,9 @@ class Population:
         slot = torch.arange(d_max)
         dev = self.device
         self.valid = (slot < self.D[:, None]).to(dev)  # (B, Dmax): real training example
-        self.pairs = (m_all.to(dev), n_all.to(dev), z_all.to(dev))
+        self.table = (x_all.to(dev), z_all.to(dev))  # every input's operands (S, P) and label (P,)
         self.perm = perm.to(dev)
-        train_idx = perm[:, :d_max]
-        self.train_m, self.train_n = m_all[train_idx].to(dev), n_all[train_idx].to(dev)
+        self.train_x = x_all[:, perm[:, :d_max]].to(dev)  # (S, B, Dmax): the training examples' operands
         self.train_y = labels.to(dev)  # labels as trained on (corrupted ones included)
 
         specs = self.family.tensors(settings, self.width)
@@ -120,12 +119,13 @@ class Population:
         return self.D if self.batch_size is None else torch.full_like(self.D, self.batch_size)
 
     def batch(self) -> tuple[torch.Tensor, ...]:
-        """The examples of the coming step: m, n, labels, valid (B, d) and the counts (B,) as float.
+        """The examples of the coming step: operands x (S, B, d), labels and valid (B, d), the counts (B,) as
+        float.
 
         Full batch: the padded training sets. Minibatches: batch_size slots of each model's training set,
         fastgrok.data.batch_slots(seed, D, batch_size, step); each model's epoch order is drawn once per epoch."""
         if self.batch_size is None:
-            return self.train_m, self.train_n, self.train_y, self.valid, self.D.to(self.device).float()
+            return self.train_x, self.train_y, self.valid, self.D.to(self.device).float()
         bs, B = self.batch_size, len(self)
         per_epoch = self.D // bs
         epoch = self.step // per_epoch
@@ -135,9 +135,10 @@ class Population:
             self._epoch[b] = epoch[b]
         first = ((self.step % per_epoch) * bs).to(self.device)[:, None]
         slots = torch.gather(self._order, 1, first + torch.arange(bs, device=self.device))
-        m, n, y = (torch.gather(t, 1, slots) for t in (self.train_m, self.train_n, self.train_y))
+        x = torch.gather(self.train_x, 2, slots.expand(len(self.train_x), -1, -1))
+        y = torch.gather(self.train_y, 1, slots)
         valid = torch.ones(B, bs, dtype=torch.bool, device=self.device)
-        return m, n, y, valid, torch.full((B,), float(bs), device=self.device)
+        return x, y, valid, torch.full((B,), float(bs), device=self.device)
 
     def dropout_masks(self, models: slice = slice(None), d_max: int | None = None) -> torch.Tensor | None:
         """Draw this step's masks (len(models), d_max, units) for a slice of the models (each has its own stream,
@@ -215,7 +216,7 @@ class Population:
         s, family = self.settings, self.family
         outputs = engine.outputs if engine is not None else family.outputs
         per_example = (engine if engine is not None else family).eval_bytes(s, self.width)
-        m_all, n_all, z_all = self.pairs
+        x_all, z_all = self.table
         P, B, d_max = z_all.numel(), len(self), self.train_y.shape[1]
         chunk = max(1, min(B, max_bytes // (P * per_example)))
         span = P if chunk > 1 else max(1, min(P, max_bytes // per_example))
@@ -233,7 +234,7 @@ class Population:
                 t = max(0, min(stop, d_max) - start)
                 labels[:, :t] = torch.where(self.valid[sl, start : start + t], self.train_y[sl, start : start + t],
                                             true[:, :t])
-                pred, loss = outputs(part, m_all[perm], n_all[perm], labels, s)
+                pred, loss = outputs(part, x_all[:, perm], labels, s)
                 slot = torch.arange(start, stop, device=self.device)
                 train, corrupted = slot < D, slot < c
                 where = {"train": train, "test": ~train, "clean": train & ~corrupted, "corrupted": corrupted}

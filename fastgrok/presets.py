@@ -108,6 +108,8 @@ def resolve(preset: str | None, axes: dict, shared: dict, device: str = "auto", 
         if d_model is not None and model != "transformer":
             raise ConfigError(f"--d-model is the transformer's width; this run's model is {model}: give --width")  # what the family starts from (the deeper ones: relu), unless given (Settings.check)
         values = {**family.defaults, **values}
+        if values.get("terms", 2) != 2 and "act" not in values:  # the sequel's many-term network: x^S
+            values["act"] = "pow"
     if isinstance(values.get("betas"), str):
         values["betas"] = parse_betas(values["betas"])
     settings = Settings(**values)

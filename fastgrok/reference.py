@@ -5,6 +5,8 @@ of the paper's Fig. 7. The 2-layer MLP:
     f(m, n) = W phi(U e_m + V e_n)        U, V: (N, p), W: (p, N), no biases
     phi(x)  = x^2 ("quad", the paper's) or max(x, 0) ("relu"); the deeper families take relu or tanh-GELU
     U, V, W ~ Normal(0, std = 0.5 / (2N)^(1/3))
+    on S operands (the sequel's many-term tasks, --terms S):
+    f(x_1..x_S) = W phi(U_1 e_x1 + ... + U_S e_xS), phi(x) = x^S ("pow"), U_1..U_S, W drawn as above in order
     dropout (rate r) acts on the pre-activation: W phi(dropout(U e_m + V e_n)), off at evaluation
     BatchNorm (optional) acts after the activation: W BN(phi(U e_m + V e_n)), torch.nn.BatchNorm1d's defaults
       (affine, eps 1e-5, momentum 0.1): batch statistics in training, running statistics at evaluation
@@ -32,6 +34,7 @@ ACTIVATIONS = {
     "relu": torch.relu,
     "gelu": lambda x: F.gelu(x, approximate="tanh"),  # the transformer authors' GELU
 }
+ACT_NAMES = (*ACTIVATIONS, "pow")  # pow: x^S on S operands (x^2 on two, as quad)
 LOSSES = ("mse", "ce")
 OPTIMIZERS = ("adamw", "adam", "sgd")
 
@@ -45,13 +48,22 @@ def init_std(width: int) -> float:
     return 0.5 / (2 * width) ** (1 / 3)
 
 
-def init_weights(p: int, width: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """U, V: (N, p), W: (p, N), drawn in that order from `generator` (fp32, CPU)."""
+def activation(act: str, terms: int = 2):
+    """phi by name: ACTIVATIONS', or pow, x^S on S operands."""
+    check_choice("activation", act, ACT_NAMES)
+    return (lambda x: x**terms) if act == "pow" else ACTIVATIONS[act]
+
+
+def input_names(terms: int) -> tuple[str, ...]:
+    """The first layer's matrices of an MLP on `terms` operands: the paper's U and V, or U1..US."""
+    return ("U", "V") if terms == 2 else tuple(f"U{k}" for k in range(1, terms + 1))
+
+
+def init_weights(p: int, width: int, generator: torch.Generator, terms: int = 2) -> tuple[torch.Tensor, ...]:
+    """U, V (or U1..US): (N, p) each, then W: (p, N), drawn in that order from `generator` (fp32, CPU)."""
     std = init_std(width)
-    u = torch.randn(width, p, generator=generator) * std
-    v = torch.randn(width, p, generator=generator) * std
-    w = torch.randn(p, width, generator=generator) * std
-    return u, v, w
+    inputs = [torch.randn(width, p, generator=generator) * std for _ in range(terms)]
+    return (*inputs, torch.randn(p, width, generator=generator) * std)
 
 
 def per_example_loss(out: torch.Tensor, labels: torch.Tensor, loss: str) -> torch.Tensor:
@@ -73,23 +85,27 @@ def dropout_mask(shape, rate: float, generator: torch.Generator | None = None, d
 
 class MLP(nn.Module):
     def __init__(self, p: int, width: int, act: str = "quad", dropout: float = 0.0,
-                 generator: torch.Generator | None = None, batchnorm: bool = False):
+                 generator: torch.Generator | None = None, batchnorm: bool = False, terms: int = 2):
         super().__init__()
-        check_choice("activation", act, ACTIVATIONS)
-        u, v, w = init_weights(p, width, generator if generator is not None else torch.Generator().manual_seed(0))
-        self.U, self.V, self.W = nn.Parameter(u), nn.Parameter(v), nn.Parameter(w)
+        self.phi = activation(act, terms)
+        drawn = init_weights(p, width, generator if generator is not None else torch.Generator().manual_seed(0), terms)
+        self.inputs = input_names(terms)
+        for name, value in zip((*self.inputs, "W"), drawn):
+            setattr(self, name, nn.Parameter(value))
         self.bn = nn.BatchNorm1d(width) if batchnorm else None
         self.act, self.dropout = act, dropout
 
-    def preactivation(self, m: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
-        return self.U[:, m].T + self.V[:, n].T  # (D, N): U e_m + V e_n for each example
+    def preactivation(self, *operands: torch.Tensor) -> torch.Tensor:
+        """(D, N): U e_m + V e_n (U_1 e_x1 + ... + U_S e_xS) for each example."""
+        return sum(getattr(self, name)[:, x].T for name, x in zip(self.inputs, operands, strict=True))
 
-    def forward(self, m: torch.Tensor, n: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """(D,) indices -> (D, p) outputs. `mask` (D, N) replaces the drawn dropout mask (for parity tests)."""
-        pre = self.preactivation(m, n)
+    def forward(self, *operands: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(D,) indices of each operand (m, n) -> (D, p) outputs. `mask` (D, N) replaces the drawn dropout mask
+        (for parity tests)."""
+        pre = self.preactivation(*operands)
         if self.training and self.dropout > 0:
             pre = pre * (mask if mask is not None else dropout_mask(pre.shape, self.dropout, device=pre.device))
-        h = ACTIVATIONS[self.act](pre)
+        h = self.phi(pre)
         if self.bn is not None:
             h = self.bn(h)
         return h @ self.W.T
@@ -251,18 +267,19 @@ def make_optimizer(model: nn.Module, name: str = "adamw", lr: float = 1e-2, wd: 
     return torch.optim.SGD(params, lr=lr, weight_decay=wd, foreach=False)
 
 
-def train_step(model: nn.Module, opt: torch.optim.Optimizer, m, n, labels, loss: str = "mse",
+def train_step(model: nn.Module, opt: torch.optim.Optimizer, operands, labels, loss: str = "mse",
                mask: torch.Tensor | None = None) -> float:
-    """One step on the examples (m, n, labels): the training set or a minibatch; returns the loss before the update."""
+    """One step on the examples (operands: (m, n), or an (S, D) tensor; labels): the training set or a minibatch;
+    returns the loss before the update."""
     model.train()
     opt.zero_grad(set_to_none=True)
-    value = per_example_loss(model(m, n, mask), labels, loss).mean()
+    value = per_example_loss(model(*operands, mask=mask), labels, loss).mean()
     value.backward()
     opt.step()
     return value.item()
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, m, n, labels) -> float:
+def accuracy(model: nn.Module, operands, labels) -> float:
     model.eval()
-    return (model(m, n).argmax(-1) == labels).float().mean().item()
+    return (model(*operands).argmax(-1) == labels).float().mean().item()

@@ -335,7 +335,7 @@ def plan(grid: Grid, settings: Settings, out: str | Path | None = None, *, devic
     engine = _engine(backend, dev, precision, settings)
     planner.check_room(grid, settings, Path(out) if out is not None else None)
     budget = planner.memory_budget(dev) if budget is None else budget
-    pairs = pair_count(settings.op, settings.p)
+    pairs = pair_count(settings.op, settings.p, settings.terms)
     dropout = any(v > 0 for v in grid.axes["dropout"])
     planned = planner.plan(grid, settings, dev, engine, budget, population_size)
     ranks = planner.shares(planned, settings, processes)

@@ -190,7 +190,7 @@ def test_ctrl_c_keeps_what_was_done(tmp_path, monkeypatch):
         (["--width", "0"], "--width must be at least 1"),
         (["--steps", "0"], "steps must be at least 1"),
         (["--op", "pow"], "unknown op"),
-        (["--act", "tanh"], "the mlp model takes --act quad or relu, got 'tanh'"),
+        (["--act", "tanh"], "the mlp model takes --act quad, relu, pow, got 'tanh'"),
         (["--loss", "l1"], "unknown loss"),
         (["--optimizer", "lion"], "unknown optimizer"),
         (["--noise", "pink"], "unknown noise"),
@@ -268,8 +268,8 @@ def test_the_readme_python_example_runs_as_written(tmp_path, monkeypatch):
     pop, mlp = scope["pop"], scope["mlp"]  # model 2 rebuilt: its metrics are models.csv's, its module is reference.py's
     assert pop.model_ids == [2] and float(pop.evaluate()["test_acc"][0]) == pytest.approx(run.rows[2]["test_acc"]) == 1.0
     assert isinstance(mlp, reference.MLP) and torch.equal(mlp.U.detach(), pop.U[0].T)
-    m, n, z = pop.pairs
-    assert (mlp(m, n).argmax(-1) == z).float().mean() > 0.95  # a generalising model: right on (nearly) every pair
+    x, z = pop.table
+    assert (mlp(*x).argmax(-1) == z).float().mean() > 0.95  # a generalising model: right on (nearly) every pair
 
 
 def test_grid_of_reads_python_values_as_the_command_line_reads_its_options():

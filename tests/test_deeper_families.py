@@ -1,5 +1,5 @@
-"""The deep MLP and the transformer as populations, against their reference.py modules: one step (every gradient
-and updated tensor), thirty steps, models together as alone, per-model hyper-parameters and dropout, a diverging
+"""The deep MLP, the transformer and the 2-layer MLP on S operands (--terms) as populations, against their
+reference.py modules: one step (every gradient and updated tensor), thirty steps, models together as alone, per-model hyper-parameters and dropout, a diverging
 model frozen without touching its neighbours, resume as uninterrupted, bad options refused, and the paper's
 phenomena at a small size."""
 
@@ -25,6 +25,11 @@ CASES = {  # a family and the settings of its own that change its math
     "transformer, no dropout, LayerNorm": dict(model="transformer", layers=1, heads=4, layernorm=True, dropout=0.0),
     "transformer, 2 layers, LayerNorm": dict(model="transformer", layers=2, heads=4, layernorm=True),
     "transformer, sp scale, gelu, CE": dict(model="transformer", heads=2, scale="sp", act="gelu", loss="ce"),
+    # the sequel's many-term tasks: W phi(U1 e_x1 + ... + US e_xS), phi = x^S
+    "mlp, 3 terms, x^3": dict(model="mlp", terms=3, act="pow"),
+    "mlp, 4 terms, x^4, CE": dict(model="mlp", terms=4, act="pow", loss="ce"),
+    "mlp, 2 terms, pow (quad)": dict(model="mlp", act="pow"),
+    "mlp, 3 terms, relu, a polynomial": dict(model="mlp", terms=3, op="x1*x2+x3^2"),
 }
 
 
@@ -47,7 +52,7 @@ def reference_models(pop):
         d = int(pop.D[b])
         gen = generator(h.seed, "dropout") if h.dropout > 0 else None
         out.append((net, reference.make_optimizer(net, s.optimizer, h.lr, h.wd, s.betas, s.eps),
-                    pop.train_m[b, :d], pop.train_n[b, :d], pop.train_y[b, :d], gen))
+                    pop.train_x[:, b, :d], pop.train_y[b, :d], gen))
     return out
 
 
@@ -64,16 +69,16 @@ def test_one_step_matches_the_reference_in_every_gradient_and_tensor(case, optim
     pop = Population(mixed_hypers(case), s)
     refs = reference_models(pop)
     units = pop.family.dropout_units(s, WIDTH)
-    masks = torch.ones(len(pop), pop.train_m.shape[1], units)  # what the first step draws
-    for b, (net, opt, m, n, y, gen) in enumerate(refs):
+    masks = torch.ones(len(pop), pop.train_y.shape[1], units)  # what the first step draws
+    for b, (net, opt, x, y, gen) in enumerate(refs):
         if gen is not None:
-            masks[b, : m.numel()] = reference.dropout_mask((m.numel(), units), net.dropout, generator(pop.hypers[b].seed, "dropout"))
-    terms = pop.family.grads(pop.tensors, pop.train_m, pop.train_n, pop.train_y, pop.valid, pop.D.float(), masks, s)
+            masks[b, : y.numel()] = reference.dropout_mask((y.numel(), units), net.dropout, generator(pop.hypers[b].seed, "dropout"))
+    terms = pop.family.grads(pop.tensors, pop.train_x, pop.train_y, pop.valid, pop.D.float(), masks, s)
     losses, grads = terms[0], dict(zip(pop.optimized_names, terms[1:]))
     reference_grads = []
-    for b, (net, opt, m, n, y, gen) in enumerate(refs):
+    for b, (net, opt, x, y, gen) in enumerate(refs):
         net.train()
-        value = reference.per_example_loss(net(m, n, masks[b, : m.numel()]), y, s.loss).mean()
+        value = reference.per_example_loss(net(*x, mask=masks[b, : y.numel()]), y, s.loss).mean()
         value.backward()
         assert_close(f"loss[{b}]", losses[b], value)
         reference_grads.append({k: w.grad.clone() for k, w in net.named_parameters()})
@@ -81,8 +86,8 @@ def test_one_step_matches_the_reference_in_every_gradient_and_tensor(case, optim
             assert_close(f"grad {name}[{b}]", g, reference_grads[b][name])
         net.zero_grad()
     TorchBackend().step(pop)
-    for b, (net, opt, m, n, y, gen) in enumerate(refs):
-        reference.train_step(net, opt, m, n, y, s.loss, masks[b, : m.numel()])
+    for b, (net, opt, x, y, gen) in enumerate(refs):
+        reference.train_step(net, opt, x, y, s.loss, masks[b, : y.numel()])
         for name, ours in as_reference(pop, b, pop.tensors).items():
             theirs = dict(net.named_parameters())[name]
             # Adam's first step moves a weight by lr g / (|g| + eps): where |g| is within 100 eps its size follows
@@ -101,9 +106,9 @@ def test_thirty_steps_follow_the_reference(case):
     units, engine = pop.family.dropout_units(s, WIDTH), TorchBackend()
     for step in range(30):
         losses = engine.step(pop)
-        for b, (net, opt, m, n, y, gen) in enumerate(refs):
-            mask = reference.dropout_mask((m.numel(), units), net.dropout, gen) if gen is not None else None
-            assert_close(f"loss[{b}] at step {step}", losses[b], torch.tensor(reference.train_step(net, opt, m, n, y, s.loss, mask)),
+        for b, (net, opt, x, y, gen) in enumerate(refs):
+            mask = reference.dropout_mask((y.numel(), units), net.dropout, gen) if gen is not None else None
+            assert_close(f"loss[{b}] at step {step}", losses[b], torch.tensor(reference.train_step(net, opt, x, y, s.loss, mask)),
                          atol=1e-5, rtol=1e-4)
     for b, (net, *_) in enumerate(refs):
         for name, ours in as_reference(pop, b, pop.tensors).items():
@@ -183,7 +188,7 @@ def test_resume_gives_the_uninterrupted_run(tmp_path, monkeypatch, family):
     (["--model", "transformer", "--width", "16", "--d-model", "32"], "give one of them"),
     (["--model", "deep-mlp", "--depth", "0"], "--depth must be at least 1"),
     (["--model", "deep-mlp", "--batchnorm"], "--batchnorm is the 2-layer MLP's"),
-    (["--model", "mlp", "--act", "gelu"], "the mlp model takes --act quad or relu"),
+    (["--model", "mlp", "--act", "gelu"], "the mlp model takes --act quad, relu, pow"),
     (["--model", "cnn"], "unknown model"),
     (["--model", "mlp", "--depth", "2"], "--depth is the deep-mlp model's option; this run's model is mlp"),
     (["--model", "deep-mlp", "--layernorm"], "--layernorm is the transformer model's option"),

@@ -41,7 +41,8 @@ class Toy(Family):
     def init(self, settings, width, generator):
         return {k: 0.1 * torch.randn(settings.p, settings.p, generator=generator) for k in "AB"}
 
-    def forward(self, t, m, n, settings, mask=None):
+    def forward(self, t, x, settings, mask=None):
+        m, n = x
         rows = lambda table, idx: torch.gather(table, 1, idx[..., None].expand(-1, -1, settings.p))  # noqa: E731
         return rows(t["A"], m) + rows(t["B"], n)
 
@@ -87,8 +88,8 @@ def test_a_family_of_a_few_lines_trains_saves_and_loads_through_the_generic_code
     assert torch.equal(pop.A[0], weights["A"][2]) and torch.equal(pop.tensors["B"][0], weights["B"][2])
     rows = read_models(tmp_path / "run")
     assert pop.evaluate()["test_acc"][0].item() == pytest.approx(rows[2]["test_acc"])
-    m, n, z = pop.pairs
-    assert torch.equal(pop.model(0)(m, n).argmax(-1), pop.family.forward(pop.tensors, m[None], n[None], toy)[0].argmax(-1))
+    x, z = pop.table
+    assert torch.equal(pop.model(0)(*x).argmax(-1), pop.family.forward(pop.tensors, x[:, None], toy)[0].argmax(-1))
 
 
 def test_the_planner_counts_a_familys_own_tensors(toy):

@@ -38,9 +38,9 @@ def test_one_step_at_real_size_matches_reference(scatter, width, models):
         mlp = pop.model(b)
         h, d = hypers[b], int(pop.D[b])
         opt = reference.make_optimizer(mlp, "adamw", h.lr, h.wd, (0.9, 0.98), 1e-8)
-        pairs = pop.train_m[b, :d] * P + pop.train_n[b, :d]
+        pairs = pop.train_x[0, b, :d] * P + pop.train_x[1, b, :d]
         mask = dropout_mask(int(pop.dropout_seed[b]), 0, h.dropout, pairs, width) if h.dropout else None
-        value = reference.train_step(mlp, opt, *(t[b, :d].cpu() for t in (pop.train_m, pop.train_n, pop.train_y)), "mse", mask)
+        value = reference.train_step(mlp, opt, pop.train_x[:, b, :d].cpu(), pop.train_y[b, :d].cpu(), "mse", mask)
         refs[b] = (mlp, value)
     losses = TRITON_STEPS[scatter]("fp32").step(pop)
     for b, (mlp, value) in refs.items():
@@ -64,10 +64,12 @@ def test_torch_backend_with_batchnorm_and_minibatches_at_real_size():
     hypers = [replace(h, dropout=0.0) for h in grid(models=64)]
     pop = Population(hypers, Settings(p=P, batch_size=256, batchnorm=True), "cuda")
     picks = (0, 33, 63)
-    batches = lambda b, t: [x[b, : int(pop.D[b])].cpu()[batch_slots(hypers[b].seed, int(pop.D[b]), 256, t)]  # noqa: E731
-                            for x in (pop.train_m, pop.train_n, pop.train_y)]
-    m, n, y, valid, D = pop.batch()
-    ours = one_hot.grads(pop.U, pop.V, pop.W, m, n, y, valid, D, None, "quad", "mse", (pop.bn_weight, pop.bn_bias))[1:6]
+    def batches(b, t):  # model b's minibatch at step t: its operands and labels
+        slots = batch_slots(hypers[b].seed, int(pop.D[b]), 256, t)
+        return pop.train_x[:, b, : int(pop.D[b])].cpu()[:, slots], pop.train_y[b, : int(pop.D[b])].cpu()[slots]
+
+    x, y, valid, D = pop.batch()
+    ours = one_hot.grads((pop.U, pop.V), pop.W, x, y, valid, D, None, "quad", "mse", (pop.bn_weight, pop.bn_bias))[1:6]
     for b in picks:
         grads = {}
         for dtype in (torch.float32, torch.float64):
@@ -110,8 +112,8 @@ def test_torch_backend_peak_memory_is_within_the_planners_estimate(monkeypatch, 
     TorchBackend().step(pop)
     torch.cuda.synchronize()
     peak = (torch.cuda.max_memory_allocated() - base) / len(pop)
-    num_pairs = task_table("add", P)[2].numel()
-    estimate = bytes_per_model(settings, WIDTH, pop.train_m.shape[1], num_pairs, TorchBackend())
+    num_pairs = task_table("add", P)[1].numel()
+    estimate = bytes_per_model(settings, WIDTH, pop.train_y.shape[1], num_pairs, TorchBackend())
     assert peak <= estimate, f"a step used {peak / 2**20:.1f} MiB per model, the planner assumes {estimate / 2**20:.1f}"
 
 
@@ -131,8 +133,8 @@ def test_a_deeper_familys_planned_memory_is_within_20_percent_of_a_steps_peak(se
     TorchBackend().step(pop)
     torch.cuda.synchronize()
     peak = (torch.cuda.max_memory_allocated() - base) / len(pop)
-    num_pairs = task_table("add", P)[2].numel()
-    estimate = bytes_per_model(settings, width, pop.train_m.shape[1], num_pairs, TorchBackend())
+    num_pairs = task_table("add", P)[1].numel()
+    estimate = bytes_per_model(settings, width, pop.train_y.shape[1], num_pairs, TorchBackend())
     assert 0.8 * peak <= estimate <= 1.2 * peak, f"peak {peak / 2**20:.1f} MiB a model, planned {estimate / 2**20:.1f}"
 
 
@@ -216,14 +218,14 @@ def assert_gradients_by_the_error_ratio_rule(pop, engine):
     data = engine.step_data(pop)
     data["masks"] = None  # the reference below has no dropout
     ours = engine.backward(pop, data, engine.forward(pop, data)[1])
-    args = (pop.train_m, pop.train_n, pop.train_y, pop.valid, data["D"].double(), None, "quad", "mse")
-    ref64 = one_hot.grads(*(t.double() for t in (pop.U, pop.V, pop.W)), *args)[1:]
+    args = (pop.train_x, pop.train_y, pop.valid, data["D"].double(), None, "quad", "mse")
+    ref64 = one_hot.grads((pop.U.double(), pop.V.double()), pop.W.double(), *args)[1:]
     old = torch.backends.cuda.matmul.allow_tf32
     try:
         # torch's closest to tf32x3 is fp32
         torch.backends.cuda.matmul.allow_tf32 = precision in ("tf32", "bf16")
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16"):
-            same = one_hot.grads(pop.U, pop.V, pop.W, *args[:4], data["D"], None, "quad", "mse")[1:]
+            same = one_hot.grads((pop.U, pop.V), pop.W, *args[:3], data["D"], None, "quad", "mse")[1:]
     finally:
         torch.backends.cuda.matmul.allow_tf32 = old
     for name, x, t, r in zip(("dU", "dV", "dW"), ours, same, ref64):

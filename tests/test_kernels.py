@@ -38,7 +38,7 @@ class Reference:
         for b, h in enumerate(pop.hypers):
             mlp = pop.model(b)
             d = int(pop.D[b])
-            data = [t[b, :d].cpu() for t in (pop.train_m, pop.train_n, pop.train_y)]
+            data = [*pop.train_x[:, b, :d].cpu(), pop.train_y[b, :d].cpu()]
             self.models.append((mlp, reference.make_optimizer(mlp, s.optimizer, h.lr, h.wd, s.betas, s.eps), *data))
 
     def mask(self, b, step):
@@ -47,7 +47,7 @@ class Reference:
         return dropout_mask(int(self.pop.dropout_seed[b]), step, h.dropout, pairs, h.width) if h.dropout else None
 
     def step(self, step):
-        return [reference.train_step(mlp, opt, m, n, y, self.pop.settings.loss, self.mask(b, step))
+        return [reference.train_step(mlp, opt, (m, n), y, self.pop.settings.loss, self.mask(b, step))
                 for b, (mlp, opt, m, n, y) in enumerate(self.models)]
 
 
@@ -72,11 +72,11 @@ def test_one_step_matches_reference(act, loss, optimizer):
     grads["block"] = block.backward(pop, block_data, block.forward(pop, block_data)[1])
     for b, (mlp, opt, m, n, y) in enumerate(ref.models):
         mlp.train()
-        out = mlp(m, n, ref.mask(b, 0))
+        out = mlp(m, n, mask=ref.mask(b, 0))
         out.retain_grad()
         per_example = reference.per_example_loss(out, y, loss)
         per_example.mean().backward()
-        order = tile_order(*pop.batch()[:2], pop.valid, P)[b, : m.numel()].cpu()  # the kernels' example order
+        order = tile_order(*pop.batch()[0], pop.valid, P)[b, : m.numel()].cpu()  # the kernels' example order
         assert_close(f"loss[{b}]", example_loss[b, : m.numel()], per_example[order])
         assert_close(f"G[{b}]", G[b, : m.numel()], out.grad[order])
         for scatter, (dU, dV, dW) in grads.items():
@@ -121,7 +121,7 @@ def test_minibatch_trajectory_with_dropout_matches_reference(scatter):
             slots = batch_slots(h.seed, m.numel(), bs, t)
             m_b, n_b = m[slots], n[slots]
             mask = dropout_mask(int(pop.dropout_seed[b]), t, h.dropout, m_b * P + n_b, h.width) if h.dropout else None
-            value = reference.train_step(mlp, opt, m_b, n_b, y[slots], "mse", mask)
+            value = reference.train_step(mlp, opt, (m_b, n_b), y[slots], "mse", mask)
             assert_close(f"loss[{b}] at step {t}", losses[b], torch.tensor(value))
     for b, (mlp, *_) in enumerate(ref.models):
         assert_close(f"U[{b}] after 12 steps", pop.U[b], mlp.U.T)
@@ -240,8 +240,8 @@ def test_memory_estimate_covers_what_a_triton_step_holds(precision):
     # the step's losses, G (a view of padded rows: its whole storage), the forward's copy of W and the gradients
     transient = [loss, transposed_weights(pop.W, precision), *(torch.empty_like(t) for t in pop.tensors.values())]
     used = (sum(t.numel() * t.element_size() for t in held + transient) + G.untyped_storage().nbytes()) / len(pop)
-    num_pairs = task_table("add", P)[2].numel()
-    estimate = bytes_per_model(Settings(p=P), WIDTH, pop.train_m.shape[1], num_pairs, engine, dropout=True)
+    num_pairs = task_table("add", P)[1].numel()
+    estimate = bytes_per_model(Settings(p=P), WIDTH, pop.train_y.shape[1], num_pairs, engine, dropout=True)
     assert used <= estimate <= 1.5 * used, (used, estimate)
     # one more example costs its row of G as the kernels pad it (kernels/layout.py g_row), its loss and three int32
     # indices (4 x 4 B), and its int64 training indices, label and valid flag (25 B);
@@ -304,17 +304,17 @@ def test_tile_order_keeps_the_windowed_scatter_to_a_few_windows_per_tile():
     from fastgrok.kernels.backward import tile_order
 
     pop = Population([Hyper(xi=0.2, alpha=a, width=8, seed=s) for s, a in enumerate((0.5, 0.5, 0.3))], Settings(p=97))
-    order = tile_order(pop.train_m, pop.train_n, pop.valid, 97)
+    order = tile_order(*pop.train_x, pop.valid, 97)
     windows, tiles = 0, 0
     for b in range(2):  # the alpha 0.5 models
         d = int(pop.D[b])
         assert sorted(order[b, :d].tolist()) == list(range(d))  # a permutation of the training slots...
         assert sorted(order[2, int(pop.D[2]):].tolist()) == list(range(int(pop.D[2]), pop.valid.shape[1]))  # ...padding last
-        for rows in (pop.train_m[b, order[b, :d]], pop.train_n[b, order[b, :d]]):
+        for rows in (pop.train_x[0, b, order[b, :d]], pop.train_x[1, b, order[b, :d]]):
             windows += sum((int(t.max()) - int(t.min())) // 16 + 1 for t in rows.split(32))
         tiles += -(-d // 32)
     assert windows / tiles <= 2.6, windows / tiles
-    shuffled = sum((int(t.max()) - int(t.min())) // 16 + 1 for t in pop.train_m[0, : int(pop.D[0])].split(32))
+    shuffled = sum((int(t.max()) - int(t.min())) // 16 + 1 for t in pop.train_x[0, 0, : int(pop.D[0])].split(32))
     assert shuffled / -(-int(pop.D[0]) // 32) >= 5  # the population's own (random) order would need full dots
 
 
@@ -328,7 +328,8 @@ def test_windowed_scatter_matches_reference_over_many_windows(in_tile_order):
     pop = Population(hypers(width=8)[:2], Settings(p=p), DEVICE)
     ref = Reference(pop)
     data = TritonBackend("fp32").step_data(pop)
-    m, n, y = (data[k] if in_tile_order else getattr(pop, f"train_{k}").int() for k in ("m", "n", "y"))
+    train = {"m": pop.train_x[0], "n": pop.train_x[1], "y": pop.train_y}
+    m, n, y = (data[k] if in_tile_order else train[k].int() for k in ("m", "n", "y"))
     _, G, _ = forward(pop.U, pop.V, pop.W, m, n, y, data["count"], act=0, loss=0, precision="fp32", train=True)
     dU, dV, _ = backward(pop.U, pop.V, pop.W, m, n, data["count"], G, act=0, precision="fp32")
     for b, (mlp, _, rm, rn, ry) in enumerate(ref.models):

@@ -16,7 +16,7 @@ P = 11
 
 
 def labels(op: str, p: int = P) -> list[int]:
-    return task_table(op, p)[2].tolist()
+    return task_table(op, p)[1].tolist()
 
 
 def expected(f, p: int = P) -> list[int]:
@@ -73,7 +73,7 @@ def test_bad_polynomials_are_refused(op, p, message):
 def test_a_bad_polynomial_is_one_line_from_the_command_line(tmp_path):
     result = runner.invoke(app, ["train", "--op", "x/y", "--p", "7", "--xi", "0", "--out", tmp_path / "run"])
     lines = result.output.strip().splitlines()
-    assert result.exit_code == 2 and len(lines) == 1 and "not defined on every pair" in lines[0], result.output
+    assert result.exit_code == 2 and len(lines) == 1 and "not defined on every input" in lines[0], result.output
     assert not (tmp_path / "run").exists()
 
 
@@ -83,4 +83,15 @@ def test_a_polynomial_trains_as_its_named_op(tmp_path):
     for op, out in (("x2y2", "named"), ("x^2 + y^2", "polynomial")):
         assert runner.invoke(app, [*args, "--op", op, "--out", tmp_path / out]).exit_code == 0
     assert (tmp_path / "named" / "models.csv").read_text() == (tmp_path / "polynomial" / "models.csv").read_text()
-    assert torch.equal(task_table("x^2 + y^2", 7)[2], task_table("x2y2", 7)[2])
+    assert torch.equal(task_table("x^2 + y^2", 7)[1], task_table("x2y2", 7)[1])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--terms", "6", "--p", "97"], "(p 97, 6 operands: 832,972,004,929 inputs) needs about"),
+    (["--terms", "3", "--op", "sub"], "--op sub takes 2 operands"),
+    (["--terms", "3", "--model", "transformer"], "the transformer model takes 2 operands"),
+])
+def test_bad_many_operand_tasks_are_one_line(args, message, tmp_path):
+    result = runner.invoke(app, ["train", "--xi", "0", "--steps", "5", *args, "--out", tmp_path / "run"])
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1 and message in lines[0], result.output

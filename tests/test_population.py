@@ -28,13 +28,13 @@ def reference_models(pop):
         opt = reference.make_optimizer(mlp, s.optimizer, h.lr, h.wd, s.betas, s.eps)
         d = int(pop.D[b])
         gen = generator(h.seed, "dropout") if h.dropout > 0 else None
-        out.append((mlp, opt, pop.train_m[b, :d], pop.train_n[b, :d], pop.train_y[b, :d], gen))
+        out.append((mlp, opt, *pop.train_x[:, b, :d], pop.train_y[b, :d], gen))
     return out
 
 
 def reference_step(mlp, opt, m, n, y, gen, loss):
     mask = reference.dropout_mask((m.numel(), mlp.U.shape[0]), mlp.dropout, gen) if gen is not None else None
-    return reference.train_step(mlp, opt, m, n, y, loss, mask)
+    return reference.train_step(mlp, opt, (m, n), y, loss, mask)
 
 
 def mixed_hypers(width=16):
@@ -54,15 +54,15 @@ def test_one_step_matches_reference(act, loss, optimizer):
     refs = reference_models(pop)
     D = pop.D.float()
     # gradients: the hand-written backward against autograd through the reference module
-    masks = torch.ones(len(pop), pop.train_m.shape[1], pop.width)  # what the first step draws
+    masks = torch.ones(len(pop), pop.train_y.shape[1], pop.width)  # what the first step draws
     for b, (mlp, opt, m, n, y, gen) in enumerate(refs):
         if gen is not None:
             masks[b, : m.numel()] = reference.dropout_mask((m.numel(), pop.width), mlp.dropout, generator(pop.hypers[b].seed, "dropout"))
-    losses, dU, dV, dW = one_hot.grads(pop.U, pop.V, pop.W, pop.train_m, pop.train_n, pop.train_y, pop.valid, D, masks, act, loss)
+    losses, dU, dV, dW = one_hot.grads((pop.U, pop.V), pop.W, pop.train_x, pop.train_y, pop.valid, D, masks, act, loss)
     for b, (mlp, opt, m, n, y, gen) in enumerate(refs):
         mask = masks[b, : m.numel()]
         mlp.train()
-        value = reference.per_example_loss(mlp(m, n, mask), y, loss).mean()
+        value = reference.per_example_loss(mlp(m, n, mask=mask), y, loss).mean()
         value.backward()
         assert_close(f"loss[{b}]", losses[b], value)
         assert_close(f"dU[{b}]", dU[b], mlp.U.grad.T)
@@ -129,11 +129,11 @@ def test_minibatches_visit_every_training_example_once_an_epoch():
     pop = Population(mixed_hypers(), Settings(p=P, batch_size=bs))
     for step in (0, 5, 11, 4):
         pop.step = step
-        m, n, y, valid, D = pop.batch()
+        (m, n), y, valid, D = pop.batch()
         assert valid.all() and D.tolist() == [bs] * 3
         for b, h in enumerate(pop.hypers):
             slots = batch_slots(h.seed, int(pop.D[b]), bs, step)
-            assert torch.equal(y[b], pop.train_y[b, slots]) and torch.equal(m[b], pop.train_m[b, slots])
+            assert torch.equal(y[b], pop.train_y[b, slots]) and torch.equal(m[b], pop.train_x[0, b, slots])
 
 
 def test_minibatch_and_batchnorm_settings_are_checked():
@@ -325,19 +325,19 @@ def test_evaluate_matches_reference_accuracies(settings):
     """Every metric against reference modules in eval mode (BatchNorm: running statistics)."""
     pop = train(Population(mixed_hypers(), settings), 30)
     metrics = pop.evaluate(max_bytes=1)  # one model per chunk: the chunking path too
-    m_all, n_all, z_all = pop.pairs
+    (m_all, n_all), z_all = pop.table
     for b in range(len(pop)):
         mlp = pop.model(b)
         d, c = int(pop.D[b]), int(pop.n_corrupt[b])
         train_idx, test_idx = pop.perm[b, :d], pop.perm[b, d:]
         y = pop.train_y[b, :d]
         m, n = m_all[train_idx], n_all[train_idx]
-        assert metrics["train_acc"][b].item() == pytest.approx(reference.accuracy(mlp, m, n, y))
-        assert metrics["test_acc"][b].item() == pytest.approx(reference.accuracy(mlp, m_all[test_idx], n_all[test_idx], z_all[test_idx]))
-        assert metrics["clean_acc"][b].item() == pytest.approx(reference.accuracy(mlp, m[c:], n[c:], y[c:]))
+        assert metrics["train_acc"][b].item() == pytest.approx(reference.accuracy(mlp, (m, n), y))
+        assert metrics["test_acc"][b].item() == pytest.approx(reference.accuracy(mlp, (m_all[test_idx], n_all[test_idx]), z_all[test_idx]))
+        assert metrics["clean_acc"][b].item() == pytest.approx(reference.accuracy(mlp, (m[c:], n[c:]), y[c:]))
         if c:
-            assert metrics["corrupted_acc"][b].item() == pytest.approx(reference.accuracy(mlp, m[:c], n[:c], y[:c]))
-            assert metrics["inverted_acc"][b].item() == pytest.approx(reference.accuracy(mlp, m[:c], n[:c], z_all[train_idx][:c]))
+            assert metrics["corrupted_acc"][b].item() == pytest.approx(reference.accuracy(mlp, (m[:c], n[:c]), y[:c]))
+            assert metrics["inverted_acc"][b].item() == pytest.approx(reference.accuracy(mlp, (m[:c], n[:c]), z_all[train_idx][:c]))
         else:
             assert metrics["corrupted_acc"][b].isnan() and metrics["inverted_acc"][b].isnan()
         with torch.no_grad():
@@ -450,9 +450,9 @@ def test_evaluate_in_spans_of_pairs_gives_the_same_metrics(monkeypatch):
     whole = pop.evaluate()
     calls = []
 
-    def spy(t, m, *args, **kwargs):
-        calls.append(m.shape)
-        return original(t, m, *args, **kwargs)
+    def spy(t, x, *args, **kwargs):
+        calls.append(x.shape[1:])  # (models, pairs)
+        return original(t, x, *args, **kwargs)
 
     original = one_hot.MLP.outputs
     monkeypatch.setattr(one_hot.MLP, "outputs", spy)

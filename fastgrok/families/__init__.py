@@ -7,7 +7,8 @@ model's tensors, so a new family is one file here (plus its kernels, if it has a
     tensors(settings, width)        one model's tensors: name -> Spec(shape, trained, fill), in a fixed order;
                                     a population stacks each as (B, *shape), and saves them under these names
     init(settings, width, g)        one model's drawn tensors, from its own init generator (the rest: Spec.fill)
-    forward(t, m, n, settings)      batched evaluation: the logits (B, D, p) of the models whose tensors are t
+    forward(t, x, settings)         batched evaluation: the logits (B, D, p) of the models whose tensors are t, on
+                                    the examples whose operands are x (S, B, D): x[0] = m, x[1] = n
     grads(t, batch..., settings)    the torch backend's step: losses and gradients (default: autograd of forward)
     reference(settings, hyper, t)   one model as the plain nn.Module of fastgrok.reference
     ipr_parts(t), prune(t, keep)    the weight vectors over the p residues whose IPR describes each unit, and the
@@ -68,6 +69,8 @@ class Family:
 
     def check(self, settings: Settings) -> None:
         """Refuse settings the family cannot take, with a ConfigError that says why."""
+        if settings.terms != 2:
+            raise ConfigError(f"the {self.name} model takes 2 operands; --terms {settings.terms} is the mlp model's")
         if settings.act not in self.acts:
             raise ConfigError(f"the {self.name} model takes --act {' or '.join(self.acts)}, got {settings.act!r}")
         if settings.batchnorm:
@@ -83,10 +86,10 @@ class Family:
         """One model's drawn tensors (fp32, CPU), shaped as tensors() says."""
         raise NotImplementedError
 
-    def forward(self, t: dict[str, torch.Tensor], m: torch.Tensor, n: torch.Tensor, settings: Settings,
+    def forward(self, t: dict[str, torch.Tensor], x: torch.Tensor, settings: Settings,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits (B, D, p) for examples (m, n) (B, D); mask: the step's dropout mask (B, D, dropout units), given
-        only in training. Buffers (running statistics) are read as at evaluation."""
+        """Logits (B, D, p) for examples whose operands are x (S, B, D); mask: the step's dropout mask (B, D,
+        dropout units), given only in training. Buffers (running statistics) are read as at evaluation."""
         raise NotImplementedError
 
     def reference(self, settings: Settings, hyper: Hyper, t: dict[str, torch.Tensor]) -> nn.Module:
@@ -123,14 +126,14 @@ class Family:
         """Whether a step must see all its examples at once (BatchNorm's statistics): no spans of examples."""
         return False
 
-    def grads(self, t: dict[str, torch.Tensor], m, n, y, valid, D, mask, settings: Settings) -> list[torch.Tensor]:
+    def grads(self, t: dict[str, torch.Tensor], x, y, valid, D, mask, settings: Settings) -> list[torch.Tensor]:
         """One step's terms for the models whose tensors are t: [losses (B,), a gradient per trained tensor, in
         tensors() order, then any extras after_step takes]. Losses are means over each model's D examples, so
         terms of spans of the examples add up. Default: autograd through forward."""
         trained = self.trained(settings)
         with torch.enable_grad():
             leaves = {k: (v.detach().requires_grad_() if k in trained else v) for k, v in t.items()}
-            per_example = reference.per_example_loss(self.forward(leaves, m, n, settings, mask), y, settings.loss)
+            per_example = reference.per_example_loss(self.forward(leaves, x, settings, mask), y, settings.loss)
             losses = torch.where(valid, per_example, 0.0).sum(1) / D
             grads = torch.autograd.grad(losses.sum(), [leaves[k] for k in trained])
         return [losses.detach(), *grads]
@@ -138,9 +141,10 @@ class Family:
     def after_step(self, t: dict[str, torch.Tensor], extras: list[torch.Tensor], frozen: torch.Tensor) -> None:
         """Update buffers from a step's extras (grads' terms past the gradients); `frozen` (B,) models keep theirs."""
 
-    def outputs(self, t: dict[str, torch.Tensor], m, n, y, settings: Settings) -> tuple[torch.Tensor, torch.Tensor]:
-        """Predictions and per-example losses (B, E) of examples (m, n) with labels y: evaluation in torch."""
-        logits = self.forward(t, m, n, settings)
+    def outputs(self, t: dict[str, torch.Tensor], x, y, settings: Settings) -> tuple[torch.Tensor, torch.Tensor]:
+        """Predictions and per-example losses (B, E) of examples with operands x (S, B, E) and labels y:
+        evaluation in torch."""
+        logits = self.forward(t, x, settings)
         return logits.argmax(-1), reference.per_example_loss(logits, y, settings.loss)
 
     def step_bytes(self, settings: Settings, width: int, d: int) -> int:

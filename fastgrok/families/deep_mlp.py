@@ -40,10 +40,10 @@ class DeepOneHotMLP(Family):
         return {"U": net.U.data.T, "V": net.V.data.T, **{f"H{k + 1}": h.data.T for k, h in enumerate(net.H)},
                 "W": net.W.data.T}
 
-    def forward(self, t, m, n, settings, mask=None):
+    def forward(self, t, x, settings, mask=None):
         width = t["U"].shape[-1]
         act = reference.ACTIVATIONS[settings.act]
-        pre = pre_activation(t["U"], t["V"], m, n)
+        pre = pre_activation((t["U"], t["V"]), x)
         for k in range(settings.depth):
             if mask is not None:
                 pre = pre * mask[..., k * width : (k + 1) * width]

@@ -1,19 +1,21 @@
-"""The paper's model: a 2-layer MLP on one-hot inputs, f(m, n) = W phi(U e_m + V e_n) (fastgrok.reference.MLP).
+"""The paper's model: a 2-layer MLP on one-hot inputs, f(m, n) = W phi(U e_m + V e_n) (fastgrok.reference.MLP), and
+on S operands (--terms S, the sequel's many-term tasks) f = W phi(U1 e_x1 + ... + US e_xS), phi(x) = x^S.
 
 Population layout (the Triton kernels' too): U, V (B, p, N), so that U e_m is the row U[b, m]; W (B, N, p). Model b
-is the reference MLP with U = U[b].T, V = V[b].T, W = W[b].T. With Settings.batchnorm each model also has
-BatchNorm1d's weight, bias and running statistics, (B, N) each.
+is the reference MLP with U = U[b].T, V = V[b].T, W = W[b].T. On S operands U1..US take U and V's place (the
+Triton kernels take two). With Settings.batchnorm each model also has BatchNorm1d's weight, bias and running
+statistics, (B, N) each.
 
 The torch backend's step has its backward written out (the structure the Triton kernels use), so that it runs
 anywhere and compiles whole under torch.compile:
 
-    pre = U[m] + V[n]                    (B, D, N)   gather: the one-hot first layer
+    pre = U[m] + V[n]                    (B, D, N)   gather: the one-hot first layer (U1[x1] + ... + US[xS])
     h   = phi(mask * pre)                (B, D, N)
     out = h W                            (B, D, p)   bmm
     G   = dL/dout                        MSE: 2 (out - onehot) / (D p);  CE: (softmax(out) - onehot) / D
     dW  = h^T G                          (B, N, p)   bmm
     dS  = (G W^T) phi'(mask pre) mask    (B, D, N)   bmm
-    dU  = scatter-add of dS by m, dV by n
+    dU  = scatter-add of dS by m, dV by n (dUs by xs)
 
 With BatchNorm h is normalised over the step's examples, h <- gamma xhat + beta, and dS goes through BatchNorm's
 backward. A neuron's IPR averages those of its U row, V row (over the p inputs) and W column (over the p outputs).
@@ -42,22 +44,24 @@ def flat_rows(idx: torch.Tensor, p: int) -> torch.Tensor:
     return (torch.arange(idx.shape[0], device=idx.device)[:, None] * p + idx).reshape(-1)
 
 
-def pre_activation(U, V, m, n) -> torch.Tensor:
-    """U[b, m[b, d]] + V[b, n[b, d]], (B, D, N). index_select on the flattened rows: advanced indexing U[rows, m]
-    takes 8 times longer on a CPU (2 cores, B 20, D 1104, N 128: 2.7 against 0.32 ms) for the same numbers."""
-    B, p, N = U.shape
-    pre = U.reshape(B * p, N).index_select(0, flat_rows(m, p))
-    pre += V.reshape(B * p, N).index_select(0, flat_rows(n, p))
-    return pre.view(B, m.shape[1], N)
+def pre_activation(inputs, x) -> torch.Tensor:
+    """U[b, m[b, d]] + V[b, n[b, d]] (the sum over the operands x (S, B, D) of inputs[s][b, x[s, b, d]]), (B, D,
+    N). index_select on the flattened rows: advanced indexing U[rows, m] takes 8 times longer on a CPU (2 cores,
+    B 20, D 1104, N 128: 2.7 against 0.32 ms) for the same numbers."""
+    B, p, N = inputs[0].shape
+    pre = inputs[0].reshape(B * p, N).index_select(0, flat_rows(x[0], p))
+    for U, idx in zip(inputs[1:], x[1:], strict=True):
+        pre += U.reshape(B * p, N).index_select(0, flat_rows(idx, p))
+    return pre.view(B, x.shape[-1], N)
 
 
-def forward(U, V, W, m, n, act: str, mask=None, bn=None) -> torch.Tensor:
-    """Batched forward: m, n (B, D) -> (B, D, p). bn: BatchNorm at evaluation as an affine map of the activation,
-    (scale, shift), (B, N) each (bn_affine)."""
-    pre = pre_activation(U, V, m, n)
+def forward(inputs, W, x, act: str, mask=None, bn=None) -> torch.Tensor:
+    """Batched forward: operands x (S, B, D) -> (B, D, p); inputs: (U, V), or U1..US. bn: BatchNorm at evaluation
+    as an affine map of the activation, (scale, shift), (B, N) each (bn_affine)."""
+    pre = pre_activation(inputs, x)
     if mask is not None:
         pre = pre * mask
-    h = reference.ACTIVATIONS[act](pre)
+    h = reference.activation(act, len(inputs))(pre)
     if bn is not None:
         h = torch.addcmul(bn[1][:, None], h, bn[0][:, None])
     return torch.bmm(h, W)
@@ -69,17 +73,18 @@ def bn_affine(t: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     return scale, t["bn_bias"] - t["running_mean"] * scale
 
 
-def grads(U, V, W, m, n, y, valid, D, mask, act: str, loss: str, bn=None):
-    """Losses (B,) and dU, dV, dW of one step; with bn = (gamma, beta) (B, N) also dgamma, dbeta and the batch
-    mean and unbiased variance of the activations (B, N), for BatchNorm's running statistics."""
+def grads(inputs, W, x, y, valid, D, mask, act: str, loss: str, bn=None):
+    """Losses (B,) and dU, dV (a gradient per input matrix), dW of one step; with bn = (gamma, beta) (B, N) also
+    dgamma, dbeta and the batch mean and unbiased variance of the activations (B, N), for BatchNorm's running
+    statistics."""
     # The forward and the loss are reference.py's; the derivatives below are checked against its autograd.
     # In-place where a tensor is not needed again: on a CPU, fresh (B, D, N) buffers cost page faults.
-    B, Dm = m.shape
-    p = W.shape[-1]
-    pre = pre_activation(U, V, m, n)
+    B, Dm = x.shape[1:]
+    p, terms = W.shape[-1], len(inputs)
+    pre = pre_activation(inputs, x)
     if mask is not None:
         pre.mul_(mask)
-    h = reference.ACTIVATIONS[act](pre)
+    h = reference.activation(act, terms)(pre)
     if bn is not None:  # BatchNorm1d in training mode, statistics over each model's real examples
         keep, count = valid[..., None].to(h.dtype), D.to(h.dtype)[:, None, None]
         mean = (h * keep).sum(1, keepdim=True) / count
@@ -116,31 +121,33 @@ def grads(U, V, W, m, n, y, valid, D, mask, act: str, loss: str, bn=None):
         centred = dxhat.sum(1, keepdim=True) + xhat * (dxhat * xhat).sum(1, keepdim=True)
         dS = dxhat.mul_(count).sub_(centred).mul_(inv_std / count * keep)
         del xhat, centred
-    if act == "quad":
+    if act == "quad" or (act == "pow" and terms == 2):
         dS.mul_(pre).mul_(2.0)
+    elif act == "pow":  # d(x^S)/dx = S x^(S-1)
+        dS.mul_(pre.pow_(terms - 1)).mul_(float(terms))
     else:
         dS.mul_(pre > 0)
     if mask is not None:
         dS.mul_(mask)
-    dS = dS.to(U.dtype)  # under autocast (the bf16 comparison in tests/test_gpu.py) bmm returns bf16
+    dS = dS.to(W.dtype)  # under autocast (the bf16 comparison in tests/test_gpu.py) bmm returns bf16
     dS = dS.reshape(B * Dm, -1)
-    dU = torch.zeros_like(U).view(-1, U.shape[-1]).index_add_(0, flat_rows(m, U.shape[1]), dS).view_as(U)
-    dV = torch.zeros_like(V).view(-1, V.shape[-1]).index_add_(0, flat_rows(n, V.shape[1]), dS).view_as(V)
+    dinputs = [torch.zeros_like(U).view(-1, U.shape[-1]).index_add_(0, flat_rows(idx, U.shape[1]), dS).view_as(U)
+               for U, idx in zip(inputs, x, strict=True)]
     if bn is None:
-        return losses, dU, dV, dW
+        return losses, *dinputs, dW
     unbiased = var * (count / (count - 1))
-    return losses, dU, dV, dW, dgamma, dbeta, mean.squeeze(1), unbiased.squeeze(1)
+    return losses, *dinputs, dW, dgamma, dbeta, mean.squeeze(1), unbiased.squeeze(1)
 
 
 class OneHotMLP(Family):
     name = "mlp"
     about = "W phi(U e_m + V e_n): the paper's 2-layer MLP on one-hot inputs"
-    acts = ("quad", "relu")  # the written-out backward's and the kernels'
+    acts = ("quad", "relu", "pow")  # the written-out backward's (the kernels': quad and relu)
     defaults = {}
 
     def check(self, settings):
         if settings.act not in self.acts:
-            raise ConfigError(f"the mlp model takes --act {' or '.join(self.acts)}, got {settings.act!r}")
+            raise ConfigError(f"the mlp model takes --act {', '.join(self.acts)}, got {settings.act!r}")
 
     @property
     def fused(self) -> dict:
@@ -150,7 +157,7 @@ class OneHotMLP(Family):
 
     def tensors(self, settings, width):
         p = settings.p
-        specs = {"U": Spec((p, width)), "V": Spec((p, width)), "W": Spec((width, p))}
+        specs = {name: Spec((p, width)) for name in reference.input_names(settings.terms)} | {"W": Spec((width, p))}
         if settings.batchnorm:
             specs |= {"bn_weight": Spec((width,), fill=1.0), "bn_bias": Spec((width,), fill=0.0),
                       "running_mean": Spec((width,), trained=False, fill=0.0),
@@ -158,19 +165,24 @@ class OneHotMLP(Family):
         return specs
 
     def init(self, settings, width, generator):
-        u, v, w = reference.init_weights(settings.p, width, generator)
-        return {"U": u.T, "V": v.T, "W": w.T}
+        drawn = reference.init_weights(settings.p, width, generator, settings.terms)
+        return {name: w.T for name, w in zip((*reference.input_names(settings.terms), "W"), drawn)}
 
-    def forward(self, t, m, n, settings, mask=None):
+    def forward(self, t, x, settings, mask=None):
         bn = bn_affine(t) if settings.batchnorm else None
-        return forward(t["U"], t["V"], t["W"], m, n, settings.act, mask, bn)
+        return forward(self.inputs(t, settings), t["W"], x, settings.act, mask, bn)
+
+    @staticmethod
+    def inputs(t, settings) -> list[torch.Tensor]:
+        """The first layer's matrices: U and V, or U1..US."""
+        return [t[name] for name in reference.input_names(settings.terms)]
 
     def whole_batch(self, settings):
         return settings.batchnorm
 
-    def grads(self, t, m, n, y, valid, D, mask, settings):
+    def grads(self, t, x, y, valid, D, mask, settings):
         bn = (t["bn_weight"], t["bn_bias"]) if settings.batchnorm else None
-        return list(grads(t["U"], t["V"], t["W"], m, n, y, valid, D, mask, settings.act, settings.loss, bn))
+        return list(grads(self.inputs(t, settings), t["W"], x, y, valid, D, mask, settings.act, settings.loss, bn))
 
     @torch.no_grad()
     def after_step(self, t, extras, frozen):
@@ -180,10 +192,11 @@ class OneHotMLP(Family):
                 t[name].copy_(torch.where(frozen[:, None], t[name], torch.lerp(t[name], new, BN_MOMENTUM)))
 
     def reference(self, settings, hyper, t):
-        width = t["U"].shape[-1]
-        mlp = reference.MLP(settings.p, width, settings.act, hyper.dropout, batchnorm=settings.batchnorm)
+        width = t["W"].shape[-2]
+        mlp = reference.MLP(settings.p, width, settings.act, hyper.dropout, batchnorm=settings.batchnorm,
+                            terms=settings.terms)
         with torch.no_grad():
-            for name in "UVW":
+            for name in (*reference.input_names(settings.terms), "W"):
                 getattr(mlp, name).copy_(t[name].T)
             if settings.batchnorm:
                 for ours, theirs in (("bn_weight", "weight"), ("bn_bias", "bias"), ("running_mean", "running_mean"),
@@ -192,7 +205,9 @@ class OneHotMLP(Family):
         return mlp
 
     def ipr_parts(self, t):
-        return {"u": (t["U"], 1), "v": (t["V"], 1), "w": (t["W"], 2)}
+        inputs = {name.lower(): (value, 1) for name, value in t.items() if name in ("U", "V") or
+                  (name[0] == "U" and name[1:].isdigit())}
+        return {**inputs, "w": (t["W"], 2)}
 
     def prune(self, t, keep):
         # a neuron with a zero W column adds nothing to any output; zeroing its U and V rows instead would not
@@ -202,14 +217,14 @@ class OneHotMLP(Family):
     def step_bytes(self, settings, width, d):
         """The written-out backward's pre-activation, activation, mask and dS with its temporary (5 d N), outputs,
         one-hot targets, difference, G and loss terms (5 d p); BatchNorm's normalised activation and its output
-        (2 d N)."""
+        (2 d N). (The operands' indices are the data's, data_bytes.)"""
         p = settings.p
         return 4 * (5 * d * width + 5 * d * p + (2 * d * width if settings.batchnorm else 0))
 
     def eval_bytes(self, settings, width):
         """Pre-activation, activation, logits and their loss terms, plus the int64 indices and labels the
         evaluation builds."""
-        return 4 * (2 * width + 3 * settings.p) + 6 * 8
+        return 4 * (2 * width + 3 * settings.p) + (4 + settings.terms) * 8
 
     def row_bytes(self, settings, width):
         return 4 * max(width, settings.p)

@@ -64,6 +64,9 @@ class TritonBackend:
         """Why the kernels cannot run `settings`, or None."""
         if settings.batchnorm:
             return "BatchNorm runs on --backend torch (the fused kernels have no BatchNorm)"
+        if settings.terms != 2 or settings.act not in ("quad", "relu"):
+            return ("the fused kernels take two operands and --act quad or relu; --terms and --act pow run on "
+                    "--backend torch")
         if settings.p > cls.MAX_P:
             return f"the triton backend handles p up to {cls.MAX_P}; use --backend torch for p {settings.p}"
         return None
@@ -105,7 +108,7 @@ class TritonBackend:
             cached = self._data[pop] = {"dropout": dropout}
         examples = cached.get("examples")
         if examples is None:
-            m, n, y, valid, D = pop.batch()
+            (m, n), y, valid, D = pop.batch()
             perm, extra = self.example_order(m, n, valid, pop.settings.p)
             m, n, y = (torch.gather(t, 1, perm).int() for t in (m, n, y))
             examples = {"m": m, "n": n, "y": y, "valid": valid, "count": D.int(), "D": D, **extra}
@@ -151,12 +154,13 @@ class TritonBackend:
         """Working memory per example of `outputs` (kernels/layout.py eval_bytes)."""
         return layout.eval_bytes(width, settings.p)
 
-    def outputs(self, t, m, n, y, settings):
+    def outputs(self, t, x, y, settings):
         """The evaluation kernel: predictions and per-example losses for a chunk of models (all examples valid)."""
         from fastgrok.kernels.forward import forward
         from fastgrok.kernels.hidden import ACT_CODES, LOSS_CODES
 
         U, V, W = t["U"], t["V"], t["W"]
+        m, n = x
         count = torch.full((U.shape[0],), m.shape[1], dtype=torch.int32, device=U.device)
         losses, _, pred = forward(U.contiguous(), V.contiguous(), W, m.int().contiguous(),
                                   n.int().contiguous(), y.int().contiguous(), count, act=ACT_CODES[settings.act],

@@ -63,7 +63,8 @@ class EncoderTransformer(Family):
     def init(self, settings, width, generator):
         return reference.transformer_init(settings.p, width, settings.layers, settings.layernorm, generator)
 
-    def forward(self, t, m, n, settings, mask=None):
+    def forward(self, t, x, settings, mask=None):
+        m, n = x
         B, D = m.shape
         p, d = t["embed"].shape[1:]
         H, dh = settings.heads, d // settings.heads

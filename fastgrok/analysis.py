@@ -25,7 +25,7 @@ from fastgrok.data import generator
 from fastgrok.device import resolve_device
 from fastgrok.errors import ConfigError
 from fastgrok.families import family_of
-from fastgrok.ipr import FFTS, HIGH_IPR, neuron_ipr, neuron_spectra
+from fastgrok.ipr import FFTS, HIGH_IPR, analytic_similarity, in_basis, natural_basis, neuron_ipr, neuron_spectra
 from fastgrok.phases import PHASES
 from fastgrok.population import METRICS
 from fastgrok.results import (csv_cell, load_populations, read_config, read_history, read_models, read_weights,
@@ -89,10 +89,13 @@ def _update_models_csv(run: Path, columns: dict[str, dict[int, object]]) -> None
 
 
 def ipr(run: Path, fft: str = "rfft", threshold: float = HIGH_IPR, models: str | None = None,
-        device: str = "cpu", progress: Callable[[int, int], None] | None = None) -> dict:
+        device: str = "cpu", progress: Callable[[int, int], None] | None = None, basis: str | None = None) -> dict:
     """Per-neuron IPR of every (selected) model -> ipr.parquet, IPR columns in models.csv, ipr-hist.png, and
-    ipr-spectra.png (the neurons' power spectra of the selected models, up to 9, or of a model per phase).
-    progress(done, total) is called after each piece of models read."""
+    ipr-spectra.png (the neurons' power spectra of the selected models, up to 9, or of a model per phase), with
+    the residues in `basis`'s order (default: the run's natural one, fastgrok.ipr). For the 2-layer MLP also each
+    neuron's similarity to the closest neuron of the analytic solution (ipr.analytic_similarity) and its mean
+    over a model's live neurons (models.csv's analytic_similarity). progress(done, total) is called after each
+    piece of models read."""
     if fft not in FFTS:
         raise ConfigError(f"unknown --fft {fft!r}; choose one of {', '.join(FFTS)}")
     if not 0.0 < threshold < 1.0:  # an IPR lies in (0, 1]: outside, every neuron or none would count as high
@@ -100,7 +103,11 @@ def ipr(run: Path, fft: str = "rfft", threshold: float = HIGH_IPR, models: str |
     device = resolve_device(device)
     run = Path(run)
     rows = read_models(run)
-    family = family_of(settings_of(read_config(run)))
+    settings = settings_of(read_config(run))
+    family = family_of(settings)
+    basis = natural_basis(settings) if basis is None else basis
+    in_basis({}, basis, settings.p)  # a bad basis is refused before any work
+    parts_of = lambda tensors: in_basis(family.ipr_parts(tensors), basis, settings.p)  # noqa: E731
     chosen = select_models(rows, models)
     phase_of = {r.model: r.phase for r in rows}
     table = {}
@@ -110,7 +117,8 @@ def ipr(run: Path, fft: str = "rfft", threshold: float = HIGH_IPR, models: str |
     for weights in read_weights(run, set(chosen) if chosen is not None else None):  # a piece at a time
         ids = weights["model"].tolist()
         tensors = {k: v.to(device) for k, v in weights.items()}
-        result = neuron_ipr(family.ipr_parts(tensors), fft)
+        parts = parts_of(tensors)
+        result = neuron_ipr(parts, fft)
         for name, part in family.ipr_extra(tensors).items():
             column = extra.setdefault(f"{name}_ipr", {})
             column.update(zip(weights["model"].tolist(), neuron_ipr({name: part}, fft).model_mean().tolist()))
@@ -121,6 +129,10 @@ def ipr(run: Path, fft: str = "rfft", threshold: float = HIGH_IPR, models: str |
         columns = {"model": np.repeat(ids, N), "neuron": np.tile(np.arange(N), B),
                    **{f"ipr_{k}": v.cpu().numpy().ravel() for k, v in result.parts.items()},
                    "ipr": neuron_mean.ravel(), "dead": dead.ravel()}
+        if family.name == "mlp":  # its analytic solution's neurons: inputs then W
+            similarity = analytic_similarity([t for name, (t, _) in parts.items() if name != "w"], parts["w"][0])
+            columns["analytic_similarity"] = similarity.cpu().numpy().ravel()
+            extra.setdefault("analytic_similarity", {}).update(zip(ids, torch.nanmean(similarity, 1).tolist()))
         for k, v in columns.items():
             table.setdefault(k, []).append(v)
         for b, m in enumerate(ids):  # bookkeeping only: the IPRs were computed above, batched
@@ -146,7 +158,7 @@ def ipr(run: Path, fft: str = "rfft", threshold: float = HIGH_IPR, models: str |
     shown = chosen if chosen is not None and len(chosen) <= 9 else representatives(per_model["mean_ipr"], phase_of)
     panels = {}
     for weights in read_weights(run, set(shown)):  # a second read, of these few models only
-        spectra = neuron_spectra(family.ipr_parts({k: v.to(device) for k, v in weights.items()}), fft).cpu().numpy()
+        spectra = neuron_spectra(parts_of({k: v.to(device) for k, v in weights.items()}), fft).cpu().numpy()
         for b, m in enumerate(weights["model"].tolist()):
             live = spectra[b][~np.isnan(spectra[b]).all(1)]  # the neurons neuron_ipr calls live, in order
             panels[m] = live[np.argsort(-values[m], kind="stable")]

@@ -470,13 +470,14 @@ def ipr(
     models: ModelsOpt = None,
     fft: Annotated[str, typer.Option(help="rfft (the paper's |rfft|, keeps DC) or full")] = "rfft",
     threshold: Annotated[float, typer.Option(help="IPR above which a neuron counts as high-IPR (periodic)")] = 0.5,
+    basis: Annotated[Optional[str], typer.Option(help="The residues' order for the Fourier transform: index, or log (by discrete logarithm, residue 0 left out: where multiplication is periodic)" + _default("log for --op mul, else index"))] = None,
     device: DeviceOpt = "auto",
 ) -> None:
     """Per-neuron IPR of U, V, W and their mean: ipr.parquet, ipr-hist.png, ipr-spectra.png, IPR columns in models.csv."""
     from fastgrok import analysis
 
     summary = _with_progress(analysis.ipr, run, fft=fft, threshold=threshold, models=models, device=device,
-                             units="models")
+                             units="models", basis=basis)
     _table(f"neuron IPR by phase (|{fft}|, high = IPR > {threshold:g})", ["phase", "models", "mean IPR", "high-IPR fraction"],
            [[p, s["models"], s["mean_ipr"], s["high_ipr_fraction"]] for p, s in summary.items()])
     spectra = run / "ipr-spectra.png"  # not drawn when no model shown has a live neuron
@@ -567,15 +568,18 @@ def check(run: RunArg) -> None:
 def analytic(
     p: Annotated[int, typer.Option("--p", help="Modulus")] = SETTINGS.p,
     width: Annotated[str, typer.Option(help="Width, or a grid of widths like 10:400:40")] = str(HYPER.width),
-    op: Annotated[str, typer.Option(help="Only add has a known analytic solution")] = "add",
+    op: Annotated[str, typer.Option(help="add (Gromov 2023; of --terms S, the sequel's eq. 2) or mul (through discrete logarithms, a prime p; the sequel's eq. 6)")] = "add",
+    terms: Annotated[int, typer.Option(help="Operands: x^S activation; the width needed grows exponentially with S")] = 2,
     seed: Annotated[int, typer.Option(help="Seed of the random frequencies and phases")] = 0,
     out: Annotated[Optional[Path], typer.Option(help="Run directory to save it in" + _default("runs/<timestamp>"))] = None,
     device: DeviceOpt = "auto",
 ) -> None:
-    """The analytic solution (Gromov 2023) at each width: its accuracy, saved as a run for ipr and prune."""
+    """An analytic solution (addition of S terms, or multiplication) at each width: its accuracy, saved as a run
+    for ipr and prune."""
     from fastgrok.analytic import analytic_run
 
-    rows, out = _call(analytic_run, out, p=p, widths=width, op=op, seed=seed, device=device)
-    _table(f"analytic solution, p {p}", ["width", "accuracy (all pairs)", "phase"],
+    rows, out = _call(analytic_run, out, p=p, widths=width, op=op, seed=seed, device=device, terms=terms)
+    what = f"{op} of {terms} operands" if terms != 2 else op
+    _table(f"analytic solution of {what}, p {p}", ["width", f"accuracy (all {p}^{terms} inputs)", "phase"],
            [[r["width"], r["all_acc"], r.phase] for r in rows])
     typer.echo(f"wrote {out}")

@@ -410,7 +410,7 @@ class _History:
         self.columns["step"].append(np.full(len(pop), pop.step, dtype=np.int32))
         for k in METRICS:
             self.columns[k].append(metrics[k].numpy())
-        self.columns["ipr"].append(model_ipr(pop.family, pop.tensors).cpu().numpy())
+        self.columns["ipr"].append(model_ipr(pop.family, pop.tensors, pop.settings).cpu().numpy())
         self.last = (pop.step, metrics)
         return metrics
 

@@ -545,7 +545,10 @@ def test_the_gallery_metric_tables_are_the_seed_means_of_the_h100_run(metric, na
         (["ipr", "{run}", "--threshold", "2"], "--threshold must be in (0, 1)"),  # no neuron would be high-IPR
         (["plot", "{run}", "--models", "x,y"], "--models"),
         (["ipr", "{missing}"], "not a fastgrok run"),
-        (["analytic", "--op", "mul"], "add only"),
+        (["analytic", "--op", "sub"], "known for add and mul, got --op sub"),
+        (["analytic", "--op", "mul", "--p", "91"], "needs a prime p"),
+        (["analytic", "--terms", "9"], "--terms must be between 2 and 8"),
+        (["ipr", "{run}", "--basis", "dft"], "unknown --basis"),
     ],
 )
 def test_analysis_bad_input_is_one_line(tmp_path, args, message):

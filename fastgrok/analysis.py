@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 import torch
 
 from fastgrok import plots, process
-from fastgrok.config import AXES, Grid, plural
+from fastgrok.config import AXES, Grid, axis_text, plural
 from fastgrok.data import generator
 from fastgrok.device import resolve_device
 from fastgrok.errors import ConfigError
@@ -103,11 +103,15 @@ def ipr(run: Path, fft: str = "rfft", threshold: float = HIGH_IPR, models: str |
     device = resolve_device(device)
     run = Path(run)
     rows = read_models(run)
-    settings = settings_of(read_config(run))
+    config = read_config(run)
+    settings, grid = settings_of(config), Grid(config["grid"])
     family = family_of(settings)
-    basis = natural_basis(settings) if basis is None else basis
-    in_basis({}, basis, settings.p)  # a bad basis is refused before any work
-    parts_of = lambda tensors: in_basis(family.ipr_parts(tensors), basis, settings.p)  # noqa: E731
+    if basis is not None:
+        in_basis({}, basis, settings.p)  # a bad basis is refused before any work
+
+    def parts_of(tensors):  # a piece of models is one population's: one task, whose natural basis is the default
+        task = settings.with_op(grid.model(int(tensors["model"][0])).op)
+        return in_basis(family.ipr_parts(tensors), natural_basis(task) if basis is None else basis, settings.p)
     chosen = select_models(rows, models)
     phase_of = {r.model: r.phase for r in rows}
     table = {}
@@ -224,7 +228,8 @@ def prune(run: Path, order: str = "low", models: str | None = None, every: int |
     for pop in load_populations(run, device, set(chosen) if chosen is not None else None):
         N = pop.family.units(pop.settings, pop.width)
         levels = levels_of(N)
-        ranking = _prune_order(neuron_ipr(pop.family.ipr_parts(pop.tensors)).mean, order, pop.model_ids, seed)
+        parts = in_basis(pop.family.ipr_parts(pop.tensors), natural_basis(pop.settings), pop.settings.p)
+        ranking = _prune_order(neuron_ipr(parts).mean, order, pop.model_ids, seed)
         position = torch.empty_like(ranking)
         position.scatter_(1, ranking, torch.arange(N, device=ranking.device).expand_as(ranking))
         results = []
@@ -285,7 +290,7 @@ def _cells(run: Path, x: str | None, y: str | None, column: str | None = None):
         for (j, xv), (i, yv) in itertools.product(enumerate(grid[x]), enumerate(grid[y])):
             if (*combo, xv, yv) in by_cell:
                 cells[i, j] = by_cell[(*combo, xv, yv)]
-        title = ", ".join(f"{a} {v:g}" for a, v in zip(others, combo)) or f"{len(rows):,} models"
+        title = ", ".join(f"{a} {axis_text(v)}" for a, v in zip(others, combo)) or f"{len(rows):,} models"
         panels.append((combo, title, cells))
     return config, x, y, others, panels
 
@@ -381,9 +386,41 @@ def diagram(run: Path, x: str | None = None, y: str | None = None, metric: str |
         table, path, out = phase_diagram(run, x, y), run / f"phase-{y}-vs-{x}.png", ""
     else:
         table, path, out = metric_diagram(run, metric, x, y), run / f"{metric}-{y}-vs-{x}.png", left_out(metric)
-    notes = [f"{axis} takes one value in this run ({grid[axis][0]:g}): the diagram is one {line}"
+    notes = [f"{axis} takes one value in this run ({axis_text(grid[axis][0])}): the diagram is one {line}"
              for axis, line in ((x, "column"), (y, "row")) if len(grid[axis]) == 1]
     return Diagram(x, y, table, path, out, notes)
+
+
+def learnability(run: Path, level: float = 0.9) -> list[dict]:
+    """Which of the run's tasks (its op axis) a network learned, beside the class the sequel's Hypothesis 5.1
+    predicts for it (fastgrok.polynomials.SURVEY; '-' for a task it does not list): each task's mean test accuracy
+    at each alpha (over seeds; diverged models left out), whether a majority of its seeds reached `level` at some
+    alpha, and the smallest such alpha. -> learnability.csv and learnability.png."""
+    from fastgrok.polynomials import SURVEY
+
+    if not 0.0 < level <= 1.0:
+        raise ConfigError(f"--level must be in (0, 1], got {level:g}")
+    run = Path(run)
+    config = read_config(run)
+    settings, grid = settings_of(config), config["grid"]
+    ops = grid["op"] if grid["op"] != [None] else [settings.op]
+    rows, alphas = read_models(run), grid["alpha"]
+    table = []
+    for op in ops:
+        mine = [r for r in rows if (r["op"] or settings.op) == op and not r.diverged]
+        at = {a: [r["test_acc"] for r in mine if r["alpha"] == a] for a in alphas}
+        learned = [a for a in alphas if at[a] and 2 * sum(v >= level for v in at[a]) > len(at[a])]
+        predicted, why = SURVEY.get(op, ("-", ""))
+        table.append({"op": op, "predicted": predicted, "generalises": bool(learned),
+                      "from_alpha": min(learned) if learned else None, "why": why,
+                      **{f"test_acc_alpha_{axis_text(a)}": float(np.mean(v)) if v else None for a, v in at.items()}})
+    columns = ["op", "predicted", "generalises", "from_alpha", *(f"test_acc_alpha_{axis_text(a)}" for a in alphas), "why"]
+    _write_csv(run / "learnability.csv", columns, table)
+    mean = np.array([[np.nan if r[f"test_acc_alpha_{axis_text(a)}"] is None else r[f"test_acc_alpha_{axis_text(a)}"]
+                      for a in alphas] for r in table])
+    labels = [f"{r['op']}  ({r['predicted']})" if r["predicted"] != "-" else r["op"] for r in table]
+    plots.learnability(labels, alphas, mean, run / "learnability.png", recipe(config))
+    return table
 
 
 def _write_csv(path: Path, columns: list[str], table: list[dict]) -> None:
@@ -440,6 +477,6 @@ def curves(run: Path, models: str | None = None) -> list[Path]:
     paths = []
     for m in chosen:
         row = next(r for r in rows if r.model == m)
-        axes = ", ".join(f"{a} {row[a]:g}" for a in AXES)
+        axes = ", ".join(f"{a} {axis_text(row[a])}" for a in AXES if row[a] is not None)
         paths.append(plots.training_curves(curve(m), run / f"curves-model{m}.png", f"model {m}: {axes} -> {row['phase']}"))
     return paths

@@ -102,7 +102,7 @@ def train(
     lr: Annotated[Optional[str], typer.Option(help="Learning rate" + _default(HYPER.lr), rich_help_panel=GRID)] = None,
     seed: Annotated[Optional[str], typer.Option(help="Model seed: init, data split and noise" + _default(HYPER.seed), rich_help_panel=GRID)] = None,
     model: Annotated[Optional[str], typer.Option(help="mlp (W phi(U e_m + V e_n), the paper's), deep-mlp (--depth ReLU layers) or transformer" + _default(SETTINGS.model), rich_help_panel=SHARED)] = None,
-    op: Annotated[Optional[str], typer.Option(help="add, sub, mul, div, x2y2 (x²+y²), x2xyy2 (x²+xy+y²), or a polynomial in x, y: \"x^2+y^2\", \"xy+x\", \"x/(y^2+1)\"" + _default(SETTINGS.op), rich_help_panel=SHARED)] = None,
+    op: Annotated[Optional[str], typer.Option(help="add, sub, mul, div, x2y2 (x²+y²), x2xyy2 (x²+xy+y²), or a polynomial in x, y: \"x^2+y^2\", \"xy+x\", \"x/(y^2+1)\"; a comma list of them is a grid axis (`phase --x op`)" + _default(SETTINGS.op), rich_help_panel=SHARED)] = None,
     terms: Annotated[Optional[int], typer.Option(help="Operands of the task: 2 (x, y), or S, x1..xS (the mlp model): add sums them, mul multiplies them, a polynomial names them; the activation is then x^S (--act pow)" + _default(2), rich_help_panel=SHARED)] = None,
     p: Annotated[Optional[int], typer.Option("--p", help="Modulus" + _default(SETTINGS.p), rich_help_panel=SHARED)] = None,
     steps: Annotated[Optional[int], typer.Option(help="Training steps (full batch, or minibatches with --batch-size)" + _default(SETTINGS.steps), rich_help_panel=SHARED)] = None,
@@ -134,7 +134,9 @@ def train(
     from fastgrok import distributed, presets
     from fastgrok import train as training
 
-    axes = dict(xi=xi, alpha=alpha, width=width, wd=wd, dropout=dropout, lr=lr, seed=seed)
+    ops = op if op is not None and "," in op else None  # a list of tasks is a grid axis; one task, the settings'
+    op = None if ops is not None else op
+    axes = dict(xi=xi, alpha=alpha, width=width, wd=wd, dropout=dropout, lr=lr, seed=seed, op=ops)
     shared = dict(model=model, op=op, terms=terms, p=p, steps=steps, act=act, loss=loss, optimizer=optimizer, betas=betas,
                   noise=noise, data_seed=data_seed, log_every=log_every, batch_size=batch_size, batchnorm=batchnorm,
                   depth=depth, layers=layers, heads=heads, layernorm=layernorm, scale=scale)
@@ -209,7 +211,7 @@ def _print_plan(plan, out) -> None:
     for note in plan.notes:
         typer.echo(f"Note: {note}", err=True)
     console.print(f"Plan, nothing trained (--dry-run): {_models(models)} ({plan.grid.describe()}) on {plan.device} "
-                  f"({plan.backend}), p {s.p}, op {s.op}, {s.steps} {plural('step', s.steps)}, {s.batching}: "
+                  f"({plan.backend}), p {s.p}{_op(plan.grid, s)}, {s.steps} {plural('step', s.steps)}, {s.batching}: "
                   f"{models * s.steps:,} model-steps" + (f" -> {out}" if out is not None else ""), soft_wrap=True)
     shared = plan.processes > 1
     title = (f"{len(plan.populations)} population(s) shared by {plan.processes} processes, each training its own one "
@@ -286,7 +288,7 @@ class _Progress:
         self.console = console = Console(stderr=True)
         verb = (f"Resuming: {_models(start.models)} of {len(start.grid):,} left" if start.resumed
                 else f"Training {_models(start.models)}")
-        console.print(f"{verb} ({start.grid.describe()}) on {start.device} ({start.backend}), p {s.p}, op {s.op}, "
+        console.print(f"{verb} ({start.grid.describe()}) on {start.device} ({start.backend}), p {s.p}{_op(start.grid, s)}, "
                       f"{s.steps} {plural('step', s.steps)}, {s.batching}, {start.populations} population(s) "
                       f"-> {start.out}", soft_wrap=True)
         # one line of an 80-column terminal (the line above says what trains)
@@ -314,6 +316,11 @@ class _Progress:
             self.bar = None
 
 
+def _op(grid, settings) -> str:
+    """The run's task, for a line that says what trains: its op, unless the grid varies it (then the grid says)."""
+    return f", op {settings.op}" if grid.axes["op"] == [None] else ""
+
+
 def _rate(per_s: float) -> str:
     """Whole numbers with thousands separators, and slow rates (a big p on a CPU) to 2 digits rather than as 0."""
     return f"{per_s:,.0f}" if per_s >= 10 else f"{per_s:.2g}"
@@ -339,7 +346,7 @@ def _print_summary(run, grid, console=None) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from fastgrok.config import plural
+    from fastgrok.config import axis_text, plural
     from fastgrok.phases import PHASES
 
     console = Console() if console is None else console
@@ -351,7 +358,7 @@ def _print_summary(run, grid, console=None) -> None:
             table.add_column(c, justify="right" if c != "phase" else "left", no_wrap=True)
         for r in run.rows:
             acc = [_cell(r[k]) for k in ("train_acc", "test_acc", "clean_acc", "corrupted_acc", "inverted_acc")]
-            table.add_row(str(r.model), *(f"{r[a]:g}" for a in varying), *acc,
+            table.add_row(str(r.model), *(axis_text(r[a]) for a in varying), *acc,
                           f"{r.test90_step:,}" if r.test90_step is not None else "-", r.phase)
         # as wide as its cells need, past the terminal if it must: squeezed, rich would cut the numbers to "0.1…"
         # and the phases to "forgetti…"
@@ -538,6 +545,27 @@ def phase(
     typer.echo(f"wrote {drawn.path} and .csv")
     for note in drawn.notes:
         typer.echo(f"note: {note}", err=True)
+    _note_unfinished(run)
+
+
+@command()
+def learnability(
+    run: RunArg,
+    level: Annotated[float, typer.Option(help="Test accuracy that counts as generalising (for a majority of seeds)")] = 0.9,
+) -> None:
+    """Which tasks of a run (its --op list) generalised, and from which alpha, beside the class the sequel's
+    hypothesis predicts (learnable: h(g1(x) + g2(y))): learnability.csv and .png."""
+    from fastgrok import analysis
+
+    table = _call(analysis.learnability, run, level)
+    agree = [r for r in table if r["predicted"] != "-"]
+    same = sum(r["generalises"] == (r["predicted"] == "learnable") for r in agree)
+    _table(f"test accuracy >= {level:g} (a majority of seeds) at some alpha", ["op", "predicted", "generalises",
+           "from alpha"], [[r["op"], r["predicted"], "yes" if r["generalises"] else "no",
+                            "-" if r["from_alpha"] is None else f"{r['from_alpha']:g}"] for r in table])
+    if agree:
+        typer.echo(f"{same} of {len(agree)} as predicted")
+    typer.echo(f"wrote {run / 'learnability.csv'} and .png")
     _note_unfinished(run)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 import numbers
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from fractions import Fraction
 
 import numpy as np
@@ -24,6 +24,7 @@ class Hyper:
     dropout: float = 0.0  # dropout rate on the pre-activation
     lr: float = 1e-2      # learning rate
     seed: int = 0         # model seed: init, and the data split and noise unless Settings.data_seed is set
+    op: str | None = None  # the task (a named op or a polynomial); None: the run's Settings.op
 
     def split_seed(self, settings: "Settings") -> int:
         return self.seed if settings.data_seed is None else settings.data_seed
@@ -71,6 +72,10 @@ class Settings:
             if isinstance(value, (list, tuple, np.ndarray)):
                 value = tuple(v.item() if isinstance(v, np.generic) else v for v in value)
             object.__setattr__(self, f.name, value.item() if isinstance(value, np.generic) else value)
+
+    def with_op(self, op: str | None) -> "Settings":
+        """These settings for a model whose grid op is `op` (None: the run's own op)."""
+        return self if op is None else replace(self, op=op)
 
     @property
     def batching(self) -> str:
@@ -136,7 +141,14 @@ AXIS_RULES = {
     "dropout": (lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
     "lr": (lambda v: v > 0.0, "positive"),
     "seed": (lambda v: 0 <= v < 2**63, "in [0, 2^63)"),  # seeds key 64-bit random streams (data.stream_seed)
+    "op": (lambda v: True, "a task"),  # checked against p and the operands (Settings.of_model, check_tasks)
 }
+TEXT_AXES = ("op",)  # axes of text values: a comma list, kept as written
+
+
+def axis_text(value) -> str:
+    """A grid value as tables and figures show it: 0.35, 500, x^2+y^2."""
+    return f"{value:g}" if isinstance(value, (int, float)) else str(value)
 
 
 def check_value(axis: str, value) -> None:
@@ -162,6 +174,11 @@ def parse_axis(axis: str, spec: str) -> list:
     """'0,0.35' -> [0.0, 0.35]; '0:0.9:19' -> 19 evenly spaced values from 0 to 0.9 inclusive (whole numbers,
     rounded, on the integer axes)."""
     text = str(spec).strip()
+    if axis in TEXT_AXES:
+        values = [v.strip() for v in text.split(",")]
+        if not all(values):
+            raise ConfigError(f"--{axis}: cannot read {spec!r}; give one value or a comma list")
+        return list(dict.fromkeys(values))
     bad = ConfigError(f"--{axis}: cannot read {spec!r}; give a comma list like 0,0.35 or start:stop:count like 0:0.9:19")
     try:
         if ":" in text:
@@ -200,6 +217,8 @@ class Grid:
             raise ConfigError(f"unknown grid axis {sorted(unknown)[0]!r}; axes are {', '.join(AXES)}")
         defaults = asdict(Hyper())
         axes = {a: (parse_axis(a, specs[a]) if specs.get(a) is not None else [defaults[a]]) for a in AXES}
+        if axes["op"] != [None] and len(axes["op"]) == 1:  # one task is the run's Settings.op, not an axis
+            raise ConfigError("give the op axis two tasks or more; one task is Settings(op=...) (--op)")
         for a, values in axes.items():  # the values of each axis, not each of the product's models
             for value in values:
                 check_value(a, value)
@@ -237,5 +256,5 @@ def plural(noun: str, n: int) -> str:
 
 def _short(values: list) -> str:
     if len(values) <= 4:
-        return ",".join(f"{v:g}" for v in values)
-    return f"{values[0]:g}..{values[-1]:g} ({len(values)})"
+        return ",".join(axis_text(v) for v in values)
+    return f"{axis_text(values[0])}..{axis_text(values[-1])} ({len(values)})"

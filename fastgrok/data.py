@@ -171,6 +171,15 @@ def check_training_sets(alphas, settings) -> None:
                               f"{alpha:g} ({d} examples)")
 
 
+def check_grid(grid, settings) -> None:
+    """Every task of the grid (its op axis, or the settings' op) defined mod p on its operands, and every alpha
+    leaving a training and a test set of each (check_training_sets)."""
+    for op in grid.axes["op"]:
+        task = settings.with_op(op)
+        check_task(task.op, task.p, task.terms)
+        check_training_sets(grid.axes["alpha"], task)
+
+
 def corrupted_count(train_size: int, xi: float) -> int:
     return int(xi * train_size)
 

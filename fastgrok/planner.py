@@ -160,32 +160,34 @@ def memory_budget(device: torch.device) -> int:
 
 @dataclass(frozen=True)
 class Group:
-    """The models of a grid with one width (its index in the width axis) and one training-set size d (the alphas,
-    by index, that give it), in model-id order: a lattice of the grid's ids, so that any run of it is found by
-    arithmetic, never by listing the grid's models."""
+    """The models of a grid with one width (its index in the width axis), one task (its index in the op axis, the
+    last in AXES) and one training-set size d (the alphas, by index, that give it), in model-id order: a lattice of
+    the grid's ids, so that any run of it is found by arithmetic, never by listing the grid's models."""
 
     grid: Grid
     width: int
     alphas: tuple[int, ...]
     d: int
+    op: int = 0
 
     def __len__(self) -> int:
         return len(self.grid.axes["xi"]) * len(self.alphas) * self._inner
 
     @property
     def _inner(self) -> int:
-        """Models per (xi, alpha, width): the axes after width in AXES."""
-        return math.prod(len(self.grid.axes[a]) for a in AXES[AXES.index("width") + 1 :])
+        """Models per (xi, alpha, width, op): the axes between width and op in AXES."""
+        return math.prod(len(self.grid.axes[a]) for a in AXES[AXES.index("width") + 1 : AXES.index("op")])
 
     def ids(self, start: int, stop: int) -> list[int]:
         """The model ids at positions [start, stop) of the group."""
         inner, axes = self._inner, self.grid.axes
-        per_xi = len(self.alphas) * inner
+        per_xi, ops = len(self.alphas) * inner, len(axes["op"])
         out = []
         for k in range(start, stop):
             xi, rest = divmod(k, per_xi)
             alpha, tail = divmod(rest, inner)
-            out.append(((xi * len(axes["alpha"]) + self.alphas[alpha]) * len(axes["width"]) + self.width) * inner + tail)
+            out.append((((xi * len(axes["alpha"]) + self.alphas[alpha]) * len(axes["width"]) + self.width) * inner
+                        + tail) * ops + self.op)
         return out
 
 
@@ -195,6 +197,7 @@ class Planned:
 
     width: int
     parts: tuple[tuple[Group, int, int], ...]
+    op: str | None = None  # its task: the grid's op, or None for the run's
 
     def __len__(self) -> int:
         return sum(stop - start for _, start, stop in self.parts)
@@ -214,6 +217,7 @@ class Planned:
     def cost(self, settings) -> int:
         """The FLOPs its training takes (the family's count of a model-step, times the steps): what shares() balances.
         From the grid and settings alone, so that every process of a run computes the same shares."""
+        settings = settings.with_op(self.op)
         flops = family_of(settings).flops
         return settings.steps * sum((stop - start) * flops(settings, self.width, min(group.d, settings.batch_size or group.d))
                                     for group, start, stop in self.parts)
@@ -235,22 +239,31 @@ def plan(grid: Grid, settings, device: torch.device, engine, budget: int | None 
     (--population-size: smaller populations, for a run spread over more processes than the memory alone would
     make populations). The work grows with the populations, not with the models: a population is a few runs of
     lattices of the grid's ids."""
-    check_training_sets(grid.axes["alpha"], settings)
     if most is not None and most < 1:
         raise ConfigError(f"--population-size must be at least 1, got {most}")
     budget = memory_budget(device) if budget is None else budget
-    num_pairs = pair_count(settings.op, settings.p, settings.terms)
     dropout = any(v > 0 for v in grid.axes["dropout"])
+    populations = []
+    for o, op in enumerate(grid.axes["op"]):  # one task a population: its own labels, and its own count of inputs
+        populations += _plan_task(grid, settings.with_op(op), o, device, engine, budget, most, dropout)
+    return populations
+
+
+def _plan_task(grid: Grid, settings, o: int, device, engine, budget: int, most: int | None, dropout: bool):
+    """plan() of the models of task o (index in the op axis; settings: its own)."""
+    check_training_sets(grid.axes["alpha"], settings)
+    num_pairs = pair_count(settings.op, settings.p, settings.terms)
     by_size: dict[int, list[int]] = {}
     for k, alpha in enumerate(grid.axes["alpha"]):
         by_size.setdefault(train_size(num_pairs, alpha), []).append(k)
+    op = grid.axes["op"][o]
     populations = []
     for w, width in enumerate(grid.axes["width"]):
         # by training-set size, so that a population (and a CPU chunk of one) holds models of similar D; largest
         # first, because a GPU starts a launch's programs roughly in order and the backward's take time in
         # proportion to D: the longest then start first and the shortest fill the end, instead of a last wave of
         # the longest ones (the 1,156-model diagrams mix alpha 0.1 to 0.9 in one population)
-        groups = [Group(grid, w, tuple(alphas), d) for d, alphas in sorted(by_size.items(), reverse=True)]
+        groups = [Group(grid, w, tuple(alphas), d, o) for d, alphas in sorted(by_size.items(), reverse=True)]
         per_pop = models_that_fit(settings, width, groups[0].d, num_pairs, device, budget, engine, dropout)
         per_pop = min(per_pop, most or per_pop)
         parts, room = [], per_pop
@@ -262,10 +275,10 @@ def plan(grid: Grid, settings, device: torch.device, engine, budget: int | None 
                 room -= stop - start
                 start = stop
                 if room == 0:
-                    populations.append(Planned(width, tuple(parts)))
+                    populations.append(Planned(width, tuple(parts), op))
                     parts, room = [], per_pop
         if parts:
-            populations.append(Planned(width, tuple(parts)))
+            populations.append(Planned(width, tuple(parts), op))
     return populations
 
 
@@ -310,14 +323,17 @@ def balance(costs: list[int], processes: int) -> list[int]:
 def job_cost(grid: Grid, settings, ids: list[int], steps: int) -> int:
     """The FLOPs of `steps` steps of a population of these models (Planned.cost, for any list of models: a
     resumed run's, some of whose populations continue from a save)."""
+    hypers = [grid.model(i) for i in ids]
+    settings = settings.with_op(hypers[0].op)  # a population is one task
     pairs, flops = pair_count(settings.op, settings.p, settings.terms), family_of(settings).flops
     return steps * sum(flops(settings, h.width, min(d := train_size(pairs, h.alpha), settings.batch_size or d))
-                       for h in map(grid.model, ids))
+                       for h in hypers)
 
 
 def job_bytes(grid: Grid, settings, ids: list[int], engine, device: torch.device) -> int:
     """Device memory of a population of these models (population_bytes; one width)."""
     hypers = [grid.model(i) for i in ids]
+    settings = settings.with_op(hypers[0].op)
     pairs = pair_count(settings.op, settings.p, settings.terms)
     return population_bytes(settings, hypers[0].width, max(train_size(pairs, h.alpha) for h in hypers), pairs,
                             len(hypers), engine, any(v > 0 for v in grid.axes["dropout"]), device)

@@ -14,6 +14,7 @@ from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
 
+from fastgrok.config import axis_text  # noqa: E402
 from fastgrok.phases import PHASES  # noqa: E402
 
 PHASE_COLORS = {
@@ -158,10 +159,27 @@ def metric_heatmaps(panels: list[tuple[str, np.ndarray]], x_name: str, x_values,
 
 
 def _ticks(set_ticks, set_labels, values) -> None:
-    step = max(1, len(values) // 6)
+    step = 1 if any(isinstance(v, str) for v in values) else max(1, len(values) // 6)  # every task named
     idx = list(range(0, len(values), step))
     set_ticks(idx)
-    set_labels([f"{values[i]:g}" for i in idx], fontsize=7)
+    set_labels([axis_text(values[i]) for i in idx], fontsize=7)
+
+
+def learnability(labels: list[str], alphas: list[float], mean: np.ndarray, path: Path, title: str) -> Path:
+    """Mean test accuracy (len(labels), len(alphas)) of each task at each training fraction, the value in each cell;
+    a task's label says the class predicted for it."""
+    fig, ax = plt.subplots(figsize=(2.2 + 0.9 * len(alphas), 1.0 + 0.32 * len(labels)), layout="constrained")
+    image = ax.imshow(np.ma.masked_invalid(mean), aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0,
+                      interpolation="nearest")
+    for (i, j), value in np.ndenumerate(mean):
+        if np.isfinite(value):
+            ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7, color="white" if value < 0.6 else "black")
+    ax.set_xticks(range(len(alphas)), [axis_text(a) for a in alphas], fontsize=8)
+    ax.set_yticks(range(len(labels)), labels, fontsize=8)
+    ax.set_xlabel("alpha (training fraction)")
+    fig.colorbar(image, ax=ax, label="test accuracy (mean over seeds)", shrink=0.8)
+    ax.set_title(title, fontsize=9)
+    return _save(fig, path)
 
 
 def training_curves(history: dict[str, np.ndarray], path: Path, title: str,

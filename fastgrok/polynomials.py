@@ -176,3 +176,25 @@ def evaluate(node: Node, operands, p: int) -> torch.Tensor:
                           "not defined on every input; --op div leaves out the pairs with y = 0")
     inverse = torch.tensor([0] + [pow(k, p - 2, p) for k in range(1, p)])
     return a * inverse[b] % p
+
+
+# The polynomials of the `polynomials` presets, each with the class the sequel's Hypothesis 5.1 predicts: a network
+# learns (generalises on) h(g1(x) + g2(y)) for functions g1, g2, h on GF(p), and nothing else; with why. For the
+# others, a row that is constant (x = 0) beside a row that is a bijection of y (x = 1) rules the form out: a
+# bijective row makes g2 one-to-one, so g1(0) + g2(y) takes every value and h would be constant everywhere.
+SURVEY = {
+    "x+y": ("learnable", "h, g1, g2 the identity"),
+    "2x+3y": ("learnable", "g1 = 2x, g2 = 3y"),
+    "x*y": ("learnable", "h = exp_g, g1 = g2 = log_g, zero apart (the sequel's eq. 6)"),
+    "x^2*y": ("learnable", "x^a y^b = exp_g(a log_g x + b log_g y)"),
+    "x^2+y^2": ("learnable", "g1 = x^2, g2 = y^2"),
+    "x^3+2y": ("learnable", "g1 = x^3, g2 = 2y"),
+    "(x+y)^3": ("learnable", "h = z^3"),
+    "(2x+3y)^4": ("learnable", "h = z^4 (the sequel's Appendix C)"),
+    "(4x+y^2)^3": ("learnable", "h = z^3, g1 = 4x, g2 = y^2 (Appendix C)"),
+    "x^2+xy": ("not learnable", "row x = 0 constant, row x = 1 (y + 1) a bijection"),
+    "x^3+xy": ("not learnable", "row x = 0 constant, row x = 1 (y + 1) a bijection"),
+    "xy+y^2": ("not learnable", "column y = 0 constant, column y = 1 (x + 1) a bijection"),
+    "(2x+3y)^4-x^2": ("not learnable", "Appendix C: 3.93% test at p 97, 7.17% at p 23"),
+    "(4x+y^2)^3+xy": ("not learnable", "Appendix C: 2.27% at p 97, 1.89% at p 23"),
+}

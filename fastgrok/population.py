@@ -33,6 +33,10 @@ class Population:
         widths = {h.width for h in hypers}
         if len(widths) != 1:
             raise ValueError(f"a population has one width, got {sorted(widths)}")
+        ops = {h.op for h in hypers}
+        if len(ops) != 1:
+            raise ValueError(f"a population has one task, got {sorted(map(str, ops))}")
+        settings = settings.with_op(ops.pop())  # the task of these models: the grid's op, or the run's
         settings.check(training=False)
         self.hypers, self.settings, self.device = list(hypers), settings, torch.device(device)
         self.family = family_of(settings)

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from fastgrok.config import Grid, Settings, parse_betas
 from fastgrok.errors import ConfigError
 from fastgrok.families import FAMILIES, check_options
+from fastgrok.polynomials import SURVEY
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,21 @@ PRESETS = {
         "3000 steps): 4 alpha x 4 xi x weight decay 0 and 15 = 32 models",
         axes={"alpha": "0.45:0.9:4", "xi": "0:0.3:4", "wd": "0,15", "width": "256", "lr": "0.003"},
         settings={"model": "deep-mlp", "depth": 2, "p": 41, "steps": 3000},
+    ),
+    "polynomials": Preset(
+        "which polynomials a network learns (the sequel's Section 5, Appendix C's size: p 97, N 5000, AdamW lr "
+        "5e-3, wd 5, 3000 steps): 14 polynomials of both predicted classes x 4 alpha x 2 seeds = 112 models; "
+        "`fastgrok learnability RUN` tabulates them",
+        axes={"op": ",".join(SURVEY), "alpha": "0.3:0.9:4", "seed": "0,1", "width": "5000", "wd": "5",
+              "lr": "0.005"},
+        settings={"steps": 3000},
+    ),
+    "polynomials-cpu": Preset(
+        "the polynomials preset in a few minutes on 2 CPU cores (p 23, N 256, 2000 steps): 14 polynomials x 4 "
+        "alpha x 2 seeds = 112 models",
+        axes={"op": ",".join(SURVEY), "alpha": "0.3:0.9:4", "seed": "0,1", "width": "256", "wd": "5",
+              "lr": "0.005"},
+        settings={"p": 23, "steps": 2000},
     ),
 }
 

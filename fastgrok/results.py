@@ -45,7 +45,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from fastgrok import __version__
-from fastgrok.config import AXES, Grid, Hyper, Settings
+from fastgrok.config import AXES, Grid, Hyper, Settings, axis_text
 from fastgrok.device import device_name
 from fastgrok.errors import ConfigError
 from fastgrok.families import FAMILIES
@@ -94,7 +94,7 @@ class ModelRow:
     @classmethod
     def from_cells(cls, cells: dict[str, str], hyper: Hyper) -> "ModelRow":
         """A row read back from models.csv: numbers parsed, empty cells None; the grid values are `hyper`'s."""
-        value = {c: (None if v == "" else v == "True" if c == "diverged" else v if c == "phase"
+        value = {c: (None if v == "" else v == "True" if c == "diverged" else v if c in ("phase", "op")
                      else int(v) if c in INT_COLUMNS else float(v)) for c, v in cells.items()}
         known = set(MODEL_COLUMNS)
         return cls(model=value["model"], hyper=hyper, metrics={k: value[k] for k in METRICS}, phase=value["phase"],
@@ -355,6 +355,8 @@ def read_config(run: Path) -> dict:
     try:
         config = json.loads(path.read_text())
         grid = config["grid"]
+        if isinstance(grid, dict):
+            grid.setdefault("op", [None])  # a run written before tasks were a grid axis
         if set(grid) != set(AXES) or not all(isinstance(v, list) and v for v in grid.values()):
             raise ValueError("no valid grid")
         settings_of(config).check(training=False)
@@ -448,6 +450,7 @@ def inspect_run(run: Path) -> Inspection:
         try:
             read = {m: ModelRow.from_cells(cells[m], grid.model(m)) for m in w["models"]}
             other = next((m for m in w["models"] if not all(
+                (cells[m][a] or None) == read[m][a] if a == "op" else
                 math.isclose(float(cells[m][a]), read[m][a], rel_tol=1e-5) for a in AXES)), None)
         except (ValueError, TypeError) as e:
             problems[name] = f"{run / 'models.csv'} is damaged (a row of {name}: {e})"
@@ -508,7 +511,7 @@ def _models_csv(run: Path) -> tuple[dict[int, dict[str, str]], str | None, str |
     try:
         with open(path, newline="") as f:
             reader = csv.DictReader(f)
-            missing = [c for c in MODEL_COLUMNS if c not in (reader.fieldnames or ())]
+            missing = [c for c in MODEL_COLUMNS if c not in (reader.fieldnames or ()) and c != "op"]
             if missing:
                 why = f"{path} is damaged (no {missing[0]} column)"
                 return {}, why, why
@@ -517,7 +520,7 @@ def _models_csv(run: Path) -> tuple[dict[int, dict[str, str]], str | None, str |
                 if None in row.values() or None in row or not row["model"].isdigit():
                     bad = bad or f"{path} is damaged (line {line})"
                     continue
-                cells[int(row["model"])] = row
+                cells[int(row["model"])] = {"op": "", **row}  # a run from before tasks were an axis: no op
             return cells, bad, None
     except FileNotFoundError:
         return {}, f"{path} is missing", f"{path} is missing"
@@ -594,12 +597,13 @@ def recipe(config: dict) -> str:
     """A run's training recipe in a line: the grid axes all its models share, steps and batches, and the settings
     that differ from the paper's defaults."""
     settings, grid = settings_of(config), config["grid"]
-    parts = [f"p {settings.p}", *(f"{a} {v[0]:g}" for a, v in grid.items() if len(v) == 1 and a != "seed"),
+    parts = [f"p {settings.p}", *(f"{a} {axis_text(v[0])}" for a, v in grid.items()
+                                  if len(v) == 1 and a != "seed" and v[0] is not None),
              f"{settings.steps} steps", settings.batching]
     family = FAMILIES[settings.model]
     default = Settings(**family.defaults)  # the paper's settings, as the command line gives them to this family
-    parts += [f"{k} {getattr(settings, k)}" for k in ("op", "act", "loss", "optimizer", "noise")
-              if getattr(settings, k) != getattr(default, k)]
+    parts += [f"{k} {getattr(settings, k)}" for k in ("op", "terms", "act", "loss", "optimizer", "noise")
+              if getattr(settings, k) != getattr(default, k) and not (k == "op" and grid["op"] != [None])]
     if settings.model != Settings.model:  # the family first, with its own options where not their defaults
         parts[:0] = [settings.model, *(f"{k} {getattr(settings, k)}" for k in family.options
                                        if getattr(settings, k) != getattr(default, k))]

@@ -21,7 +21,7 @@ import torch
 from fastgrok import distributed, planner, process
 from fastgrok.backends import make_backend
 from fastgrok.config import Grid, Settings
-from fastgrok.data import check_training_sets, pair_count
+from fastgrok.data import check_grid, pair_count
 from fastgrok.device import resolve_device
 from fastgrok.distributed import world
 from fastgrok.errors import ConfigError
@@ -121,7 +121,7 @@ def train(grid: Grid, settings: Settings, out: str | Path | None = None, *, devi
                       on_step=on_step, budget=budget)
     try:
         dev = _device(device, w)
-        check_training_sets(grid.axes["alpha"], settings)
+        check_grid(grid, settings)
         family_of(settings).check_widths(settings, grid.axes["width"])
         engine = _engine(backend, dev, precision, settings)
         if w.rank > 0:
@@ -330,25 +330,26 @@ def plan(grid: Grid, settings: Settings, out: str | Path | None = None, *, devic
     if out is not None:
         check_out_dir(Path(out))
     dev = resolve_device(device)
-    check_training_sets(grid.axes["alpha"], settings)
+    check_grid(grid, settings)
     family_of(settings).check_widths(settings, grid.axes["width"])
     engine = _engine(backend, dev, precision, settings)
     planner.check_room(grid, settings, Path(out) if out is not None else None)
     budget = planner.memory_budget(dev) if budget is None else budget
-    pairs = pair_count(settings.op, settings.p, settings.terms)
     dropout = any(v > 0 for v in grid.axes["dropout"])
     planned = planner.plan(grid, settings, dev, engine, budget, population_size)
     ranks = planner.shares(planned, settings, processes)
-    cost = {}  # width -> (seconds per example-step, seconds per model evaluated)
+    cost = {}  # width -> (seconds per example-step, seconds per model evaluated): the same for every task
     if estimate:
         for width in grid.axes["width"]:
-            mine = [p for p in planned if p.width == width]
+            mine = [p for p in planned if p.width == width and p.op == planned[0].op]
             sample = [grid.model(i) for p in mine for i in p.sample(max(1, PROBE_MODELS[dev.type] // len(mine)))]
             cost[width] = estimate_costs(sample[: PROBE_MODELS[dev.type]], settings, dev, engine)
     logs = len({*range(0, settings.steps + 1, settings.log_every), settings.steps})
     populations = []
     for p, rank in zip(planned, ranks):
-        memory = planner.population_bytes(settings, p.width, p.sizes[1], pairs, len(p), engine, dropout, dev)
+        task = settings.with_op(p.op)
+        pairs = pair_count(task.op, task.p, task.terms)
+        memory = planner.population_bytes(task, p.width, p.sizes[1], pairs, len(p), engine, dropout, dev)
         seconds = math.nan
         if estimate:
             per_example, per_model = cost[p.width]

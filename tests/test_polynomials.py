@@ -95,3 +95,58 @@ def test_bad_many_operand_tasks_are_one_line(args, message, tmp_path):
     result = runner.invoke(app, ["train", "--xi", "0", "--steps", "5", *args, "--out", tmp_path / "run"])
     lines = result.output.strip().splitlines()
     assert result.exit_code == 2 and len(lines) == 1 and message in lines[0], result.output
+
+
+def test_a_list_of_tasks_is_a_grid_axis_each_population_one_task(tmp_path):
+    """--op with a comma list trains every task in one run: a population per task (its own labels), models.csv's
+    op column, `phase --x op`; the tasks train as they do alone."""
+    import csv
+
+    from fastgrok import planner
+    from fastgrok.backends import TorchBackend
+    from fastgrok.config import Grid, Settings
+
+    grid = Grid.of(op=["x+y", "x*y", "x^2+y^2"], xi=[0.0, 0.2], width=[8, 12])
+    populations = planner.plan(grid, Settings(p=7), torch.device("cpu"), TorchBackend())
+    assert sorted(i for p in populations for i in p.ids()) == list(range(len(grid)))
+    for p in populations:
+        assert {grid.model(i).op for i in p.ids()} == {p.op} and {grid.model(i).width for i in p.ids()} == {p.width}
+    args = ["train", "--p", "7", "--width", "8", "--xi", "0,0.2", "--steps", "20", "--log-every", "10"]
+    assert runner.invoke(app, [*args, "--op", "x+y, x*y ,x^2+y^2", "--out", tmp_path / "all"]).exit_code == 0
+    rows = list(csv.DictReader(open(tmp_path / "all" / "models.csv")))
+    assert [r["op"] for r in rows] == ["x+y", "x*y", "x^2+y^2"] * 2  # the op axis last: the innermost
+    for op in ("x*y", "x^2+y^2"):  # each task's models as a run of that task alone trains them
+        assert runner.invoke(app, [*args, "--op", op, "--out", tmp_path / op]).exit_code == 0
+        alone = list(csv.DictReader(open(tmp_path / op / "models.csv")))
+        mine = [r for r in rows if r["op"] == op]
+        assert [r["test_acc"] for r in mine] == [r["test_acc"] for r in alone] and alone[0]["op"] == ""
+    result = runner.invoke(app, ["phase", str(tmp_path / "all"), "--x", "op", "--y", "xi"])
+    assert result.exit_code == 0, result.output
+    table = list(csv.DictReader(open(tmp_path / "all" / "phase-xi-vs-op.csv")))
+    assert sorted({r["op"] for r in table}) == ["x*y", "x+y", "x^2+y^2"]
+
+
+def test_a_run_from_before_the_op_axis_still_reads(tmp_path):
+    """config.json without an op axis and models.csv without an op column (runs of earlier versions)."""
+    import json
+
+    from fastgrok.results import inspect_run, read_models
+
+    args = ["train", "--p", "7", "--width", "8", "--xi", "0,0.2", "--steps", "10", "--out", tmp_path / "run"]
+    assert runner.invoke(app, args).exit_code == 0
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    del config["grid"]["op"]
+    (tmp_path / "run" / "config.json").write_text(json.dumps(config))
+    lines = (tmp_path / "run" / "models.csv").read_text().splitlines()
+    at = lines[0].split(",").index("op")
+    (tmp_path / "run" / "models.csv").write_text("\n".join(",".join(c for k, c in enumerate(line.split(",")) if k != at)
+                                                           for line in lines) + "\n")
+    assert not inspect_run(tmp_path / "run").problems and len(read_models(tmp_path / "run")) == 2
+    assert runner.invoke(app, ["phase", str(tmp_path / "run")]).exit_code == 0
+
+
+def test_one_task_is_not_an_axis():
+    from fastgrok.config import Grid
+
+    with pytest.raises(ConfigError, match="give the op axis two tasks or more"):
+        Grid.of(op="x*y")

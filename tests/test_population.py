@@ -438,9 +438,10 @@ def test_models_that_fit_is_the_most_models_within_the_budget():
     own = tensor_bytes(settings, 4096) + data_bytes(d, pairs)
     activations = one_hot.MLP.step_bytes(settings, 4096, d)
     assert population_bytes(settings, 4096, d, pairs, 1, engine, device="cpu") < own + activations // 2
-    # on a GPU every model's activations at once, beside an evaluation capped at eval_limit
+    # on a GPU every model's activations at once, beside an evaluation capped at eval_limit and the task's table
+    # (each pair's two operands and label, int64)
     assert population_bytes(settings, 4096, d, pairs, 10**4, engine, device="cuda") == (
-        10**4 * (own + activations) + eval_limit("cuda"))
+        10**4 * (own + activations) + eval_limit("cuda") + 3 * 8 * pairs)
 
 
 def test_evaluate_in_spans_of_pairs_gives_the_same_metrics(monkeypatch):

@@ -67,14 +67,15 @@ case "$1" in
     tar -czf "$OUT/$1.tar.gz" -C /tmp/$1 --exclude='*.safetensors' --exclude=ipr.parquet .  # under 16 MB
     [ "$1" = e2e ] && python3 - <<'PY' 2>&1 | tee -a "$OUT/e2e.log"
 import torch
-from fastgrok.backends import TritonBackend
 from fastgrok.config import Hyper, Settings
-from fastgrok.population import Population, population_bytes
+from fastgrok.families.mlp_triton import TritonBackend
+from fastgrok.planner import population_bytes
+from fastgrok.population import Population
 pop, engine = Population([Hyper(width=512, seed=i) for i in range(8192)], Settings(), "cuda"), TritonBackend("tf32")
 engine.step(pop)
 pop.evaluate(engine)  # a run evaluates every model at each logged step
 torch.cuda.synchronize()
-planned = population_bytes(Settings(), 512, pop.train_m.shape[1], pop.pairs[0].numel(), 8192, engine.name, device="cuda")
+planned = population_bytes(Settings(), 512, pop.train_y.shape[1], pop.table[1].numel(), 8192, engine, device="cuda")
 print(f"8192 models of N 512: peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB "
       f"(a step and an evaluation; the planner reserves {planned / 2**30:.1f} GiB)")
 PY

@@ -64,6 +64,7 @@ def test_torch_backend_with_batchnorm_and_minibatches_at_real_size():
     hypers = [replace(h, dropout=0.0) for h in grid(models=64)]
     pop = Population(hypers, Settings(p=P, batch_size=256, batchnorm=True), "cuda")
     picks = (0, 33, 63)
+
     def batches(b, t):  # model b's minibatch at step t: its operands and labels
         slots = batch_slots(hypers[b].seed, int(pop.D[b]), 256, t)
         return pop.train_x[:, b, : int(pop.D[b])].cpu()[:, slots], pop.train_y[b, : int(pop.D[b])].cpu()[slots]
@@ -74,7 +75,7 @@ def test_torch_backend_with_batchnorm_and_minibatches_at_real_size():
         grads = {}
         for dtype in (torch.float32, torch.float64):
             mlp = pop.model(b).cpu().to(dtype)
-            bm, bn, by = batches(b, 0)
+            (bm, bn), by = batches(b, 0)
             reference.per_example_loss(mlp(bm, bn), by, "mse").mean().backward()
             grads[dtype] = (mlp.U.grad.T, mlp.V.grad.T, mlp.W.grad.T, mlp.bn.weight.grad, mlp.bn.bias.grad)
         for name, x, t, r in zip(("dU", "dV", "dW", "dgamma", "dbeta"), ours, grads[torch.float32], grads[torch.float64]):

@@ -391,6 +391,13 @@ def diagram(run: Path, x: str | None = None, y: str | None = None, metric: str |
     return Diagram(x, y, table, path, out, notes)
 
 
+def generalised_at(rows, level: float = 0.9) -> list[float]:
+    """The alphas at which a majority of these models' seeds reached test accuracy `level` (diverged left out)."""
+    alphas = sorted({r["alpha"] for r in rows})
+    at = {a: [r["test_acc"] for r in rows if r["alpha"] == a and not r.diverged] for a in alphas}
+    return [a for a in alphas if at[a] and 2 * sum(v >= level for v in at[a]) > len(at[a])]
+
+
 def learnability(run: Path, level: float = 0.9) -> list[dict]:
     """Which of the run's tasks (its op axis) a network learned, beside the class the sequel's Hypothesis 5.1
     predicts for it (fastgrok.polynomials.SURVEY; '-' for a task it does not list): each task's mean test accuracy
@@ -409,7 +416,7 @@ def learnability(run: Path, level: float = 0.9) -> list[dict]:
     for op in ops:
         mine = [r for r in rows if (r["op"] or settings.op) == op and not r.diverged]
         at = {a: [r["test_acc"] for r in mine if r["alpha"] == a] for a in alphas}
-        learned = [a for a in alphas if at[a] and 2 * sum(v >= level for v in at[a]) > len(at[a])]
+        learned = generalised_at(mine, level)
         predicted, why = SURVEY.get(op, ("-", ""))
         table.append({"op": op, "predicted": predicted, "generalises": bool(learned),
                       "from_alpha": min(learned) if learned else None, "why": why,

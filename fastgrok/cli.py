@@ -570,6 +570,52 @@ def learnability(
 
 
 @command()
+def reproduce(
+    quick: Annotated[bool, typer.Option("--quick", help="Reduced sizes that a CPU trains in minutes (the full size is the papers')")] = False,
+    out: Annotated[Path, typer.Option(help="The folder of the experiments' runs and the report")] = Path("reproduce"),
+    only: Annotated[Optional[str], typer.Option(help="Comma list of experiments" + _default("all"))] = None,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Run the papers' experiments as runs in one folder (a second call resumes what is unfinished) and check each
+    claim: report.md and report.html."""
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from fastgrok import reproduce as repro
+    from fastgrok import train as training
+
+    names = _call(repro._selected, only)
+    total = _call(repro.planned_steps, names, out, quick, device)
+    bar = Progress(TextColumn("{task.fields[done]}/{task.fields[of]} experiments"), BarColumn(bar_width=20),
+                   TextColumn("{task.percentage:>3.0f}% of {task.total:,} model-steps"), TimeElapsedColumn(),
+                   TextColumn("eta"), TimeRemainingColumn(), console=Console(stderr=True))
+    task = bar.add_task("reproduce", total=max(total, 1), done=0, of=len(names))
+    finished = []
+
+    def experiment(name: str, what: str) -> None:
+        finished.append(name)
+        bar.update(task, done=len(finished))
+        bar.console.print(f"{name}: {what}")
+
+    bar.start()
+    try:
+        md, page = _call(repro.reproduce, out, quick=quick, only=only, device=device, on_experiment=experiment,
+                         on_step=lambda models, step: bar.update(task, advance=models), before_fail=bar.stop)
+    except training.Interrupted:
+        bar.stop()
+        typer.echo(f"Interrupted: {len(finished)} experiment(s) finished, kept in {out}; {out / 'report.md'} reports "
+                   "them. Run the same command again to resume.", err=True)
+        raise typer.Exit(130) from None
+    finally:
+        bar.stop()
+    table = repro.verdicts(out, names)
+    typer.echo(f"{sum(t['verdict'] == 'holds' for t in table)} of {len(table)} claims hold:")
+    for t in table:
+        typer.echo(f"  {t['verdict']:8} {t['claim'].experiment} ({t['claim'].where}): {t['numbers']}")
+    typer.echo(f"wrote {md} and {page}")
+
+
+@command()
 def plot(run: RunArg, models: Annotated[Optional[str], typer.Option(help="Model ids (0,4,9): a figure per model; a phase name, or all for each phase: the mean over its models with a band from the 10th to the 90th percentile" + _default("the first model of each phase"))] = None) -> None:
     """Training curves: accuracies (train, test, clean, memorized, inverted), losses and mean IPR against step."""
     from fastgrok import analysis

@@ -573,7 +573,7 @@ def learnability(
 def reproduce(
     quick: Annotated[bool, typer.Option("--quick", help="Reduced sizes that a CPU trains in minutes (the full size is the papers')")] = False,
     out: Annotated[Path, typer.Option(help="The folder of the experiments' runs and the report")] = Path("reproduce"),
-    only: Annotated[Optional[str], typer.Option(help="Comma list of experiments" + _default("all"))] = None,
+    only: Annotated[Optional[str], typer.Option(help="Comma list of experiments: wd-xi, analytic-width, transformer, deep-mlp, mul, sum4, learnability" + _default("all"))] = None,
     device: DeviceOpt = "auto",
 ) -> None:
     """Run the papers' experiments as runs in one folder (a second call resumes what is unfinished) and check each

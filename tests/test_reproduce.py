@@ -15,8 +15,8 @@ from fastgrok.results import ModelRow
 runner = CliRunner()
 
 
-def row(phase="coexistence", test_acc=1.0, **hyper):
-    return ModelRow(0, Hyper(**hyper), {"test_acc": test_acc}, phase, False, 100, None, None)
+def row(phase="coexistence", test_acc=1.0, model=0, extra=None, **hyper):
+    return ModelRow(model, Hyper(**hyper), {"test_acc": test_acc}, phase, False, 100, None, None, extra or {})
 
 
 def diagram(phase_at=None):
@@ -66,6 +66,40 @@ def test_the_learnability_claim_compares_each_polynomial_with_its_predicted_clas
     assert holds is False and "(not: x^2+xy)" in numbers
 
 
+def test_the_ipr_claims_want_generalising_models_periodic_and_weight_decay_to_raise_ipr():
+    separates, raises = claim("wd-xi", "0.3 above"), claim("wd-xi", "mean IPR exceeds")
+    rows = [row("coexistence", xi=0.1, wd=5.0, extra={"mean_ipr": 0.8}),
+            row("memorization", xi=0.1, wd=0.0, extra={"mean_ipr": 0.2})]
+    assert separates.criterion(rows)[0] is True and raises.criterion(rows)[0] is True
+    rows[1] = row("memorization", xi=0.1, wd=0.0, extra={"mean_ipr": 0.85})
+    assert separates.criterion(rows)[0] is False and raises.criterion(rows)[0] is False
+
+
+def test_the_pruning_claim_reads_the_pruning_curves(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    c = claim("wd-xi", "pruned low-IPR first")
+    rows = [row("coexistence", model=3, xi=0.2, wd=0.0)]
+    for corrupted, holds in ((0.05, True), (0.5, False)):
+        pq.write_table(pa.table({"model": [3, 3, 3], "fraction": [0.0, 0.5, 1.0], "corrupted_acc": [0.8, corrupted, 0.0],
+                                 "test_acc": [0.95, 0.96, 0.1]}), tmp_path / "prune-low.parquet")
+        assert c.criterion(rows, tmp_path)[0] is holds
+    assert c.criterion(rows, None)[0] is False  # never pruned
+
+
+def test_the_family_and_trained_solution_claims():
+    same = claim("transformer", "corrupted with")
+    rows = [row("coexistence", xi=0.0, wd=5.0), row("memorization", xi=0.15, wd=0.0),
+            row("full_inversion", xi=0.15, wd=5.0), row("coexistence", xi=0.0, wd=0.0)]
+    assert same.criterion(rows)[0] is True
+    rows[2] = row("memorization", xi=0.15, wd=5.0)
+    assert same.criterion(rows)[0] is False
+    periodic = claim("mul", "similarity")
+    assert periodic.criterion([row(extra={"mean_ipr": 0.8, "analytic_similarity": 0.9})])[0] is True
+    assert periodic.criterion([row(extra={"mean_ipr": 0.3, "analytic_similarity": 0.9})])[0] is False
+
+
 TINY = {"axes": {"xi": "0,0.3", "wd": "0,15", "width": "8"}, "settings": {"p": 11, "steps": 30, "log_every": 10}}
 
 
@@ -73,7 +107,7 @@ TINY = {"axes": {"xi": "0,0.3", "wd": "0,15", "width": "8"}, "settings": {"p": 1
 def tiny(monkeypatch):
     """The wd-xi experiment at a test's size (its criteria then decide on 4 models)."""
     exp = reproduce.EXPERIMENTS["wd-xi"]
-    monkeypatch.setitem(reproduce.EXPERIMENTS, "wd-xi", reproduce.Experiment(exp.about, exp.full, TINY, figure="phase"))
+    monkeypatch.setitem(reproduce.EXPERIMENTS, "wd-xi", reproduce.Experiment(exp.about, exp.full, TINY, analyses=("phase",)))
 
 
 def test_two_experiments_end_to_end_then_kept(tmp_path, tiny):
@@ -88,7 +122,7 @@ def test_two_experiments_end_to_end_then_kept(tmp_path, tiny):
     assert len(lines) == len(wanted) and all("**holds**" in line or "**differs**" in line for line in lines)
     exact = next(line for line in lines if "largest width" in line)
     assert "**holds**" in exact and "test accuracy 1.000 at N 500" in exact  # the analytic solution at p 97
-    assert "![wd-xi](wd-xi/phase-wd-vs-xi.png)" in report
+    assert "![wd-xi: phase](wd-xi/phase-wd-vs-xi.png)" in report
     page = (out / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 2 and "<table" in page
     again = runner.invoke(app, args)
@@ -120,3 +154,8 @@ def test_an_interrupted_reproduction_resumes_to_the_same_runs(tmp_path, tiny, mo
 def test_an_unknown_experiment_is_one_line(tmp_path):
     result = runner.invoke(app, ["reproduce", "--only", "wd-xi,nope", "--out", str(tmp_path / "r")])
     assert result.exit_code == 2 and "unknown experiment 'nope'" in result.output.strip().splitlines()[-1]
+
+
+def test_the_help_names_every_experiment():
+    result = runner.invoke(app, ["reproduce", "--help"], terminal_width=200)
+    assert all(name in result.output for name in reproduce.EXPERIMENTS), result.output

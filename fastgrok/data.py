@@ -115,8 +115,9 @@ def task_table(op: str, p: int, terms: int = 2) -> tuple[torch.Tensor, torch.Ten
         if not is_prime(p):
             raise ConfigError(f"div needs a prime p (every nonzero n invertible); {p} is not prime")
         x = x[:, x[1] != 0]
-        inverse = torch.tensor([0] + [pow(k, p - 2, p) for k in range(1, p)])
-        return x, x[0] * inverse[x[1]] % p
+        from fastgrok.polynomials import inverses
+
+        return x, x[0] * inverses(p)[x[1]] % p
     from fastgrok import polynomials
 
     return x, polynomials.evaluate(_polynomial(op, p, terms), tuple(x), p)

@@ -218,8 +218,7 @@ class Planned:
         """The FLOPs its training takes (the family's count of a model-step, times the steps): what shares() balances.
         From the grid and settings alone, so that every process of a run computes the same shares."""
         settings = settings.with_op(self.op)
-        flops = family_of(settings).flops
-        return settings.steps * sum((stop - start) * flops(settings, self.width, min(group.d, settings.batch_size or group.d))
+        return settings.steps * sum((stop - start) * step_flops(settings, self.width, group.d)
                                     for group, start, stop in self.parts)
 
     def sample(self, k: int) -> list[int]:
@@ -325,9 +324,13 @@ def job_cost(grid: Grid, settings, ids: list[int], steps: int) -> int:
     resumed run's, some of whose populations continue from a save)."""
     hypers = [grid.model(i) for i in ids]
     settings = settings.with_op(hypers[0].op)  # a population is one task
-    pairs, flops = pair_count(settings.op, settings.p, settings.terms), family_of(settings).flops
-    return steps * sum(flops(settings, h.width, min(d := train_size(pairs, h.alpha), settings.batch_size or d))
-                       for h in hypers)
+    pairs = pair_count(settings.op, settings.p, settings.terms)
+    return steps * sum(step_flops(settings, h.width, train_size(pairs, h.alpha)) for h in hypers)
+
+
+def step_flops(settings, width: int, d: int) -> int:
+    """The family's FLOPs of one model-step of a model with d training examples (a minibatch of them, with one)."""
+    return family_of(settings).flops(settings, width, min(d, settings.batch_size or d))
 
 
 def job_bytes(grid: Grid, settings, ids: list[int], engine, device: torch.device) -> int:

@@ -174,8 +174,12 @@ def evaluate(node: Node, operands, p: int) -> torch.Tensor:
         at = ", ".join(str(int(x[b == 0][0])) for x in operands)
         raise ConfigError(f"the polynomial divides by a residue that is 0 for some inputs mod {p} (at ({at})): it is "
                           "not defined on every input; --op div leaves out the pairs with y = 0")
-    inverse = torch.tensor([0] + [pow(k, p - 2, p) for k in range(1, p)])
-    return a * inverse[b] % p
+    return a * inverses(p)[b] % p
+
+
+def inverses(p: int) -> torch.Tensor:
+    """(p,) the inverse of each residue mod the prime p (entry 0: 0, which has none)."""
+    return torch.tensor([0] + [pow(k, p - 2, p) for k in range(1, p)])
 
 
 # The polynomials of the `polynomials` presets, each with the class the sequel's Hypothesis 5.1 predicts: a network

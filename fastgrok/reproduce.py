@@ -278,17 +278,14 @@ def _selected(only: str | None) -> list[str]:
 
 
 def _grid(spec: dict, device: str):
-    """The grid and settings of a train experiment's spec."""
+    """The grid and settings of a train experiment's spec (a preset, or grid axes and settings), resolved as the
+    command line resolves them."""
     from fastgrok import presets
-    from fastgrok.config import AXES, Grid, Settings
+    from fastgrok.config import AXES
 
-    if "preset" in spec:
-        request = presets.resolve(spec["preset"], dict.fromkeys(AXES), {}, device)
-        return request.grid, request.settings
-    from fastgrok.families import FAMILIES
-
-    family = FAMILIES[spec["settings"].get("model", Settings.model)]
-    return Grid.parse(spec["axes"]), Settings(**{**family.defaults, **spec["settings"]})  # as the command line
+    request = presets.resolve(spec.get("preset"), {**dict.fromkeys(AXES), **spec.get("axes", {})},
+                              spec.get("settings", {}), device)
+    return request.grid, request.settings
 
 
 def planned_steps(names: list[str], out: Path, quick: bool, device: str = "auto") -> int:

@@ -73,7 +73,7 @@ def select_models(rows: list[dict], spec: str | None) -> list[int] | None:
     return chosen
 
 
-def _update_models_csv(run: Path, columns: dict[str, dict[int, object]]) -> None:
+def update_models_csv(run: Path, columns: dict[str, dict[int, object]]) -> None:
     """Add (or replace) per-model columns of models.csv."""
     path = Path(run) / "models.csv"
     with open(path, newline="") as f:
@@ -118,6 +118,7 @@ def ipr(run: Path, fft: str = "rfft", threshold: float = HIGH_IPR, models: str |
     per_model = {column: {} for column in IPR_COLUMNS}
     extra = {}  # the family's other weight vectors' mean IPR per model (Family.ipr_extra), by column
     values: dict[int, np.ndarray] = {}
+    bn_points: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # with BatchNorm: each model's (IPR, |BN weight|)
     for weights in read_weights(run, set(chosen) if chosen is not None else None):  # a piece at a time
         ids = weights["model"].tolist()
         tensors = {k: v.to(device) for k, v in weights.items()}
@@ -133,6 +134,12 @@ def ipr(run: Path, fft: str = "rfft", threshold: float = HIGH_IPR, models: str |
         columns = {"model": np.repeat(ids, N), "neuron": np.tile(np.arange(N), B),
                    **{f"ipr_{k}": v.cpu().numpy().ravel() for k, v in result.parts.items()},
                    "ipr": neuron_mean.ravel(), "dead": dead.ravel()}
+        if "bn_weight" in tensors:  # BatchNorm's per-neuron weight, and how it ranks with the neuron's IPR
+            gamma = tensors["bn_weight"].abs()
+            columns["bn_weight"] = tensors["bn_weight"].cpu().numpy().ravel()
+            extra.setdefault("bn_ipr_correlation", {}).update(zip(ids, rank_correlation(result.mean, gamma).tolist()))
+            for b, m in enumerate(ids):
+                bn_points[m] = (neuron_mean[b][~dead[b]], gamma[b].cpu().numpy()[~dead[b]])
         if family.name == "mlp":  # its analytic solution's neurons: inputs then W
             similarity = analytic_similarity([t for name, (t, _) in parts.items() if name != "w"], parts["w"][0])
             columns["analytic_similarity"] = similarity.cpu().numpy().ravel()
@@ -149,7 +156,7 @@ def ipr(run: Path, fft: str = "rfft", threshold: float = HIGH_IPR, models: str |
     arrays = {k: pa.array(v, mask=np.isnan(v)) if v.dtype.kind == "f" else pa.array(v) for k, v in columns.items()}
     # missing IPR (zero vectors) are nulls, not NaN
     write_atomic(run / "ipr.parquet", lambda tmp: pq.write_table(pa.table(arrays), tmp))
-    _update_models_csv(run, {**per_model, **extra})
+    update_models_csv(run, {**per_model, **extra})
     if chosen is not None and len(chosen) <= 9:
         groups = {f"model {m} ({phase_of[m]})": values[m] for m in chosen}
     else:
@@ -172,6 +179,10 @@ def ipr(run: Path, fft: str = "rfft", threshold: float = HIGH_IPR, models: str |
         plots.neuron_spectra(panels, run / "ipr-spectra.png", f"neurons' power spectra (|{fft}|^2), highest IPR on top")
     else:  # nothing to draw: no picture of an earlier selection is left to be taken for this one
         (run / "ipr-spectra.png").unlink(missing_ok=True)
+    scatter = {f"model {m} ({phase_of[m]}), rank correlation {extra['bn_ipr_correlation'][m]:.2f}": bn_points[m]
+               for m in shown if m in bn_points}
+    if scatter:
+        plots.ipr_vs_bn(scatter, run / "ipr-vs-bn.png", "BatchNorm weight against neuron IPR")
     summary = {}
     for phase in (*PHASES, "diverged"):
         ids = [m for m in values if phase_of[m] == phase]
@@ -180,6 +191,19 @@ def ipr(run: Path, fft: str = "rfft", threshold: float = HIGH_IPR, models: str |
                               "mean_ipr": float(np.mean([per_model["mean_ipr"][m] for m in ids])),
                               "high_ipr_fraction": float(np.mean([per_model["high_ipr_fraction"][m] for m in ids]))}
     return summary
+
+
+def rank_correlation(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Spearman's rank correlation of each row of a and b (B, N), over the entries where a is not NaN (ties
+    ranked in order); NaN for a row with fewer than 3 such entries."""
+    out = torch.full((a.shape[0],), float("nan"))
+    for k in range(a.shape[0]):
+        live = ~torch.isnan(a[k])
+        if live.sum() < 3:
+            continue
+        ranks = [torch.argsort(torch.argsort(v[live], stable=True)).double() for v in (a[k], b[k])]
+        out[k] = torch.corrcoef(torch.stack(ranks))[0, 1].item()
+    return out
 
 
 def representatives(mean_ipr: dict[int, float], phase_of: dict[int, str]) -> list[int]:

@@ -102,10 +102,11 @@ def analytic_run(out=None, p: int = 97, widths: str = "500", op: str = "add", se
                  device: str = "cpu", terms: int = 2) -> tuple[list, Path]:
     """Save the analytic solution of `op` on `terms` operands at each width as a run directory (steps 0; `out`,
     or a new runs/<timestamp>) that `ipr` and `prune` accept, with accuracy-vs-width.png for several widths.
-    Returns its models.csv rows with `all_acc`, the accuracy over all p^S inputs, and the directory. Its metrics
-    use the split of a model with this alpha and seed (nothing was trained on it)."""
+    Returns its models.csv rows with `all_acc` (also written to models.csv), the accuracy over all p^S inputs, and
+    the directory. Its metrics use the split of a model with this alpha and seed (nothing was trained on it)."""
     from dataclasses import replace
 
+    from fastgrok.analysis import update_models_csv
     from fastgrok.ipr import model_ipr
     from fastgrok.plots import accuracy_vs_width
     from fastgrok.population import Population
@@ -131,7 +132,8 @@ def analytic_run(out=None, p: int = 97, widths: str = "500", op: str = "add", se
         writer.add_population([row], history, pop.weights())
         rows.append(replace(row, extra={"all_acc": (pred[0] == z_all).double().mean().item()}))
     writer.finish("complete")
+    update_models_csv(out, {"all_acc": {r.model: r["all_acc"] for r in rows}})
     if len(rows) > 1:
-        accuracy_vs_width([r["width"] for r in rows], [r["all_acc"] for r in rows], out / "accuracy-vs-width.png",
+        accuracy_vs_width({"": ([r["width"] for r in rows], [r["all_acc"] for r in rows])}, out / "accuracy-vs-width.png",
                           f"analytic solution of {op}" + (f" of {terms} terms" if terms != 2 else "") + f", p {p}")
     return rows, out

@@ -480,16 +480,19 @@ def ipr(
     basis: Annotated[Optional[str], typer.Option(help="The residues' order for the Fourier transform: index, or log (by discrete logarithm, residue 0 left out: where multiplication is periodic)" + _default("log for --op mul, else index"))] = None,
     device: DeviceOpt = "auto",
 ) -> None:
-    """Per-neuron IPR of U, V, W and their mean: ipr.parquet, ipr-hist.png, ipr-spectra.png, IPR columns in models.csv."""
+    """Per-neuron IPR of U, V, W and their mean: ipr.parquet, ipr-hist.png, ipr-spectra.png, IPR columns in models.csv;
+    with BatchNorm also each neuron's BatchNorm weight, its rank correlation with the IPR and ipr-vs-bn.png."""
     from fastgrok import analysis
+    from fastgrok.results import read_config
 
     summary = _with_progress(analysis.ipr, run, fft=fft, threshold=threshold, models=models, device=device,
                              units="models", basis=basis)
     _table(f"neuron IPR by phase (|{fft}|, high = IPR > {threshold:g})", ["phase", "models", "mean IPR", "high-IPR fraction"],
            [[p, s["models"], s["mean_ipr"], s["high_ipr_fraction"]] for p, s in summary.items()])
-    spectra = run / "ipr-spectra.png"  # not drawn when no model shown has a live neuron
-    typer.echo(f"wrote {run / 'ipr.parquet'}, {run / 'ipr-hist.png'}" + (f", {spectra}" if spectra.is_file() else "")
-               + "; models.csv has mean_ipr, high_ipr_fraction, dead_neurons")
+    figures = [run / "ipr-spectra.png", run / "ipr-vs-bn.png"]  # not drawn when no model shown has a live neuron
+    bn = ", bn_ipr_correlation" if read_config(run)["settings"].get("batchnorm") else ""
+    typer.echo(f"wrote {run / 'ipr.parquet'}, {run / 'ipr-hist.png'}" + "".join(f", {f}" for f in figures if f.is_file())
+               + f"; models.csv has mean_ipr, high_ipr_fraction, dead_neurons{bn}")
     _note_unfinished(run)
 
 

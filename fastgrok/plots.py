@@ -75,6 +75,19 @@ def neuron_spectra(panels: dict[str, np.ndarray], path: Path, title: str) -> Pat
     return _save(fig, path)
 
 
+def ipr_vs_bn(panels: dict[str, tuple[np.ndarray, np.ndarray]], path: Path, title: str) -> Path:
+    """A panel per model: each neuron's |BatchNorm weight| against its IPR."""
+    fig, axes = _panels(len(panels), 3.6, 3.0)
+    for ax, (label, (ipr, gamma)) in zip(axes.flat, panels.items()):
+        ax.scatter(ipr, gamma, s=6, alpha=0.6)
+        ax.set_xlim(0, 1)
+        ax.set_xlabel("neuron IPR")
+        ax.set_ylabel("|BatchNorm weight|")
+        ax.set_title(label, fontsize=8)
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
 def prune_curves(curves: dict[int, dict[str, np.ndarray]], path: Path, title: str) -> Path:
     """One panel per model: accuracies against the fraction of neurons pruned; one legend below for every metric
     a panel shows (a clean model's has no corrupted subset)."""
@@ -218,12 +231,21 @@ def training_curves(history: dict[str, np.ndarray], path: Path, title: str,
     return _save(fig, path)
 
 
-def accuracy_vs_width(widths, accuracies, path: Path, title: str) -> Path:
+def accuracy_vs_width(curves: dict[str, tuple[list, list]], path: Path, title: str) -> Path:
+    """Accuracy on all inputs against the width, a line per label (label -> (widths, accuracies)); a log width
+    axis where the widths span two decades or more."""
     fig, ax = plt.subplots(figsize=(5, 3.4))
-    ax.plot(widths, accuracies, marker="o")
+    for label, (widths, accuracies) in curves.items():
+        ax.plot(widths, accuracies, marker="o", label=label or None)
+    widths = [w for ws, _ in curves.values() for w in ws]
+    if max(widths) >= 100 * min(widths):
+        ax.set_xscale("log")
+        _log_ticks(ax.xaxis, counts=True)
     ax.set_xlabel("width N")
-    ax.set_ylabel("accuracy on all pairs")
+    ax.set_ylabel("accuracy on all inputs")
     ax.set_ylim(-0.02, 1.02)
+    if len(curves) > 1:
+        ax.legend(fontsize=8, loc="lower right")
     ax.set_title(title)
     return _save(fig, path)
 

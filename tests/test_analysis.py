@@ -568,3 +568,30 @@ def test_model_selection_by_ids_phase_or_all():
     assert analysis.select_models(rows, "all") is None and analysis.select_models(rows, None) is None
     with pytest.raises(ConfigError, match="no model of this run is in phase 'forgetting'"):
         analysis.select_models(rows, "forgetting")
+
+
+def test_rank_correlation_ranks_each_row_over_its_live_neurons():
+    a = torch.tensor([[0.1, 0.5, 0.9, float("nan")], [0.1, 0.5, 0.9, 0.3], [0.2, float("nan"), float("nan"), 0.4]])
+    b = torch.tensor([[1.0, 2.0, 30.0, -5.0], [3.0, 2.0, 1.0, 2.5], [1.0, 1.0, 1.0, 1.0]])
+    rho = analysis.rank_correlation(a, b)
+    assert rho[0] == pytest.approx(1.0)  # the NaN neuron (dead) is left out: 1, 2, 30 rise with 0.1, 0.5, 0.9
+    assert rho[1] == pytest.approx(-1.0)
+    assert math.isnan(rho[2])  # two live neurons: too few to rank
+
+
+def test_ipr_of_a_batchnorm_run_ranks_its_neurons_batchnorm_weights(tmp_path):
+    """With BatchNorm, ipr.parquet has each neuron's BatchNorm weight, models.csv their rank correlation with the
+    neurons' IPR (Fig. 5 of the paper), and ipr-vs-bn.png draws them."""
+    out = tmp_path / "bn"
+    args = ["train", "--p", "11", "--width", "16", "--xi", "0,0.2", "--steps", "60", "--batch-size", "16",
+            "--batchnorm", "--log-every", "30", "--out", str(out)]
+    assert runner.invoke(app, args).exit_code == 0
+    result = runner.invoke(app, ["ipr", str(out)])
+    assert result.exit_code == 0 and "bn_ipr_correlation" in result.output and (out / "ipr-vs-bn.png").is_file()
+    table = pq.read_table(out / "ipr.parquet").to_pydict()
+    rows = read_models(out)
+    for r in rows:
+        mine = [k for k, m in enumerate(table["model"]) if m == r.model and table["ipr"][k] is not None]
+        ipr = torch.tensor([table["ipr"][k] for k in mine])[None]
+        gamma = torch.tensor([abs(table["bn_weight"][k]) for k in mine])[None]
+        assert r["bn_ipr_correlation"] == pytest.approx(analysis.rank_correlation(ipr, gamma)[0].item(), abs=1e-5)

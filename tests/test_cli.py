@@ -563,7 +563,7 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(tmp_path, monkeypatch, lo
 def test_an_analysis_rewriting_models_csv_during_training_loses_no_row(tmp_path, monkeypatch):
     """`fastgrok ipr RUN` on a run still training reads models.csv, and writes it back with its columns later,
     perhaps after training added a population's rows: the finished run must still hold every row."""
-    from fastgrok.analysis import _update_models_csv
+    from fastgrok.analysis import update_models_csv
     from fastgrok.results import RunWriter
 
     assert run(*RESUMABLE, "--out", tmp_path / "straight").exit_code == 0
@@ -573,7 +573,7 @@ def test_an_analysis_rewriting_models_csv_during_training_loses_no_row(tmp_path,
         stale = (self.out / "models.csv").read_text()  # the analysis reads...
         name = real(self, rows, *args, **kwargs)
         (self.out / "models.csv").write_text(stale)  # ...and writes after training did
-        _update_models_csv(self.out, {"mean_ipr": {0: 0.5}})
+        update_models_csv(self.out, {"mean_ipr": {0: 0.5}})
         return name
 
     monkeypatch.setattr(RunWriter, "add_population", add_population)

@@ -14,6 +14,7 @@ from typer.core import TyperCommand, TyperGroup
 
 from fastgrok import __version__
 from fastgrok.config import DEFAULT_PRECISION, PRECISIONS, Hyper, Settings
+from fastgrok.reproduce import EXPERIMENTS
 
 GRID = "Grid (each: a comma list 0,0.35 or start:stop:count 0:0.9:19)"
 SHARED = "Shared settings"
@@ -576,8 +577,9 @@ def learnability(
 def reproduce(
     quick: Annotated[bool, typer.Option("--quick", help="Reduced sizes that a CPU trains in minutes (the full size is the papers')")] = False,
     out: Annotated[Path, typer.Option(help="The folder of the experiments' runs and the report")] = Path("reproduce"),
-    only: Annotated[Optional[str], typer.Option(help="Comma list of experiments: wd-xi, analytic-width, transformer, deep-mlp, mul, sum4, learnability" + _default("all"))] = None,
+    only: Annotated[Optional[str], typer.Option(help="Comma list of experiments: " + ", ".join(EXPERIMENTS) + _default("all"))] = None,
     device: DeviceOpt = "auto",
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print what each unfinished experiment would train and the planner's time estimate on this device, from a few measured steps, without training or writing anything")] = False,
 ) -> None:
     """Run the papers' experiments as runs in one folder (a second call resumes what is unfinished) and check each
     claim: report.md and report.html."""
@@ -588,6 +590,14 @@ def reproduce(
     from fastgrok import train as training
 
     names = _call(repro._selected, only)
+    if dry_run:
+        table = _call(repro.plan_experiments, names, out, quick, device)
+        _table(f"fastgrok reproduce{' --quick' if quick else ''}: what is left to train", ["experiment", "runs", "models",
+               "model-steps", "estimated time"], [[t["experiment"], t["runs"], f"{t['models']:,}", f"{t['model_steps']:,}",
+                                                   _duration(t["seconds"])] for t in table])
+        typer.echo(f"About {_duration(sum(t['seconds'] for t in table))} in all on this device, the planner's estimate "
+                   "from a few measured steps of each run (analyses not counted).")
+        return
     total = _call(repro.planned_steps, names, out, quick, device)
     bar = Progress(TextColumn("{task.fields[done]}/{task.fields[of]} experiments"), BarColumn(bar_width=20),
                    TextColumn("{task.percentage:>3.0f}% of {task.total:,} model-steps"), TimeElapsedColumn(),
@@ -611,7 +621,7 @@ def reproduce(
         raise typer.Exit(130) from None
     finally:
         bar.stop()
-    table = repro.verdicts(out, names)
+    table = repro.verdicts(out, names, quick)
     typer.echo(f"{sum(t['verdict'] == 'holds' for t in table)} of {len(table)} claims hold:")
     for t in table:
         typer.echo(f"  {t['verdict']:8} {t['claim'].experiment} ({t['claim'].where}): {t['numbers']}")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import datetime
 import html
+import math
 import re
 import time
 from collections import Counter
@@ -31,7 +32,9 @@ POLYNOMIALS = "Grokking modular polynomials (Doshi, He, Das, Gromov 2024)"
 @dataclass(frozen=True)
 class Experiment:
     """A run: `train` grid axes and settings (as the command line spells them) at the papers' size and at --quick's,
-    or an `analytic` solution's widths; then the analyses its claims read (ANALYSES)."""
+    or an `analytic` solution's widths; then the analyses its claims read (ANALYSES). A spec's "runs" (name ->
+    axes and settings that differ) makes it several runs, DIR/<experiment>/<name>: settings a grid cannot vary
+    (BatchNorm), compared."""
 
     about: str
     full: dict
@@ -40,40 +43,88 @@ class Experiment:
     analyses: tuple[str, ...] = ()
 
 
-# what each analysis writes into the run (the report shows its figure), and how it is run
+def _noisy_curves(analysis, run):
+    """The training curves of each model trained on corrupted labels (the two-stage dynamics)."""
+    from fastgrok.results import read_models
+
+    return analysis.curves(run, models=",".join(str(r.model) for r in read_models(run) if r["xi"] > 0))
+
+
+# what each analysis writes into the run (the report shows its figures), and how it is run
 ANALYSES = {
     "phase": ("phase-*-vs-*.png", lambda analysis, run: analysis.phase_diagram(run)),
-    "ipr": ("ipr-hist.png", lambda analysis, run: analysis.ipr(run)),
-    "prune": ("prune-low.png", lambda analysis, run: analysis.prune(run, order="low", models="coexistence")),
+    "ipr": ("ipr-*.png", lambda analysis, run: analysis.ipr(run)),
+    **{f"prune-{order}": (f"prune-{order}.png", lambda analysis, run, order=order:
+                          analysis.prune(run, order=order, models="coexistence")) for order in ("low", "high", "random")},
+    "curves": ("curves-model*.png", _noisy_curves),
     "learnability": ("learnability.png", lambda analysis, run: analysis.learnability(run)),
     "accuracy": ("accuracy-vs-width.png", None),  # drawn by `analytic` itself
 }
 
+# the papers' phase diagrams: 17 data fractions by 19 corruption levels (To grok, App. A.1), each a grid axis
+DIAGRAM = {"alpha": "0.1:0.9:17", "xi": "0:0.9:19"}
+# --quick's: one data fraction, 13 corruption levels, p 47 and N 128 (a diagram's row in about a minute on 2 cores)
+QUICK_ROW = {"xi": "0:0.6:13", "width": "128"}
 
 EXPERIMENTS = {
-    "wd-xi": Experiment(
-        "phases over corruption xi and weight decay, alpha 0.5 (the paper's xi x weight decay panel), with the "
-        "IPR of every model's neurons and its coexistence models pruned low-IPR first",
-        full={"axes": {"xi": "0:0.6:13", "wd": "0,5,15"}, "settings": {}},
-        quick={"axes": {"xi": "0:0.6:13", "wd": "0,5,15", "width": "128"}, "settings": {"p": 47}},
-        analyses=("phase", "ipr", "prune")),
+    "weight-decay": Experiment(
+        "phases over the data fraction alpha and corruption xi at weight decay 0, 5, 15 and 20 (To grok's Fig. 3a; "
+        "--quick: the row alpha 0.5), with the IPR of every model's neurons (Fig. 4) and its coexistence models "
+        "pruned low-IPR first, high-IPR first (Fig. 6) and in a random order (a control the paper does not draw)",
+        full={"axes": {**DIAGRAM, "wd": "0,5,15,20"}, "settings": {}},
+        quick={"axes": {**QUICK_ROW, "wd": "0,5,15,20"}, "settings": {"p": 47}},
+        analyses=("phase", "ipr", "prune-low", "prune-high", "prune-random")),
+    "dynamics": Experiment(
+        "training curves at alpha 0.5, clean (xi 0) and corrupted (xi 0.35; --quick: 0.2, which p 47 and N 128 "
+        "invert) labels, weight decay 0, 5 and 15, logged every 10 steps (To grok's Fig. 1 and 2)",
+        full={"axes": {"xi": "0,0.35", "wd": "0,5,15"}, "settings": {"log_every": 10}},
+        quick={"axes": {"xi": "0,0.2", "wd": "0,5,15", "width": "128"}, "settings": {"p": 47, "log_every": 10}},
+        analyses=("curves",)),
+    "dropout": Experiment(
+        "phases over alpha and xi with dropout 0, 0.3, 0.6 and 0.9 on the pre-activation, no weight decay (To "
+        "grok's Fig. 3 dropout panels and Fig. 4; --quick: the row alpha 0.5, dropout up to 0.6)",
+        full={"axes": {**DIAGRAM, "dropout": "0,0.3,0.6,0.9"}, "settings": {}},
+        quick={"axes": {**QUICK_ROW, "dropout": "0,0.3,0.6"}, "settings": {"p": 47}},
+        analyses=("phase", "ipr")),
+    "batchnorm": Experiment(
+        "minibatches of 64 (lr 0.005, 8000 steps: To grok's Fig. 5) with BatchNorm after the activation and "
+        "without: phases over alpha and xi (--quick: alpha 0.65, xi 0-0.3), the neurons' IPR and BatchNorm weights",
+        full={"axes": {**DIAGRAM, "lr": "0.005"}, "settings": {"batch_size": 64, "steps": 8000, "log_every": 400},
+              "runs": {"batchnorm": {"settings": {"batchnorm": True}}, "minibatch": {}}},
+        quick={"axes": {"alpha": "0.65", "xi": "0,0.1,0.2,0.3", "width": "128", "lr": "0.005"},
+               "settings": {"p": 47, "batch_size": 64, "steps": 8000, "log_every": 400},
+               "runs": {"batchnorm": {"settings": {"batchnorm": True}}, "minibatch": {}}},
+        analyses=("phase", "ipr")),
+    "width": Experiment(
+        "phases over alpha and xi at widths 500 and 5000, no regularisation (To grok's App. O; --quick: the row "
+        "alpha 0.5 at widths 64, 128 and 512)",
+        full={"axes": {**DIAGRAM, "width": "500,5000"}, "settings": {}},
+        quick={"axes": {"xi": "0:0.6:7", "width": "64,128,512"}, "settings": {"p": 47}},
+        analyses=("phase",)),
     "analytic-width": Experiment(
         "the analytic solution of addition against the width (Gromov 2023, as the paper uses it)",
         full={"p": 97, "widths": "10,20,50,100,150,200,300,500"},
         quick={"p": 97, "widths": "10,20,50,100,150,200,300,500"},
         kind="analytic", analyses=("accuracy",)),
+    "analytic-terms": Experiment(
+        "the analytic solution of S-term addition against the width, p 23 (the sequel's Fig. 1), seed 0",
+        full={"p": 23, "widths": {2: "10,20,50,100,200,500,1000,2000", 3: "50,100,200,500,1000,2000,5000,10000",
+                                  4: "500,1000,2000,5000,10000,20000"}},
+        quick={"p": 23, "widths": {2: "10,20,50,100,200,500,1000,2000", 3: "50,100,200,500,1000,2000,5000"}},
+        kind="analytic", analyses=("accuracy",)),
     "transformer": Experiment(
-        "the encoder-only transformer (the paper's Fig. 7a): clean and corrupted data, without and with weight "
-        "decay",
-        full={"axes": {"xi": "0,0.15", "wd": "0,5", "alpha": "0.5", "width": "128", "lr": "0.001"},
+        "the encoder-only transformer (To grok's Fig. 7a: lr 0.001, 3000 steps, 3 seeds): clean and corrupted "
+        "data, without and with weight decay",
+        full={"axes": {"xi": "0,0.15", "wd": "0,5", "alpha": "0.5", "width": "128", "lr": "0.001", "seed": "0,1,2"},
               "settings": {"model": "transformer", "steps": 3000}},
         quick={"axes": {"xi": "0,0.15", "wd": "0,5", "alpha": "0.9", "width": "64", "lr": "0.005"},
                "settings": {"model": "transformer", "p": 23, "steps": 1500}},
         analyses=("phase",)),
     "deep-mlp": Experiment(
-        "the deeper ReLU MLP (the paper's Fig. 7b): clean and corrupted data, without and with weight decay",
-        full={"axes": {"xi": "0,0.2", "wd": "0,15", "alpha": "0.5", "width": "500"},
-              "settings": {"model": "deep-mlp", "depth": 3}},
+        "the 3-layer ReLU MLP (To grok's Fig. 7b: lr 0.001, 5000 steps, 3 seeds): clean and corrupted data, without "
+        "and with weight decay",
+        full={"axes": {"xi": "0,0.2", "wd": "0,15", "alpha": "0.5", "width": "500", "lr": "0.001", "seed": "0,1,2"},
+              "settings": {"model": "deep-mlp", "depth": 3, "steps": 5000}},
         quick={"axes": {"xi": "0,0.2", "wd": "0,15", "alpha": "0.6", "width": "256", "lr": "0.003"},
                "settings": {"model": "deep-mlp", "depth": 2, "p": 41, "steps": 3000}},
         analyses=("phase",)),
@@ -99,19 +150,35 @@ EXPERIMENTS = {
 
 
 def _by(rows, **where):
-    return [r for r in rows if all((r[k] == v) if not callable(v) else v(r[k]) for k, v in where.items())]
+    """The rows whose columns match: a value (floats to 1e-9: grid values from a range), or a predicate."""
+    def match(value, want):
+        if callable(want):
+            return want(value)
+        if isinstance(want, float) and value is not None:
+            return math.isclose(value, want, abs_tol=1e-9)
+        return value == want
+    return [r for r in rows if all(match(r[k], v) for k, v in where.items())]
 
 
 def _share(rows, phases: tuple[str, ...]) -> float:
     return sum(r.phase in phases for r in rows) / max(1, len(rows))
 
 
+def _phases(rows) -> str:
+    return ", ".join(f"{p} {n}" for p, n in Counter(r.phase for r in rows).most_common())
+
+
+GENERALISING = ("coexistence", "partial_inversion", "full_inversion")
+INVERTING = GENERALISING[1:]
+ROW = 0.5  # the data fraction of the diagrams' row that --quick trains (and of To grok's Fig. 1, 4 and 6)
+
+
 @dataclass(frozen=True)
 class Claim:
     """One claim of a paper: its statement, where the paper makes it, the experiment that tests it, and the
     criterion: (rows, run) -> (holds, the numbers behind the verdict), from the experiment's models.csv rows and,
-    for what they do not hold (pruning curves), its run directory. `criterion_text` states the criterion as the
-    report prints it."""
+    for what they do not hold (pruning curves, training histories), its run directory. `criterion_text` states
+    the criterion as the report prints it."""
 
     paper: str
     where: str
@@ -122,28 +189,204 @@ class Claim:
 
 
 def _coexistence_without_noise(rows, run=None):
-    clean = _by(rows, xi=0.0, wd=lambda w: w <= 5)
+    clean = _by(rows, alpha=ROW, xi=0.0, wd=lambda w: w <= 5)
     share = _share(clean, ("coexistence",))
     return bool(clean) and share == 1.0, f"{share:.0%} of the xi 0, wd <= 5 models generalise ({len(clean)} models)"
 
 
+def _coexistence_with_noise(rows, run=None):
+    noisy = _by(rows, alpha=ROW, wd=0.0, xi=lambda x: 0.1 <= x <= 0.2)
+    memorised = [r["corrupted_acc"] for r in noisy if r.phase == "coexistence"]
+    return bool(noisy) and len(memorised) == len(noisy), (
+        f"{len(memorised)} of {len(noisy)} models in coexistence"
+        + (f", recalling {min(memorised):.0%}-{max(memorised):.0%} of their corrupted labels" if memorised else ""))
+
+
 def _memorization_without_regularisation(rows, run=None):
-    noisy = _by(rows, wd=0.0, xi=lambda x: x >= 0.3)
+    noisy = _by(rows, alpha=ROW, wd=0.0, xi=lambda x: x >= 0.5)
     share = _share(noisy, ("memorization",))
-    return share >= 0.8, f"{share:.0%} of the wd 0, xi >= 0.3 models memorise ({len(noisy)} models)"
+    return bool(noisy) and share == 1.0, f"{share:.0%} of the wd 0, xi >= 0.5 models memorise ({_phases(noisy)})"
 
 
 def _inversion_with_weight_decay(rows, run=None):
-    mid = _by(rows, wd=5.0, xi=lambda x: 0.15 <= x <= 0.3)
-    share = _share(mid, ("partial_inversion", "full_inversion"))
-    return share >= 0.8, f"{share:.0%} of the wd 5, xi 0.15-0.3 models invert ({len(mid)} models)"
+    mid = _by(rows, alpha=ROW, wd=5.0, xi=lambda x: 0.15 <= x <= 0.3)
+    share = _share(mid, INVERTING)
+    return share >= 0.8, f"{share:.0%} of the wd 5, xi 0.15-0.3 models invert ({_phases(mid)})"
 
 
 def _forgetting_with_strong_weight_decay(rows, run=None):
-    strong = _by(rows, wd=15.0)
+    strong = _by(rows, alpha=ROW, wd=20.0)
     share = _share(strong, ("forgetting",))
-    phases = ", ".join(f"{p} {n}" for p, n in Counter(r.phase for r in strong).most_common())
-    return share >= 0.8, f"{share:.0%} of the wd 15 models forget ({phases})"
+    return share > 0.5, f"{share:.0%} of the wd 20 models forget ({_phases(strong)})"
+
+
+def _ipr_separates_the_phases(rows, run=None):
+    high = [r["mean_ipr"] for r in rows if r.phase in GENERALISING]
+    low = [r["mean_ipr"] for r in rows if r.phase == "memorization"]
+    if not high or not low:
+        return False, f"{len(high)} generalising and {len(low)} memorising models: both are needed"
+    gap = sum(high) / len(high) - sum(low) / len(low)
+    return gap >= 0.3, (f"mean IPR {sum(high) / len(high):.2f} over {len(high)} generalising models, "
+                        f"{sum(low) / len(low):.2f} over {len(low)} memorising ones")
+
+
+def _raises_ipr(axis: str, value: float):
+    """Criterion: the regulariser `axis` at `value` raises the mean IPR over 0 at every xi <= 0.3 (and alpha)."""
+    def criterion(rows, run=None):
+        pairs = [(r0, r1) for r0 in _by(rows, xi=lambda x: x <= 0.3, **{axis: 0.0})
+                 for r1 in _by(rows, xi=r0["xi"], alpha=r0["alpha"], **{axis: value})]
+        higher = sum(r1["mean_ipr"] > r0["mean_ipr"] for r0, r1 in pairs)
+        mean = [sum(r[k]["mean_ipr"] for r in pairs) / max(1, len(pairs)) for k in (0, 1)]
+        return bool(pairs) and higher == len(pairs), (f"higher at {axis} {value:g} than at 0 in {higher} of "
+                                                      f"{len(pairs)} cells with xi <= 0.3 (mean {mean[1]:.2f} vs "
+                                                      f"{mean[0]:.2f})")
+    return criterion
+
+
+def _pruned(run, order: str, rows) -> dict[int, tuple[dict, dict]] | None:
+    """The coexistence models at wd 0 with xi >= 0.1: their metrics before pruning and at each pruned fraction
+    (prune-ORDER.parquet), or None where the run was not pruned that way."""
+    import pyarrow.parquet as pq
+
+    chosen = {r.model for r in _by(rows, wd=0.0, xi=lambda x: x >= 0.1) if r.phase == "coexistence"}
+    if not chosen or run is None or not (Path(run) / f"prune-{order}.parquet").is_file():
+        return None
+    curves = pq.read_table(Path(run) / f"prune-{order}.parquet").to_pydict()
+    out = {}
+    for m in chosen:
+        at = [k for k, model in enumerate(curves["model"]) if model == m]
+        out[m] = {name: [curves[name][k] for k in at] for name in ("fraction", "test_acc", "corrupted_acc")}
+    return out
+
+
+def _at(curve: dict, fraction: float, metric: str) -> float:
+    k = min(range(len(curve["fraction"])), key=lambda i: abs(curve["fraction"][i] - fraction))
+    return curve[metric][k]
+
+
+def _pruning_removes_memorisation(rows, run=None):
+    curves = _pruned(run, "low", rows)
+    if not curves:
+        return False, "no coexistence model with xi >= 0.1 at wd 0 was pruned"
+    ok = [_at(c, 0.5, "corrupted_acc") <= 0.25 * c["corrupted_acc"][0] and _at(c, 0.5, "test_acc") >= 0.9
+          for c in curves.values()]
+    return all(ok), (f"{sum(ok)} of {len(ok)} coexistence models at wd 0 (xi >= 0.1) keep test accuracy 0.9 with "
+                     "their memorised accuracy cut to a quarter or less, half their neurons pruned low-IPR first")
+
+
+def _pruning_high_first_breaks_generalisation(rows, run=None):
+    curves = _pruned(run, "high", rows)
+    if not curves:
+        return False, "no coexistence model with xi >= 0.1 at wd 0 was pruned high-IPR first"
+    ok = [_at(c, 0.3, "test_acc") < 0.5 and _at(c, 0.3, "corrupted_acc") >= 0.5 * c["corrupted_acc"][0]
+          for c in curves.values()]
+    numbers = (f"{sum(ok)} of {len(ok)} coexistence models at wd 0 (xi >= 0.1), 30% of their neurons pruned "
+               "high-IPR first, fall below test accuracy 0.5 and keep half their memorised accuracy")
+    if (randomly := _pruned(run, "random", rows)):
+        mean = lambda metric: sum(_at(c, 0.3, metric) for c in randomly.values()) / len(randomly)  # noqa: E731
+        numbers += (f"; in a random order they keep test {mean('test_acc'):.2f} and memorised "
+                    f"{mean('corrupted_acc'):.2f} (mean)")
+    return all(ok), numbers
+
+
+def _histories(run, models) -> dict[int, dict[str, list]]:
+    """Each model's logged steps and accuracies and mean IPR (history/*.parquet), in step order."""
+    from fastgrok.results import read_history
+
+    table = read_history(run).to_pydict()
+    out = {m: {k: [] for k in ("step", "train_acc", "test_acc", "ipr")} for m in models}
+    for k in sorted(range(len(table["step"])), key=lambda i: table["step"][i]):
+        if (m := table["model"][k]) in out:
+            for name in out[m]:
+                out[m][name].append(table[name][k])
+    return out
+
+
+def _ipr_rises_with_grokking(rows, run=None):
+    import numpy as np
+
+    clean = _by(rows, xi=0.0, wd=5.0)
+    if not clean or run is None:
+        return False, "no clean model at wd 5"
+    h = _histories(run, [clean[0].model])[clean[0].model]
+    ipr, test = h["ipr"], h["test_acc"]
+    follows = float(np.corrcoef(ipr, test)[0, 1])
+    ok = ipr[0] < 0.2 and ipr[-1] > 0.6 and test[-1] >= 0.9 and follows >= 0.8
+    return ok, (f"mean IPR {ipr[0]:.2f} at step 0, {ipr[-1]:.2f} at step {h['step'][-1]}; test accuracy "
+                f"{test[-1]:.2f}; correlation of IPR and test accuracy over {len(ipr)} logged steps {follows:.2f}")
+
+
+def _two_stages(rows, run=None):
+    inverted = [r for r in rows if r["xi"] > 0 and r["wd"] > 0 and r.phase in INVERTING]
+    if not inverted or run is None:
+        return False, f"no model with weight decay inverted its corrupted labels ({_phases(rows)})"
+    found, ok = [], []
+    for r in inverted:
+        h = _histories(run, [r.model])[r.model]
+        both = [k for k, (a, b) in enumerate(zip(h["train_acc"], h["test_acc"])) if a >= 0.9 and b >= 0.9]
+        ok.append(bool(both) and h["train_acc"][-1] < 0.9)
+        found.append(f"wd {r['wd']:g}, xi {r['xi']:g}: " + (
+            f"train {h['train_acc'][both[0]]:.2f} and test {h['test_acc'][both[0]]:.2f} at step {h['step'][both[0]]}"
+            if both else "never train and test 0.9 together") + f", train {h['train_acc'][-1]:.2f} at the end "
+            f"(1 - xi = {1 - r['xi']:.2f})")
+    return all(ok), "; ".join(found)
+
+
+def _dropout_inverts(rows, run=None):
+    mid = _by(rows, alpha=ROW, dropout=lambda d: d >= 0.3, xi=lambda x: 0.15 <= x <= 0.3)
+    share = _share(mid, INVERTING)
+    return share >= 0.5, f"{share:.0%} of the dropout >= 0.3, xi 0.15-0.3 models invert ({_phases(mid)})"
+
+
+def _bn_weights_track_ipr(rows, run=None):
+    noisy = [r for r in rows if r["run"] == "batchnorm" and r["xi"] > 0]
+    rho = [r["bn_ipr_correlation"] for r in noisy]
+    return bool(rho) and min(rho) >= 0.5, (f"rank correlation {min(rho):.2f}-{max(rho):.2f} over {len(rho)} models"
+                                           if rho else "no BatchNorm model trained on corrupted labels")
+
+
+def _bn_keeps_ipr(rows, run=None):
+    pairs = [(bn, plain) for bn in _by(rows, run="batchnorm")
+             for plain in _by(rows, run="minibatch", xi=bn["xi"], alpha=bn["alpha"])]
+    gaps = [abs(bn["mean_ipr"] - plain["mean_ipr"]) for bn, plain in pairs]
+    return bool(gaps) and max(gaps) <= 0.1, (f"mean IPR with and without BatchNorm differ by at most {max(gaps):.2f} "
+                                             f"over {len(gaps)} cells" if gaps else "no pair of models to compare")
+
+
+def _bn_ignores_corruption(rows, run=None):
+    cell = {r["run"]: r for r in _by(rows, alpha=0.65, xi=0.2)}
+    if set(cell) != {"batchnorm", "minibatch"}:
+        return False, "the alpha 0.65, xi 0.2 models were not both trained"
+    bn, plain = cell["batchnorm"], cell["minibatch"]
+    ok = bn.phase in INVERTING and bn["corrupted_acc"] < plain["corrupted_acc"]
+    return ok, (f"with BatchNorm {bn.phase}, recalling {bn['corrupted_acc']:.2f} of the corrupted labels; without "
+                f"{plain.phase}, recalling {plain['corrupted_acc']:.2f}")
+
+
+def _wider_memorises(rows, run=None):
+    share = {w: _share(_by(rows, width=w), GENERALISING) for w in sorted({r["width"] for r in rows})}
+    narrow, wide = min(share), max(share)
+    return share[wide] < share[narrow], ", ".join(f"N {w}: {s:.0%} generalise" for w, s in share.items())
+
+
+def _same_phases_as_the_mlp(rows, run=None):
+    noisy = max(r["xi"] for r in rows)
+    wd = max(r["wd"] for r in rows)
+    found = {}
+    for key in ((False, True), (True, False), (True, True)):
+        seeds = Counter(r.phase for r in rows if (r["xi"] > 0, r["wd"] > 0) == key)
+        found[key] = seeds.most_common(1)[0][0] if seeds else None
+    want = {(False, True): ("coexistence",), (True, False): ("memorization",), (True, True): INVERTING}
+    ok = all(found[k] in v for k, v in want.items())
+    return ok, (f"xi 0, wd {wd:g}: {found[(False, True)]}; xi {noisy:g}, wd 0: {found[(True, False)]}; "
+                f"xi {noisy:g}, wd {wd:g}: {found[(True, True)]} (the seeds' majority)")
+
+
+def _learns_the_periodic_solution(rows, run=None):
+    r = rows[0]
+    ok = r["test_acc"] >= 0.99 and r["mean_ipr"] >= 0.6 and r["analytic_similarity"] >= 0.6
+    return ok, (f"test {r['test_acc']:.3f}, mean IPR {r['mean_ipr']:.2f}, similarity to the analytic neurons "
+                f"{r['analytic_similarity']:.2f}")
 
 
 def _analytic_exact_when_wide(rows, run=None):
@@ -151,6 +394,19 @@ def _analytic_exact_when_wide(rows, run=None):
     wide, narrow = by_width[-1], by_width[0]
     return wide[1] == 1.0 and narrow[1] < 0.9, (f"test accuracy {wide[1]:.3f} at N {wide[0]}, {narrow[1]:.3f} at N "
                                                 f"{narrow[0]}")
+
+
+def _width_needed(rows) -> dict[int, int | None]:
+    """Each number of terms S: the smallest width whose analytic solution is right on 99% of all inputs."""
+    return {S: min((r["width"] for r in rows if r["terms"] == S and r["all_acc"] >= 0.99), default=None)
+            for S in sorted({r["terms"] for r in rows})}
+
+
+def _width_grows_with_terms(rows, run=None):
+    needed = _width_needed(rows)
+    ladder = list(needed.values())
+    ok = len(ladder) >= 2 and None not in ladder and all(b >= 3 * a for a, b in zip(ladder, ladder[1:]))
+    return ok, "; ".join(f"S {S}: " + (f"N {n}" if n is not None else "none of the widths") for S, n in needed.items())
 
 
 def _learnable_iff_sum_form(rows, run=None):
@@ -164,83 +420,64 @@ def _learnable_iff_sum_form(rows, run=None):
                                         + (f" (not: {', '.join(wrong)})" if wrong else ""))
 
 
-GENERALISING = ("coexistence", "partial_inversion", "full_inversion")
-
-
-def _ipr_separates_the_phases(rows, run=None):
-    high = [r["mean_ipr"] for r in rows if r.phase in GENERALISING]
-    low = [r["mean_ipr"] for r in rows if r.phase == "memorization"]
-    if not high or not low:
-        return False, f"{len(high)} generalising and {len(low)} memorising models: both are needed"
-    gap = sum(high) / len(high) - sum(low) / len(low)
-    return gap >= 0.3, (f"mean IPR {sum(high) / len(high):.2f} over {len(high)} generalising models, "
-                        f"{sum(low) / len(low):.2f} over {len(low)} memorising ones")
-
-
-def _weight_decay_raises_ipr(rows, run=None):
-    pairs = [(r0, r5) for r0 in _by(rows, wd=0.0, xi=lambda x: x <= 0.3) for r5 in _by(rows, wd=5.0, xi=r0["xi"])]
-    higher = sum(r5["mean_ipr"] > r0["mean_ipr"] for r0, r5 in pairs)
-    return bool(pairs) and higher == len(pairs), f"higher at wd 5 than at wd 0 for {higher} of {len(pairs)} xi <= 0.3"
-
-
-def _pruning_removes_memorisation(rows, run=None):
-    import pyarrow.parquet as pq
-
-    chosen = {r.model: r for r in _by(rows, wd=0.0, xi=lambda x: x >= 0.1) if r.phase == "coexistence"}
-    if not chosen or run is None or not (Path(run) / "prune-low.parquet").is_file():
-        return False, "no coexistence model with xi >= 0.1 at wd 0 was pruned"
-    curves = pq.read_table(Path(run) / "prune-low.parquet").to_pydict()
-    ok = []
-    for m in chosen:
-        at = [k for k, model in enumerate(curves["model"]) if model == m]
-        half = min(at, key=lambda k: abs(curves["fraction"][k] - 0.5))
-        before, after = curves["corrupted_acc"][at[0]], curves["corrupted_acc"][half]
-        ok.append(after <= 0.25 * before and curves["test_acc"][half] >= 0.9)
-    return all(ok), (f"{sum(ok)} of {len(ok)} coexistence models at wd 0 (xi >= 0.1) keep test accuracy 0.9 with "
-                     "their memorised accuracy cut to a quarter or less, half their neurons pruned low-IPR first")
-
-
-def _same_phases_as_the_mlp(rows, run=None):
-    noisy = max(r["xi"] for r in rows)
-    wd = max(r["wd"] for r in rows)
-    found = {(r["xi"] > 0, r["wd"] > 0): r.phase for r in rows}
-    want = {(False, True): ("coexistence",), (True, False): ("memorization",), (True, True): GENERALISING[1:]}
-    ok = all(found.get(k) in v for k, v in want.items())
-    return ok, (f"xi 0, wd {wd:g}: {found.get((False, True))}; xi {noisy:g}, wd 0: {found.get((True, False))}; "
-                f"xi {noisy:g}, wd {wd:g}: {found.get((True, True))}")
-
-
-def _learns_the_periodic_solution(rows, run=None):
-    r = rows[0]
-    ok = r["test_acc"] >= 0.99 and r["mean_ipr"] >= 0.6 and r["analytic_similarity"] >= 0.6
-    return ok, (f"test {r['test_acc']:.3f}, mean IPR {r['mean_ipr']:.2f}, similarity to the analytic neurons "
-                f"{r['analytic_similarity']:.2f}")
-
-
+# Figure, section and appendix numbers: To grok's arXiv v2 (2310.13061v2), the sequel's arXiv v1 (2406.03495v1).
 CLAIMS = [
-    Claim(TO_GROK, "Sec. Grokking with label noise", "Without label noise the network fits its training set and generalises "
-          "(coexistence), with weight decay or without.", "wd-xi", "every model at xi 0 and wd <= 5 is in "
-          "coexistence", _coexistence_without_noise),
-    Claim(TO_GROK, "Sec. Grokking with label noise", "Without regularisation a network trained on enough corrupted labels "
-          "memorises them and does not generalise (memorization).", "wd-xi",
-          "80% or more of the models at wd 0 and xi >= 0.3 are in memorization", _memorization_without_regularisation),
-    Claim(TO_GROK, "Sec. Effect of regularization", "Weight decay makes the network invert the corrupted labels: it learns their "
-          "true value (partial or full inversion).", "wd-xi",
-          "80% or more of the models at wd 5 and xi 0.15-0.3 are in partial or full inversion",
+    Claim(TO_GROK, "Fig. 3a", "Without label noise the network fits its training set and generalises "
+          "(coexistence), with weight decay or without.", "weight-decay",
+          "every model at alpha 0.5, xi 0 and wd <= 5 is in coexistence", _coexistence_without_noise),
+    Claim(TO_GROK, "Abstract (i), Fig. 1a", "A network can memorise corrupted labels and generalise at the same "
+          "time (coexistence).", "weight-decay", "every model at alpha 0.5, wd 0 and xi 0.1-0.2 is in coexistence",
+          _coexistence_with_noise),
+    Claim(TO_GROK, "Fig. 3a", "Without regularisation a network trained on enough corrupted labels memorises them "
+          "and does not generalise (memorization).", "weight-decay",
+          "every model at alpha 0.5, wd 0 and xi >= 0.5 is in memorization", _memorization_without_regularisation),
+    Claim(TO_GROK, "Fig. 1b, 3a", "Weight decay makes the network invert the corrupted labels: it learns their "
+          "true value (partial or full inversion).", "weight-decay",
+          "80% or more of the models at alpha 0.5, wd 5 and xi 0.15-0.3 are in partial or full inversion",
           _inversion_with_weight_decay),
-    Claim(TO_GROK, "Sec. Effect of regularization", "Too much weight decay makes the network forget the training set "
-          "(forgetting).", "wd-xi", "80% or more of the models at wd 15 are in forgetting",
+    Claim(TO_GROK, "App. E", "Too much weight decay makes the network forget what it learned (forgetting).",
+          "weight-decay", "more than half of the models at alpha 0.5 and wd 20 are in forgetting",
           _forgetting_with_strong_weight_decay),
-    Claim(TO_GROK, "Hypothesis 2.1", "Generalising networks are made of periodic (high-IPR) neurons, memorising "
-          "ones of low-IPR neurons.", "wd-xi", "mean neuron IPR of the coexistence and inversion models at least 0.3 "
-          "above the memorisation models'", _ipr_separates_the_phases),
-    Claim(TO_GROK, "Sec. Effect of regularization", "Weight decay turns the network's neurons into generalising "
-          "(periodic) ones.", "wd-xi", "at every xi <= 0.3 the wd 5 model's mean IPR exceeds the wd 0 model's",
-          _weight_decay_raises_ipr),
-    Claim(TO_GROK, "Sec. Grokking with label noise (pruning)", "Pruning the low-IPR (memorising) neurons lowers "
-          "the accuracy on the corrupted data and keeps the network generalising.", "wd-xi",
+    Claim(TO_GROK, "Hypothesis 2.1, Fig. 4", "Generalising networks are made of periodic (high-IPR) neurons, "
+          "memorising ones of low-IPR neurons.", "weight-decay", "mean neuron IPR of the coexistence and inversion "
+          "models at least 0.3 above the memorisation models'", _ipr_separates_the_phases),
+    Claim(TO_GROK, "Abstract (iv), Fig. 4", "Weight decay turns the network's neurons into generalising (periodic) "
+          "ones.", "weight-decay", "at every alpha and xi <= 0.3 the wd 5 model's mean IPR exceeds the wd 0 model's",
+          _raises_ipr("wd", 5.0)),
+    Claim(TO_GROK, "Fig. 6", "Pruning the low-IPR (memorising) neurons lowers the accuracy on the corrupted data "
+          "and keeps the network generalising.", "weight-decay",
           "every coexistence model at wd 0 with xi >= 0.1, half its neurons pruned low-IPR first, keeps test "
           "accuracy 0.9 and loses three quarters of its memorised accuracy", _pruning_removes_memorisation),
+    Claim(TO_GROK, "Fig. 6", "Pruning the high-IPR neurons first destroys generalisation while the corrupted labels "
+          "stay memorised.", "weight-decay", "every coexistence model at wd 0 with xi >= 0.1, 30% of its neurons "
+          "pruned high-IPR first, falls below test accuracy 0.5 and keeps half its memorised accuracy (a random "
+          "order's numbers beside, as a control)", _pruning_high_first_breaks_generalisation),
+    Claim(TO_GROK, "Fig. 2", "As the network groks clean data its neurons become periodic: the mean IPR rises with "
+          "the test accuracy.", "dynamics", "the xi 0, wd 5 model's mean IPR goes from below 0.2 to above 0.6, test "
+          "accuracy ends at 0.9 or more, and IPR and test accuracy correlate 0.8 or more over the logged steps",
+          _ipr_rises_with_grokking),
+    Claim(TO_GROK, "Abstract, Fig. 1", "With regularisation training has two stages: the network first groks, "
+          "reaching high train and test accuracy, then unlearns the corrupted labels and its train accuracy falls "
+          "towards 100(1 - xi)%.", "dynamics", "every model with weight decay that ends in partial or full inversion "
+          "was at train and test accuracy 0.9 at one logged step and ends below train accuracy 0.9", _two_stages),
+    Claim(TO_GROK, "Abstract (iv), Fig. 4", "Dropout, like weight decay, turns the neurons into generalising "
+          "(periodic) ones.", "dropout", "at every alpha and xi <= 0.3 the dropout 0.3 model's mean IPR exceeds "
+          "the dropout 0 model's", _raises_ipr("dropout", 0.3)),
+    Claim(TO_GROK, "Abstract (iii), Fig. 3", "Dropout makes the network ignore the corrupted labels: it inverts "
+          "them.", "dropout", "half or more of the models at alpha 0.5, dropout >= 0.3 and xi 0.15-0.3 are in "
+          "partial or full inversion", _dropout_inverts),
+    Claim(TO_GROK, "Abstract (iv), Fig. 5", "BatchNorm de-amplifies the memorising neurons: its weights grow with "
+          "the neurons' IPR.", "batchnorm", "rank correlation of neuron IPR and |BatchNorm weight| 0.5 or more in "
+          "every BatchNorm model trained on corrupted labels", _bn_weights_track_ipr),
+    Claim(TO_GROK, "Fig. 5", "Unlike weight decay and dropout, BatchNorm leaves the IPR distribution nearly as it "
+          "is: the low-IPR neurons stay.", "batchnorm", "mean IPR with BatchNorm within 0.1 of the same training "
+          "without it, in every cell", _bn_keeps_ipr),
+    Claim(TO_GROK, "Abstract (iii), Fig. 5", "BatchNorm makes the network ignore the corrupted labels.",
+          "batchnorm", "at alpha 0.65, xi 0.2 (Fig. 5's model) the BatchNorm model inverts, and recalls fewer "
+          "corrupted labels than the same training without BatchNorm", _bn_ignores_corruption),
+    Claim(TO_GROK, "App. O", "A wider network memorises more: without regularisation fewer models generalise at "
+          "N 5000 than at N 500.", "width", "the share of models in coexistence or inversion is lower at the largest "
+          "width than at the smallest", _wider_memorises),
     Claim(TO_GROK, "Fig. 7a", "A transformer shows the MLP's phases: memorisation of corrupted labels without "
           "regularisation, inversion with weight decay.", "transformer",
           "clean data with weight decay: coexistence; corrupted without: memorization; corrupted with: partial or "
@@ -248,6 +485,13 @@ CLAIMS = [
     Claim(TO_GROK, "Fig. 7b", "A deeper ReLU MLP shows the same phases.", "deep-mlp",
           "clean data with weight decay: coexistence; corrupted without: memorization; corrupted with: partial or "
           "full inversion", _same_phases_as_the_mlp),
+    Claim(TO_GROK, "Eq. 2 (Gromov 2023)", "The analytic solution of modular addition is exact once the network is "
+          "wide enough.", "analytic-width", "test accuracy 1 at the largest width, below 0.9 at the smallest",
+          _analytic_exact_when_wide),
+    Claim(POLYNOMIALS, "Fig. 1, eq. 2", "The analytic solution of a sum of S terms is exact once the network is wide "
+          "enough, and the width it needs grows exponentially with S.", "analytic-terms",
+          "the smallest width right on 99% of all p^S inputs exists for every S and grows 3-fold or more per "
+          "added term", _width_grows_with_terms),
     Claim(POLYNOMIALS, "Fig. 3, eq. 6-8", "A network trained on multiplication generalises with neurons periodic "
           "in the discrete logarithm of the residues, like the analytic solution.", "mul",
           "test accuracy 0.99, mean IPR (log basis) and similarity to the analytic neurons 0.6 or more",
@@ -256,9 +500,6 @@ CLAIMS = [
           "like the analytic solution's.", "sum4",
           "test accuracy 0.99, mean IPR and similarity to the analytic neurons 0.6 or more",
           _learns_the_periodic_solution),
-    Claim(TO_GROK, "its analytic solution (Gromov 2023)", "The analytic solution of modular addition is exact once the network is "
-          "wide enough.", "analytic-width", "test accuracy 1 at the largest width, below 0.9 at the smallest",
-          _analytic_exact_when_wide),
     Claim(POLYNOMIALS, "Hypothesis 5.1, App. C", "A network generalises on a polynomial exactly when it has the form "
           "h(g1(x) + g2(y)).", "learnability",
           "a polynomial has a majority of seeds at test accuracy 0.9 at some alpha exactly when it is predicted "
@@ -288,64 +529,129 @@ def _grid(spec: dict, device: str):
     return request.grid, request.settings
 
 
-def planned_steps(names: list[str], out: Path, quick: bool, device: str = "auto") -> int:
-    """The model-steps the experiments not yet complete in `out` train (an interrupted one counted whole)."""
+def _runs(name: str, out: Path, quick: bool) -> list[tuple[Path, dict]]:
+    """The run directories of an experiment and each one's spec: DIR/name; DIR/name/RUN for each of a spec's
+    "runs"; for an analytic solution at several numbers of terms (widths given per S) DIR/name/terms-S."""
+    exp = EXPERIMENTS[name]
+    spec = exp.quick if quick else exp.full
+    if exp.kind == "analytic" and isinstance(spec["widths"], dict):
+        return [(out / name / f"terms-{S}", {**spec, "terms": S, "widths": widths})
+                for S, widths in spec["widths"].items()]
+    if "runs" in spec:
+        return [(out / name / run, {"axes": {**spec.get("axes", {}), **differ.get("axes", {})},
+                                    "settings": {**spec.get("settings", {}), **differ.get("settings", {})}})
+                for run, differ in spec["runs"].items()]
+    return [(out / name, spec)]
+
+
+def _complete(run: Path) -> bool:
     from fastgrok.results import read_config
 
+    return (run / "config.json").exists() and read_config(run)["status"] == "complete"
+
+
+def planned_steps(names: list[str], out: Path, quick: bool, device: str = "auto") -> int:
+    """The model-steps the experiments not yet complete in `out` train (an interrupted one counted whole)."""
     total = 0
     for name in names:
-        exp, run = EXPERIMENTS[name], out / name
-        if exp.kind == "analytic" or ((run / "config.json").exists() and read_config(run)["status"] == "complete"):
+        if EXPERIMENTS[name].kind == "analytic":
             continue
-        grid, settings = _grid(exp.quick if quick else exp.full, device)
-        total += len(grid) * settings.steps
+        for run, spec in _runs(name, out, quick):
+            if not _complete(run):
+                grid, settings = _grid(spec, device)
+                total += len(grid) * settings.steps
     return total
+
+
+def plan_experiments(names: list[str], out: Path, quick: bool, device: str = "auto") -> list[dict]:
+    """What each experiment not yet complete in `out` would train: its runs, models and model-steps, and the time
+    the planner estimates for them on this device from a few measured steps (`fastgrok train --dry-run`'s)."""
+    from fastgrok import train as training
+
+    table = []
+    for name in names:
+        runs = [(run, spec) for run, spec in _runs(name, out, quick) if not _complete(run)]
+        if EXPERIMENTS[name].kind == "analytic":
+            table.append({"experiment": name, "runs": len(runs), "models": 0, "model_steps": 0, "seconds": 0.0})
+            continue
+        models = steps = seconds = 0
+        for run, spec in runs:
+            grid, settings = _grid(spec, device)
+            models += len(grid)
+            steps += len(grid) * settings.steps
+            seconds += training.plan(grid, settings, device=device).seconds
+        table.append({"experiment": name, "runs": len(runs), "models": models, "model_steps": steps,
+                      "seconds": seconds})
+    return table
 
 
 def run_experiment(name: str, out: Path, quick: bool, device: str = "auto",
                    on_step: Callable[[int, int], None] | None = None) -> str:
-    """Train (or resume, or skip when complete) one experiment's run at DIR/name, then draw its figure; returns
-    what was done: 'trained', 'resumed' or 'kept'. on_step: as train's."""
+    """Train (or resume, or skip when complete) one experiment's runs, then draw its figures; returns what was
+    done: 'trained', 'resumed' or 'kept'. on_step: as train's."""
     from fastgrok import analysis
     from fastgrok import train as training
-    from fastgrok.results import read_config
+    from fastgrok.analytic import analytic_run
 
-    exp, run = EXPERIMENTS[name], out / name
-    spec = exp.quick if quick else exp.full
-    done = "kept"
-    if exp.kind == "analytic":
-        if not (run / "config.json").exists():
-            from fastgrok.analytic import analytic_run
-
-            analytic_run(run, p=spec["p"], widths=spec["widths"], device="cpu" if device == "auto" else device)
+    exp, done = EXPERIMENTS[name], "kept"
+    runs = _runs(name, out, quick)
+    for run, spec in runs:
+        if exp.kind == "analytic":
+            if not (run / "config.json").exists():
+                analytic_run(run, p=spec["p"], widths=spec["widths"], terms=spec.get("terms", 2),
+                             device="cpu" if device == "auto" else device)
+                done = "trained"
+        elif not (run / "config.json").exists():
+            grid, settings = _grid(spec, device)
+            training.train(grid, settings, run, device=device, on_step=on_step)
             done = "trained"
-    elif not (run / "config.json").exists():
-        grid, settings = _grid(spec, device)
-        training.train(grid, settings, run, device=device, on_step=on_step)
-        done = "trained"
-    elif read_config(run)["status"] != "complete":
-        training.resume(run, device=device, on_step=on_step)
-        done = "resumed"
-    for name in exp.analyses:
-        if (draw := ANALYSES[name][1]) is not None:
-            draw(analysis, run)
+        elif not _complete(run):
+            training.resume(run, device=device, on_step=on_step)
+            done = "resumed"
+    if len(runs) > 1 and exp.kind == "analytic":  # one figure over the numbers of terms
+        from fastgrok.plots import accuracy_vs_width
+
+        rows = experiment_rows(name, out, quick)
+        curves = {f"S = {S}": ([r["width"] for r in rows if r["terms"] == S], [r["all_acc"] for r in rows
+                                                                              if r["terms"] == S])
+                  for S in sorted({r["terms"] for r in rows})}
+        accuracy_vs_width(curves, out / name / "accuracy-vs-width.png",
+                          f"analytic solution of S-term addition, p {runs[0][1]['p']}")
+    for analysis_name in exp.analyses:
+        if (draw := ANALYSES[analysis_name][1]) is not None:
+            for run, _ in runs:
+                draw(analysis, run)
     return done
 
 
-def verdicts(out: Path, names: list[str]) -> list[dict]:
-    """Each claim whose experiment is among `names` and complete in `out`: its verdict and numbers."""
+def experiment_rows(name: str, out: Path, quick: bool) -> list | None:
+    """The models.csv rows of an experiment's runs, or None while one of them is not complete. Each row also has
+    its run's name (`run`: the folder in DIR/name, or None) and number of terms (`terms`)."""
     from fastgrok.results import read_config, read_models
 
+    rows = []
+    for run, _ in _runs(name, out, quick):
+        if not _complete(run):
+            return None
+        terms = read_config(run)["settings"].get("terms", 2)
+        for row in read_models(run):
+            row.extra.update(run=run.name if run != out / name else None, terms=terms)
+            rows.append(row)
+    return rows
+
+
+def verdicts(out: Path, names: list[str], quick: bool) -> list[dict]:
+    """Each claim whose experiment is among `names` and complete in `out`: its verdict and numbers."""
     table = []
     for claim in CLAIMS:
         if claim.experiment not in names:
             continue
-        run = out / claim.experiment
-        if not (run / "config.json").exists() or read_config(run)["status"] != "complete":
+        rows = experiment_rows(claim.experiment, out, quick)
+        if rows is None:
             table.append({"claim": claim, "verdict": "not run", "numbers": "the experiment has not finished"})
             continue
         try:
-            holds, numbers = claim.criterion(read_models(run), run)
+            holds, numbers = claim.criterion(rows, out / claim.experiment)
         except (KeyError, AttributeError) as e:  # a column an analysis adds (mean_ipr) is missing
             table.append({"claim": claim, "verdict": "not run", "numbers": f"the run has no {e}"})
             continue
@@ -356,7 +662,7 @@ def verdicts(out: Path, names: list[str]) -> list[dict]:
 def write_report(out: Path, names: list[str], quick: bool, ran: str = "") -> tuple[Path, Path]:
     """DIR/report.md (figures linked) and DIR/report.html (figures inlined): per claim the statement with its
     source, the criterion, the verdict with its numbers, and the experiment's figure. `ran`: where and how long."""
-    table = verdicts(out, names)
+    table = verdicts(out, names, quick)
     size = "--quick (reduced sizes, on a CPU)" if quick else "the papers' sizes"
     lines = [f"# fastgrok reproduce: {datetime.date.today().isoformat()}, {size}", "",
              f"{sum(t['verdict'] == 'holds' for t in table)} of {len(table)} claims hold. {ran}".strip(), "",
@@ -369,9 +675,12 @@ def write_report(out: Path, names: list[str], quick: bool, ran: str = "") -> tup
     for name in names:
         exp = EXPERIMENTS[name]
         lines += [f"## {name}", "", exp.about, ""]
+        runs = [out / name] if exp.kind == "analytic" else [run for run, _ in _runs(name, out, quick)]
         for analysis in exp.analyses:
-            for figure in sorted((out / name).glob(ANALYSES[analysis][0])):
-                lines += [f"![{name}: {analysis}]({name}/{figure.name})", ""]
+            for run in runs:
+                for figure in sorted(run.glob(ANALYSES[analysis][0])):
+                    where = figure.relative_to(out).as_posix()
+                    lines += [f"![{where.removesuffix('.png')}]({where})", ""]
     md = out / "report.md"
     md.write_text("\n".join(lines) + "\n")
     page = out / "report.html"

@@ -15,17 +15,19 @@ from fastgrok.results import ModelRow
 runner = CliRunner()
 
 
-def row(phase="coexistence", test_acc=1.0, model=0, extra=None, **hyper):
-    return ModelRow(model, Hyper(**hyper), {"test_acc": test_acc}, phase, False, 100, None, None, extra or {})
+def row(phase="coexistence", test_acc=1.0, model=0, extra=None, corrupted_acc=0.9, **hyper):
+    return ModelRow(model, Hyper(**hyper), {"test_acc": test_acc, "corrupted_acc": corrupted_acc}, phase, False, 100,
+                    None, None, extra or {})
 
 
 def diagram(phase_at=None):
-    """wd-xi rows: phase_at maps (wd, xi) to a phase; every other cell coexistence at wd 0 and 5 and forgetting at
-    wd 15 below xi 0.3, memorization above 0.3 at wd 0."""
+    """weight-decay rows at alpha 0.5: phase_at maps (wd, xi) to a phase; every other cell as the paper's Fig. 3a
+    row: forgetting at wd 20, memorization from xi 0.3 at wd 0, full inversion at wd 5 and xi 0.15-0.3,
+    coexistence elsewhere."""
     rows = []
-    for wd in (0.0, 5.0, 15.0):
-        for xi in (0.0, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5):
-            default = ("forgetting" if wd == 15 else "memorization" if xi >= 0.3 and wd == 0 else
+    for wd in (0.0, 5.0, 15.0, 20.0):
+        for xi in (0.0, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6):
+            default = ("forgetting" if wd == 20 else "memorization" if xi >= 0.3 and wd == 0 else
                        "full_inversion" if wd == 5 and 0.15 <= xi <= 0.3 else "coexistence")
             rows.append(row((phase_at or {}).get((wd, xi), default), xi=xi, wd=wd))
     return rows
@@ -37,22 +39,37 @@ def claim(experiment, where_word):
 
 @pytest.mark.parametrize("word, failing", [
     ("xi 0 and wd <= 5", {(0.0, 0.0): "memorization"}),
-    ("wd 0 and xi >= 0.3", {(0.0, 0.3): "coexistence", (0.0, 0.4): "coexistence"}),
+    ("wd 0 and xi 0.1-0.2", {(0.0, 0.15): "memorization"}),
+    ("wd 0 and xi >= 0.5", {(0.0, 0.5): "coexistence"}),
     ("wd 5 and xi 0.15-0.3", {(5.0, 0.15): "coexistence", (5.0, 0.2): "memorization"}),
-    ("wd 15 are in forgetting", {(15.0, 0.3): "memorization", (15.0, 0.4): "memorization"}),
+    ("wd 20 are in forgetting", {(20.0, xi): "memorization" for xi in (0.0, 0.1, 0.15, 0.2)}),
 ])
 def test_each_phase_claim_holds_on_the_papers_diagram_and_not_when_a_cell_moves(word, failing):
-    c = claim("wd-xi", word)
+    c = claim("weight-decay", word)
     assert c.criterion(diagram())[0] is True
     holds, numbers = c.criterion(diagram(failing))
-    assert holds is False and "%" in numbers
+    assert holds is False and "models" in numbers
 
 
-def test_the_analytic_claim_wants_the_widest_exact_and_the_narrowest_not():
+def test_the_phase_claims_read_the_row_alpha_half_of_a_full_diagram():
+    """A full diagram has every alpha; the claims read its alpha 0.5 row (where --quick trains)."""
+    c = claim("weight-decay", "wd 0 and xi >= 0.5")
+    starved = [row("forgetting", xi=r["xi"], wd=r["wd"], alpha=0.1) for r in diagram()]
+    assert c.criterion(diagram() + starved)[0] is True
+    assert c.criterion(starved)[0] is False  # no alpha 0.5 row: nothing to decide on
+
+
+def test_the_analytic_claims_want_the_widest_exact_and_the_width_to_grow_with_the_terms():
     c = claim("analytic-width", "largest width")
     assert c.criterion([row(test_acc=0.3, width=10), row(test_acc=1.0, width=500)])[0] is True
     assert c.criterion([row(test_acc=0.3, width=10), row(test_acc=0.99, width=500)])[0] is False
     assert c.criterion([row(test_acc=0.95, width=10), row(test_acc=1.0, width=500)])[0] is False
+    terms = claim("analytic-terms", "3-fold")
+    rows = lambda needed: [row(width=w, extra={"terms": S, "all_acc": 1.0 if w >= n else 0.5})  # noqa: E731
+                           for S, n in needed.items() for w in (10, 100, 1000, 10000)]
+    assert terms.criterion(rows({2: 100, 3: 1000})) == (True, "S 2: N 100; S 3: N 1000")
+    assert terms.criterion(rows({2: 100, 3: 100}))[0] is False  # no growth
+    assert terms.criterion(rows({2: 100, 3: 10**6}))[0] is False  # S 3 never exact
 
 
 def test_the_learnability_claim_compares_each_polynomial_with_its_predicted_class():
@@ -66,26 +83,82 @@ def test_the_learnability_claim_compares_each_polynomial_with_its_predicted_clas
     assert holds is False and "(not: x^2+xy)" in numbers
 
 
-def test_the_ipr_claims_want_generalising_models_periodic_and_weight_decay_to_raise_ipr():
-    separates, raises = claim("wd-xi", "0.3 above"), claim("wd-xi", "mean IPR exceeds")
+def test_the_ipr_claims_want_generalising_models_periodic_and_regularisers_to_raise_ipr():
+    separates, raises = claim("weight-decay", "0.3 above"), claim("weight-decay", "wd 5 model's mean IPR")
     rows = [row("coexistence", xi=0.1, wd=5.0, extra={"mean_ipr": 0.8}),
             row("memorization", xi=0.1, wd=0.0, extra={"mean_ipr": 0.2})]
     assert separates.criterion(rows)[0] is True and raises.criterion(rows)[0] is True
     rows[1] = row("memorization", xi=0.1, wd=0.0, extra={"mean_ipr": 0.85})
     assert separates.criterion(rows)[0] is False and raises.criterion(rows)[0] is False
+    dropout = claim("dropout", "dropout 0.3 model's mean IPR")
+    rows = [row(xi=xi, dropout=d, extra={"mean_ipr": 0.5 + d + xi}) for xi in (0.0, 0.2) for d in (0.0, 0.3)]
+    assert dropout.criterion(rows)[0] is True
+    rows[-1] = row(xi=0.2, dropout=0.3, extra={"mean_ipr": 0.6})  # below dropout 0's 0.7 at xi 0.2
+    assert dropout.criterion(rows)[0] is False
 
 
-def test_the_pruning_claim_reads_the_pruning_curves(tmp_path):
+def test_the_pruning_claims_read_the_pruning_curves(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    c = claim("wd-xi", "pruned low-IPR first")
+    low, high = claim("weight-decay", "pruned low-IPR first"), claim("weight-decay", "high-IPR first")
     rows = [row("coexistence", model=3, xi=0.2, wd=0.0)]
+
+    def curves(order, corrupted, test):
+        pq.write_table(pa.table({"model": [3, 3, 3], "fraction": [0.0, 0.3, 0.5], "corrupted_acc": [0.8, *corrupted],
+                                 "test_acc": [0.95, *test]}), tmp_path / f"prune-{order}.parquet")
     for corrupted, holds in ((0.05, True), (0.5, False)):
-        pq.write_table(pa.table({"model": [3, 3, 3], "fraction": [0.0, 0.5, 1.0], "corrupted_acc": [0.8, corrupted, 0.0],
-                                 "test_acc": [0.95, 0.96, 0.1]}), tmp_path / "prune-low.parquet")
-        assert c.criterion(rows, tmp_path)[0] is holds
-    assert c.criterion(rows, None)[0] is False  # never pruned
+        curves("low", (0.4, corrupted), (0.96, 0.96))
+        assert low.criterion(rows, tmp_path)[0] is holds
+    for test, holds in ((0.1, True), (0.7, False)):
+        curves("high", (0.7, 0.6), (test, 0.0))
+        assert high.criterion(rows, tmp_path)[0] is holds
+    curves("random", (0.5, 0.3), (0.9, 0.8))
+    assert "in a random order they keep test 0.90 and memorised 0.50" in high.criterion(rows, tmp_path)[1]
+    assert low.criterion(rows, None)[0] is False and high.criterion(rows, None)[0] is False  # never pruned
+
+
+def test_the_dynamics_claims_read_each_models_history(monkeypatch):
+    ipr, stages = claim("dynamics", "correlate"), claim("dynamics", "logged step")
+    steps = list(range(0, 200, 10))
+    grok = {"step": steps, "test_acc": [min(1.0, s / 100) for s in steps], "ipr": [0.05 + 0.009 * min(s, 100) for s in steps],
+            "train_acc": [1.0] * len(steps)}
+    # memorise, grok with the corrupted labels still recalled, then unlearn them: train 1 -> 0.8 (xi 0.2)
+    two = {"step": steps, "train_acc": [1.0] * 8 + [0.8] * 12, "test_acc": [0.2] * 5 + [1.0] * 15, "ipr": [0.5] * 20}
+    # inverts without ever fitting the corrupted labels: no first stage
+    one = {**two, "train_acc": [0.8] * 20}
+    histories = {0: grok, 1: two}
+    monkeypatch.setattr(reproduce, "_histories", lambda run, models: {m: histories[m] for m in models})
+    rows = [row("coexistence", model=0, xi=0.0, wd=5.0), row("full_inversion", model=1, xi=0.2, wd=5.0),
+            row("memorization", model=2, xi=0.2, wd=0.0)]
+    assert ipr.criterion(rows, "run")[0] is True and stages.criterion(rows, "run")[0] is True
+    histories[0] = {**grok, "ipr": [0.05] * len(steps)}  # grokked without periodic neurons
+    histories[1] = one
+    assert ipr.criterion(rows, "run")[0] is False and stages.criterion(rows, "run")[0] is False
+
+
+def test_the_batchnorm_claims_compare_the_two_runs():
+    weights, keeps, ignores = (claim("batchnorm", w) for w in ("|BatchNorm weight|", "within 0.1", "recalls fewer"))
+
+    def rows(bn_rho=0.8, bn_ipr=0.6, bn_memorised=0.2, bn_phase="partial_inversion"):
+        return [row(bn_phase if xi else "coexistence", alpha=0.65, xi=xi, corrupted_acc=bn_memorised,
+                    extra={"run": "batchnorm", "bn_ipr_correlation": bn_rho, "mean_ipr": bn_ipr}) for xi in (0.0, 0.2)] + [
+                row("partial_inversion" if xi else "coexistence", alpha=0.65, xi=xi, corrupted_acc=0.4,
+                    extra={"run": "minibatch", "mean_ipr": 0.6}) for xi in (0.0, 0.2)]
+    assert all(c.criterion(rows())[0] for c in (weights, keeps, ignores))
+    assert weights.criterion(rows(bn_rho=0.1))[0] is False
+    assert keeps.criterion(rows(bn_ipr=0.9))[0] is False
+    assert ignores.criterion(rows(bn_memorised=0.5))[0] is False
+    assert ignores.criterion(rows(bn_phase="memorization"))[0] is False
+
+
+def test_the_width_claim_wants_the_wider_network_to_generalise_less():
+    c = claim("width", "largest width")
+    rows = [row("memorization" if xi >= limit else "coexistence", xi=xi, width=w)
+            for w, limit in ((64, 0.4), (512, 0.2)) for xi in (0.0, 0.1, 0.2, 0.3, 0.4)]
+    assert c.criterion(rows) == (True, "N 64: 80% generalise, N 512: 40% generalise")
+    assert c.criterion([r for r in rows if r["width"] == 64] +
+                       [row(r.phase, xi=r["xi"], width=512) for r in rows if r["width"] == 64])[0] is False
 
 
 def test_the_family_and_trained_solution_claims():
@@ -93,7 +166,7 @@ def test_the_family_and_trained_solution_claims():
     rows = [row("coexistence", xi=0.0, wd=5.0), row("memorization", xi=0.15, wd=0.0),
             row("full_inversion", xi=0.15, wd=5.0), row("coexistence", xi=0.0, wd=0.0)]
     assert same.criterion(rows)[0] is True
-    rows[2] = row("memorization", xi=0.15, wd=5.0)
+    rows += [row("memorization", xi=0.15, wd=5.0, seed=s) for s in (1, 2)]  # two of three seeds memorise
     assert same.criterion(rows)[0] is False
     periodic = claim("mul", "similarity")
     assert periodic.criterion([row(extra={"mean_ipr": 0.8, "analytic_similarity": 0.9})])[0] is True
@@ -105,33 +178,62 @@ TINY = {"axes": {"xi": "0,0.3", "wd": "0,15", "width": "8"}, "settings": {"p": 1
 
 @pytest.fixture
 def tiny(monkeypatch):
-    """The wd-xi experiment at a test's size (its criteria then decide on 4 models)."""
-    exp = reproduce.EXPERIMENTS["wd-xi"]
-    monkeypatch.setitem(reproduce.EXPERIMENTS, "wd-xi", reproduce.Experiment(exp.about, exp.full, TINY, analyses=("phase",)))
+    """The weight-decay experiment at a test's size (its criteria then decide on 4 models), and BatchNorm's two
+    runs and the S-term analytic solution at p 7."""
+    for name, quick in (("weight-decay", TINY),
+                        ("batchnorm", {**TINY, "axes": {"alpha": "0.65", "xi": "0,0.2", "width": "8"},
+                                       "settings": {**TINY["settings"], "batch_size": 16},
+                                       "runs": {"batchnorm": {"settings": {"batchnorm": True}}, "minibatch": {}}}),
+                        ("analytic-terms", {"p": 7, "widths": {2: "5,100", 3: "20,2000"}})):
+        exp = reproduce.EXPERIMENTS[name]
+        analyses = ("phase",) if name == "weight-decay" else exp.analyses
+        monkeypatch.setitem(reproduce.EXPERIMENTS, name, reproduce.Experiment(exp.about, exp.full, quick, exp.kind,
+                                                                              analyses))
 
 
 def test_two_experiments_end_to_end_then_kept(tmp_path, tiny):
     out = tmp_path / "rep"
-    args = ["reproduce", "--quick", "--only", "wd-xi,analytic-width", "--out", str(out), "--device", "cpu"]
+    args = ["reproduce", "--quick", "--only", "weight-decay,analytic-width", "--out", str(out), "--device", "cpu"]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
-    assert "wd-xi: trained" in result.output and "analytic-width: trained" in result.output
+    assert "weight-decay: trained" in result.output and "analytic-width: trained" in result.output
     report = (out / "report.md").read_text()
-    wanted = [c for c in reproduce.CLAIMS if c.experiment in ("wd-xi", "analytic-width")]
+    wanted = [c for c in reproduce.CLAIMS if c.experiment in ("weight-decay", "analytic-width")]
     lines = [line for line in report.splitlines() if line.startswith("| ") and "**" in line]
-    assert len(lines) == len(wanted) and all("**holds**" in line or "**differs**" in line for line in lines)
+    assert len(lines) == len(wanted)
+    assert all("**holds**" in line or "**differs**" in line or "**not run**" in line for line in lines)
     exact = next(line for line in lines if "largest width" in line)
     assert "**holds**" in exact and "test accuracy 1.000 at N 500" in exact  # the analytic solution at p 97
-    assert "![wd-xi: phase](wd-xi/phase-wd-vs-xi.png)" in report
+    assert "![weight-decay/phase-wd-vs-xi](weight-decay/phase-wd-vs-xi.png)" in report
     page = (out / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 2 and "<table" in page
     again = runner.invoke(app, args)
-    assert again.exit_code == 0 and "wd-xi: kept" in again.output and "analytic-width: kept" in again.output
+    assert again.exit_code == 0 and "weight-decay: kept" in again.output and "analytic-width: kept" in again.output
+
+
+def test_an_experiment_of_several_runs_is_checked_over_all_of_them(tmp_path, tiny):
+    """BatchNorm against plain minibatches: two runs in DIR/batchnorm, their IPR and BatchNorm weights, and the
+    claims that compare them; the S-term analytic solution: a run per S and one figure."""
+    out = tmp_path / "rep"
+    result = runner.invoke(app, ["reproduce", "--quick", "--only", "batchnorm,analytic-terms", "--out", str(out),
+                                 "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    for run in ("batchnorm/batchnorm", "batchnorm/minibatch", "analytic-terms/terms-2", "analytic-terms/terms-3"):
+        assert (out / run / "models.csv").is_file()
+    assert "bn_ipr_correlation" in (out / "batchnorm/batchnorm/models.csv").read_text()
+    assert "bn_ipr_correlation" not in (out / "batchnorm/minibatch/models.csv").read_text()
+    report = (out / "report.md").read_text()
+    for figure in ("batchnorm/batchnorm/ipr-vs-bn.png", "batchnorm/minibatch/ipr-hist.png",
+                   "analytic-terms/accuracy-vs-width.png"):
+        assert f"]({figure})" in report and (out / figure).is_file()
+    table = {t["claim"].criterion_text: t for t in reproduce.verdicts(out, ["batchnorm", "analytic-terms"], True)}
+    assert all(t["verdict"] in ("holds", "differs") for t in table.values()), table
+    assert "S 2: N 100; S 3: N 2000" in table[claim("analytic-terms", "3-fold").criterion_text]["numbers"]
 
 
 def test_an_interrupted_reproduction_resumes_to_the_same_runs(tmp_path, tiny, monkeypatch):
     straight, out = tmp_path / "straight", tmp_path / "rep"
-    args = ["reproduce", "--quick", "--only", "wd-xi", "--device", "cpu", "--out"]
+    args = ["reproduce", "--quick", "--only", "weight-decay", "--device", "cpu", "--out"]
     assert runner.invoke(app, [*args, str(straight)]).exit_code == 0
     real, calls = TorchBackend.step, {"n": 0}
 
@@ -147,12 +249,12 @@ def test_an_interrupted_reproduction_resumes_to_the_same_runs(tmp_path, tiny, mo
     assert "**not run**" in (out / "report.md").read_text()  # nothing finished: no verdict yet
     monkeypatch.setattr(TorchBackend, "step", real)
     result = runner.invoke(app, [*args, str(out)])
-    assert result.exit_code == 0 and "wd-xi: resumed" in result.output, result.output
-    assert (out / "wd-xi" / "models.csv").read_text() == (straight / "wd-xi" / "models.csv").read_text()
+    assert result.exit_code == 0 and "weight-decay: resumed" in result.output, result.output
+    assert (out / "weight-decay" / "models.csv").read_text() == (straight / "weight-decay" / "models.csv").read_text()
 
 
 def test_an_unknown_experiment_is_one_line(tmp_path):
-    result = runner.invoke(app, ["reproduce", "--only", "wd-xi,nope", "--out", str(tmp_path / "r")])
+    result = runner.invoke(app, ["reproduce", "--only", "weight-decay,nope", "--out", str(tmp_path / "r")])
     assert result.exit_code == 2 and "unknown experiment 'nope'" in result.output.strip().splitlines()[-1]
 
 

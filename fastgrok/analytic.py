@@ -17,6 +17,9 @@ sums of discrete logarithms mod p - 1, so N - 1 neurons are the addition solutio
 period p - 1 (A from N - 1), weight 0 on input 0 and to output 0; neuron 0 carries zero: weight 1 from input 0
 of every operand and 1 to output 0, so an input with a zero operand gives output 0 at least 1, and one without
 gives it nothing.
+
+Any polynomial in x, y (the sequel's Sec. 4, `experts`): a multiplication expert per monomial c x^a y^b, its
+output through a low-temperature softmax, and one S-term addition expert over the S monomials.
 """
 
 from __future__ import annotations
@@ -56,13 +59,14 @@ def check_analytic(op: str, p: int, terms: int) -> None:
                           f"of discrete logarithms); {p} is not prime")
 
 
-def analytic_weights(p: int, width: int, seed: int = 0, terms: int = 2, op: str = "add") -> tuple[torch.Tensor, ...]:
+def analytic_weights(p: int, width: int, seed: int = 0, terms: int = 2, op: str = "add",
+                     draw: tuple = ("analytic",)) -> tuple[torch.Tensor, ...]:
     """The input matrices U_1..U_S (p, N) and W (N, p), in the population layout (U[i, k] = the formula's
-    U[k, i])."""
+    U[k, i]). draw: the random stream of the frequencies and phases (fastgrok.data.generator's)."""
     check_analytic(op, p, terms)
     if op == "mul" and width < 2:
         raise ConfigError("the analytic solution of mul needs a width of 2 or more (one neuron carries zero)")
-    g = generator(seed, "analytic")
+    g = generator(seed, *draw)
     coord, period, periodic = (torch.arange(p), p, width) if op == "add" else (discrete_log(p), p - 1, width - 1)
     f = torch.randint(1, period, (periodic,), generator=g).double()
     phases = torch.rand(terms, periodic, generator=g, dtype=torch.float64) * 2 * math.pi
@@ -76,6 +80,37 @@ def analytic_weights(p: int, width: int, seed: int = 0, terms: int = 2, op: str 
         inputs = [torch.cat([one, u.index_fill(0, torch.tensor([0]), 0.0)], 1) for u in inputs]
         W = torch.cat([one.T, W.index_fill(1, torch.tensor([0]), 0.0)], 0)
     return (*(u.float() for u in inputs), W.float())
+
+
+def experts(op: str, p: int = 97, widths: tuple[int, int] = (500, 2000), seed: int = 0,
+            beta: float = 100.0) -> dict:
+    """The sequel's network for a polynomial sum_s c_s x^a_s y^b_s (its Sec. 4, eq. 9-13): per monomial the
+    analytic multiplication solution (width widths[0]) reading x^a_s and y^b_s, its output through a softmax at
+    inverse temperature beta (nearly one-hot), then the S-term addition solution (width widths[1], phi = x^S)
+    reading those S outputs scaled by c_s. Returns its monomials, and its accuracy and MSE (mean over the p^2
+    inputs and p outputs) against the polynomial's value on all p^2 inputs."""
+    from fastgrok.polynomials import evaluate, monomials, parse
+
+    if not is_prime(p):
+        raise ConfigError(f"the experts' construction needs a prime p (its multiplication experts do); {p} is not")
+    if min(widths) < 2 or not beta > 0:
+        raise ConfigError(f"the experts need widths of 2 or more and beta > 0, got widths {widths}, beta {beta:g}")
+    node = parse(op)
+    terms = monomials(node, p)
+    if not terms:
+        raise ConfigError(f"{op!r} is 0 mod {p}: there is nothing to compute")
+    x, y = (v.reshape(-1) for v in torch.meshgrid(torch.arange(p), torch.arange(p), indexing="ij"))
+    adds = analytic_weights(p, widths[1], seed, len(terms), "add", draw=("experts", len(terms)))
+    hidden = 0.0
+    for s, ((a, b), c) in enumerate(terms.items()):
+        P1, P2, Q = analytic_weights(p, widths[0], seed, 2, "mul", draw=("experts", s))
+        powers = [torch.tensor([pow(i, e, p) for i in range(p)]) for e in (a, b)]  # the monomial's inputs x^a, y^b
+        t = (P1[powers[0][x]] + P2[powers[1][y]]).square() @ Q  # (p^2, p): x^a y^b mod p
+        hidden = hidden + torch.softmax(beta * t, dim=1) @ adds[s][(c * torch.arange(p)) % p]  # reads c_s x^a y^b
+    z = hidden ** len(terms) @ adds[-1]
+    target = evaluate(node, (x, y), p)
+    return {"monomials": terms, "acc": (z.argmax(1) == target).double().mean().item(),
+            "mse": (z - torch.nn.functional.one_hot(target, p)).square().mean().item()}
 
 
 def analytic_grid(p: int, widths: str, seed: int = 0, alpha: float = 0.5, device: str = "cpu", op: str = "add",

@@ -177,6 +177,41 @@ def evaluate(node: Node, operands, p: int) -> torch.Tensor:
     return a * inverses(p)[b] % p
 
 
+def monomials(node: Node, p: int) -> dict[tuple[int, int], int]:
+    """A polynomial in x, y expanded: {(a, b): c} for its terms c x^a y^b, c a non-zero residue mod p."""
+    def times(f, g):
+        out: dict[tuple[int, int], int] = {}
+        for (a, b), c in f.items():
+            for (a2, b2), c2 in g.items():
+                out[a + a2, b + b2] = (out.get((a + a2, b + b2), 0) + c * c2) % p
+        return out
+
+    def walk(n: Node) -> dict[tuple[int, int], int]:
+        if n.kind == "num":
+            return {(0, 0): n.value % p}
+        if n.kind == "var":
+            if n.value > 1:
+                raise ConfigError("the experts' construction takes a polynomial in x and y")
+            return {(1, 0) if n.value == 0 else (0, 1): 1}
+        if n.kind == "neg":
+            return {k: -c % p for k, c in walk(n.args[0]).items()}
+        if n.kind == "pow":
+            out, base = {(0, 0): 1}, walk(n.args[0])
+            for _ in range(n.value):
+                out = times(out, base)
+            return out
+        if n.kind in ("+", "-"):
+            out, sign = dict(walk(n.args[0])), 1 if n.kind == "+" else -1
+            for k, c in walk(n.args[1]).items():
+                out[k] = (out.get(k, 0) + sign * c) % p
+            return out
+        if n.kind == "*":
+            return times(walk(n.args[0]), walk(n.args[1]))
+        raise ConfigError("the experts' construction takes a polynomial without division")
+
+    return {k: c for k, c in sorted(walk(node).items()) if c}
+
+
 def inverses(p: int) -> torch.Tensor:
     """(p,) the inverse of each residue mod the prime p (entry 0: 0, which has none)."""
     return torch.tensor([0] + [pow(k, p - 2, p) for k in range(1, p)])

@@ -39,7 +39,7 @@ class Experiment:
     about: str
     full: dict
     quick: dict
-    kind: str = "train"  # or "analytic"
+    kind: str = "train"  # or "analytic", or "experts" (experts.csv: the sequel's construction, nothing trained)
     analyses: tuple[str, ...] = ()
 
 
@@ -61,6 +61,8 @@ ANALYSES = {
     "accuracy": ("accuracy-vs-width.png", None),  # drawn by `analytic` itself
 }
 
+# the polynomials of the sequel's App. B table
+APP_B = ("2x^4y+x^2y^2+3xy^3", "x^5y^3+4x^2y+5x^2y^3", "7x^4y^4+2x^3y^2+4x^2y^5")
 # the papers' phase diagrams: 17 data fractions by 19 corruption levels (To grok, App. A.1), each a grid axis
 DIAGRAM = {"alpha": "0.1:0.9:17", "xi": "0:0.9:19"}
 # --quick's: one data fraction, 13 corruption levels, p 47 and N 128 (a diagram's row in about a minute on 2 cores)
@@ -128,6 +130,12 @@ EXPERIMENTS = {
         quick={"axes": {"xi": "0,0.2", "wd": "0,15", "alpha": "0.6", "width": "256", "lr": "0.003"},
                "settings": {"model": "deep-mlp", "depth": 2, "p": 41, "steps": 3000}},
         analyses=("phase",)),
+    "experts": Experiment(
+        "the sequel's construction for polynomials no network learns by training (its App. B): a multiplication "
+        "expert (N 500) per monomial, a softmax (beta 100), a 3-term addition expert (N 2000), at p 97 and 23",
+        full={"ops": APP_B, "p": (97, 23), "widths": (500, 2000)},
+        quick={"ops": APP_B, "p": (97, 23), "widths": (500, 2000)},
+        kind="experts"),
     "mul": Experiment(
         "multiplication trained (the sequel's Fig. 3: p 97, N 500, alpha 0.5, lr 0.005, wd 5), its neurons' IPR in "
         "the discrete-log basis",
@@ -409,6 +417,13 @@ def _width_grows_with_terms(rows, run=None):
     return ok, "; ".join(f"S {S}: " + (f"N {n}" if n is not None else "none of the widths") for S, n in needed.items())
 
 
+def _experts_exact(rows, run=None):
+    exact = sum(r["acc"] == 1.0 for r in rows)
+    mse = [r["mse"] for r in rows]
+    return bool(rows) and exact == len(rows), (f"{exact} of {len(rows)} exact on all p^2 inputs; MSE {min(mse):.4f}-"
+                                                f"{max(mse):.4f} (the paper's 0.0077-0.0102)" if rows else "none built")
+
+
 def _learnable_iff_sum_form(rows, run=None):
     from fastgrok.analysis import generalised_at
     from fastgrok.polynomials import SURVEY
@@ -500,6 +515,9 @@ CLAIMS = [
           "like the analytic solution's.", "sum4",
           "test accuracy 0.99, mean IPR and similarity to the analytic neurons 0.6 or more",
           _learns_the_periodic_solution),
+    Claim(POLYNOMIALS, "Sec. 4, App. B", "Multiplication experts for the monomials, a softmax and an addition "
+          "expert make a network exact on polynomials that no network learns by training.", "experts",
+          "accuracy 1 on all p^2 inputs for each of App. B's three polynomials at p 97 and 23", _experts_exact),
     Claim(POLYNOMIALS, "Hypothesis 5.1, App. C", "A network generalises on a polynomial exactly when it has the form "
           "h(g1(x) + g2(y)).", "learnability",
           "a polynomial has a majority of seeds at test accuracy 0.9 at some alpha exactly when it is predicted "
@@ -554,7 +572,7 @@ def planned_steps(names: list[str], out: Path, quick: bool, device: str = "auto"
     """The model-steps the experiments not yet complete in `out` train (an interrupted one counted whole)."""
     total = 0
     for name in names:
-        if EXPERIMENTS[name].kind == "analytic":
+        if EXPERIMENTS[name].kind != "train":
             continue
         for run, spec in _runs(name, out, quick):
             if not _complete(run):
@@ -571,7 +589,7 @@ def plan_experiments(names: list[str], out: Path, quick: bool, device: str = "au
     table = []
     for name in names:
         runs = [(run, spec) for run, spec in _runs(name, out, quick) if not _complete(run)]
-        if EXPERIMENTS[name].kind == "analytic":
+        if EXPERIMENTS[name].kind != "train":
             table.append({"experiment": name, "runs": len(runs), "models": 0, "model_steps": 0, "seconds": 0.0})
             continue
         models = steps = seconds = 0
@@ -596,7 +614,11 @@ def run_experiment(name: str, out: Path, quick: bool, device: str = "auto",
     exp, done = EXPERIMENTS[name], "kept"
     runs = _runs(name, out, quick)
     for run, spec in runs:
-        if exp.kind == "analytic":
+        if exp.kind == "experts":
+            if not (run / "experts.csv").exists():
+                _build_experts(run, spec, device)
+                done = "trained"
+        elif exp.kind == "analytic":
             if not (run / "config.json").exists():
                 analytic_run(run, p=spec["p"], widths=spec["widths"], terms=spec.get("terms", 2),
                              device="cpu" if device == "auto" else device)
@@ -624,11 +646,32 @@ def run_experiment(name: str, out: Path, quick: bool, device: str = "auto",
     return done
 
 
+def _build_experts(run: Path, spec: dict, device: str) -> None:
+    """experts.csv: the construction's accuracy and MSE for each polynomial and p of the spec."""
+    from fastgrok.analytic import experts
+    from fastgrok.results import write_csv
+
+    rows = [["op", "p", "monomials", "acc", "mse"]]
+    for op in spec["ops"]:
+        for p in spec["p"]:
+            result = experts(op, p, spec["widths"])
+            rows.append([op, p, len(result["monomials"]), f"{result['acc']:.6g}", f"{result['mse']:.6g}"])
+    run.mkdir(parents=True, exist_ok=True)
+    write_csv(run / "experts.csv", rows)
+
+
 def experiment_rows(name: str, out: Path, quick: bool) -> list | None:
     """The models.csv rows of an experiment's runs, or None while one of them is not complete. Each row also has
     its run's name (`run`: the folder in DIR/name, or None) and number of terms (`terms`)."""
     from fastgrok.results import read_config, read_models
 
+    if EXPERIMENTS[name].kind == "experts":
+        import csv
+
+        if not (out / name / "experts.csv").exists():
+            return None
+        with open(out / name / "experts.csv", newline="") as f:
+            return [{**r, "p": int(r["p"]), "acc": float(r["acc"]), "mse": float(r["mse"])} for r in csv.DictReader(f)]
     rows = []
     for run, _ in _runs(name, out, quick):
         if not _complete(run):

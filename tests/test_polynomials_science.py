@@ -8,7 +8,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from fastgrok.analytic import analytic_weights, discrete_log, primitive_root
+from fastgrok.analytic import analytic_weights, discrete_log, experts, primitive_root
 from fastgrok.cli import app
 from fastgrok.config import Grid, Settings
 from fastgrok.data import task_table
@@ -17,6 +17,8 @@ from fastgrok.ipr import analytic_similarity, in_basis, neuron_ipr
 from fastgrok.population import Population
 from fastgrok.results import read_config, read_models, settings_of
 from fastgrok.train import train
+from fastgrok.errors import ConfigError
+from fastgrok.polynomials import monomials, parse
 
 runner = CliRunner()
 
@@ -128,3 +130,40 @@ def test_a_polynomial_of_the_form_h_of_a_sum_generalises_and_its_twin_does_not(t
     assert [table[op]["predicted"] for op in ops] == ["learnable", "not learnable"] * 2
     assert [table[op]["from_alpha"] for op in ops] == ["0.5", "", "0.5", ""]
     assert (run.out / "learnability.png").is_file()
+
+
+@pytest.mark.parametrize("op, terms", [
+    ("(x+y)^2", {(0, 2): 1, (1, 1): 2, (2, 0): 1}),
+    ("3x-(y+1)^2", {(0, 0): 10, (0, 1): 9, (0, 2): 10, (1, 0): 3}),  # mod 11: -1 = 10, -2 = 9
+    ("xy-yx+12", {(0, 0): 1}),
+])
+def test_a_polynomial_expands_into_its_monomials_mod_p(op, terms):
+    assert monomials(parse(op), 11) == terms
+
+
+@pytest.mark.parametrize("op", ["x/y", "x1+x2+x3"])
+def test_the_experts_take_a_polynomial_in_x_and_y_without_division(op):
+    with pytest.raises(ConfigError, match="experts' construction"):
+        monomials(parse(op, terms=3 if "x3" in op else 2), 11)
+
+
+def test_the_experts_construction_is_exact_on_a_polynomial_no_network_learns():
+    """App. B's first polynomial at p 11: three multiplication experts, a softmax, a 3-term addition expert. Too
+    narrow an addition expert is not exact; nor is a softmax too warm to pick one residue, whose near-uniform
+    outputs leave the addition expert's output near 0 (MSE near 1/p)."""
+    op = "2x^4y+x^2y^2+3xy^3"
+    built = experts(op, 11, (100, 1000))
+    assert built["acc"] == 1.0 and built["mse"] < 0.05 and len(built["monomials"]) == 3
+    assert experts(op, 11, (100, 20))["acc"] < 0.9
+    warm = experts(op, 11, (100, 1000), beta=0.1)
+    assert warm["acc"] < 1.0 and warm["mse"] > 0.9 / 11
+
+
+def test_the_experts_command_prints_the_table_and_refuses_bad_input():
+    result = runner.invoke(app, ["experts", "--op", "x^2y+xy^2", "--p", "7", "--width", "50", "--add-width", "200"],
+                           terminal_width=200)
+    assert result.exit_code == 0 and "x^2y+xy^2" in result.output, result.output
+    for args, message in ((["--op", "x/y"], "without division"), (["--op", "xy", "--p", "12"], "not"),
+                          (["--op", "xy", "--p", "seven"], "prime moduli")):
+        bad = runner.invoke(app, ["experts", *args])
+        assert bad.exit_code == 2 and message in bad.output.strip().splitlines()[-1], bad.output

@@ -161,6 +161,14 @@ def test_the_width_claim_wants_the_wider_network_to_generalise_less():
                        [row(r.phase, xi=r["xi"], width=512) for r in rows if r["width"] == 64])[0] is False
 
 
+def test_the_experts_claim_wants_every_polynomial_exact():
+    c = claim("experts", "accuracy 1")
+    rows = [{"op": op, "p": p, "acc": 1.0, "mse": 0.012} for op in reproduce.APP_B for p in (97, 23)]
+    assert c.criterion(rows) == (True, "6 of 6 exact on all p^2 inputs; MSE 0.0120-0.0120 (the paper's 0.0077-0.0102)")
+    rows[3] = {**rows[3], "acc": 0.98}
+    assert c.criterion(rows)[0] is False and c.criterion([])[0] is False
+
+
 def test_the_family_and_trained_solution_claims():
     same = claim("transformer", "corrupted with")
     rows = [row("coexistence", xi=0.0, wd=5.0), row("memorization", xi=0.15, wd=0.0),
@@ -184,7 +192,8 @@ def tiny(monkeypatch):
                         ("batchnorm", {**TINY, "axes": {"alpha": "0.65", "xi": "0,0.2", "width": "8"},
                                        "settings": {**TINY["settings"], "batch_size": 16},
                                        "runs": {"batchnorm": {"settings": {"batchnorm": True}}, "minibatch": {}}}),
-                        ("analytic-terms", {"p": 7, "widths": {2: "5,100", 3: "20,2000"}})):
+                        ("analytic-terms", {"p": 7, "widths": {2: "5,100", 3: "20,2000"}}),
+                        ("experts", {"ops": reproduce.APP_B[:1], "p": (11,), "widths": (100, 1000)})):
         exp = reproduce.EXPERIMENTS[name]
         analyses = ("phase",) if name == "weight-decay" else exp.analyses
         monkeypatch.setitem(reproduce.EXPERIMENTS, name, reproduce.Experiment(exp.about, exp.full, quick, exp.kind,
@@ -215,8 +224,8 @@ def test_an_experiment_of_several_runs_is_checked_over_all_of_them(tmp_path, tin
     """BatchNorm against plain minibatches: two runs in DIR/batchnorm, their IPR and BatchNorm weights, and the
     claims that compare them; the S-term analytic solution: a run per S and one figure."""
     out = tmp_path / "rep"
-    result = runner.invoke(app, ["reproduce", "--quick", "--only", "batchnorm,analytic-terms", "--out", str(out),
-                                 "--device", "cpu"])
+    result = runner.invoke(app, ["reproduce", "--quick", "--only", "batchnorm,analytic-terms,experts", "--out",
+                                 str(out), "--device", "cpu"])
     assert result.exit_code == 0, result.output
     for run in ("batchnorm/batchnorm", "batchnorm/minibatch", "analytic-terms/terms-2", "analytic-terms/terms-3"):
         assert (out / run / "models.csv").is_file()
@@ -226,9 +235,11 @@ def test_an_experiment_of_several_runs_is_checked_over_all_of_them(tmp_path, tin
     for figure in ("batchnorm/batchnorm/ipr-vs-bn.png", "batchnorm/minibatch/ipr-hist.png",
                    "analytic-terms/accuracy-vs-width.png"):
         assert f"]({figure})" in report and (out / figure).is_file()
-    table = {t["claim"].criterion_text: t for t in reproduce.verdicts(out, ["batchnorm", "analytic-terms"], True)}
+    names = ["batchnorm", "analytic-terms", "experts"]
+    table = {t["claim"].criterion_text: t for t in reproduce.verdicts(out, names, True)}
     assert all(t["verdict"] in ("holds", "differs") for t in table.values()), table
     assert "S 2: N 100; S 3: N 2000" in table[claim("analytic-terms", "3-fold").criterion_text]["numbers"]
+    assert table[claim("experts", "accuracy 1").criterion_text]["verdict"] == "holds"  # App. B's first, at p 11
 
 
 def test_an_interrupted_reproduction_resumes_to_the_same_runs(tmp_path, tiny, monkeypatch):

@@ -595,8 +595,9 @@ def reproduce(
         _table(f"fastgrok reproduce{' --quick' if quick else ''}: what is left to train", ["experiment", "runs", "models",
                "model-steps", "estimated time"], [[t["experiment"], t["runs"], f"{t['models']:,}", f"{t['model_steps']:,}",
                                                    _duration(t["seconds"])] for t in table])
-        typer.echo(f"About {_duration(sum(t['seconds'] for t in table))} in all on this device, the planner's estimate "
-                   "from a few measured steps of each run (analyses not counted).")
+        typer.echo(f"{sum(t['model_steps'] for t in table):,} model-steps: about {_duration(sum(t['seconds'] for t in table))} "
+                   "in all on this device, the planner's estimate from a few measured steps of each run (analyses "
+                   "not counted).")
         return
     total = _call(repro.planned_steps, names, out, quick, device)
     bar = Progress(TextColumn("{task.fields[done]}/{task.fields[of]} experiments"), BarColumn(bar_width=20),

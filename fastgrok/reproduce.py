@@ -3,10 +3,11 @@
 checks each claim of the papers against them.
 
 EXPERIMENTS says what each experiment trains, at the papers' size and at a reduced one (--quick, for a CPU);
-CLAIMS is the table of claims: each one's statement with where the paper makes it (a section, figure or table), the experiment it reads, and the
-criterion that decides whether it holds there, a function of the run's models.csv rows that returns the verdict
-and the numbers behind it. Every experiment is a run directory DIR/<name>: a second call skips the complete ones
-and resumes an interrupted one.
+CLAIMS is the table of claims: each one's statement with where the paper makes it (a section, figure or table),
+the experiment it reads, and the criterion that decides whether it holds there, a function of the run's
+models.csv rows (and its pruning curves or histories) that returns the verdict and the numbers behind it. Every
+experiment is a run directory DIR/<name> (or several in it): a second call skips the complete ones and resumes
+an interrupted one.
 """
 
 from __future__ import annotations
@@ -32,9 +33,9 @@ POLYNOMIALS = "Grokking modular polynomials (Doshi, He, Das, Gromov 2024)"
 @dataclass(frozen=True)
 class Experiment:
     """A run: `train` grid axes and settings (as the command line spells them) at the papers' size and at --quick's,
-    or an `analytic` solution's widths; then the analyses its claims read (ANALYSES). A spec's "runs" (name ->
-    axes and settings that differ) makes it several runs, DIR/<experiment>/<name>: settings a grid cannot vary
-    (BatchNorm), compared."""
+    an `analytic` solution's widths, or the `experts` built for polynomials; then the analyses its claims read
+    (ANALYSES). A spec's "runs" (name -> axes and settings that differ) makes it several runs,
+    DIR/<experiment>/<name>: settings a grid cannot vary (BatchNorm), compared."""
 
     about: str
     full: dict
@@ -57,6 +58,7 @@ ANALYSES = {
     **{f"prune-{order}": (f"prune-{order}.png", lambda analysis, run, order=order:
                           analysis.prune(run, order=order, models="coexistence")) for order in ("low", "high", "random")},
     "curves": ("curves-model*.png", _noisy_curves),
+    "prune-every-model": ("prune-low.png", lambda analysis, run: analysis.prune(run, order="low")),
     "learnability": ("learnability.png", lambda analysis, run: analysis.learnability(run)),
     "accuracy": ("accuracy-vs-width.png", None),  # drawn by `analytic` itself
 }
@@ -67,6 +69,19 @@ APP_B = ("2x^4y+x^2y^2+3xy^3", "x^5y^3+4x^2y+5x^2y^3", "7x^4y^4+2x^3y^2+4x^2y^5"
 DIAGRAM = {"alpha": "0.1:0.9:17", "xi": "0:0.9:19"}
 # --quick's: one data fraction, 13 corruption levels, p 47 and N 128 (a diagram's row in about a minute on 2 cores)
 QUICK_ROW = {"xi": "0:0.6:13", "width": "128"}
+
+
+
+def _variant(about: str, settings: dict) -> Experiment:
+    """The weight-decay diagram with other settings, logged every 20 steps (forgetting told from confusion by the
+    first step at test accuracy 0.9); --quick: xi 0-0.6 in 4 levels at wd 0, 5 and 20, p 47, N 128."""
+    return Experiment(about + ": phases over alpha and xi at weight decay 0, 5, 15 and 20 (--quick: xi 0-0.6 in 4 "
+                      "levels at wd 0, 5 and 20)",
+                      full={"axes": {**DIAGRAM, "wd": "0,5,15,20"}, "settings": {**settings, "log_every": 20}},
+                      quick={"axes": {"xi": "0:0.6:4", "wd": "0,5,20", "width": "128"},
+                             "settings": {"p": 47, **settings, "log_every": 20}},
+                      analyses=("phase",))
+
 
 EXPERIMENTS = {
     "weight-decay": Experiment(
@@ -103,6 +118,18 @@ EXPERIMENTS = {
         full={"axes": {**DIAGRAM, "width": "500,5000"}, "settings": {}},
         quick={"axes": {"xi": "0:0.6:7", "width": "64,128,512"}, "settings": {"p": 47}},
         analyses=("phase",)),
+    "mul-diagram": _variant("multiplication's phases, compared cell by cell with weight-decay's addition (To grok's "
+                            "App. P)", {"op": "mul"}),
+    "cross-entropy": _variant("phases with the cross-entropy loss (To grok's App. M)", {"loss": "ce"}),
+    "relu": _variant("phases of the ReLU MLP (To grok's App. N)", {"act": "relu"}),
+    "prune-width": Experiment(
+        "how many neurons a generalising network needs: models of widths 500 to 10,000, 40 seeds, alpha 0.5, "
+        "xi 0.35, wd 1, lr 0.005, each pruned low-IPR first (To grok's App. Q, Fig. 32; --quick: p 47, widths 64 "
+        "to 512, xi 0.2 and wd 2, where p 47's wider networks generalise)",
+        full={"axes": {"xi": "0.35", "wd": "1", "lr": "0.005", "width": "500,1000,2000,5000,10000",
+                       "seed": "0:39:40"}, "settings": {}},
+        quick={"axes": {"xi": "0.2", "wd": "2", "lr": "0.005", "width": "64,128,256,512"}, "settings": {"p": 47}},
+        analyses=("prune-every-model",)),
     "analytic-width": Experiment(
         "the analytic solution of addition against the width (Gromov 2023, as the paper uses it)",
         full={"p": 97, "widths": "10,20,50,100,150,200,300,500"},
@@ -185,8 +212,8 @@ ROW = 0.5  # the data fraction of the diagrams' row that --quick trains (and of 
 class Claim:
     """One claim of a paper: its statement, where the paper makes it, the experiment that tests it, and the
     criterion: (rows, run) -> (holds, the numbers behind the verdict), from the experiment's models.csv rows and,
-    for what they do not hold (pruning curves, training histories), its run directory. `criterion_text` states
-    the criterion as the report prints it."""
+    for what they do not hold (pruning curves, training histories), its run directory; with `also`, the rows of
+    those experiments too. `criterion_text` states the criterion as the report prints it."""
 
     paper: str
     where: str
@@ -194,6 +221,7 @@ class Claim:
     experiment: str
     criterion_text: str
     criterion: Callable[[list, Path | None], tuple[bool, str]] = field(repr=False)
+    also: tuple[str, ...] = ()  # experiments whose rows the criterion compares with (each row has `experiment`)
 
 
 def _coexistence_without_noise(rows, run=None):
@@ -222,10 +250,38 @@ def _inversion_with_weight_decay(rows, run=None):
     return share >= 0.8, f"{share:.0%} of the wd 5, xi 0.15-0.3 models invert ({_phases(mid)})"
 
 
+def _forgot(r) -> bool:
+    """Forgetting proper: test accuracy 0.9 at a logged step, then ended below (the phase lumps in confusion: a
+    model that never generalised)."""
+    return r.phase == "forgetting" and r["test90_step"] is not None
+
+
 def _forgetting_with_strong_weight_decay(rows, run=None):
-    strong = _by(rows, alpha=ROW, wd=20.0)
-    share = _share(strong, ("forgetting",))
-    return share > 0.5, f"{share:.0%} of the wd 20 models forget ({_phases(strong)})"
+    found = []
+    for wd in (20.0, 15.0):
+        strong = _by(rows, alpha=ROW, wd=wd)
+        never = sum(r.phase == "forgetting" and not _forgot(r) for r in strong)
+        found.append((sum(map(_forgot, strong)), len(strong), never))
+    (forgot, of, never), at15 = found
+    return of > 0 and forgot > of / 2, (f"{forgot} of {of} models at wd 20 generalised then forgot, {never} never "
+                                        f"generalised (confusion); at wd 15 {at15[0]} of {at15[1]} forgot")
+
+
+def _no_forgetting(rows, run=None):
+    forgot = [r for r in rows if _forgot(r)]
+    strongest = max(r["wd"] for r in rows)
+    confused = [r for r in _by(rows, wd=strongest) if r.phase == "forgetting" and not _forgot(r)]
+    return not forgot and bool(confused), (f"{len(forgot)} of {len(rows)} models generalised then forgot; "
+                                           f"{len(confused)} at wd {strongest:g} never generalised (confusion)")
+
+
+def _same_phases_for_mul(rows, run=None):
+    add = {(r["alpha"], r["xi"], r["wd"]): r.phase for r in rows if r["experiment"] == "weight-decay"}
+    mul = [r for r in rows if r["experiment"] == "mul-diagram"]
+    shared = [r for r in mul if (r["alpha"], r["xi"], r["wd"]) in add]
+    same = sum(r.phase == add[r["alpha"], r["xi"], r["wd"]] for r in shared)
+    return bool(shared) and same >= 0.8 * len(shared), (f"the same phase in {same} of {len(shared)} cells "
+                                                        f"({_phases(mul)} for multiplication)")
 
 
 def _ipr_separates_the_phases(rows, run=None):
@@ -308,6 +364,35 @@ def _histories(run, models) -> dict[int, dict[str, list]]:
             for name in out[m]:
                 out[m][name].append(table[name][k])
     return out
+
+
+def _needed_neurons(rows, run) -> dict[int, list[int]]:
+    """Each width: for each model that generalises, the neurons it needs: its width less the most neurons pruned
+    low-IPR first (prune-low.parquet) with its test accuracy still 0.9 at every level up to them."""
+    import pyarrow.parquet as pq
+
+    if run is None or not (Path(run) / "prune-low.parquet").is_file():
+        return {}
+    curves = pq.read_table(Path(run) / "prune-low.parquet").to_pydict()
+    needed: dict[int, list[int]] = {}
+    for r in rows:
+        at = sorted((curves["pruned"][k], curves["test_acc"][k]) for k, m in enumerate(curves["model"]) if m == r.model)
+        if not at or at[0][1] < 0.9:
+            continue
+        kept = next((n for (n, acc), following in zip(at, at[1:] + [(None, 0.0)]) if following[1] < 0.9), at[-1][0])
+        needed.setdefault(r["width"], []).append(r["width"] - kept)
+    return dict(sorted(needed.items()))
+
+
+def _needed_grows_sublinearly(rows, run=None):
+    import numpy as np
+
+    needed = {w: sum(n) / len(n) for w, n in _needed_neurons(rows, run).items()}
+    if len(needed) < 2:
+        return False, f"generalising models at {len(needed)} width(s): two or more are needed"
+    exponent = float(np.polyfit(np.log(list(needed)), np.log(list(needed.values())), 1)[0])
+    return exponent < 1, (", ".join(f"N {w}: {n:.0f}" for w, n in needed.items())
+                          + f" neurons needed (mean over the generalising seeds); exponent {exponent:.2f}")
 
 
 def _ipr_rises_with_grokking(rows, run=None):
@@ -451,8 +536,8 @@ CLAIMS = [
           "80% or more of the models at alpha 0.5, wd 5 and xi 0.15-0.3 are in partial or full inversion",
           _inversion_with_weight_decay),
     Claim(TO_GROK, "App. E", "Too much weight decay makes the network forget what it learned (forgetting).",
-          "weight-decay", "more than half of the models at alpha 0.5 and wd 20 are in forgetting",
-          _forgetting_with_strong_weight_decay),
+          "weight-decay", "more than half of the models at alpha 0.5 and wd 20 reach test accuracy 0.9 at a logged "
+          "step and end below it", _forgetting_with_strong_weight_decay),
     Claim(TO_GROK, "Hypothesis 2.1, Fig. 4", "Generalising networks are made of periodic (high-IPR) neurons, "
           "memorising ones of low-IPR neurons.", "weight-decay", "mean neuron IPR of the coexistence and inversion "
           "models at least 0.3 above the memorisation models'", _ipr_separates_the_phases),
@@ -493,6 +578,19 @@ CLAIMS = [
     Claim(TO_GROK, "App. O", "A wider network memorises more: without regularisation fewer models generalise at "
           "N 5000 than at N 500.", "width", "the share of models in coexistence or inversion is lower at the largest "
           "width than at the smallest", _wider_memorises),
+    Claim(TO_GROK, "App. P", "Multiplication has almost the same phase diagram as addition.", "mul-diagram",
+          "the same phase as addition's (weight-decay) in 80% or more of the cells both trained",
+          _same_phases_for_mul, also=("weight-decay",)),
+    Claim(TO_GROK, "App. M", "With the cross-entropy loss there is no forgetting: too much weight decay leaves the "
+          "network unable to generalise (confusion).", "cross-entropy", "no model reaches test accuracy 0.9 and "
+          "then ends below it, and some model at the strongest weight decay never reaches it", _no_forgetting),
+    Claim(TO_GROK, "App. N", "A ReLU network shows no forgetting either.", "relu", "no model reaches test accuracy "
+          "0.9 and then ends below it, and some model at the strongest weight decay never reaches it",
+          _no_forgetting),
+    Claim(TO_GROK, "App. Q, Fig. 32", "The neurons a generalising network needs, once its memorising neurons are "
+          "pruned, grow sub-linearly with its width.", "prune-width", "the neurons needed (width less the most "
+          "pruned low-IPR first with test accuracy 0.9 kept) fitted as N^k over the widths: k below 1",
+          _needed_grows_sublinearly),
     Claim(TO_GROK, "Fig. 7a", "A transformer shows the MLP's phases: memorisation of corrupted labels without "
           "regularisation, inversion with weight decay.", "transformer",
           "clean data with weight decay: coexistence; corrupted without: memorization; corrupted with: partial or "
@@ -678,7 +776,7 @@ def experiment_rows(name: str, out: Path, quick: bool) -> list | None:
             return None
         terms = read_config(run)["settings"].get("terms", 2)
         for row in read_models(run):
-            row.extra.update(run=run.name if run != out / name else None, terms=terms)
+            row.extra.update(run=run.name if run != out / name else None, terms=terms, experiment=name)
             rows.append(row)
     return rows
 
@@ -689,10 +787,13 @@ def verdicts(out: Path, names: list[str], quick: bool) -> list[dict]:
     for claim in CLAIMS:
         if claim.experiment not in names:
             continue
-        rows = experiment_rows(claim.experiment, out, quick)
-        if rows is None:
-            table.append({"claim": claim, "verdict": "not run", "numbers": "the experiment has not finished"})
+        found = {name: experiment_rows(name, out, quick) for name in (claim.experiment, *claim.also)}
+        missing = [name for name, rows in found.items() if rows is None]
+        if missing:
+            table.append({"claim": claim, "verdict": "not run",
+                          "numbers": f"{', '.join(missing)} has not finished (--only {','.join(missing)})"})
             continue
+        rows = [row for name, rows in found.items() for row in rows]
         try:
             holds, numbers = claim.criterion(rows, out / claim.experiment)
         except (KeyError, AttributeError) as e:  # a column an analysis adds (mean_ipr) is missing

@@ -142,21 +142,23 @@ EXPERIMENTS = {
         quick={"p": 23, "widths": {2: "10,20,50,100,200,500,1000,2000", 3: "50,100,200,500,1000,2000,5000"}},
         kind="analytic", analyses=("accuracy",)),
     "transformer": Experiment(
-        "the encoder-only transformer (To grok's Fig. 7a: lr 0.001, 3000 steps, 3 seeds): clean and corrupted "
-        "data, without and with weight decay",
-        full={"axes": {"xi": "0,0.15", "wd": "0,5", "alpha": "0.5", "width": "128", "lr": "0.001", "seed": "0,1,2"},
+        "the encoder-only transformer (To grok's Fig. 7a: d 128, lr 0.001, 3000 steps, 3 seeds; weight decay 10 and "
+        "50 as its panels read, and 0): phases over alpha and xi, and its embeddings' IPR (--quick: p 23, alpha "
+        "0.9, xi 0 and 0.15, wd 0 and 5)",
+        full={"axes": {**DIAGRAM, "wd": "0,10,50", "width": "128", "lr": "0.001", "seed": "0,1,2"},
               "settings": {"model": "transformer", "steps": 3000}},
         quick={"axes": {"xi": "0,0.15", "wd": "0,5", "alpha": "0.9", "width": "64", "lr": "0.005"},
                "settings": {"model": "transformer", "p": 23, "steps": 1500}},
-        analyses=("phase",)),
+        analyses=("phase", "ipr")),
     "deep-mlp": Experiment(
-        "the 3-layer ReLU MLP (To grok's Fig. 7b: lr 0.001, 5000 steps, 3 seeds): clean and corrupted data, without "
-        "and with weight decay",
-        full={"axes": {"xi": "0,0.2", "wd": "0,15", "alpha": "0.5", "width": "500", "lr": "0.001", "seed": "0,1,2"},
+        "the 3-layer ReLU MLP (To grok's Fig. 7b: N 500, lr 0.001, 5000 steps, 3 seeds; weight decay 0 and 15): "
+        "phases over alpha and xi, and its first layer's IPR (--quick: 2 layers of 256, p 41, alpha 0.6, xi 0 and "
+        "0.2)",
+        full={"axes": {**DIAGRAM, "wd": "0,15", "width": "500", "lr": "0.001", "seed": "0,1,2"},
               "settings": {"model": "deep-mlp", "depth": 3, "steps": 5000}},
         quick={"axes": {"xi": "0,0.2", "wd": "0,15", "alpha": "0.6", "width": "256", "lr": "0.003"},
                "settings": {"model": "deep-mlp", "depth": 2, "p": 41, "steps": 3000}},
-        analyses=("phase",)),
+        analyses=("phase", "ipr")),
     "experts": Experiment(
         "the sequel's construction for polynomials no network learns by training (its App. B): a multiplication "
         "expert (N 500) per monomial, a softmax (beta 100), a 3-term addition expert (N 2000), at p 97 and 23",
@@ -462,17 +464,43 @@ def _wider_memorises(rows, run=None):
     return share[wide] < share[narrow], ", ".join(f"N {w}: {s:.0%} generalise" for w, s in share.items())
 
 
-def _same_phases_as_the_mlp(rows, run=None):
-    noisy = max(r["xi"] for r in rows)
-    wd = max(r["wd"] for r in rows)
-    found = {}
-    for key in ((False, True), (True, False), (True, True)):
-        seeds = Counter(r.phase for r in rows if (r["xi"] > 0, r["wd"] > 0) == key)
-        found[key] = seeds.most_common(1)[0][0] if seeds else None
-    want = {(False, True): ("coexistence",), (True, False): ("memorization",), (True, True): INVERTING}
-    ok = all(found[k] in v for k, v in want.items())
-    return ok, (f"xi 0, wd {wd:g}: {found[(False, True)]}; xi {noisy:g}, wd 0: {found[(True, False)]}; "
-                f"xi {noisy:g}, wd {wd:g}: {found[(True, True)]} (the seeds' majority)")
+def _one_row(rows):
+    """A diagram's alpha 0.5 row, or all the rows of an experiment trained at one other alpha."""
+    return _by(rows, alpha=ROW) or rows
+
+
+def _same_phases_as_the_mlp(noisy: float):
+    """Criterion: at alpha 0.5 (or the one alpha trained), the majority phase over seeds of clean data at the
+    strongest weight decay, and of corruption `noisy` without weight decay and at the strongest."""
+    def criterion(rows, run=None):
+        row = _one_row(rows)
+        wd = max(r["wd"] for r in row)
+        cells = {"clean": (0.0, wd), "corrupted": (noisy, 0.0), "both": (noisy, wd)}
+        found = {}
+        for name, (xi, w) in cells.items():
+            seeds = Counter(r.phase for r in _by(row, xi=xi, wd=w))
+            found[name] = seeds.most_common(1)[0][0] if seeds else None
+        ok = (found["clean"] == "coexistence" and found["corrupted"] == "memorization"
+              and found["both"] in INVERTING)
+        return ok, (f"xi 0, wd {wd:g}: {found['clean']}; xi {noisy:g}, wd 0: {found['corrupted']}; xi {noisy:g}, "
+                    f"wd {wd:g}: {found['both']} (the seeds' majority)")
+    return criterion
+
+
+def _input_layer_periodic(column: str):
+    """Criterion: the input layer's mean IPR (models.csv `column`) of the generalising models is 0.1 or more above
+    the memorising ones'."""
+    def criterion(rows, run=None):
+        mean = {}
+        for name, phases in (("generalising", GENERALISING), ("memorising", ("memorization",))):
+            values = [r[column] for r in rows if r.phase in phases]
+            mean[name] = (sum(values) / len(values), len(values)) if values else None
+        if None in mean.values():
+            return False, "both generalising and memorising models are needed"
+        (high, n_high), (low, n_low) = mean["generalising"], mean["memorising"]
+        return high >= low + 0.1, (f"input layer's mean IPR {high:.2f} over {n_high} generalising models, {low:.2f} "
+                                   f"over {n_low} memorising ones")
+    return criterion
 
 
 def _learns_the_periodic_solution(rows, run=None):
@@ -593,11 +621,17 @@ CLAIMS = [
           _needed_grows_sublinearly),
     Claim(TO_GROK, "Fig. 7a", "A transformer shows the MLP's phases: memorisation of corrupted labels without "
           "regularisation, inversion with weight decay.", "transformer",
-          "clean data with weight decay: coexistence; corrupted without: memorization; corrupted with: partial or "
-          "full inversion", _same_phases_as_the_mlp),
+          "at alpha 0.5 (--quick: its one alpha), clean data at the strongest weight decay: coexistence; xi 0.15 "
+          "without: memorization; with: partial or full inversion", _same_phases_as_the_mlp(0.15)),
+    Claim(TO_GROK, "Hypothesis 2.2, Fig. 7a", "A transformer that generalises has periodic embeddings, as the MLP "
+          "has periodic input weights.", "transformer", "the embeddings' mean IPR (embed_ipr) 0.1 or more higher in "
+          "the generalising models than in the memorising ones", _input_layer_periodic("embed_ipr")),
     Claim(TO_GROK, "Fig. 7b", "A deeper ReLU MLP shows the same phases.", "deep-mlp",
-          "clean data with weight decay: coexistence; corrupted without: memorization; corrupted with: partial or "
-          "full inversion", _same_phases_as_the_mlp),
+          "at alpha 0.5 (--quick: its one alpha), clean data at the strongest weight decay: coexistence; xi 0.2 "
+          "without: memorization; with: partial or full inversion", _same_phases_as_the_mlp(0.2)),
+    Claim(TO_GROK, "Hypothesis 2.2, Fig. 7b", "A deeper MLP that generalises has a periodic first layer.", "deep-mlp",
+          "the first layer's mean neuron IPR 0.1 or more higher in the generalising models than in the memorising "
+          "ones", _input_layer_periodic("mean_ipr")),
     Claim(TO_GROK, "Eq. 2 (Gromov 2023)", "The analytic solution of modular addition is exact once the network is "
           "wide enough.", "analytic-width", "test accuracy 1 at the largest width, below 0.9 at the smallest",
           _analytic_exact_when_wide),

@@ -218,12 +218,19 @@ def test_the_experts_claim_wants_every_polynomial_exact():
 
 
 def test_the_family_and_trained_solution_claims():
-    same = claim("transformer", "corrupted with")
+    same = claim("transformer", "xi 0.15 without")
     rows = [row("coexistence", xi=0.0, wd=5.0), row("memorization", xi=0.15, wd=0.0),
             row("full_inversion", xi=0.15, wd=5.0), row("coexistence", xi=0.0, wd=0.0)]
     assert same.criterion(rows)[0] is True
+    starved = [row("forgetting", xi=r["xi"], wd=r["wd"], alpha=0.1) for r in rows]  # a full diagram's other rows
+    assert same.criterion(rows + starved)[0] is True and same.criterion(starved)[0] is False
     rows += [row("memorization", xi=0.15, wd=5.0, seed=s) for s in (1, 2)]  # two of three seeds memorise
     assert same.criterion(rows)[0] is False
+    periodic_input = claim("transformer", "embed_ipr")
+    rows = [row("full_inversion", xi=0.15, extra={"embed_ipr": 0.5}), row("memorization", extra={"embed_ipr": 0.15})]
+    assert periodic_input.criterion(rows)[0] is True
+    assert periodic_input.criterion([rows[0], row("memorization", extra={"embed_ipr": 0.45})])[0] is False
+    assert periodic_input.criterion(rows[:1])[0] is False  # nothing memorises: no contrast
     periodic = claim("mul", "similarity")
     assert periodic.criterion([row(extra={"mean_ipr": 0.8, "analytic_similarity": 0.9})])[0] is True
     assert periodic.criterion([row(extra={"mean_ipr": 0.3, "analytic_similarity": 0.9})])[0] is False

@@ -209,6 +209,18 @@ def test_the_width_claim_wants_the_wider_network_to_generalise_less():
                        [row(r.phase, xi=r["xi"], width=512) for r in rows if r["width"] == 64])[0] is False
 
 
+def test_the_architectures_claim_wants_each_run_to_sort_the_polynomials_as_predicted():
+    c = claim("learnability-deep", "each architecture")
+    rows = [row(test_acc=1.0 if SURVEY[op][0] == "learnable" else 0.1, op=op, extra={"run": run})
+            for run in ("transformer", "deep-mlp") for op in ("x+y", "x^2+xy")]
+    assert c.criterion(rows) == (True, "deep-mlp: 2 of 2 polynomials as predicted; transformer: 2 of 2 polynomials "
+                                       "as predicted")
+    rows[1] = row(test_acc=1.0, op="x^2+xy", extra={"run": "transformer"})
+    holds, numbers = c.criterion(rows)
+    assert holds is False and "transformer: 1 of 2 polynomials as predicted (not: x^2+xy)" in numbers
+    assert set(reproduce.SURVEY_OPS) == set(SURVEY)  # the full size trains every surveyed polynomial
+
+
 def test_the_experts_claim_wants_every_polynomial_exact():
     c = claim("experts", "accuracy 1")
     rows = [{"op": op, "p": p, "acc": 1.0, "mse": 0.012} for op in reproduce.APP_B for p in (97, 23)]

@@ -158,17 +158,9 @@ def test_saved_weights_rebuild_every_model(tmp_path, extra):
     assert seen == 8
 
 
-def test_ctrl_c_keeps_what_was_done(tmp_path, monkeypatch):
+def test_ctrl_c_keeps_what_was_done(tmp_path, ctrl_c_at_step):
     out = tmp_path / "run"
-    real_step, calls = TorchBackend.step, {"n": 0}
-
-    def step(self, pop):
-        calls["n"] += 1
-        if calls["n"] == 13:
-            raise KeyboardInterrupt
-        return real_step(self, pop)
-
-    monkeypatch.setattr(TorchBackend, "step", step)
+    ctrl_c_at_step(13)
     result = run(*SMALL, "--xi", "0,0.3", "--out", out)
     assert result.exit_code == 130
     assert "Interrupted" in result.output

@@ -161,20 +161,12 @@ runner = CliRunner()
 
 @pytest.mark.parametrize("family", [["--model", "deep-mlp", "--depth", "2"],
                                     ["--model", "transformer", "--heads", "2", "--dropout", "0.1"]])
-def test_resume_gives_the_uninterrupted_run(tmp_path, monkeypatch, family):
+def test_resume_gives_the_uninterrupted_run(tmp_path, family, ctrl_c_at_step):
     args = ["train", *family, "--p", "7", "--width", "8,16", "--xi", "0,0.3", "--steps", "20", "--log-every", "5"]
     assert runner.invoke(app, [*args, "--out", str(tmp_path / "straight")]).exit_code == 0
-    real, calls = TorchBackend.step, {"n": 0}
-
-    def step(self, pop):
-        calls["n"] += 1
-        if calls["n"] == 27:  # the second population at its 7th step
-            raise KeyboardInterrupt
-        return real(self, pop)
-
-    monkeypatch.setattr(TorchBackend, "step", step)
+    restore = ctrl_c_at_step(27)  # the second population at its 7th step
     assert runner.invoke(app, [*args, "--out", str(tmp_path / "run")]).exit_code == 130
-    monkeypatch.setattr(TorchBackend, "step", real)
+    restore()
     assert runner.invoke(app, ["train", "--resume", str(tmp_path / "run")]).exit_code == 0
     for path in ("models.csv", "weights/pop000.safetensors", "weights/pop001.safetensors", "history/pop001.parquet"):
         assert (tmp_path / "run" / path).read_bytes() == (tmp_path / "straight" / path).read_bytes(), path

@@ -101,22 +101,13 @@ def test_the_planner_counts_a_familys_own_tensors(toy):
     assert planner.models_that_fit(toy, 4, d, pairs, torch.device("cuda"), budget, engine) == 10
 
 
-def test_ipr_pruning_and_resume_work_for_any_family(tmp_path, toy, monkeypatch):
+def test_ipr_pruning_and_resume_work_for_any_family(tmp_path, toy, ctrl_c_at_step):
     out = tmp_path / "run"
     grid = Grid.of(xi=[0.0, 0.3], width=4)
-    real = TorchBackend.step
-    calls = {"n": 0}
-
-    def step(self, pop):  # Ctrl-C at the 25th step
-        calls["n"] += 1
-        if calls["n"] == 25:
-            raise KeyboardInterrupt
-        return real(self, pop)
-
-    monkeypatch.setattr(TorchBackend, "step", step)
+    restore = ctrl_c_at_step(25)  # Ctrl-C at the 25th step
     with pytest.raises(Interrupted):
         train(grid, toy, out, device="cpu")
-    monkeypatch.setattr(TorchBackend, "step", real)
+    restore()
     assert resume(out, device="cpu").status == "complete"
     train(grid, toy, tmp_path / "straight", device="cpu")
     assert (out / "models.csv").read_text() == (tmp_path / "straight" / "models.csv").read_text()

@@ -10,7 +10,6 @@ from safetensors import SafetensorError
 from typer.testing import CliRunner
 
 import fastgrok.results as results
-from fastgrok.backends import TorchBackend
 from fastgrok.cli import app
 from fastgrok.config import Grid, Hyper, Settings
 from fastgrok.results import RunWriter, read_config, read_models
@@ -103,19 +102,11 @@ def no_space(on_name):
 
 
 @pytest.mark.parametrize("ctrl_c", [False, True])
-def test_a_full_disk_is_one_line_that_says_what_was_kept(tmp_path, straight, monkeypatch, ctrl_c):
+def test_a_full_disk_is_one_line_that_says_what_was_kept(tmp_path, straight, monkeypatch, ctrl_c, ctrl_c_at_step):
     """The second population's weights do not fit (after Ctrl-C at its 5th step, or at its end): one line naming
     the file and what is kept; config.json says interrupted; the first population is whole and resume finishes."""
     if ctrl_c:
-        real, calls = TorchBackend.step, {"n": 0}
-
-        def step(self, pop):
-            calls["n"] += 1
-            if calls["n"] == 35:  # the second population's 5th step
-                raise KeyboardInterrupt
-            return real(self, pop)
-
-        monkeypatch.setattr(TorchBackend, "step", step)
+        ctrl_c_at_step(35)  # the second population's 5th step
     monkeypatch.setattr(results, "save_file", no_space("pop001"))
     out = tmp_path / "run"
     line = one_line_error(run("train", *TWO, "--out", out), "weights/pop001.safetensors: No space left on device",
@@ -174,18 +165,10 @@ def test_a_damaged_population_file_is_named_and_resume_retrains_it(tmp_path, str
     same_results(out, straight)
 
 
-def test_a_damaged_state_is_named_and_its_population_trained_again(tmp_path, straight, monkeypatch):
+def test_a_damaged_state_is_named_and_its_population_trained_again(tmp_path, straight, monkeypatch, ctrl_c_at_step):
     """An interrupted population continues from its state file; cut short, that file is named and resume trains
     the population from its seeds instead."""
-    real, calls = TorchBackend.step, {"n": 0}
-
-    def step(self, pop):
-        calls["n"] += 1
-        if calls["n"] == 35:  # Ctrl-C at the second population's 5th step
-            raise KeyboardInterrupt
-        return real(self, pop)
-
-    monkeypatch.setattr(TorchBackend, "step", step)
+    ctrl_c_at_step(35)  # Ctrl-C at the second population's 5th step
     out = tmp_path / "run"
     assert run("train", *TWO, "--out", out).exit_code == 130
     monkeypatch.undo()

@@ -6,7 +6,6 @@ import pytest
 from typer.testing import CliRunner
 
 from fastgrok import reproduce
-from fastgrok.backends import TorchBackend
 from fastgrok.cli import app
 from fastgrok.config import Hyper
 from fastgrok.polynomials import SURVEY
@@ -309,23 +308,15 @@ def test_an_experiment_of_several_runs_is_checked_over_all_of_them(tmp_path, tin
     assert table[claim("experts", "accuracy 1").criterion_text]["verdict"] == "holds"  # App. B's first, at p 11
 
 
-def test_an_interrupted_reproduction_resumes_to_the_same_runs(tmp_path, tiny, monkeypatch):
+def test_an_interrupted_reproduction_resumes_to_the_same_runs(tmp_path, tiny, ctrl_c_at_step):
     straight, out = tmp_path / "straight", tmp_path / "rep"
     args = ["reproduce", "--quick", "--only", "weight-decay", "--device", "cpu", "--out"]
     assert runner.invoke(app, [*args, str(straight)]).exit_code == 0
-    real, calls = TorchBackend.step, {"n": 0}
-
-    def step(self, pop):
-        calls["n"] += 1
-        if calls["n"] == 12:
-            raise KeyboardInterrupt
-        return real(self, pop)
-
-    monkeypatch.setattr(TorchBackend, "step", step)
+    restore = ctrl_c_at_step(12)
     result = runner.invoke(app, [*args, str(out)])
     assert result.exit_code == 130 and "Run the same command again to resume" in result.output, result.output
     assert "**not run**" in (out / "report.md").read_text()  # nothing finished: no verdict yet
-    monkeypatch.setattr(TorchBackend, "step", real)
+    restore()
     result = runner.invoke(app, [*args, str(out)])
     assert result.exit_code == 0 and "weight-decay: resumed" in result.output, result.output
     assert (out / "weight-decay" / "models.csv").read_text() == (straight / "weight-decay" / "models.csv").read_text()

@@ -328,20 +328,26 @@ def _raises_ipr(axis: str, value: float):
     return criterion
 
 
-def _pruned(run, order: str, rows) -> dict[int, tuple[dict, dict]] | None:
-    """The coexistence models at wd 0 with xi >= 0.1: their metrics before pruning and at each pruned fraction
-    (prune-ORDER.parquet), or None where the run was not pruned that way."""
+def _curves(run, order: str, models: set[int]) -> dict[int, dict[str, list]] | None:
+    """The pruning curves (prune-ORDER.parquet) of `models`, each column in pruning order, or None where the run
+    was not pruned that way."""
     import pyarrow.parquet as pq
 
-    chosen = {r.model for r in _by(rows, wd=0.0, xi=lambda x: x >= 0.1) if r.phase == "coexistence"}
-    if not chosen or run is None or not (Path(run) / f"prune-{order}.parquet").is_file():
+    if not models or run is None or not (Path(run) / f"prune-{order}.parquet").is_file():
         return None
-    curves = pq.read_table(Path(run) / f"prune-{order}.parquet").to_pydict()
-    out = {}
-    for m in chosen:
-        at = [k for k, model in enumerate(curves["model"]) if model == m]
-        out[m] = {name: [curves[name][k] for k in at] for name in ("fraction", "test_acc", "corrupted_acc")}
+    table = pq.read_table(Path(run) / f"prune-{order}.parquet").to_pydict()
+    out: dict[int, dict[str, list]] = {}
+    for k, m in enumerate(table["model"]):  # the file holds each model's levels in order
+        if m in models:
+            mine = out.setdefault(m, {name: [] for name in table if name != "model"})
+            for name in mine:
+                mine[name].append(table[name][k])
     return out
+
+
+def _pruned(run, order: str, rows) -> dict[int, dict[str, list]] | None:
+    """The coexistence models at wd 0 with xi >= 0.1: their metrics before pruning and at each pruned fraction."""
+    return _curves(run, order, {r.model for r in _by(rows, wd=0.0, xi=lambda x: x >= 0.1) if r.phase == "coexistence"})
 
 
 def _at(curve: dict, fraction: float, metric: str) -> float:
@@ -390,17 +396,14 @@ def _histories(run, models) -> dict[int, dict[str, list]]:
 def _needed_neurons(rows, run) -> dict[int, list[int]]:
     """Each width: for each model that generalises, the neurons it needs: its width less the most neurons pruned
     low-IPR first (prune-low.parquet) with its test accuracy still 0.9 at every level up to them."""
-    import pyarrow.parquet as pq
-
-    if run is None or not (Path(run) / "prune-low.parquet").is_file():
-        return {}
-    curves = pq.read_table(Path(run) / "prune-low.parquet").to_pydict()
+    curves = _curves(run, "low", {r.model for r in rows}) or {}
     needed: dict[int, list[int]] = {}
     for r in rows:
-        at = sorted((curves["pruned"][k], curves["test_acc"][k]) for k, m in enumerate(curves["model"]) if m == r.model)
-        if not at or at[0][1] < 0.9:
+        c = curves.get(r.model)
+        if not c or c["test_acc"][0] < 0.9:
             continue
-        kept = next((n for (n, acc), following in zip(at, at[1:] + [(None, 0.0)]) if following[1] < 0.9), at[-1][0])
+        kept = next((n for n, following in zip(c["pruned"], [*c["test_acc"][1:], 0.0]) if following < 0.9),
+                    c["pruned"][-1])
         needed.setdefault(r["width"], []).append(r["width"] - kept)
     return dict(sorted(needed.items()))
 
@@ -435,8 +438,9 @@ def _two_stages(rows, run=None):
     if not inverted or run is None:
         return False, f"no model with weight decay inverted its corrupted labels ({_phases(rows)})"
     found, ok = [], []
+    histories = _histories(run, [r.model for r in inverted])
     for r in inverted:
-        h = _histories(run, [r.model])[r.model]
+        h = histories[r.model]
         both = [k for k, (a, b) in enumerate(zip(h["train_acc"], h["test_acc"])) if a >= 0.9 and b >= 0.9]
         ok.append(bool(both) and h["train_acc"][-1] < 0.9)
         found.append(f"wd {r['wd']:g}, xi {r['xi']:g}: " + (
@@ -732,34 +736,25 @@ def _complete(run: Path) -> bool:
 
 def planned_steps(names: list[str], out: Path, quick: bool, device: str = "auto") -> int:
     """The model-steps the experiments not yet complete in `out` train (an interrupted one counted whole)."""
-    total = 0
-    for name in names:
-        if EXPERIMENTS[name].kind != "train":
-            continue
-        for run, spec in _runs(name, out, quick):
-            if not _complete(run):
-                grid, settings = _grid(spec, device)
-                total += len(grid) * settings.steps
-    return total
+    return sum(t["model_steps"] for t in plan_experiments(names, out, quick, device, estimate=False))
 
 
-def plan_experiments(names: list[str], out: Path, quick: bool, device: str = "auto") -> list[dict]:
-    """What each experiment not yet complete in `out` would train: its runs, models and model-steps, and the time
-    the planner estimates for them on this device from a few measured steps (`fastgrok train --dry-run`'s)."""
+def plan_experiments(names: list[str], out: Path, quick: bool, device: str = "auto",
+                     estimate: bool = True) -> list[dict]:
+    """What each experiment not yet complete in `out` would train: its runs, models and model-steps, and with
+    `estimate` the time the planner gives them on this device from a few measured steps (`fastgrok train
+    --dry-run`'s)."""
     from fastgrok import train as training
 
     table = []
     for name in names:
         runs = [(run, spec) for run, spec in _runs(name, out, quick) if not _complete(run)]
-        if EXPERIMENTS[name].kind != "train":
-            table.append({"experiment": name, "runs": len(runs), "models": 0, "model_steps": 0, "seconds": 0.0})
-            continue
         models = steps = seconds = 0
-        for run, spec in runs:
+        for run, spec in runs if EXPERIMENTS[name].kind == "train" else ():
             grid, settings = _grid(spec, device)
             models += len(grid)
             steps += len(grid) * settings.steps
-            seconds += training.plan(grid, settings, device=device).seconds
+            seconds += training.plan(grid, settings, device=device).seconds if estimate else 0.0
         table.append({"experiment": name, "runs": len(runs), "models": models, "model_steps": steps,
                       "seconds": seconds})
     return table
@@ -847,11 +842,14 @@ def experiment_rows(name: str, out: Path, quick: bool) -> list | None:
 
 def verdicts(out: Path, names: list[str], quick: bool) -> list[dict]:
     """Each claim whose experiment is among `names` and complete in `out`: its verdict and numbers."""
-    table = []
+    table, read = [], {}  # read: each experiment's rows, read once for all its claims
     for claim in CLAIMS:
         if claim.experiment not in names:
             continue
-        found = {name: experiment_rows(name, out, quick) for name in (claim.experiment, *claim.also)}
+        for name in (claim.experiment, *claim.also):
+            if name not in read:
+                read[name] = experiment_rows(name, out, quick)
+        found = {name: read[name] for name in (claim.experiment, *claim.also)}
         missing = [name for name, rows in found.items() if rows is None]
         if missing:
             table.append({"claim": claim, "verdict": "not run",

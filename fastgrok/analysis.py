@@ -109,9 +109,11 @@ def ipr(run: Path, fft: str = "rfft", threshold: float = HIGH_IPR, models: str |
     if basis is not None:
         in_basis({}, basis, settings.p)  # a bad basis is refused before any work
 
-    def parts_of(tensors):  # a piece of models is one population's: one task, whose natural basis is the default
+    def parts_of(tensors, parts=None):  # the units' weight vectors (ipr_parts, or `parts`) in the basis asked for:
+        # a piece of models is one population's, one task, whose natural basis is the default
         task = settings.with_op(grid.model(int(tensors["model"][0])).op)
-        return in_basis(family.ipr_parts(tensors), natural_basis(task) if basis is None else basis, settings.p)
+        return in_basis(family.ipr_parts(tensors) if parts is None else parts,
+                        natural_basis(task) if basis is None else basis, settings.p)
     chosen = select_models(rows, models)
     phase_of = {r.model: r.phase for r in rows}
     table = {}
@@ -134,12 +136,16 @@ def ipr(run: Path, fft: str = "rfft", threshold: float = HIGH_IPR, models: str |
         columns = {"model": np.repeat(ids, N), "neuron": np.tile(np.arange(N), B),
                    **{f"ipr_{k}": v.cpu().numpy().ravel() for k, v in result.parts.items()},
                    "ipr": neuron_mean.ravel(), "dead": dead.ravel()}
-        if "bn_weight" in tensors:  # BatchNorm's per-neuron weight, and how it ranks with the neuron's IPR
-            gamma = tensors["bn_weight"].abs()
-            columns["bn_weight"] = tensors["bn_weight"].cpu().numpy().ravel()
-            extra.setdefault("bn_ipr_correlation", {}).update(zip(ids, rank_correlation(result.mean, gamma).tolist()))
-            for b, m in enumerate(ids):
-                bn_points[m] = (neuron_mean[b][~dead[b]], gamma[b].cpu().numpy()[~dead[b]])
+        for k, (column, (bn_parts, weight)) in enumerate(family.bn_pairs(tensors).items()):
+            # BatchNorm's weight per unit, and how it ranks with the IPR of the unit's weights beside it
+            units = neuron_ipr(parts_of(tensors, bn_parts), fft).mean
+            gamma = weight.abs()
+            extra.setdefault(column, {}).update(zip(ids, rank_correlation(units, gamma).tolist()))
+            if k == 0:  # the first pair is drawn, and the units' weights are kept per neuron
+                columns["bn_weight"] = weight.cpu().numpy().ravel()
+                for b, m in enumerate(ids):
+                    live = ~torch.isnan(units[b]).cpu().numpy()
+                    bn_points[m] = (units[b].cpu().numpy()[live], gamma[b].cpu().numpy()[live])
         if family.name == "mlp":  # its analytic solution's neurons: inputs then W
             similarity = analytic_similarity([t for name, (t, _) in parts.items() if name != "w"], parts["w"][0])
             columns["analytic_similarity"] = similarity.cpu().numpy().ravel()

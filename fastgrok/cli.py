@@ -115,11 +115,13 @@ def train(
     data_seed: Annotated[Optional[int], typer.Option(help="One data split and noise draw for every model" + _default("each model's --seed"), rich_help_panel=SHARED)] = None,
     log_every: Annotated[Optional[int], typer.Option(help="Log every metric of every model every K steps" + _default(SETTINGS.log_every), rich_help_panel=SHARED)] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Minibatch size: each model's training set reshuffled every epoch, the remainder dropped; --steps counts minibatch steps" + _default("full batch"), rich_help_panel=SHARED)] = None,
-    batchnorm: Annotated[Optional[bool], typer.Option("--batchnorm/--no-batchnorm", help="BatchNorm1d after the activation, running statistics at evaluation (torch backend)" + _default("off"), rich_help_panel=SHARED)] = None,
+    batchnorm: Annotated[Optional[bool], typer.Option("--batchnorm/--no-batchnorm", help="BatchNorm1d after the activation (each hidden layer's for deep-mlp), running statistics at evaluation (torch backend)" + _default("off"), rich_help_panel=SHARED)] = None,
     depth: Annotated[Optional[int], typer.Option(help="deep-mlp: hidden ReLU layers" + _default(SETTINGS.depth), rich_help_panel=FAMILY)] = None,
+    init: Annotated[Optional[str], typer.Option(help="deep-mlp: he (every layer N(0, 2 / fan_in), the standard parameterisation) or lazy (N(0, 2 / N^(2/3)), a lazier regime: To grok's App. G.3)" + _default(SETTINGS.init), rich_help_panel=FAMILY)] = None,
     layers: Annotated[Optional[int], typer.Option(help="transformer: blocks" + _default(SETTINGS.layers), rich_help_panel=FAMILY)] = None,
     heads: Annotated[Optional[int], typer.Option(help="transformer: attention heads (dividing d_model)" + _default(SETTINGS.heads), rich_help_panel=FAMILY)] = None,
     layernorm: Annotated[Optional[bool], typer.Option("--layernorm/--no-layernorm", help="transformer: LayerNorm before attention, MLP and readout" + _default("off, as the authors'"), rich_help_panel=FAMILY)] = None,
+    tie: Annotated[Optional[bool], typer.Option("--tie/--no-tie", help="transformer: weight tying, the token embedding reads out too (no unembedding of its own)" + _default("off, as the authors' Fig. 7a"), rich_help_panel=FAMILY)] = None,
     scale: Annotated[Optional[str], typer.Option(help="transformer: mup (output scale 1/d, attention 1/d_head: the authors' notebook) or sp (1/sqrt(d), 1/sqrt(d_head))" + _default(SETTINGS.scale), rich_help_panel=FAMILY)] = None,
     preset: Annotated[Optional[str], typer.Option(help="A named run (see `fastgrok presets`); options given override it. With no grid option: cpu-demo on a CPU, paper-xi-wd on a GPU")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:K")] = "auto",
@@ -140,7 +142,7 @@ def train(
     axes = dict(xi=xi, alpha=alpha, width=width, wd=wd, dropout=dropout, lr=lr, seed=seed, op=ops)
     shared = dict(model=model, op=op, terms=terms, p=p, steps=steps, act=act, loss=loss, optimizer=optimizer, betas=betas,
                   noise=noise, data_seed=data_seed, log_every=log_every, batch_size=batch_size, batchnorm=batchnorm,
-                  depth=depth, layers=layers, heads=heads, layernorm=layernorm, scale=scale)
+                  depth=depth, init=init, layers=layers, heads=heads, layernorm=layernorm, scale=scale, tie=tie)
     progress = _Progress()
     if world_size is not None and not dry_run:
         fail("--world-size goes with --dry-run: it shows how a plan's populations would be shared among processes")
@@ -491,7 +493,9 @@ def ipr(
     _table(f"neuron IPR by phase (|{fft}|, high = IPR > {threshold:g})", ["phase", "models", "mean IPR", "high-IPR fraction"],
            [[p, s["models"], s["mean_ipr"], s["high_ipr_fraction"]] for p, s in summary.items()])
     figures = [run / "ipr-spectra.png", run / "ipr-vs-bn.png"]  # not drawn when no model shown has a live neuron
-    bn = ", bn_ipr_correlation" if read_config(run)["settings"].get("batchnorm") else ""
+    shared = read_config(run)["settings"]
+    bn = (", bn_ipr_correlation" + (", bn_out_ipr_correlation" if shared.get("model") == "deep-mlp" else "")
+          if shared.get("batchnorm") else "")
     typer.echo(f"wrote {run / 'ipr.parquet'}, {run / 'ipr-hist.png'}" + "".join(f", {f}" for f in figures if f.is_file())
                + f"; models.csv has mean_ipr, high_ipr_fraction, dead_neurons{bn}")
     _note_unfinished(run)

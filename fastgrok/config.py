@@ -60,10 +60,12 @@ class Settings:
     batchnorm: bool = False        # BatchNorm1d after the activation (torch backend)
     # the deep MLP's and the transformer's own (fastgrok.families checks them; other families ignore them)
     depth: int = 3                 # deep-mlp: hidden ReLU layers (the paper's Fig. 7b: 3 of width 500)
+    init: str = "he"               # deep-mlp: he (N(0, 2 / fan_in), standard) or lazy (N(0, 2 / N^(2/3)), App. G.3)
     layers: int = 1                # transformer: blocks (the paper's Fig. 7a: 1)
     heads: int = 4                 # transformer: attention heads, dividing the width (d_model)
     layernorm: bool = False        # transformer: LayerNorm before attention, MLP and readout (the authors': off)
     scale: str = "mup"             # transformer: output scale 1/d and attention 1/d_head (muP) or 1/sqrt(d), 1/sqrt(d_head) (sp)
+    tie: bool = False              # transformer: the token embedding is the unembedding too (weight tying)
 
     def __post_init__(self):
         # numpy scalars (a value taken from an array) as Python numbers, so that config.json can hold them

@@ -111,9 +111,7 @@ class MLP(nn.Module):
         return h @ self.W.T
 
 
-def he_normal(shape, fan_in: int, generator: torch.Generator) -> torch.Tensor:
-    """Kaiming's normal init for ReLU layers, fan-in mode: N(0, 2 / fan_in)."""
-    return torch.randn(shape, generator=generator) * (2.0 / fan_in) ** 0.5
+DEEP_INITS = ("he", "lazy")  # the deep MLP's parameterisations (DeepMLP)
 
 
 class DeepMLP(nn.Module):
@@ -123,17 +121,24 @@ class DeepMLP(nn.Module):
         h_k = phi(H_k h_{k-1})      k = 2..depth      (N, N) hidden layers
         f   = W h_depth                               W: (p, N); no biases anywhere
 
-    He-normal (fan-in) init: U and V ~ N(0, 2 / 2p) (the first layer's fan-in is the 2p inputs), H_k and W
-    ~ N(0, 2 / N), drawn in that order. Dropout (rate r) acts on each hidden pre-activation, as the 2-layer MLP's;
-    a mask is (D, depth N), layer k's in columns [(k - 1) N, k N)."""
+    init "he" (the standard parameterisation, the default): He-normal fan-in, U and V ~ N(0, 2 / 2p) (the first
+    layer's fan-in is the 2p inputs), H_k and W ~ N(0, 2 / N); "lazy" (To grok's App. G.3): every layer
+    ~ N(0, 2 / N^(2/3)), a lazier training regime; drawn in that order. Dropout (rate r) acts on each hidden
+    pre-activation, as the 2-layer MLP's; a mask is (D, depth N), layer k's in columns [(k - 1) N, k N). BatchNorm
+    (optional) acts after each activation, h_k = BN_k(phi(.)), torch.nn.BatchNorm1d's defaults as the 2-layer MLP's."""
 
     def __init__(self, p: int, width: int, depth: int = 3, act: str = "relu", dropout: float = 0.0,
-                 generator: torch.Generator | None = None):
+                 generator: torch.Generator | None = None, batchnorm: bool = False, init: str = "he"):
         super().__init__()
+        check_choice("init", init, DEEP_INITS)
         g = generator if generator is not None else torch.Generator().manual_seed(0)
-        self.U, self.V = (nn.Parameter(he_normal((width, p), 2 * p, g)) for _ in range(2))
-        self.H = nn.ParameterList([nn.Parameter(he_normal((width, width), width, g)) for _ in range(depth - 1)])
-        self.W = nn.Parameter(he_normal((p, width), width, g))
+        lazy = 2.0 / width ** (2 / 3)
+        first, rest = (lazy, lazy) if init == "lazy" else (2.0 / (2 * p), 2.0 / width)
+        normal = lambda shape, var: torch.randn(shape, generator=g) * var**0.5  # noqa: E731
+        self.U, self.V = (nn.Parameter(normal((width, p), first)) for _ in range(2))
+        self.H = nn.ParameterList([nn.Parameter(normal((width, width), rest)) for _ in range(depth - 1)])
+        self.W = nn.Parameter(normal((p, width), rest))
+        self.bn = nn.ModuleList([nn.BatchNorm1d(width) for _ in range(depth)]) if batchnorm else None
         self.act, self.dropout, self.width = act, dropout, width
 
     def forward(self, m: torch.Tensor, n: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -144,6 +149,8 @@ class DeepMLP(nn.Module):
             if self.training and self.dropout > 0:
                 pre = pre * mask[:, k * self.width : (k + 1) * self.width]
             h = ACTIVATIONS[self.act](pre)
+            if self.bn is not None:
+                h = self.bn[k](h)
             if k < len(self.H):
                 pre = h @ self.H[k].T
         return h @ self.W.T
@@ -152,10 +159,10 @@ class DeepMLP(nn.Module):
 SCALES = {"mup": 1.0, "sp": 0.0}  # the transformer's s: output scale d^-(1+s)/2, attention d_head^-(1+s)/2
 
 
-def transformer_names(layers: int, layernorm: bool) -> list[str]:
+def transformer_names(layers: int, layernorm: bool, tie: bool = False) -> list[str]:
     """The transformer's tensors in the order they are drawn (the authors' module order): the token and position
     embeddings, each block's attention (q, k, v from one map, then the output map) and MLP (in, out), LayerNorms'
-    weights and biases where asked for, and the unembedding."""
+    weights and biases where asked for, and the unembedding unless it is the token embedding (tie)."""
     names = ["embed", "pos"]
     for k in range(layers):
         names += [f"block{k}_qkv", f"block{k}_out", f"block{k}_fc", f"block{k}_proj"]
@@ -163,23 +170,25 @@ def transformer_names(layers: int, layernorm: bool) -> list[str]:
             names += [f"block{k}_ln{j}_{w}" for j in (1, 2) for w in ("weight", "bias")]
     if layernorm:
         names += ["final_ln_weight", "final_ln_bias"]
-    return names + ["unembed"]
+    return names + ([] if tie else ["unembed"])
 
 
-def transformer_shapes(p: int, d: int, layers: int, layernorm: bool) -> dict[str, tuple[int, ...]]:
+def transformer_shapes(p: int, d: int, layers: int, layernorm: bool, tie: bool = False) -> dict[str, tuple[int, ...]]:
     """Each tensor's shape, linear maps as nn.Linear holds them (out, in); the MLP is 4 d wide."""
     shapes = {"embed": (p, d), "pos": (2, d), "unembed": (p, d)}
     for k in range(layers):
         shapes |= {f"block{k}_qkv": (3 * d, d), f"block{k}_out": (d, d), f"block{k}_fc": (4 * d, d),
                    f"block{k}_proj": (d, 4 * d)}
-    return {name: shapes.get(name, (d,)) for name in transformer_names(layers, layernorm)}
+    return {name: shapes.get(name, (d,)) for name in transformer_names(layers, layernorm, tie)}
 
 
-def transformer_init(p: int, d: int, layers: int, layernorm: bool, generator: torch.Generator) -> dict[str, torch.Tensor]:
+def transformer_init(p: int, d: int, layers: int, layernorm: bool, generator: torch.Generator,
+                     tie: bool = False) -> dict[str, torch.Tensor]:
     """The authors' init: embeddings ~ N(0, 1), linear maps Kaiming-normal for a linear layer, N(0, 1 / fan_in),
-    LayerNorms weight 1 and bias 0; drawn in transformer_names' order."""
+    LayerNorms weight 1 and bias 0; drawn in transformer_names' order (a tied unembedding is the embedding as
+    drawn)."""
     out = {}
-    for name, shape in transformer_shapes(p, d, layers, layernorm).items():
+    for name, shape in transformer_shapes(p, d, layers, layernorm, tie).items():
         if name in ("embed", "pos"):
             out[name] = torch.randn(shape, generator=generator)
         elif "_ln" in name:
@@ -200,7 +209,8 @@ class Transformer(nn.Module):
 
         x      = E[m, n] + P                                  (2, d): token and learned position embeddings
         x      = x + O attention(x),  x = x + Proj phi(Fc x)   per block; residual scale 1, no biases
-        logits = c U x[last]                                   c = d^-(1+s)/2, U: the unembedding (p, d)
+        logits = c U x[last]                                   c = d^-(1+s)/2, U: the unembedding (p, d),
+                                                               or with tie the token embedding E (weight tying)
 
     Multi-head attention without a mask: q, k, v = Qkv x split into `heads` heads of d_head, weights
     softmax(q k^T / d_head^((1+s)/2)). s = 1 (muP, the authors' notebook) or 0 (standard). With layernorm, a
@@ -208,10 +218,13 @@ class Transformer(nn.Module):
     embeddings, the attention weights, the attention's output and the MLP's output (transformer_units)."""
 
     def __init__(self, p: int, d: int, layers: int = 1, heads: int = 4, act: str = "relu", dropout: float = 0.0,
-                 layernorm: bool = False, scale: str = "mup", generator: torch.Generator | None = None):
+                 layernorm: bool = False, scale: str = "mup", generator: torch.Generator | None = None,
+                 tie: bool = False):
         super().__init__()
         g = generator if generator is not None else torch.Generator().manual_seed(0)
-        self.w = nn.ParameterDict({k: nn.Parameter(v) for k, v in transformer_init(p, d, layers, layernorm, g).items()})
+        self.w = nn.ParameterDict({k: nn.Parameter(v) for k, v in
+                                   transformer_init(p, d, layers, layernorm, g, tie).items()})
+        self.readout = "embed" if tie else "unembed"
         self.d, self.layers, self.heads, self.act, self.dropout, self.layernorm = d, layers, heads, act, dropout, layernorm
         s = SCALES[scale]
         self.out_scale, self.attention_power = d ** (-(1 + s) / 2), (1 + s) / 2
@@ -247,7 +260,7 @@ class Transformer(nn.Module):
                 h = h * mask[:, at + 4 * H + 2 * d : at + 4 * H + 4 * d].view(D, 2, d)
             x = x + h
             at += 4 * H + 4 * d
-        return self.out_scale * (self._ln(x, "final_ln")[:, -1] @ w["unembed"].T)
+        return self.out_scale * (self._ln(x, "final_ln")[:, -1] @ w[self.readout].T)
 
 
 def make_optimizer(model: nn.Module, name: str = "adamw", lr: float = 1e-2, wd: float = 0.0,

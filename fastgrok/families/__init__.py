@@ -9,11 +9,14 @@ model's tensors, so a new family is one file here (plus its kernels, if it has a
     init(settings, width, g)        one model's drawn tensors, from its own init generator (the rest: Spec.fill)
     forward(t, x, settings)         batched evaluation: the logits (B, D, p) of the models whose tensors are t, on
                                     the examples whose operands are x (S, B, D): x[0] = m, x[1] = n
-    grads(t, batch..., settings)    the torch backend's step: losses and gradients (default: autograd of forward)
+    grads(t, batch..., settings)    the torch backend's step: losses and gradients (default: autograd of
+                                    train_forward, which is forward unless the family has batch statistics)
     reference(settings, hyper, t)   one model as the plain nn.Module of fastgrok.reference
     ipr_parts(t), prune(t, keep)    the weight vectors over the p residues whose IPR describes each unit, and the
                                     tensors with some units dropped
     ipr_extra(t)                    other weight vectors over the p residues whose mean IPR a model reports
+    bn_pairs(t)                     with BatchNorm: units' weight vectors and the BatchNorm weights of the same
+                                    units, whose rank correlation a model reports
     step_bytes, eval_bytes, row_bytes   working memory of a torch step, of evaluation per example, and of one
                                     example's widest activation row (the memory planner and CPU chunking);
                                     cpu_piece_scale: the CPU pieces' size, as a multiple of the MLP's
@@ -65,6 +68,7 @@ class Family:
     acts: tuple[str, ...] = ("relu", "gelu")  # the activations it takes
     defaults: dict = {"act": "relu"}  # the settings the command line gives it unless told otherwise
     options: tuple[str, ...] = ()  # the Settings fields that are its own (--depth, --heads, ...)
+    takes_batchnorm: bool = False  # whether --batchnorm means something for it
     cpu_piece_scale: int = 1  # its CPU step's pieces are this many times backends.CPU_CHUNK_BYTES (measured)
 
     def check(self, settings: Settings) -> None:
@@ -73,8 +77,8 @@ class Family:
             raise ConfigError(f"the {self.name} model takes 2 operands; --terms {settings.terms} is the mlp model's")
         if settings.act not in self.acts:
             raise ConfigError(f"the {self.name} model takes --act {' or '.join(self.acts)}, got {settings.act!r}")
-        if settings.batchnorm:
-            raise ConfigError(f"--batchnorm is the 2-layer MLP's; the {self.name} model has none")
+        if settings.batchnorm and not self.takes_batchnorm:
+            raise ConfigError(f"--batchnorm is the MLPs'; the {self.name} model has none")
 
     def check_widths(self, settings: Settings, widths) -> None:
         """Refuse widths the family cannot take with these settings (a transformer's heads must divide them)."""
@@ -106,6 +110,12 @@ class Family:
         mean IPR `fastgrok ipr` adds to models.csv as <name>_ipr (the transformer's embedding dimensions)."""
         return {}
 
+    def bn_pairs(self, t: dict[str, torch.Tensor]) -> dict[str, tuple[dict, torch.Tensor]]:
+        """column -> (weight vectors over the p residues as ipr_parts gives them, the BatchNorm weight (B, units)
+        of the same units): `fastgrok ipr` adds the rank correlation of the units' IPR and |weight| to models.csv
+        as that column; the first is drawn (ipr-vs-bn.png). Empty without BatchNorm."""
+        return {}
+
     def prune(self, t: dict[str, torch.Tensor], keep: torch.Tensor) -> dict[str, torch.Tensor]:
         """t with the units where keep (B, units) is 0 contributing nothing to any output."""
         raise NotImplementedError
@@ -126,17 +136,23 @@ class Family:
         """Whether a step must see all its examples at once (BatchNorm's statistics): no spans of examples."""
         return False
 
+    def train_forward(self, t, x, valid, D, settings: Settings, mask=None) -> tuple[torch.Tensor, list]:
+        """A training step's logits (B, D, p) and the extras after_step takes (detached): forward, unless the
+        family normalises by the statistics of the step's real examples (valid (B, D), counted in D (B,))."""
+        return self.forward(t, x, settings, mask), []
+
     def grads(self, t: dict[str, torch.Tensor], x, y, valid, D, mask, settings: Settings) -> list[torch.Tensor]:
         """One step's terms for the models whose tensors are t: [losses (B,), a gradient per trained tensor, in
         tensors() order, then any extras after_step takes]. Losses are means over each model's D examples, so
-        terms of spans of the examples add up. Default: autograd through forward."""
+        terms of spans of the examples add up. Default: autograd through train_forward."""
         trained = self.trained(settings)
         with torch.enable_grad():
             leaves = {k: (v.detach().requires_grad_() if k in trained else v) for k, v in t.items()}
-            per_example = reference.per_example_loss(self.forward(leaves, x, settings, mask), y, settings.loss)
+            logits, extras = self.train_forward(leaves, x, valid, D, settings, mask)
+            per_example = reference.per_example_loss(logits, y, settings.loss)
             losses = torch.where(valid, per_example, 0.0).sum(1) / D
             grads = torch.autograd.grad(losses.sum(), [leaves[k] for k in trained])
-        return [losses.detach(), *grads]
+        return [losses.detach(), *grads, *extras]
 
     def after_step(self, t: dict[str, torch.Tensor], extras: list[torch.Tensor], frozen: torch.Tensor) -> None:
         """Update buffers from a step's extras (grads' terms past the gradients); `frozen` (B,) models keep theirs."""

@@ -209,6 +209,9 @@ class OneHotMLP(Family):
                   (name[0] == "U" and name[1:].isdigit())}
         return {**inputs, "w": (t["W"], 2)}
 
+    def bn_pairs(self, t):
+        return {"bn_ipr_correlation": (self.ipr_parts(t), t["bn_weight"])} if "bn_weight" in t else {}
+
     def prune(self, t, keep):
         # a neuron with a zero W column adds nothing to any output; zeroing its U and V rows instead would not
         # remove it under BatchNorm, whose shift acts on a zero activation too

@@ -9,7 +9,8 @@ IPR and pruning work on the first block's MLP neurons: neuron k's input weights 
 the p tokens, (E W_fc^T)[:, k], and its output weights through the unembedding over the p outputs,
 (U W_proj)[:, k]; a pruned neuron's W_fc row is zero, so its activation is phi(0) = 0 in every example. Each of
 the d dimensions of the token embedding and of the unembedding over the p tokens has an IPR as well, whose mean
-`fastgrok ipr` reports per model (embed_ipr, unembed_ipr).
+`fastgrok ipr` reports per model (embed_ipr, unembed_ipr). With weight tying (Settings.tie) there is no
+unembedding tensor: the token embedding reads out too.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ def _layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> to
 
 class EncoderTransformer(Family):
     name = "transformer"
-    options = ("layers", "heads", "layernorm", "scale")
+    options = ("layers", "heads", "layernorm", "scale", "tie")
     # A step does more arithmetic per byte of its widest row than the MLP's (attention, four maps per block), and
     # gains from pieces 4x the MLP's 4 MiB: model-steps/s at 4 MiB against 16 MiB, 2 threads of an Intel Xeon
     # (AVX-512), 2026-12-02: p 23, d 64, B 16 750 against 906, B 64 742 against 909; p 31, d 128, B 16 141 against
@@ -57,11 +58,12 @@ class EncoderTransformer(Family):
                 raise ConfigError(f"--heads {settings.heads} does not divide d_model (--width) {d}")
 
     def tensors(self, settings, width):
-        shapes = reference.transformer_shapes(settings.p, width, settings.layers, settings.layernorm)
+        shapes = reference.transformer_shapes(settings.p, width, settings.layers, settings.layernorm, settings.tie)
         return {name: Spec(shape, decay="_ln" not in name) for name, shape in shapes.items()}
 
     def init(self, settings, width, generator):
-        return reference.transformer_init(settings.p, width, settings.layers, settings.layernorm, generator)
+        return reference.transformer_init(settings.p, width, settings.layers, settings.layernorm, generator,
+                                          settings.tie)
 
     def forward(self, t, x, settings, mask=None):
         m, n = x
@@ -113,7 +115,7 @@ class EncoderTransformer(Family):
             x = x + h
             at += 4 * H + 4 * d
         last = ln(x, "final_ln")[:, :, -1]  # (B, D, d): the readout at the last position
-        return d ** (-(1 + s) / 2) * _linear(last, t["unembed"])
+        return d ** (-(1 + s) / 2) * _linear(last, t["embed" if settings.tie else "unembed"])
 
     @staticmethod
     def _single_block_attention(t, table, m, n, settings, ln):
@@ -143,7 +145,7 @@ class EncoderTransformer(Family):
     def reference(self, settings, hyper, t):
         width = t["embed"].shape[-1]
         net = reference.Transformer(settings.p, width, settings.layers, settings.heads, settings.act, hyper.dropout,
-                                    settings.layernorm, settings.scale)
+                                    settings.layernorm, settings.scale, tie=settings.tie)
         with torch.no_grad():
             for name, w in net.w.items():
                 w.copy_(t[name])
@@ -156,12 +158,13 @@ class EncoderTransformer(Family):
         return 4 * width
 
     def ipr_parts(self, t):
-        embed, unembed = t["embed"], t["unembed"]  # (B, p, d)
+        embed, unembed = t["embed"], t.get("unembed", t["embed"])  # (B, p, d); tied: one matrix
         return {"in": (torch.bmm(embed, t["block0_fc"].transpose(1, 2)), 1),  # (B, p, 4d): over the p tokens
                 "out": (torch.bmm(unembed, t["block0_proj"]), 1)}  # (B, p, 4d): over the p outputs
 
     def ipr_extra(self, t):
-        return {"embed": (t["embed"], 1), "unembed": (t["unembed"], 1)}  # each of the d dims over the p tokens
+        # each of the d dims over the p tokens (a tied unembedding is the embedding: reported once)
+        return {"embed": (t["embed"], 1), **({"unembed": (t["unembed"], 1)} if "unembed" in t else {})}
 
     def prune(self, t, keep):
         return {**t, "block0_fc": t["block0_fc"] * keep[:, :, None]}

@@ -51,12 +51,23 @@ def _noisy_curves(analysis, run):
     return analysis.curves(run, models=",".join(str(r.model) for r in read_models(run) if r["xi"] > 0))
 
 
+def _prune_generalising(order: str):
+    """Prune, in IPR `order`, the models of To grok's Fig. 6 and 17: those at alpha 0.5 with xi >= 0.1 that
+    generalise (coexistence, partial or full inversion)."""
+    def draw(analysis, run):
+        from fastgrok.results import read_models
+
+        chosen = [r.model for r in _by(read_models(run), alpha=ROW, xi=lambda x: x >= 0.1) if r.phase in GENERALISING]
+        if chosen:
+            analysis.prune(run, order=order, models=",".join(map(str, chosen)))
+    return draw
+
+
 # what each analysis writes into the run (the report shows its figures), and how it is run
 ANALYSES = {
     "phase": ("phase-*-vs-*.png", lambda analysis, run: analysis.phase_diagram(run)),
     "ipr": ("ipr-*.png", lambda analysis, run: analysis.ipr(run)),
-    **{f"prune-{order}": (f"prune-{order}.png", lambda analysis, run, order=order:
-                          analysis.prune(run, order=order, models="coexistence")) for order in ("low", "high", "random")},
+    **{f"prune-{order}": (f"prune-{order}.png", _prune_generalising(order)) for order in ("low", "high", "random")},
     "curves": ("curves-model*.png", _noisy_curves),
     "prune-every-model": ("prune-low.png", lambda analysis, run: analysis.prune(run, order="low")),
     "learnability": ("learnability.png", lambda analysis, run: analysis.learnability(run)),
@@ -73,6 +84,11 @@ DIAGRAM = {"alpha": "0.1:0.9:17", "xi": "0:0.9:19"}
 # --quick's: one data fraction, 13 corruption levels, p 47 and N 128 (a diagram's row in about a minute on 2 cores)
 QUICK_ROW = {"xi": "0:0.6:13", "width": "128"}
 
+
+
+# To grok's Fig. 12: the Fig. 7a transformer, a deeper one, one with more heads and one with weight tying
+TRANSFORMER_CONFIGS = {"base": {}, "layers-2": {"settings": {"layers": 2}}, "heads-8": {"settings": {"heads": 8}},
+                       "tied": {"settings": {"tie": True}}}
 
 
 def _variant(about: str, settings: dict) -> Experiment:
@@ -162,6 +178,44 @@ EXPERIMENTS = {
         quick={"axes": {"xi": "0,0.2", "wd": "0,15", "alpha": "0.6", "width": "256", "lr": "0.003"},
                "settings": {"model": "deep-mlp", "depth": 2, "p": 41, "steps": 3000}},
         analyses=("phase", "ipr")),
+    "transformer-configs": Experiment(
+        "the transformer at alpha 0.8, xi 0.2 (To grok's Fig. 12: d 128) in four configurations, as four runs: the "
+        "Fig. 7a model (1 block, 4 heads), 2 blocks, 8 heads, and weight tying; lr 0.001, 3000 steps, wd 10 (ours: "
+        "the figure does not give it), 3 seeds (--quick: p 23, d 64, lr 0.005, 1500 steps, wd 5, 2 seeds)",
+        full={"axes": {"alpha": "0.8", "xi": "0.2", "wd": "10", "width": "128", "lr": "0.001", "seed": "0,1,2"},
+              "settings": {"model": "transformer", "steps": 3000},
+              "runs": TRANSFORMER_CONFIGS},
+        quick={"axes": {"alpha": "0.8", "xi": "0.2", "wd": "5", "width": "64", "lr": "0.005", "seed": "0,1"},
+               "settings": {"model": "transformer", "p": 23, "steps": 1500},
+               "runs": TRANSFORMER_CONFIGS},
+        analyses=("ipr",)),
+    "transformer-dropout": Experiment(
+        "the transformer with dropout 0, 0.05, 0.1, 0.2 and 0.3 and no weight decay (To grok's Fig. 13: phases over "
+        "alpha and xi, d 128, lr 0.001, 3000 steps, 3 seeds; --quick: p 23, d 64, lr 0.005, 1500 steps, alpha 0.9 "
+        "and xi 0.1, Fig. 13's selected point)",
+        full={"axes": {**DIAGRAM, "dropout": "0,0.05,0.1,0.2,0.3", "width": "128", "lr": "0.001", "seed": "0,1,2"},
+              "settings": {"model": "transformer", "steps": 3000}},
+        quick={"axes": {"alpha": "0.9", "xi": "0.1", "dropout": "0,0.05,0.1,0.2,0.3", "width": "64", "lr": "0.005"},
+               "settings": {"model": "transformer", "p": 23, "steps": 1500}},
+        analyses=("phase", "ipr")),
+    "deep-mlp-configs": Experiment(
+        "the 3-layer ReLU MLP (N 500, lr 0.001, 5000 steps, weight decay 0 and 15 as Fig. 7b's, 3 seeds) in four "
+        "runs: the standard parameterisation N(0, 2/fan_in) and the lazier N(0, 2/N^(2/3)) at alpha 0.8, xi 0.2 (To "
+        "grok's Fig. 14), BatchNorm after every hidden layer at alpha 0.8, xi 0.1 (Fig. 15), and dropout 0.05 "
+        "without weight decay at alpha 0.4-0.8, xi 0.1 and 0.2 (App. G) (--quick: the deep-mlp experiment's size, "
+        "2 layers of 256, p 41, alpha 0.6, lr 0.003, 3000 steps, one seed; BatchNorm and dropout at wd 0, xi 0.1 and "
+        "0.2)",
+        full={"axes": {"alpha": "0.8", "xi": "0.2", "wd": "0,15", "width": "500", "lr": "0.001", "seed": "0,1,2"},
+              "settings": {"model": "deep-mlp", "depth": 3, "steps": 5000},
+              "runs": {"he": {}, "lazy": {"settings": {"init": "lazy"}},
+                       "batchnorm": {"axes": {"xi": "0.1"}, "settings": {"batchnorm": True}},
+                       "dropout": {"axes": {"alpha": "0.4,0.6,0.8", "xi": "0.1,0.2", "wd": "0", "dropout": "0.05"}}}},
+        quick={"axes": {"alpha": "0.6", "xi": "0.2", "wd": "0,15", "width": "256", "lr": "0.003"},
+               "settings": {"model": "deep-mlp", "depth": 2, "p": 41, "steps": 3000},
+               "runs": {"he": {}, "lazy": {"settings": {"init": "lazy"}},
+                        "batchnorm": {"axes": {"xi": "0.1", "wd": "0"}, "settings": {"batchnorm": True}},
+                        "dropout": {"axes": {"xi": "0.2", "wd": "0", "dropout": "0.05"}}}},
+        analyses=("ipr",)),
     "learnability-deep": Experiment(
         "Hypothesis 5.2 beyond the 2-layer MLP: a transformer (d 128, lr 0.001, wd 1, 3000 steps) and the 3-layer "
         "MLP (N 500, lr 0.001, wd 15, 5000 steps) on the 14 surveyed polynomials, alpha 0.5 and 0.9, 2 seeds, as two "
@@ -345,9 +399,85 @@ def _curves(run, order: str, models: set[int]) -> dict[int, dict[str, list]] | N
     return out
 
 
-def _pruned(run, order: str, rows) -> dict[int, dict[str, list]] | None:
-    """The coexistence models at wd 0 with xi >= 0.1: their metrics before pruning and at each pruned fraction."""
-    return _curves(run, order, {r.model for r in _by(rows, wd=0.0, xi=lambda x: x >= 0.1) if r.phase == "coexistence"})
+def _pruned(run, order: str, rows, phase: str = "coexistence", wd: float | None = 0.0) -> dict | None:
+    """The models in `phase` at alpha 0.5 with xi >= 0.1 (at weight decay `wd`; None: any): their metrics before
+    pruning and at each pruned fraction."""
+    where = {} if wd is None else {"wd": wd}
+    return _curves(run, order, {r.model for r in _by(rows, alpha=ROW, xi=lambda x: x >= 0.1, **where)
+                                if r.phase == phase})
+
+
+def _first_below(curve: dict, metric: str, level: float = 0.5) -> float:
+    """The smallest pruned fraction at which `metric` is below `level` (1 where it never is)."""
+    return next((f for f, v in zip(curve["fraction"], curve[metric]) if v < level), 1.0)
+
+
+def _memorisation_outlasts_generalisation(rows, run=None):
+    curves = _pruned(run, "high", rows)
+    if not curves:
+        return False, "no coexistence model with xi >= 0.1 at wd 0 was pruned high-IPR first"
+    falls = [(_first_below(c, "clean_acc"), _first_below(c, "corrupted_acc")) for c in curves.values()]
+    ok = [clean < corrupted for clean, corrupted in falls]
+    return all(ok), (f"{sum(ok)} of {len(ok)} models lose their uncorrupted accuracy first; below 0.5 at fractions "
+                     + ", ".join(f"{a:.2f} against {b:.2f}" for a, b in falls))
+
+
+def _partial_inversion_remembers_when_pruned(rows, run=None):
+    curves = _pruned(run, "high", rows, "partial_inversion", wd=None)
+    if not curves:
+        return False, f"no partial inversion model with xi >= 0.1 was pruned ({_phases(_by(rows, alpha=ROW))})"
+    found, ok = [], []
+    for c in curves.values():
+        start, half = c["corrupted_acc"][0], [k for k, f in enumerate(c["fraction"]) if f <= 0.5]
+        gain = max((c["corrupted_acc"][k] - start for k in half if c["clean_acc"][k] >= 0.9), default=0.0)
+        ok.append(gain >= 0.2 and _at(c, 0.5, "test_acc") < 0.5)
+        found.append(f"corrupted {start:.2f} rising by {gain:.2f}, test {_at(c, 0.5, 'test_acc'):.2f} at half pruned")
+    return all(ok), f"{sum(ok)} of {len(ok)} models: " + "; ".join(found)
+
+
+def _full_inversion_stays_inverted(rows, run=None):
+    curves = _pruned(run, "high", rows, "full_inversion", wd=None)
+    if not curves:
+        return False, f"no full inversion model with xi >= 0.1 was pruned ({_phases(_by(rows, alpha=ROW))})"
+    gains = [max(v for f, v in zip(c["fraction"], c["corrupted_acc"]) if f <= 0.8) - c["corrupted_acc"][0]
+             for c in curves.values()]
+    return all(g <= 0.1 for g in gains), (f"{sum(g <= 0.1 for g in gains)} of {len(gains)} models; their corrupted "
+                                           f"accuracy rises by {min(gains):.2f}-{max(gains):.2f} at most")
+
+
+def _train_loss_monotonic(rows, run=None):
+    from fastgrok.analysis import rank_correlation
+    import torch
+
+    rho = []
+    for order in ("low", "high"):
+        for c in (_curves(run, order, {r.model for r in rows}) or {}).values():
+            pair = torch.tensor([c["fraction"], c["train_loss"]], dtype=torch.float64)
+            rho.append(rank_correlation(pair[:1], pair[1:]).item())
+    if not rho:
+        return False, "no model was pruned"
+    return min(rho) >= 0.9, (f"rank correlation of train loss and pruned fraction {min(rho):.2f}-{max(rho):.2f} over "
+                             f"{len(rho)} curves (low- and high-IPR first)")
+
+
+def _periodic_neurons_lower_the_test_loss(rows, run=None):
+    curves = _pruned(run, "high", rows, wd=None)
+    if not curves:
+        return False, "no coexistence model with xi >= 0.1 was pruned high-IPR first"
+    ratio = [_at(c, 0.3, "test_loss") / c["test_loss"][0] for c in curves.values()]
+    return min(ratio) > 1, (f"test loss at 30% pruned high-IPR first {min(ratio):.1f}-{max(ratio):.1f} times its "
+                            f"start in {len(ratio)} coexistence models")
+
+
+def _low_ipr_neurons_cancel(rows, run=None):
+    curves = _pruned(run, "low", rows)
+    if not curves:
+        return False, "no coexistence model with xi >= 0.1 at wd 0 was pruned low-IPR first"
+    found = [(c["test_acc"][0], _at(c, 0.1, "test_acc"), c["test_loss"][0], _at(c, 0.1, "test_loss"))
+             for c in curves.values()]
+    ok = [acc1 >= acc0 - 0.1 and loss1 > loss0 for acc0, acc1, loss0, loss1 in found]
+    return all(ok), f"{sum(ok)} of {len(ok)} models: " + "; ".join(
+        f"test {a0:.2f} -> {a1:.2f}, loss {l0:.4f} -> {l1:.4f}" for a0, a1, l0, l1 in found)
 
 
 def _at(curve: dict, fraction: float, metric: str) -> float:
@@ -510,6 +640,62 @@ def _same_phases_as_the_mlp(noisy: float):
     return criterion
 
 
+def _mean(rows, column: str) -> float:
+    """The mean of a column over the rows that have it (a model with every neuron dead has no IPR)."""
+    values = [v for r in rows if (v := r[column]) is not None and not math.isnan(v)]
+    return sum(values) / len(values) if values else math.nan
+
+
+def _transformer_configs(rows, run=None):
+    ipr = {name: _mean(_by(rows, run=name), "embed_ipr") for name in ("base", "layers-2", "heads-8", "tied")}
+    if any(math.isnan(v) for v in ipr.values()):
+        return False, "a configuration was not trained"
+    ok = (abs(ipr["layers-2"] - ipr["base"]) <= 0.2 * ipr["base"] and ipr["heads-8"] > ipr["base"]
+          and ipr["tied"] < ipr["base"])
+    return ok, "mean embed_ipr over the seeds: " + ", ".join(f"{k} {v:.3f}" for k, v in ipr.items())
+
+
+def _small_dropout_only(rows, run=None):
+    small = [r for r in rows if 0 < r["dropout"] <= 0.1]
+    none, large = _by(rows, dropout=0.0), [r for r in rows if r["dropout"] > 0.1]
+    if not (small and none and large):
+        return False, "dropout 0, up to 0.1 and above 0.1 are all needed"
+    helped = [r for r in small if r.phase == "coexistence" and r["embed_ipr"] > _mean(none, "embed_ipr")]
+    ok = bool(helped) and all(r["test_acc"] < 0.9 for r in large)
+    return ok, "; ".join(f"dropout {r['dropout']:g}: {r.phase}, test {r['test_acc']:.2f}, embed_ipr {r['embed_ipr']:.3f}"
+                         for r in sorted(rows, key=lambda r: r["dropout"]))
+
+
+def _deep_dropout_cannot_memorise(rows, run=None):
+    noisy = _by(rows, run="dropout", alpha=lambda a: a > 0.3, xi=lambda x: x >= 0.1)
+    memorised = [r for r in noisy if r["train_acc"] >= 0.9]
+    plain = [r for r in _by(rows, run="he", wd=0.0) if r["xi"] >= 0.1]  # the same network without dropout
+    fits = [r for r in plain if r["train_acc"] >= 0.9]
+    ok = bool(noisy) and not memorised and bool(plain) and len(fits) == len(plain)
+    return ok, (f"{len(memorised)} of {len(noisy)} models with dropout 0.05 reach train accuracy 0.9 "
+                f"({_phases(noisy)}); without dropout {len(fits)} of {len(plain)} do")
+
+
+def _lazier_readout(rows, run=None):
+    he, lazy = _by(rows, run="he"), _by(rows, run="lazy")
+    if not he or not lazy:
+        return False, "both parameterisations are needed"
+    shift = abs(_mean(lazy, "mean_ipr") - _mean(he, "mean_ipr"))
+    ok = shift <= 0.05 and _mean(lazy, "out_ipr") > _mean(he, "out_ipr")
+    return ok, (f"input layer's mean IPR {_mean(he, 'mean_ipr'):.3f} (standard) against {_mean(lazy, 'mean_ipr'):.3f} "
+                f"(lazier); readout's {_mean(he, 'out_ipr'):.3f} against {_mean(lazy, 'out_ipr'):.3f}")
+
+
+def _deep_batchnorm(rows, run=None):
+    bn = _by(rows, run="batchnorm")
+    if not bn:
+        return False, "no BatchNorm model"
+    out, first = _mean(bn, "bn_out_ipr_correlation"), _mean(bn, "bn_ipr_correlation")
+    ok = all(r.phase == "coexistence" for r in bn) and out >= 0.5 and first < out
+    return ok, (f"{_phases(bn)}; rank correlation of |BatchNorm weight| with the readout's IPR {out:.2f}, with the "
+                f"input layer's {first:.2f}")
+
+
 def _input_layer_periodic(column: str):
     """Criterion: the input layer's mean IPR (models.csv `column`) of the generalising models is 0.1 or more above
     the memorising ones'."""
@@ -610,6 +796,29 @@ CLAIMS = [
           "stay memorised.", "weight-decay", "every coexistence model at wd 0 with xi >= 0.1, 30% of its neurons "
           "pruned high-IPR first, falls below test accuracy 0.5 and keeps half its memorised accuracy (a random "
           "order's numbers beside, as a control)", _pruning_high_first_breaks_generalisation),
+    Claim(TO_GROK, "App. I.1, Fig. 17a", "Pruned high-IPR first, a coexistence network keeps its corrupted labels "
+          "longer than its uncorrupted ones.", "weight-decay", "every coexistence model at alpha 0.5, wd 0 and xi >= "
+          "0.1, pruned high-IPR first, falls below accuracy 0.5 on its uncorrupted training data at a smaller pruned "
+          "fraction than on its corrupted data", _memorisation_outlasts_generalisation),
+    Claim(TO_GROK, "App. I.1, Fig. 17b", "In partial inversion, pruning the high-IPR neurons first lowers the test "
+          "accuracy and raises the accuracy on the corrupted data: the memorising neurons take over.", "weight-decay",
+          "every partial inversion model at alpha 0.5 and xi >= 0.1, pruned high-IPR first, gains 0.2 or more "
+          "corrupted accuracy with its uncorrupted accuracy 0.9 or more, and is below test accuracy 0.5 with half its "
+          "neurons pruned", _partial_inversion_remembers_when_pruned),
+    Claim(TO_GROK, "App. I.1, Fig. 17c", "In full inversion, pruning the high-IPR neurons first hardly raises the "
+          "accuracy on the corrupted data: few memorising neurons are left.", "weight-decay", "every full inversion "
+          "model at alpha 0.5 and xi >= 0.1, pruned high-IPR first, gains at most 0.1 corrupted accuracy up to 80% "
+          "pruned", _full_inversion_stays_inverted),
+    Claim(TO_GROK, "App. I.2", "Memorising and generalising neurons both lower the train loss: it rises monotonically "
+          "as neurons are pruned, in either order.", "weight-decay", "rank correlation of train loss and pruned "
+          "fraction 0.9 or more in every pruned model, low- and high-IPR first", _train_loss_monotonic),
+    Claim(TO_GROK, "App. I.2", "The periodic neurons lower the test loss: pruning them first raises it.",
+          "weight-decay", "every coexistence model at alpha 0.5 and xi >= 0.1 has a higher test loss with 30% of its "
+          "neurons pruned high-IPR first", _periodic_neurons_lower_the_test_loss),
+    Claim(TO_GROK, "App. I.2", "Without weight decay the low-IPR neurons also cancel the analytic solution's "
+          "sub-leading terms: pruning them raises the test loss while the test accuracy holds.", "weight-decay",
+          "every coexistence model at alpha 0.5, wd 0 and xi >= 0.1, 10% of its neurons pruned low-IPR first, keeps "
+          "its test accuracy within 0.1 and has a higher test loss", _low_ipr_neurons_cancel),
     Claim(TO_GROK, "Fig. 2", "As the network groks clean data its neurons become periodic: the mean IPR rises with "
           "the test accuracy.", "dynamics", "the xi 0, wd 5 model's mean IPR goes from below 0.2 to above 0.6, test "
           "accuracy ends at 0.9 or more, and IPR and test accuracy correlate 0.8 or more over the logged steps",
@@ -662,6 +871,25 @@ CLAIMS = [
     Claim(TO_GROK, "Hypothesis 2.2, Fig. 7b", "A deeper MLP that generalises has a periodic first layer.", "deep-mlp",
           "the first layer's mean neuron IPR 0.1 or more higher in the generalising models than in the memorising "
           "ones", _input_layer_periodic("mean_ipr")),
+    Claim(TO_GROK, "App. G.1, Fig. 12", "A transformer's embeddings are periodic in every configuration: depth does "
+          "not change their IPR, more heads raise it and weight tying lowers it.", "transformer-configs",
+          "mean embed_ipr over the seeds: 2 blocks within 20% of 1 block's, 8 heads above 4 heads', tied below "
+          "untied", _transformer_configs),
+    Claim(TO_GROK, "App. G.2, Fig. 13", "A small dropout gives a transformer coexistence with more periodic "
+          "embeddings; dropout above 0.1 does not help.", "transformer-dropout", "a model with dropout in (0, 0.1] "
+          "is in coexistence with embed_ipr above the dropout-0 model's, and every model with dropout above 0.1 is "
+          "below test accuracy 0.9", _small_dropout_only),
+    Claim(TO_GROK, "App. G", "A 3-layer ReLU MLP with even 0.05 dropout fails to memorise the data for alpha > 0.3 "
+          "and xi >= 0.1.", "deep-mlp-configs", "no dropout-0.05 model at alpha > 0.3 and xi >= 0.1 reaches train "
+          "accuracy 0.9, where every one without dropout or weight decay (the standard run) does",
+          _deep_dropout_cannot_memorise),
+    Claim(TO_GROK, "App. G.3, Fig. 14", "In a lazier parameterisation the input layer's IPR barely shifts while the "
+          "output layer's grows.", "deep-mlp-configs", "mean input-layer IPR within 0.05 of the standard "
+          "parameterisation's, readout IPR (out_ipr) higher", _lazier_readout),
+    Claim(TO_GROK, "App. G.4, Fig. 15", "With BatchNorm a 3-layer MLP stays in coexistence, and its BatchNorm weights "
+          "track the IPR of the output layer's weights, not of the input layer's.", "deep-mlp-configs",
+          "every BatchNorm model in coexistence; rank correlation of the last BatchNorm's |weight| with the "
+          "readout's IPR 0.5 or more, and above the first BatchNorm's with the input layer's", _deep_batchnorm),
     Claim(TO_GROK, "Eq. 2 (Gromov 2023)", "The analytic solution of modular addition is exact once the network is "
           "wide enough.", "analytic-width", "test accuracy 1 at the largest width, below 0.9 at the smallest",
           _analytic_exact_when_wide),

@@ -141,6 +141,85 @@ def test_the_pruning_claims_read_the_pruning_curves(tmp_path):
     assert low.criterion(rows, None)[0] is False and high.criterion(rows, None)[0] is False  # never pruned
 
 
+def test_the_appendix_i_claims_read_each_phases_pruning_curves(tmp_path):
+    """Fig. 17 and App. I.2: each claim on a pruning curve where it holds and one where it does not."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    fractions = [0.0, 0.1, 0.3, 0.5, 0.8, 1.0]
+
+    def curves(order, **metrics):  # model 0 coexistence at wd 0, 1 partial inversion, 2 full inversion (wd 5)
+        table = {"model": [], "fraction": fractions * 3}
+        for m in range(3):
+            table["model"] += [m] * len(fractions)
+        for name, values in metrics.items():
+            table[name] = [v for m in range(3) for v in values[m]]
+        pq.write_table(pa.table(table), tmp_path / f"prune-{order}.parquet")
+    rows = [row("coexistence", model=0, xi=0.3, wd=0.0), row("partial_inversion", model=1, xi=0.3, wd=5.0),
+            row("full_inversion", model=2, xi=0.3, wd=5.0)]
+    rising = [0.01, 0.02, 0.03, 0.04, 0.05, 0.06]
+    outlasts, partial, full, train_loss, periodic, cancel = (
+        claim("weight-decay", words) for words in ("uncorrupted training data at a smaller", "gains 0.2 or more",
+                                                    "gains at most 0.1", "train loss and pruned", "30% of its",
+                                                    "10% of its neurons pruned low-IPR"))
+    high = dict(clean_acc=[[1, 1, 0.4, 0.1, 0, 0], [1, 1, 0.95, 0.6, 0.2, 0], [1, 1, 0.95, 0.5, 0.2, 0]],
+                corrupted_acc=[[0.9, 0.9, 0.8, 0.6, 0.2, 0], [0.3, 0.4, 0.6, 0.5, 0.2, 0], [0.0, 0.02, 0.05, 0.08, 0.1, 0.2]],
+                test_acc=[[1, 0.9, 0.3, 0.1, 0, 0], [1, 1, 0.8, 0.3, 0, 0], [1, 1, 0.8, 0.3, 0, 0]],
+                train_loss=[rising] * 3, test_loss=[rising] * 3)
+    low = dict(high, test_acc=[[1, 0.98, 0.9, 0.9, 0.5, 0]] * 3, test_loss=[rising] * 3)
+    curves("high", **high)
+    curves("low", **low)
+    for c in (outlasts, partial, full, train_loss, periodic, cancel):
+        assert c.criterion(rows, tmp_path)[0] is True, c.statement
+        assert c.criterion(rows, None)[0] is False  # never pruned
+    curves("high", **dict(high, clean_acc=[[1, 1, 1, 1, 1, 0]] * 3,  # generalisation outlasts memorisation
+                          corrupted_acc=[[0.9, 0.9, 0.3, 0.1, 0, 0], [0.3] * 6, [0.0, 0.1, 0.3, 0.3, 0.3, 0.3]],
+                          train_loss=[rising[::-1]] * 3, test_loss=[rising[::-1]] * 3))
+    for c in (outlasts, partial, full, train_loss, periodic):
+        assert c.criterion(rows, tmp_path)[0] is False, c.statement
+    curves("low", **dict(low, test_loss=[rising[::-1]] * 3))  # the loss falls: nothing cancelled
+    assert cancel.criterion(rows, tmp_path)[0] is False
+
+
+def test_the_appendix_g_claims_compare_the_configurations():
+    configs = claim("transformer-configs", "8 heads")
+    ipr = {"base": 0.3, "layers-2": 0.32, "heads-8": 0.4, "tied": 0.2}
+    rows = [row(extra={"run": name, "embed_ipr": v}, seed=s) for name, v in ipr.items() for s in (0, 1)]
+    assert configs.criterion(rows)[0] is True
+    for name, moved in (("layers-2", 0.5), ("heads-8", 0.25), ("tied", 0.35)):
+        assert configs.criterion([row(extra={"run": n, "embed_ipr": moved if n == name else v}) for n, v in ipr.items()])[0] is False
+
+    dropout = claim("transformer-dropout", "(0, 0.1]")
+    cases = {0.0: ("memorization", 0.3, 0.10), 0.05: ("coexistence", 0.95, 0.2), 0.3: ("forgetting", 0.2, 0.1)}
+    rows = lambda cases: [row(phase, test_acc, dropout=d, extra={"embed_ipr": e}) for d, (phase, test_acc, e) in cases.items()]  # noqa: E731
+    assert dropout.criterion(rows(cases))[0] is True
+    assert dropout.criterion(rows({**cases, 0.3: ("coexistence", 0.95, 0.2)}))[0] is False  # larger dropout helps
+    assert dropout.criterion(rows({**cases, 0.05: ("coexistence", 0.95, 0.05)}))[0] is False  # no higher IPR
+
+    memorise = claim("deep-mlp-configs", "dropout-0.05")
+    model = lambda run, train_acc, **hyper: ModelRow(0, Hyper(**{"alpha": 0.6, "xi": 0.2, **hyper}), {"train_acc": train_acc},  # noqa: E731
+                                                     "", False, 100, None, None, {"run": run})
+    rows = [model("dropout", 0.8, dropout=0.05), model("he", 1.0)]
+    assert memorise.criterion(rows)[0] is True
+    assert memorise.criterion([*rows, model("dropout", 1.0, dropout=0.05, xi=0.1)])[0] is False  # one memorises
+    assert memorise.criterion([rows[0], model("he", 0.8)])[0] is False  # nor does it without dropout: no evidence
+
+    lazy = claim("deep-mlp-configs", "out_ipr")
+    parts = lambda shift, out: [row(extra={"run": "he", "mean_ipr": 0.5, "out_ipr": 0.2}),  # noqa: E731
+                                row(extra={"run": "lazy", "mean_ipr": 0.5 + shift, "out_ipr": out})]
+    assert lazy.criterion(parts(0.02, 0.4))[0] is True
+    assert lazy.criterion(parts(0.2, 0.4))[0] is False and lazy.criterion(parts(0.02, 0.1))[0] is False
+    dead = [*parts(0.02, 0.4), row(extra={"run": "lazy", "mean_ipr": float("nan"), "out_ipr": float("nan")})]
+    assert lazy.criterion(dead)[0] is True  # a model with every neuron dead has no IPR to average
+
+    bn = claim("deep-mlp-configs", "last BatchNorm")
+    model = lambda phase, out, first: [row(phase, extra={"run": "batchnorm", "bn_out_ipr_correlation": out,  # noqa: E731
+                                                         "bn_ipr_correlation": first})]
+    assert bn.criterion(model("coexistence", 0.7, 0.1))[0] is True
+    for failing in (model("full_inversion", 0.7, 0.1), model("coexistence", 0.3, 0.1), model("coexistence", 0.7, 0.8)):
+        assert bn.criterion(failing)[0] is False
+
+
 def test_the_pruning_width_claim_counts_the_neurons_each_generalising_model_needs(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq

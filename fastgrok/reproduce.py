@@ -105,8 +105,9 @@ def _variant(about: str, settings: dict) -> Experiment:
 EXPERIMENTS = {
     "weight-decay": Experiment(
         "phases over the data fraction alpha and corruption xi at weight decay 0, 5, 15 and 20 (To grok's Fig. 3a; "
-        "--quick: the row alpha 0.5), with the IPR of every model's neurons (Fig. 4) and its coexistence models "
-        "pruned low-IPR first, high-IPR first (Fig. 6) and in a random order (a control the paper does not draw)",
+        "--quick: the row alpha 0.5), with the IPR of every model's neurons (Fig. 4) and the generalising models of "
+        "the row alpha 0.5 with xi >= 0.1 pruned low-IPR first, high-IPR first (Fig. 6, 17; App. I.2's losses) and "
+        "in a random order (a control the paper does not draw)",
         full={"axes": {**DIAGRAM, "wd": "0,5,15,20"}, "settings": {}},
         quick={"axes": {**QUICK_ROW, "wd": "0,5,15,20"}, "settings": {"p": 47}},
         analyses=("phase", "ipr", "prune-low", "prune-high", "prune-random")),
@@ -252,9 +253,10 @@ EXPERIMENTS = {
                "settings": {"terms": 4, "act": "pow", "p": 11, "steps": 2000, "log_every": 250}},
         analyses=("ipr",)),
     "learnability": Experiment(
-        "which polynomials a network learns: 9 of the form h(g1(x)+g2(y)), 5 not (the sequel's Section 5)",
+        "which polynomials a network learns: 9 of the form h(g1(x)+g2(y)), 5 not (the sequel's Section 5; --quick: "
+        "the polynomials-cpu preset at alpha 0.5 and 0.9)",
         full={"preset": "polynomials"},
-        quick={"preset": "polynomials-cpu"},
+        quick={"preset": "polynomials-cpu", "axes": {"alpha": "0.5,0.9"}},
         analyses=("learnability",)),
 }
 
@@ -1093,9 +1095,11 @@ def verdicts(out: Path, names: list[str], quick: bool) -> list[dict]:
     return table
 
 
-def write_report(out: Path, names: list[str], quick: bool, ran: str = "") -> tuple[Path, Path]:
+def write_report(out: Path, names: list[str], quick: bool, ran: str = "",
+                 took: dict[str, float] | None = None) -> tuple[Path, Path]:
     """DIR/report.md (figures linked) and DIR/report.html (figures inlined): per claim the statement with its
-    source, the criterion, the verdict with its numbers, and the experiment's figure. `ran`: where and how long."""
+    source, the criterion, the verdict with its numbers, and the experiment's figure. `ran`: where and how long;
+    `took`: the seconds this call spent on each experiment it trained or resumed (training and analyses)."""
     table = verdicts(out, names, quick)
     size = "--quick (reduced sizes, on a CPU)" if quick else "the papers' sizes"
     lines = [f"# fastgrok reproduce: {datetime.date.today().isoformat()}, {size}", "",
@@ -1108,7 +1112,8 @@ def write_report(out: Path, names: list[str], quick: bool, ran: str = "") -> tup
     lines.append("")
     for name in names:
         exp = EXPERIMENTS[name]
-        lines += [f"## {name}", "", exp.about, ""]
+        lines += [f"## {name}", "", exp.about + (f" (this call: {took[name]:.0f} s)" if name in (took or {}) else ""),
+                  ""]
         runs = [out / name] if exp.kind == "analytic" else [run for run, _ in _runs(name, out, quick)]
         for analysis in exp.analyses:
             for run in runs:
@@ -1156,15 +1161,17 @@ def reproduce(out: str | Path = "reproduce", quick: bool = False, only: str | No
 
     names, out = _selected(only), Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    began, trained = time.perf_counter(), []
+    began, took = time.perf_counter(), {}
     try:
         for name in names:
+            start = time.perf_counter()
             done = run_experiment(name, out, quick, device, on_step)
-            trained += [name] * (done != "kept")
+            if done != "kept":
+                took[name] = time.perf_counter() - start
             if on_experiment is not None:
-                on_experiment(name, done)
+                on_experiment(name, done if done == "kept" else f"{done} in {took[name]:.0f} s")
     finally:
         ran = (f"On {device_name(resolve_device(device))}, fastgrok {__version__}: {time.perf_counter() - began:.0f} s "
-               f"for this call, which trained or resumed {len(trained)} of the {len(names)} experiments.")
-        report = write_report(out, names, quick, ran)
+               f"for this call, which trained or resumed {len(took)} of the {len(names)} experiments.")
+        report = write_report(out, names, quick, ran, took)
     return report

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import datetime
+import functools
 import html
 import math
 import re
@@ -384,14 +385,22 @@ def _raises_ipr(axis: str, value: float):
     return criterion
 
 
+@functools.lru_cache(maxsize=8)
+def _read_prune(path: Path, mtime_ns: int) -> dict[str, list]:
+    """A pruning file's columns, read once for all the claims that read it (mtime_ns: a rewritten file is read
+    again)."""
+    import pyarrow.parquet as pq
+
+    return pq.read_table(path).to_pydict()
+
+
 def _curves(run, order: str, models: set[int]) -> dict[int, dict[str, list]] | None:
     """The pruning curves (prune-ORDER.parquet) of `models`, each column in pruning order, or None where the run
     was not pruned that way."""
-    import pyarrow.parquet as pq
-
-    if not models or run is None or not (Path(run) / f"prune-{order}.parquet").is_file():
+    path = None if run is None else Path(run) / f"prune-{order}.parquet"
+    if not models or path is None or not path.is_file():
         return None
-    table = pq.read_table(Path(run) / f"prune-{order}.parquet").to_pydict()
+    table = _read_prune(path, path.stat().st_mtime_ns)
     out: dict[int, dict[str, list]] = {}
     for k, m in enumerate(table["model"]):  # the file holds each model's levels in order
         if m in models:

@@ -21,7 +21,7 @@ import torch
 from fastgrok import reference
 from fastgrok.errors import ConfigError
 from fastgrok.families import Family, Spec, register
-from fastgrok.families.mlp import BN_EPS, BN_MOMENTUM, pre_activation
+from fastgrok.families.mlp import BN_EPS, pre_activation, update_running
 
 BN_PARTS = ("weight", "bias", "running_mean", "running_var")
 
@@ -42,7 +42,8 @@ class DeepOneHotMLP(Family):
     def tensors(self, settings, width):
         p = settings.p
         hidden = {f"H{k}": Spec((width, width)) for k in range(1, settings.depth)}
-        bn = {f"bn{k}_{part}": Spec((width,), trained=part in ("weight", "bias"), fill=float(part in ("weight", "running_var")))
+        bn = {f"bn{k}_{part}": Spec((width,), trained=part in ("weight", "bias"),
+                                     fill=float(part in ("weight", "running_var")))  # BatchNorm1d's start
               for k in range(1, settings.depth + 1) for part in BN_PARTS} if settings.batchnorm else {}
         return {"U": Spec((p, width)), "V": Spec((p, width)), **hidden, "W": Spec((width, p)), **bn}
 
@@ -91,9 +92,8 @@ class DeepOneHotMLP(Family):
         """BatchNorm1d's update of each layer's running statistics with the step's batch mean and unbiased
         variance."""
         for k in range(len(extras) // 2):
-            for name, new in zip(("running_mean", "running_var"), extras[2 * k : 2 * k + 2]):
-                old = t[f"bn{k + 1}_{name}"]
-                old.copy_(torch.where(frozen[:, None], old, torch.lerp(old, new, BN_MOMENTUM)))
+            update_running(t[f"bn{k + 1}_running_mean"], t[f"bn{k + 1}_running_var"], *extras[2 * k : 2 * k + 2],
+                           frozen)
 
     def whole_batch(self, settings):
         return settings.batchnorm
@@ -130,7 +130,7 @@ class DeepOneHotMLP(Family):
         weights against the BatchNorm weight before them (To grok's App. G.4)."""
         if "bn1_weight" not in t:
             return {}
-        last = max(int(name[2:].split("_")[0]) for name in t if name.startswith("bn"))
+        last = 1 + sum(name[0] == "H" for name in t)  # the depth: one BatchNorm per hidden layer
         return {"bn_ipr_correlation": (self.ipr_parts(t), t["bn1_weight"]),
                 "bn_out_ipr_correlation": ({"w": (t["W"], 2)}, t[f"bn{last}_weight"])}
 

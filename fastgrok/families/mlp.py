@@ -67,6 +67,14 @@ def forward(inputs, W, x, act: str, mask=None, bn=None) -> torch.Tensor:
     return torch.bmm(h, W)
 
 
+@torch.no_grad()
+def update_running(mean, var, batch_mean, batch_var, frozen) -> None:
+    """BatchNorm1d's running statistics (B, N), in place, moved towards a step's batch mean and unbiased variance
+    by its momentum; `frozen` (B,) models keep theirs."""
+    for old, new in ((mean, batch_mean), (var, batch_var)):
+        old.copy_(torch.where(frozen[:, None], old, torch.lerp(old, new, BN_MOMENTUM)))
+
+
 def bn_affine(t: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """BatchNorm at evaluation, BN(h) = h scale + shift with the running statistics."""
     scale = t["bn_weight"] * torch.rsqrt(t["running_var"] + BN_EPS)
@@ -188,8 +196,7 @@ class OneHotMLP(Family):
     def after_step(self, t, extras, frozen):
         """BatchNorm1d's update of the running statistics with the step's batch mean and unbiased variance."""
         if extras:
-            for name, new in zip(("running_mean", "running_var"), extras):
-                t[name].copy_(torch.where(frozen[:, None], t[name], torch.lerp(t[name], new, BN_MOMENTUM)))
+            update_running(t["running_mean"], t["running_var"], *extras, frozen)
 
     def reference(self, settings, hyper, t):
         width = t["W"].shape[-2]

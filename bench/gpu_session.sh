@@ -75,7 +75,7 @@ pop, engine = Population([Hyper(width=512, seed=i) for i in range(8192)], Settin
 engine.step(pop)
 pop.evaluate(engine)  # a run evaluates every model at each logged step
 torch.cuda.synchronize()
-planned = population_bytes(Settings(), 512, pop.train_y.shape[1], pop.table[1].numel(), 8192, engine, device="cuda")
+planned = population_bytes(Settings(), 512, pop.train_y.shape[1], pop.table[1].shape[1], 8192, engine, device="cuda")
 print(f"8192 models of N 512: peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB "
       f"(a step and an evaluation; the planner reserves {planned / 2**30:.1f} GiB)")
 PY

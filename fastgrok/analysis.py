@@ -110,7 +110,7 @@ def ipr(run: Path, fft: str = "rfft", threshold: float = HIGH_IPR, models: str |
         in_basis({}, basis, settings.p)  # a bad basis is refused before any work
 
     def parts_of(tensors, parts=None):  # the units' weight vectors (ipr_parts, or `parts`) in the basis asked for:
-        # a piece of models is one population's, one task, whose natural basis is the default
+        # a piece of models is one population's, tasks of one natural basis (planner.task_kind): the default
         task = settings.with_op(grid.model(int(tensors["model"][0])).op)
         return in_basis(family.ipr_parts(tensors) if parts is None else parts,
                         natural_basis(task) if basis is None else basis, settings.p)

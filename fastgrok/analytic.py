@@ -159,7 +159,7 @@ def analytic_run(out=None, p: int = 97, widths: str = "500", op: str = "add", se
         for name, w in zip((*input_names(terms), "W"), analytic_weights(p, h.width, h.seed, terms, op)):
             pop.tensors[name].copy_(w[None])
         metrics = pop.evaluate()
-        x_all, z_all = pop.table
+        x_all, z_all = pop.table[0], pop.table[1][0]
         pred, _ = pop.family.outputs(pop.tensors, x_all[:, None], z_all[None], settings)
         history = {"model": [model], "step": [0], **{k: [v[0].item()] for k, v in metrics.items()}}
         history["ipr"] = [model_ipr(pop.family, pop.tensors, settings)[0].item()]

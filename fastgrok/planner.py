@@ -1,9 +1,9 @@
 """The memory planner: how a grid is split into populations that fit the device.
 
-A population holds models of one width (a step must share the tensors' shapes). Its device memory is, per model,
-its tensors with their gradients and two Adam moments (the family's Specs) and its data (pair order, training
-indices and labels); beside them the step's working memory, which each backend states (Backend.step_bytes), and
-the evaluation's, which stays within eval_limit. The planner sizes each population to the largest number of models
+A population holds models of one width (a step must share the tensors' shapes) and tasks of one kind (the same
+inputs: task_kind). Its device memory is, per model, its tensors with their gradients and two Adam moments (the
+family's Specs) and its data (pair order, training indices and labels); beside them the step's working memory, which
+each backend states (Backend.step_bytes), and the evaluation's, which stays within eval_limit. The planner sizes each population to the largest number of models
 that fits a share of the device's memory (BUDGETS).
 """
 
@@ -20,6 +20,7 @@ from fastgrok.config import AXES, Grid
 from fastgrok.data import check_training_sets, pair_count, train_size
 from fastgrok.errors import ConfigError
 from fastgrok.families import family_of
+from fastgrok.ipr import natural_basis
 
 # A CPU evaluates chunks of models whose working memory fits its last-level cache (as the torch step's pieces):
 # on the 2-core AMD EPYC development machine (32 MB L3) 16 MiB evaluated the cpu-demo population in 50 ms and 16
@@ -160,18 +161,19 @@ def memory_budget(device: torch.device) -> int:
 
 @dataclass(frozen=True)
 class Group:
-    """The models of a grid with one width (its index in the width axis), one task (its index in the op axis, the
-    last in AXES) and one training-set size d (the alphas, by index, that give it), in model-id order: a lattice of
-    the grid's ids, so that any run of it is found by arithmetic, never by listing the grid's models."""
+    """The models of a grid with one width (its index in the width axis), tasks of one kind (their indices in the op
+    axis, the last in AXES; task_kind) and one training-set size d (the alphas, by index, that give it), in model-id
+    order: a lattice of the grid's ids, so that any run of it is found by arithmetic, never by listing the grid's
+    models."""
 
     grid: Grid
     width: int
     alphas: tuple[int, ...]
     d: int
-    op: int = 0
+    ops: tuple[int, ...] = (0,)
 
     def __len__(self) -> int:
-        return len(self.grid.axes["xi"]) * len(self.alphas) * self._inner
+        return len(self.grid.axes["xi"]) * len(self.alphas) * self._inner * len(self.ops)
 
     @property
     def _inner(self) -> int:
@@ -180,14 +182,14 @@ class Group:
 
     def ids(self, start: int, stop: int) -> list[int]:
         """The model ids at positions [start, stop) of the group."""
-        inner, axes = self._inner, self.grid.axes
-        per_xi, ops = len(self.alphas) * inner, len(axes["op"])
+        inner, axes, tasks = self._inner, self.grid.axes, len(self.ops)
         out = []
         for k in range(start, stop):
-            xi, rest = divmod(k, per_xi)
-            alpha, tail = divmod(rest, inner)
+            xi, rest = divmod(k, len(self.alphas) * inner * tasks)
+            alpha, rest = divmod(rest, inner * tasks)
+            tail, task = divmod(rest, tasks)
             out.append((((xi * len(axes["alpha"]) + self.alphas[alpha]) * len(axes["width"]) + self.width) * inner
-                        + tail) * ops + self.op)
+                        + tail) * len(axes["op"]) + self.ops[task])
         return out
 
 
@@ -197,7 +199,7 @@ class Planned:
 
     width: int
     parts: tuple[tuple[Group, int, int], ...]
-    op: str | None = None  # its task: the grid's op, or None for the run's
+    ops: tuple[str | None, ...] = (None,)  # its tasks (one kind): the grid's ops, or None for the run's
 
     def __len__(self) -> int:
         return sum(stop - start for _, start, stop in self.parts)
@@ -217,7 +219,7 @@ class Planned:
     def cost(self, settings) -> int:
         """The FLOPs its training takes (the family's count of a model-step, times the steps): what shares() balances.
         From the grid and settings alone, so that every process of a run computes the same shares."""
-        settings = settings.with_op(self.op)
+        settings = settings.with_op(self.ops[0])  # tasks of a kind: the same inputs, the same FLOPs
         return settings.steps * sum((stop - start) * step_flops(settings, self.width, group.d)
                                     for group, start, stop in self.parts)
 
@@ -242,27 +244,38 @@ def plan(grid: Grid, settings, device: torch.device, engine, budget: int | None 
         raise ConfigError(f"--population-size must be at least 1, got {most}")
     budget = memory_budget(device) if budget is None else budget
     dropout = any(v > 0 for v in grid.axes["dropout"])
+    kinds: dict[tuple, list[int]] = {}
+    for o, op in enumerate(grid.axes["op"]):
+        kinds.setdefault(task_kind(settings.with_op(op)), []).append(o)
     populations = []
-    for o, op in enumerate(grid.axes["op"]):  # one task a population: its own labels, and its own count of inputs
-        populations += _plan_task(grid, settings.with_op(op), o, device, engine, budget, most, dropout)
+    for ops in kinds.values():
+        populations += _plan_tasks(grid, settings.with_op(grid.axes["op"][ops[0]]), tuple(ops), device, engine,
+                                   budget, most, dropout)
     return populations
 
 
-def _plan_task(grid: Grid, settings, o: int, device, engine, budget: int, most: int | None, dropout: bool):
-    """plan() of the models of task o (index in the op axis; settings: its own)."""
+def task_kind(settings) -> tuple[bool, str]:
+    """Tasks of one kind share a population, each model with its own labels: the same inputs (every tuple of
+    residues; div leaves out y = 0) and the same basis in which their neurons' IPR is read (ipr.natural_basis)."""
+    return settings.op == "div", natural_basis(settings)
+
+
+def _plan_tasks(grid: Grid, settings, ops: tuple[int, ...], device, engine, budget: int, most: int | None,
+                dropout: bool):
+    """plan() of the models of tasks of one kind (indices in the op axis; settings: the first's)."""
     check_training_sets(grid.axes["alpha"], settings)
     num_pairs = pair_count(settings.op, settings.p, settings.terms)
     by_size: dict[int, list[int]] = {}
     for k, alpha in enumerate(grid.axes["alpha"]):
         by_size.setdefault(train_size(num_pairs, alpha), []).append(k)
-    op = grid.axes["op"][o]
+    names = tuple(grid.axes["op"][o] for o in ops)
     populations = []
     for w, width in enumerate(grid.axes["width"]):
         # by training-set size, so that a population (and a CPU chunk of one) holds models of similar D; largest
         # first, because a GPU starts a launch's programs roughly in order and the backward's take time in
         # proportion to D: the longest then start first and the shortest fill the end, instead of a last wave of
         # the longest ones (the 1,156-model diagrams mix alpha 0.1 to 0.9 in one population)
-        groups = [Group(grid, w, tuple(alphas), d, o) for d, alphas in sorted(by_size.items(), reverse=True)]
+        groups = [Group(grid, w, tuple(alphas), d, ops) for d, alphas in sorted(by_size.items(), reverse=True)]
         per_pop = models_that_fit(settings, width, groups[0].d, num_pairs, device, budget, engine, dropout)
         per_pop = min(per_pop, most or per_pop)
         parts, room = [], per_pop
@@ -274,10 +287,10 @@ def _plan_task(grid: Grid, settings, o: int, device, engine, budget: int, most: 
                 room -= stop - start
                 start = stop
                 if room == 0:
-                    populations.append(Planned(width, tuple(parts), op))
+                    populations.append(Planned(width, tuple(parts), names))
                     parts, room = [], per_pop
         if parts:
-            populations.append(Planned(width, tuple(parts), op))
+            populations.append(Planned(width, tuple(parts), names))
     return populations
 
 
@@ -323,7 +336,7 @@ def job_cost(grid: Grid, settings, ids: list[int], steps: int) -> int:
     """The FLOPs of `steps` steps of a population of these models (Planned.cost, for any list of models: a
     resumed run's, some of whose populations continue from a save)."""
     hypers = [grid.model(i) for i in ids]
-    settings = settings.with_op(hypers[0].op)  # a population is one task
+    settings = settings.with_op(hypers[0].op)  # a population's tasks are of one kind: the same inputs
     pairs = pair_count(settings.op, settings.p, settings.terms)
     return steps * sum(step_flops(settings, h.width, train_size(pairs, h.alpha)) for h in hypers)
 

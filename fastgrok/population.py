@@ -2,7 +2,8 @@
 
 The family (fastgrok.families, chosen by Settings.model) says which tensors a model has; the population stacks
 each as (B, *shape) and reaches them as pop.tensors[name] or pop.<name> (pop.U for the MLP's U). Each model has its
-own training set (alpha, split seed), corruption (xi, noise seed), init seed, lr, weight decay and dropout; training
+own task (of one kind: planner.task_kind), training set (alpha, split seed), corruption (xi, noise seed), init seed,
+lr, weight decay and dropout; training
 sets are padded to the largest D and padded slots carry zero weight. With Settings.batch_size a step sees a
 minibatch of each model's training set (Population.batch).
 """
@@ -18,7 +19,7 @@ from fastgrok import reference
 from fastgrok.config import Hyper, Settings
 from fastgrok.data import check_training_sets, epoch_order, generator, make_split, task_table
 from fastgrok.families import family_of
-from fastgrok.planner import eval_limit
+from fastgrok.planner import eval_limit, task_kind
 
 # each metric of Population.evaluate: (the per-example value it averages, the examples it averages over)
 _METRIC_PARTS = {"train_loss": ("loss", "train"), "test_loss": ("loss", "test"), "train_acc": ("hit", "train"),
@@ -33,10 +34,10 @@ class Population:
         widths = {h.width for h in hypers}
         if len(widths) != 1:
             raise ValueError(f"a population has one width, got {sorted(widths)}")
-        ops = {h.op for h in hypers}
-        if len(ops) != 1:
-            raise ValueError(f"a population has one task, got {sorted(map(str, ops))}")
-        settings = settings.with_op(ops.pop())  # the task of these models: the grid's op, or the run's
+        tasks = list(dict.fromkeys(h.op for h in hypers))  # the grid's ops, or None for the run's
+        if len({task_kind(settings.with_op(op)) for op in tasks}) != 1:
+            raise ValueError(f"a population's tasks are of one kind (planner.task_kind), got {tasks}")
+        settings = settings.with_op(tasks[0])  # the first task's: the others differ only in their labels
         settings.check(training=False)
         self.hypers, self.settings, self.device = list(hypers), settings, torch.device(device)
         self.family = family_of(settings)
@@ -46,11 +47,13 @@ class Population:
         B = len(hypers)
 
         check_training_sets({h.alpha for h in hypers}, settings)
-        x_all, z_all = task_table(settings.op, p, settings.terms)
+        x_all = task_table(settings.op, p, settings.terms)[0]
+        z_all = torch.stack([task_table(settings.with_op(op).op, p, settings.terms)[1] for op in tasks])  # (T, P)
+        self.task = torch.tensor([tasks.index(h.op) for h in hypers])  # each model's row of z_all
         # Each model's split and initial weights come from its own generators, so they are drawn on all the
         # host's cores at once (torch releases the GIL): the same numbers, several times faster for big grids.
         pool = ThreadPoolExecutor(max_workers=min(32, os.cpu_count() or 1))
-        splits = list(pool.map(lambda h: make_split(z_all, p, h.alpha, h.xi, h.split_seed(settings),
+        splits = list(pool.map(lambda h: make_split(z_all[tasks.index(h.op)], p, h.alpha, h.xi, h.split_seed(settings),
                                                     h.split_seed(settings), settings.noise), hypers))
         self.D = torch.tensor([s.size for s in splits])
         self.n_corrupt = torch.tensor([s.n_corrupt for s in splits])
@@ -62,7 +65,8 @@ class Population:
         slot = torch.arange(d_max)
         dev = self.device
         self.valid = (slot < self.D[:, None]).to(dev)  # (B, Dmax): real training example
-        self.table = (x_all.to(dev), z_all.to(dev))  # every input's operands (S, P) and label (P,)
+        self.table = (x_all.to(dev), z_all.to(dev))  # every input's operands (S, P) and each task's labels (T, P)
+        self.task = self.task.to(dev)
         self.perm = perm.to(dev)
         self.train_x = x_all[:, perm[:, :d_max]].to(dev)  # (S, B, Dmax): the training examples' operands
         self.train_y = labels.to(dev)  # labels as trained on (corrupted ones included)
@@ -198,7 +202,7 @@ class Population:
 
     def model(self, b: int):
         """Model b as its family's reference nn.Module (a copy of its current weights)."""
-        return self.family.reference(self.settings, self.hypers[b], {k: t[b] for k, t in self.tensors.items()})
+        return self.family.reference(self.settings.with_op(self.hypers[b].op), self.hypers[b], {k: t[b] for k, t in self.tensors.items()})
 
     @torch.no_grad()
     def evaluate(self, engine=None, max_bytes: int | None = None,
@@ -221,7 +225,7 @@ class Population:
         outputs = engine.outputs if engine is not None else family.outputs
         per_example = (engine if engine is not None else family).eval_bytes(s, self.width)
         x_all, z_all = self.table
-        P, B, d_max = z_all.numel(), len(self), self.train_y.shape[1]
+        P, B, d_max = z_all.shape[1], len(self), self.train_y.shape[1]
         chunk = max(1, min(B, max_bytes // (P * per_example)))
         span = P if chunk > 1 else max(1, min(P, max_bytes // per_example))
         out = {k: [] for k in METRICS}
@@ -233,7 +237,7 @@ class Population:
             for start in range(0, P, span):
                 stop = min(P, start + span)
                 perm = self.perm[sl, start:stop]  # the model's slots in its order: training slots first
-                true = z_all[perm]
+                true = z_all[self.task[sl, None], perm]
                 labels = true.clone()  # as trained on: corrupted labels on the training slots
                 t = max(0, min(stop, d_max) - start)
                 labels[:, :t] = torch.where(self.valid[sl, start : start + t], self.train_y[sl, start : start + t],

@@ -341,13 +341,13 @@ def plan(grid: Grid, settings: Settings, out: str | Path | None = None, *, devic
     cost = {}  # width -> (seconds per example-step, seconds per model evaluated): the same for every task
     if estimate:
         for width in grid.axes["width"]:
-            mine = [p for p in planned if p.width == width and p.op == planned[0].op]
+            mine = [p for p in planned if p.width == width and p.ops == planned[0].ops]
             sample = [grid.model(i) for p in mine for i in p.sample(max(1, PROBE_MODELS[dev.type] // len(mine)))]
             cost[width] = estimate_costs(sample[: PROBE_MODELS[dev.type]], settings, dev, engine)
     logs = len({*range(0, settings.steps + 1, settings.log_every), settings.steps})
     populations = []
     for p, rank in zip(planned, ranks):
-        task = settings.with_op(p.op)
+        task = settings.with_op(p.ops[0])
         pairs = pair_count(task.op, task.p, task.terms)
         memory = planner.population_bytes(task, p.width, p.sizes[1], pairs, len(p), engine, dropout, dev)
         seconds = math.nan

@@ -97,20 +97,26 @@ def test_bad_many_operand_tasks_are_one_line(args, message, tmp_path):
     assert result.exit_code == 2 and len(lines) == 1 and message in lines[0], result.output
 
 
-def test_a_list_of_tasks_is_a_grid_axis_each_population_one_task(tmp_path):
-    """--op with a comma list trains every task in one run: a population per task (its own labels), models.csv's
-    op column, `phase --x op`; the tasks train as they do alone."""
+def test_a_list_of_tasks_is_a_grid_axis_tasks_of_a_kind_share_a_population(tmp_path):
+    """--op with a comma list trains every task in one run: tasks with the same inputs and IPR basis in one
+    population (each model with its own labels), div and mul apart; models.csv's op column, `phase --x op`; the
+    tasks train as they do alone."""
     import csv
 
     from fastgrok import planner
     from fastgrok.backends import TorchBackend
-    from fastgrok.config import Grid, Settings
+    from fastgrok.config import Grid, Hyper, Settings
+    from fastgrok.population import Population
 
-    grid = Grid.of(op=["x+y", "x*y", "x^2+y^2"], xi=[0.0, 0.2], width=[8, 12])
+    grid = Grid.of(op=["x+y", "div", "x*y", "mul", "x^2+y^2"], xi=[0.0, 0.2], width=[8, 12])
     populations = planner.plan(grid, Settings(p=7), torch.device("cpu"), TorchBackend())
     assert sorted(i for p in populations for i in p.ids()) == list(range(len(grid)))
+    assert [(p.width, p.ops) for p in populations] == [(8, ("x+y", "x*y", "x^2+y^2")), (12, ("x+y", "x*y", "x^2+y^2")),
+                                                       (8, ("div",)), (12, ("div",)), (8, ("mul",)), (12, ("mul",))]
     for p in populations:
-        assert {grid.model(i).op for i in p.ids()} == {p.op} and {grid.model(i).width for i in p.ids()} == {p.width}
+        assert {grid.model(i).op for i in p.ids()} == set(p.ops) and {grid.model(i).width for i in p.ids()} == {p.width}
+    with pytest.raises(ValueError, match="one kind"):
+        Population([Hyper(width=8, op="x+y"), Hyper(width=8, op="div")], Settings(p=7))
     args = ["train", "--p", "7", "--width", "8", "--xi", "0,0.2", "--steps", "20", "--log-every", "10"]
     assert runner.invoke(app, [*args, "--op", "x+y, x*y ,x^2+y^2", "--out", tmp_path / "all"]).exit_code == 0
     rows = list(csv.DictReader(open(tmp_path / "all" / "models.csv")))
@@ -119,7 +125,9 @@ def test_a_list_of_tasks_is_a_grid_axis_each_population_one_task(tmp_path):
         assert runner.invoke(app, [*args, "--op", op, "--out", tmp_path / op]).exit_code == 0
         alone = list(csv.DictReader(open(tmp_path / op / "models.csv")))
         mine = [r for r in rows if r["op"] == op]
-        assert [r["test_acc"] for r in mine] == [r["test_acc"] for r in alone] and alone[0]["op"] == ""
+        metrics = ("train_acc", "test_acc", "clean_acc", "corrupted_acc", "inverted_acc", "train_loss", "test_loss")
+        assert [[r[k] for k in metrics] for r in mine] == [[r[k] for k in metrics] for r in alone]
+        assert alone[0]["op"] == "" and len({r["test_acc"] for r in rows}) > 2  # the tasks' models differ
     result = runner.invoke(app, ["phase", str(tmp_path / "all"), "--x", "op", "--y", "xi"])
     assert result.exit_code == 0, result.output
     table = list(csv.DictReader(open(tmp_path / "all" / "phase-xi-vs-op.csv")))

@@ -325,7 +325,7 @@ def test_evaluate_matches_reference_accuracies(settings):
     """Every metric against reference modules in eval mode (BatchNorm: running statistics)."""
     pop = train(Population(mixed_hypers(), settings), 30)
     metrics = pop.evaluate(max_bytes=1)  # one model per chunk: the chunking path too
-    (m_all, n_all), z_all = pop.table
+    (m_all, n_all), (z_all,) = pop.table
     for b in range(len(pop)):
         mlp = pop.model(b)
         d, c = int(pop.D[b]), int(pop.n_corrupt[b])

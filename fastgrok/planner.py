@@ -3,8 +3,8 @@
 A population holds models of one width (a step must share the tensors' shapes) and tasks of one kind (the same
 inputs: task_kind). Its device memory is, per model, its tensors with their gradients and two Adam moments (the
 family's Specs) and its data (pair order, training indices and labels); beside them the step's working memory, which
-each backend states (Backend.step_bytes), and the evaluation's, which stays within eval_limit. The planner sizes each population to the largest number of models
-that fits a share of the device's memory (BUDGETS).
+each backend states (Backend.step_bytes), and the evaluation's, which stays within eval_limit. The planner sizes
+each population to the largest number of models that fits a share of the device's memory (BUDGETS).
 """
 
 from __future__ import annotations

@@ -47,8 +47,8 @@ class Population:
         B = len(hypers)
 
         check_training_sets({h.alpha for h in hypers}, settings)
-        x_all = task_table(settings.op, p, settings.terms)[0]
-        z_all = torch.stack([task_table(settings.with_op(op).op, p, settings.terms)[1] for op in tasks])  # (T, P)
+        tables = [task_table(settings.with_op(op).op, p, settings.terms) for op in tasks]
+        x_all, z_all = tables[0][0], torch.stack([z for _, z in tables])  # the tasks' inputs are the same; (T, P)
         self.task = torch.tensor([tasks.index(h.op) for h in hypers])  # each model's row of z_all
         # Each model's split and initial weights come from its own generators, so they are drawn on all the
         # host's cores at once (torch releases the GIL): the same numbers, several times faster for big grids.
@@ -202,7 +202,8 @@ class Population:
 
     def model(self, b: int):
         """Model b as its family's reference nn.Module (a copy of its current weights)."""
-        return self.family.reference(self.settings.with_op(self.hypers[b].op), self.hypers[b], {k: t[b] for k, t in self.tensors.items()})
+        h = self.hypers[b]
+        return self.family.reference(self.settings.with_op(h.op), h, {k: t[b] for k, t in self.tensors.items()})
 
     @torch.no_grad()
     def evaluate(self, engine=None, max_bytes: int | None = None,

@@ -84,7 +84,21 @@ APP_B = ("2x^4y+x^2y^2+3xy^3", "x^5y^3+4x^2y+5x^2y^3", "7x^4y^4+2x^3y^2+4x^2y^5"
 DIAGRAM = {"alpha": "0.1:0.9:17", "xi": "0:0.9:19"}
 # --quick's: one data fraction, 13 corruption levels, p 47 and N 128 (a diagram's row in about a minute on 2 cores)
 QUICK_ROW = {"xi": "0:0.6:13", "width": "128"}
+# the deeper families of Fig. 7 as the paper trains them (the transformer d 128, the 3-layer MLP N 500; 3 seeds) and
+# at --quick's size: an experiment's spec is one of them with its own axes added (_family)
+TRANSFORMER = {"axes": {"width": "128", "lr": "0.001", "seed": "0,1,2"},
+               "settings": {"model": "transformer", "steps": 3000}}
+QUICK_TRANSFORMER = {"axes": {"width": "64", "lr": "0.005"},
+                     "settings": {"model": "transformer", "p": 23, "steps": 1500}}
+DEEP_MLP = {"axes": {"width": "500", "lr": "0.001", "seed": "0,1,2"},
+            "settings": {"model": "deep-mlp", "depth": 3, "steps": 5000}}
+QUICK_DEEP_MLP = {"axes": {"alpha": "0.6", "width": "256", "lr": "0.003"},
+                  "settings": {"model": "deep-mlp", "depth": 2, "p": 41, "steps": 3000}}
 
+
+def _family(base: dict, axes: dict, **more) -> dict:
+    """A spec: a family's base (TRANSFORMER, ...) with an experiment's axes (they win) and, say, its "runs"."""
+    return {"axes": {**base["axes"], **axes}, "settings": dict(base["settings"]), **more}
 
 
 # To grok's Fig. 12: the Fig. 7a transformer, a deeper one, one with more heads and one with weight tying
@@ -166,39 +180,30 @@ EXPERIMENTS = {
         "the encoder-only transformer (To grok's Fig. 7a: d 128, lr 0.001, 3000 steps, 3 seeds; weight decay 10 and "
         "50 as its panels read, and 0): phases over alpha and xi, and its embeddings' IPR (--quick: p 23, alpha "
         "0.9, xi 0 and 0.15, wd 0 and 5)",
-        full={"axes": {**DIAGRAM, "wd": "0,10,50", "width": "128", "lr": "0.001", "seed": "0,1,2"},
-              "settings": {"model": "transformer", "steps": 3000}},
-        quick={"axes": {"xi": "0,0.15", "wd": "0,5", "alpha": "0.9", "width": "64", "lr": "0.005"},
-               "settings": {"model": "transformer", "p": 23, "steps": 1500}},
+        full=_family(TRANSFORMER, {**DIAGRAM, "wd": "0,10,50"}),
+        quick=_family(QUICK_TRANSFORMER, {"xi": "0,0.15", "wd": "0,5", "alpha": "0.9"}),
         analyses=("phase", "ipr")),
     "deep-mlp": Experiment(
         "the 3-layer ReLU MLP (To grok's Fig. 7b: N 500, lr 0.001, 5000 steps, 3 seeds; weight decay 0 and 15): "
         "phases over alpha and xi, and its first layer's IPR (--quick: 2 layers of 256, p 41, alpha 0.6, xi 0 and "
         "0.2)",
-        full={"axes": {**DIAGRAM, "wd": "0,15", "width": "500", "lr": "0.001", "seed": "0,1,2"},
-              "settings": {"model": "deep-mlp", "depth": 3, "steps": 5000}},
-        quick={"axes": {"xi": "0,0.2", "wd": "0,15", "alpha": "0.6", "width": "256", "lr": "0.003"},
-               "settings": {"model": "deep-mlp", "depth": 2, "p": 41, "steps": 3000}},
+        full=_family(DEEP_MLP, {**DIAGRAM, "wd": "0,15"}),
+        quick=_family(QUICK_DEEP_MLP, {"xi": "0,0.2", "wd": "0,15"}),
         analyses=("phase", "ipr")),
     "transformer-configs": Experiment(
         "the transformer at alpha 0.8, xi 0.2 (To grok's Fig. 12: d 128) in four configurations, as four runs: the "
         "Fig. 7a model (1 block, 4 heads), 2 blocks, 8 heads, and weight tying; lr 0.001, 3000 steps, wd 10 (ours: "
         "the figure does not give it), 3 seeds (--quick: p 23, d 64, lr 0.005, 1500 steps, wd 5, 2 seeds)",
-        full={"axes": {"alpha": "0.8", "xi": "0.2", "wd": "10", "width": "128", "lr": "0.001", "seed": "0,1,2"},
-              "settings": {"model": "transformer", "steps": 3000},
-              "runs": TRANSFORMER_CONFIGS},
-        quick={"axes": {"alpha": "0.8", "xi": "0.2", "wd": "5", "width": "64", "lr": "0.005", "seed": "0,1"},
-               "settings": {"model": "transformer", "p": 23, "steps": 1500},
-               "runs": TRANSFORMER_CONFIGS},
+        full=_family(TRANSFORMER, {"alpha": "0.8", "xi": "0.2", "wd": "10"}, runs=TRANSFORMER_CONFIGS),
+        quick=_family(QUICK_TRANSFORMER, {"alpha": "0.8", "xi": "0.2", "wd": "5", "seed": "0,1"},
+                      runs=TRANSFORMER_CONFIGS),
         analyses=("ipr",)),
     "transformer-dropout": Experiment(
         "the transformer with dropout 0, 0.05, 0.1, 0.2 and 0.3 and no weight decay (To grok's Fig. 13: phases over "
         "alpha and xi, d 128, lr 0.001, 3000 steps, 3 seeds; --quick: p 23, d 64, lr 0.005, 1500 steps, alpha 0.9 "
         "and xi 0.1, Fig. 13's selected point)",
-        full={"axes": {**DIAGRAM, "dropout": "0,0.05,0.1,0.2,0.3", "width": "128", "lr": "0.001", "seed": "0,1,2"},
-              "settings": {"model": "transformer", "steps": 3000}},
-        quick={"axes": {"alpha": "0.9", "xi": "0.1", "dropout": "0,0.05,0.1,0.2,0.3", "width": "64", "lr": "0.005"},
-               "settings": {"model": "transformer", "p": 23, "steps": 1500}},
+        full=_family(TRANSFORMER, {**DIAGRAM, "dropout": "0,0.05,0.1,0.2,0.3"}),
+        quick=_family(QUICK_TRANSFORMER, {"alpha": "0.9", "xi": "0.1", "dropout": "0,0.05,0.1,0.2,0.3"}),
         analyses=("phase", "ipr")),
     "deep-mlp-configs": Experiment(
         "the 3-layer ReLU MLP (N 500, lr 0.001, 5000 steps, weight decay 0 and 15 as Fig. 7b's, 3 seeds) in four "
@@ -207,16 +212,15 @@ EXPERIMENTS = {
         "without weight decay at alpha 0.4-0.8, xi 0.1 and 0.2 (App. G) (--quick: the deep-mlp experiment's size, "
         "2 layers of 256, p 41, alpha 0.6, 3000 steps, one seed, at the paper's lr 0.001, where the lazier models "
         "train (at 0.003 they forget); BatchNorm and dropout at wd 0, xi 0.1 and 0.2)",
-        full={"axes": {"alpha": "0.8", "xi": "0.2", "wd": "0,15", "width": "500", "lr": "0.001", "seed": "0,1,2"},
-              "settings": {"model": "deep-mlp", "depth": 3, "steps": 5000},
-              "runs": {"he": {}, "lazy": {"settings": {"init": "lazy"}},
-                       "batchnorm": {"axes": {"xi": "0.1"}, "settings": {"batchnorm": True}},
-                       "dropout": {"axes": {"alpha": "0.4,0.6,0.8", "xi": "0.1,0.2", "wd": "0", "dropout": "0.05"}}}},
-        quick={"axes": {"alpha": "0.6", "xi": "0.2", "wd": "0,15", "width": "256", "lr": "0.001"},
-               "settings": {"model": "deep-mlp", "depth": 2, "p": 41, "steps": 3000},
-               "runs": {"he": {}, "lazy": {"settings": {"init": "lazy"}},
-                        "batchnorm": {"axes": {"xi": "0.1", "wd": "0"}, "settings": {"batchnorm": True}},
-                        "dropout": {"axes": {"xi": "0.2", "wd": "0", "dropout": "0.05"}}}},
+        full=_family(DEEP_MLP, {"alpha": "0.8", "xi": "0.2", "wd": "0,15"},
+                     runs={"he": {}, "lazy": {"settings": {"init": "lazy"}},
+                           "batchnorm": {"axes": {"xi": "0.1"}, "settings": {"batchnorm": True}},
+                           "dropout": {"axes": {"alpha": "0.4,0.6,0.8", "xi": "0.1,0.2", "wd": "0",
+                                                "dropout": "0.05"}}}),
+        quick=_family(QUICK_DEEP_MLP, {"xi": "0.2", "wd": "0,15", "lr": "0.001"},
+                      runs={"he": {}, "lazy": {"settings": {"init": "lazy"}},
+                            "batchnorm": {"axes": {"xi": "0.1", "wd": "0"}, "settings": {"batchnorm": True}},
+                            "dropout": {"axes": {"xi": "0.2", "wd": "0", "dropout": "0.05"}}}),
         analyses=("ipr",)),
     "learnability-deep": Experiment(
         "Hypothesis 5.2 beyond the 2-layer MLP: a transformer (d 128, lr 0.001, wd 1, 3000 steps) and the 3-layer "

@@ -3,9 +3,8 @@
 The family (fastgrok.families, chosen by Settings.model) says which tensors a model has; the population stacks
 each as (B, *shape) and reaches them as pop.tensors[name] or pop.<name> (pop.U for the MLP's U). Each model has its
 own task (of one kind: planner.task_kind), training set (alpha, split seed), corruption (xi, noise seed), init seed,
-lr, weight decay and dropout; training
-sets are padded to the largest D and padded slots carry zero weight. With Settings.batch_size a step sees a
-minibatch of each model's training set (Population.batch).
+lr, weight decay and dropout; training sets are padded to the largest D and padded slots carry zero weight. With
+Settings.batch_size a step sees a minibatch of each model's training set (Population.batch).
 """
 
 from __future__ import annotations
@@ -49,12 +48,13 @@ class Population:
         check_training_sets({h.alpha for h in hypers}, settings)
         tables = [task_table(settings.with_op(op).op, p, settings.terms) for op in tasks]
         x_all, z_all = tables[0][0], torch.stack([z for _, z in tables])  # the tasks' inputs are the same; (T, P)
-        self.task = torch.tensor([tasks.index(h.op) for h in hypers])  # each model's row of z_all
+        rows = [tasks.index(h.op) for h in hypers]  # each model's row of z_all
+        self.task = torch.tensor(rows)
         # Each model's split and initial weights come from its own generators, so they are drawn on all the
         # host's cores at once (torch releases the GIL): the same numbers, several times faster for big grids.
         pool = ThreadPoolExecutor(max_workers=min(32, os.cpu_count() or 1))
-        splits = list(pool.map(lambda h: make_split(z_all[tasks.index(h.op)], p, h.alpha, h.xi, h.split_seed(settings),
-                                                    h.split_seed(settings), settings.noise), hypers))
+        splits = list(pool.map(lambda h, t: make_split(z_all[t], p, h.alpha, h.xi, h.split_seed(settings),
+                                                       h.split_seed(settings), settings.noise), hypers, rows))
         self.D = torch.tensor([s.size for s in splits])
         self.n_corrupt = torch.tensor([s.n_corrupt for s in splits])
         d_max = int(self.D.max())
